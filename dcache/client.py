@@ -1,0 +1,446 @@
+"""The Python API: an async :class:`Client` on trio and a blocking :class:`SyncClient`.
+
+Both speak the same operations, defined once in :class:`Operations`; each
+operation builds a request and a reply decoder and hands them to the
+client's ``_call``, which is a coroutine in :class:`Client` and a plain
+blocking call in :class:`SyncClient`.
+
+:class:`Client` is pipelined: any number of tasks may share one connection.
+There are no background tasks: a caller writes its own request (requests
+queued meanwhile by other tasks go out in the same frame), and whichever
+waiting caller finds nobody reading becomes the reader and hands replies to
+the others. A lone caller thus never waits for another task to be scheduled.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Callable, Iterable, Mapping
+
+import trio
+
+from . import __version__, codec, transport, wsframe
+from .codec import Limits, Status
+from .errors import (
+    ClosedError,
+    ConnectError,
+    ConnectionLost,
+    ProtocolError,
+    RequestError,
+    RequestTimeout,
+)
+
+DEFAULT_ADDRESS = "localhost:48000"
+DEFAULT_PORT = 48000
+DEFAULT_TIMEOUT = 10.0
+CLIENT_NAME = f"dcache-python/{__version__}"
+
+Key = str | bytes
+Value = str | bytes
+
+
+def _as_bytes(data: Key | Value, what: str) -> bytes:
+    if type(data) is bytes:
+        return data
+    if isinstance(data, str):
+        return data.encode()
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    raise TypeError(f"{what} must be str or bytes, not {type(data).__name__}")
+
+
+def _ttl_ms(ttl: float | None) -> int:
+    if ttl is None:
+        return 0
+    if not isinstance(ttl, (int, float)) or math.isnan(ttl) or ttl <= 0:
+        raise ValueError(f"ttl must be a positive number of seconds, not {ttl!r}")
+    return max(1, math.ceil(ttl * 1000))
+
+
+def _identity(body: Any) -> Any:
+    return body
+
+
+def _ttl_seconds(body: Any) -> float | None:
+    if body is None:
+        return None
+    return math.inf if body < 0 else body / 1000
+
+
+def _count(body: Any) -> int:
+    return int(body)
+
+
+class Operations:
+    """The cache operations both clients offer.
+
+    Keys and values are ``bytes``; ``str`` is accepted and sent as UTF-8.
+    ``ns`` selects a namespace (default ``""``); the same key in two
+    namespaces names two entries. ``ttl`` is in seconds; ``None`` keeps the
+    entry until it is deleted.
+    """
+
+    limits: Limits
+
+    def _call(self, op: str, args: dict[str, Any], decode: Callable[[Any], Any]) -> Any:
+        raise NotImplementedError
+
+    def _key(self, key: Key) -> bytes:
+        data = _as_bytes(key, "key")
+        if not data:
+            raise ValueError("key must not be empty")
+        if len(data) > self.limits.max_key_bytes:
+            raise RequestError(
+                codec.ErrorCode.KEY_TOO_LARGE,
+                f"key of {len(data)} bytes exceeds the limit of {self.limits.max_key_bytes}",
+            )
+        return data
+
+    def _value(self, value: Value) -> bytes:
+        data = _as_bytes(value, "value")
+        if len(data) > self.limits.max_value_bytes:
+            raise RequestError(
+                codec.ErrorCode.VALUE_TOO_LARGE,
+                f"value of {len(data)} bytes exceeds the limit of {self.limits.max_value_bytes}",
+            )
+        return data
+
+    def _keyed(self, key: Key, ns: str) -> dict[str, Any]:
+        return {"ns": ns, "key": self._key(key)} if ns else {"key": self._key(key)}
+
+    def get(self, key: Key, *, ns: str = "") -> Any:
+        """The value of ``key``, or None if it is missing or expired."""
+        return self._call("get", self._keyed(key, ns), _identity)
+
+    def set(self, key: Key, value: Value, *, ttl: float | None = None, ns: str = "") -> Any:
+        """Store ``value`` under ``key``; returns the entry's new version number."""
+        args = self._keyed(key, ns)
+        args["value"] = self._value(value)
+        if ttl is not None:
+            args["ttl_ms"] = _ttl_ms(ttl)
+        return self._call("set", args, _identity)
+
+    def delete(self, key: Key, *, ns: str = "") -> Any:
+        """Remove ``key``; True if it existed."""
+        return self._call("delete", self._keyed(key, ns), bool)
+
+    def ttl(self, key: Key, *, ns: str = "") -> Any:
+        """Seconds left to live: ``math.inf`` without a TTL, None if the key is missing."""
+        return self._call("ttl", self._keyed(key, ns), _ttl_seconds)
+
+    def mget(self, keys: Iterable[Key], *, ns: str = "") -> Any:
+        """Values of many keys in one round trip, None for each missing one."""
+        return self._call("mget", self._multi(keys, ns), _identity)
+
+    def mset(self, items: Mapping[Key, Value] | Iterable[tuple[Key, Value]], *, ttl: float | None = None, ns: str = "") -> Any:
+        """Store many entries in one round trip; returns their versions in order."""
+        pairs = items.items() if isinstance(items, Mapping) else items
+        args: dict[str, Any] = {"items": [[self._key(k), self._value(v)] for k, v in pairs]}
+        if ns:
+            args["ns"] = ns
+        if ttl is not None:
+            args["ttl_ms"] = _ttl_ms(ttl)
+        return self._call("mset", args, _identity)
+
+    def mdelete(self, keys: Iterable[Key], *, ns: str = "") -> Any:
+        """Remove many keys; returns how many existed."""
+        return self._call("mdelete", self._multi(keys, ns), _count)
+
+    def stats(self) -> Any:
+        """Counters of the node this client is connected to."""
+        return self._call("stats", {}, _identity)
+
+    def ping(self) -> Any:
+        return self._call("ping", {}, _identity)
+
+    def _multi(self, keys: Iterable[Key], ns: str) -> dict[str, Any]:
+        args: dict[str, Any] = {"keys": [self._key(k) for k in keys]}
+        if ns:
+            args["ns"] = ns
+        return args
+
+
+def _hello_args() -> dict[str, Any]:
+    return {"version": codec.PROTOCOL_VERSION, "client": CLIENT_NAME}
+
+
+def _limits_from(hello: Any) -> Limits:
+    try:
+        fields = {k: int(v) for k, v in hello["limits"].items() if k in Limits.__dataclass_fields__}
+        return Limits(**fields)
+    except (TypeError, KeyError, ValueError, AttributeError):
+        raise ProtocolError("the node's hello reply has no usable limits") from None
+
+
+def _outcome(status: int, body: Any, decode: Callable[[Any], Any]) -> Any:
+    if status == Status.ERROR:
+        raise RequestError(body[0], body[1])
+    return decode(body)
+
+
+def _parse_replies(payload: bytes) -> list[tuple[int | None, int, Any]]:
+    try:
+        messages = codec.decode_frame(payload, Limits(max_frame_bytes=len(payload), max_batch=2**31))
+        return [codec.parse_reply(m) for m in messages]
+    except codec.WireError as exc:
+        raise ProtocolError(f"bad reply from the node: {exc.message}") from None
+
+
+class _Waiter:
+    __slots__ = ("event", "status", "body")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.status: int | None = None
+        self.body: Any = None
+
+
+class Client(Operations):
+    """An async client for one node; share it between tasks freely.
+
+    Open it with ``async with dcache.connect(address) as client`` or
+    ``await Client.connect(address)`` and ``await client.aclose()``. Every
+    operation times out after ``timeout`` seconds with :class:`RequestTimeout`.
+    """
+
+    def __init__(self, conn: transport.Connection, *, address: str, timeout: float) -> None:
+        self._conn = conn
+        self.address = address
+        self.timeout = timeout
+        self.limits = Limits()
+        self.server_info: dict[str, Any] = {}
+        self._pending: dict[int, _Waiter] = {}
+        self._next_rid = 1
+        self._outbox: list[list[Any]] = []
+        self._flushing = False
+        self._reading = False
+        self._broken: Exception | None = None
+
+    @classmethod
+    async def connect(cls, address: str = DEFAULT_ADDRESS, *, timeout: float = DEFAULT_TIMEOUT) -> Client:
+        conn = await transport.connect(
+            address, max_message=codec.DEFAULT_MAX_FRAME_BYTES, default_port=DEFAULT_PORT, timeout=timeout
+        )
+        client = cls(conn, address=address, timeout=timeout)
+        try:
+            client.server_info = await client._call("hello", _hello_args(), _identity)
+            client.limits = _limits_from(client.server_info)
+        except BaseException:
+            await conn.aclose()
+            raise
+        return client
+
+    async def aclose(self) -> None:
+        if self._broken is None:
+            self._fail(ClosedError("the client was closed"))
+        await self._conn.aclose()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def _call(self, op: str, args: dict[str, Any], decode: Callable[[Any], Any]) -> Any:
+        if self._broken is not None:
+            raise self._broken
+        rid = self._next_rid
+        self._next_rid = rid + 1
+        waiter = _Waiter()
+        self._pending[rid] = waiter
+        try:
+            with trio.fail_after(self.timeout):
+                self._outbox.append([rid, op, args])
+                if not self._flushing:
+                    await self._flush()
+                while waiter.status is None:
+                    if self._reading:
+                        await waiter.event.wait()
+                        if waiter.status is None:
+                            waiter.event = trio.Event()
+                    else:
+                        await self._read()
+        except trio.TooSlowError:
+            raise RequestTimeout(f"{op}: no reply from {self.address} within {self.timeout:g} s") from None
+        finally:
+            del self._pending[rid]
+            if not self._reading and self._pending:
+                self._hand_over_reading()
+        if waiter.status == -1:
+            raise waiter.body
+        return _outcome(waiter.status, waiter.body, decode)
+
+    async def _flush(self) -> None:
+        self._flushing = True
+        try:
+            while self._outbox:
+                batch, self._outbox = self._outbox, []
+                frame = wsframe.build_frame(codec.encode_frame(batch), masked=True)
+                # A write cut short would corrupt the stream for every caller.
+                with trio.CancelScope(shield=True):
+                    with trio.move_on_after(self.timeout) as scope:
+                        await self._conn.send_raw(frame)
+                if scope.cancelled_caught:
+                    self._fail(ConnectionLost(f"{self.address} stopped accepting requests"))
+                    raise self._broken  # type: ignore[misc]
+        except transport.ConnectionClosed as exc:
+            self._fail(ConnectionLost(f"lost the connection to {self.address}: {exc}"))
+            raise self._broken from None  # type: ignore[misc]
+        finally:
+            self._flushing = False
+
+    async def _read(self) -> None:
+        self._reading = True
+        try:
+            payloads = await self._conn.receive()
+        except transport.ConnectionClosed as exc:
+            self._fail(ConnectionLost(f"lost the connection to {self.address}: {exc}"))
+            raise self._broken from None  # type: ignore[misc]
+        finally:
+            self._reading = False
+        pending = self._pending
+        for payload in payloads:
+            try:
+                replies = _parse_replies(payload)
+            except ProtocolError as exc:
+                self._fail(exc)
+                raise
+            for rid, status, body in replies:
+                if rid is None:
+                    self._fail(ProtocolError(f"the node rejected a frame: {body[1] if status else body}"))
+                    raise self._broken  # type: ignore[misc]
+                waiter = pending.get(rid)
+                if waiter is not None and status != Status.MORE:
+                    waiter.status = status
+                    waiter.body = body
+                    waiter.event.set()
+
+    def _hand_over_reading(self) -> None:
+        for waiter in self._pending.values():
+            if waiter.status is None:
+                waiter.event.set()
+                return
+
+    def _fail(self, exc: Exception) -> None:
+        if self._broken is None:
+            self._broken = exc
+        for waiter in self._pending.values():
+            if waiter.status is None:
+                waiter.status = -1
+                waiter.body = self._broken
+                waiter.event.set()
+
+
+@asynccontextmanager
+async def connect(address: str = DEFAULT_ADDRESS, *, timeout: float = DEFAULT_TIMEOUT) -> AsyncIterator[Client]:
+    """``async with dcache.connect("localhost:48000") as client: ...``"""
+    client = await Client.connect(address, timeout=timeout)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+class SyncClient(Operations):
+    """A blocking client for scripts and the one-shot CLI; one caller at a time.
+
+    ``with SyncClient("localhost:48000") as client: client.set("k", "v")``
+    """
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.limits = Limits()
+        self._next_rid = 1
+        self._ready: list[bytes] = []
+        self._parser = wsframe.FrameParser(expect_masked=False, max_message=codec.DEFAULT_MAX_FRAME_BYTES)
+        self._sock = self._open(address, timeout)
+        try:
+            self.server_info = self._call("hello", _hello_args(), _identity)
+            self.limits = _limits_from(self.server_info)
+        except BaseException:
+            self._sock.close()
+            raise
+
+    def _open(self, address: str, timeout: float) -> socket.socket:
+        host, port = transport.split_address(address, DEFAULT_PORT)
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout)
+        except socket.timeout:
+            raise ConnectError(f"cannot connect to {host}:{port}: timed out after {timeout:g} s") from None
+        except OSError as exc:
+            raise ConnectError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        handshake = wsframe.ClientHandshake(f"{host}:{port}")
+        try:
+            sock.sendall(handshake.request)
+            while True:
+                leftover = handshake.feed(sock.recv(transport.RECEIVE_SIZE))
+                if leftover is not None:
+                    break
+        except wsframe.HandshakeError as exc:
+            sock.close()
+            raise ConnectError(f"{host}:{port}: {exc.reason}") from None
+        except OSError as exc:
+            sock.close()
+            raise ConnectError(f"{host}:{port}: handshake failed: {exc}") from None
+        if leftover:
+            self._absorb(leftover)
+        return sock
+
+    def close(self) -> None:
+        try:
+            self._sock.sendall(wsframe.build_close(masked=True))
+        except OSError:
+            pass
+        self._sock.close()
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _call(self, op: str, args: dict[str, Any], decode: Callable[[Any], Any]) -> Any:
+        if self._sock.fileno() < 0:
+            raise ClosedError("the client was closed")
+        rid = self._next_rid
+        self._next_rid = rid + 1
+        frame = wsframe.build_frame(codec.encode_frame([[rid, op, args]]), masked=True)
+        try:
+            self._sock.sendall(frame)
+            while True:
+                for payload in self._take_ready():
+                    for reply_rid, status, body in _parse_replies(payload):
+                        if reply_rid is None:
+                            raise ProtocolError(f"the node rejected a frame: {body[1] if status else body}")
+                        if reply_rid == rid and status != Status.MORE:
+                            return _outcome(status, body, decode)
+                data = self._sock.recv(transport.RECEIVE_SIZE)
+                if not data:
+                    raise ConnectionLost(f"{self.address} closed the connection")
+                self._absorb(data)
+        except socket.timeout:
+            raise RequestTimeout(f"{op}: no reply from {self.address} within {self.timeout:g} s") from None
+        except OSError as exc:
+            raise ConnectionLost(f"lost the connection to {self.address}: {exc}") from None
+
+    def _take_ready(self) -> list[bytes]:
+        ready, self._ready = self._ready, []
+        return ready
+
+    def _absorb(self, data: bytes) -> None:
+        try:
+            items = self._parser.feed(data)
+        except wsframe.FrameError as exc:
+            raise ProtocolError(f"bad WebSocket data from {self.address}: {exc.reason}") from None
+        for item in items:
+            if type(item) is bytes:
+                self._ready.append(item)
+            elif item.opcode == wsframe.OP_PING:
+                self._sock.sendall(wsframe.build_frame(item.payload, opcode=wsframe.OP_PONG, masked=True))
+            elif item.opcode == wsframe.OP_CLOSE:
+                code, reason = item.close_info()
+                raise ConnectionLost(f"{self.address} closed the connection ({code} {reason})".strip())

@@ -1,0 +1,334 @@
+"""The dcache wire format, shared by clients and nodes.
+
+One WebSocket binary message carries one *frame*: a CBOR array of messages.
+
+* request: ``[rid, op, args]``: ``rid`` an unsigned int chosen by the sender,
+  ``op`` a name from :data:`OPS`, ``args`` a map whose fields the op defines.
+* reply: ``[rid, status, body]``: ``status`` is :class:`Status`; an error's body
+  is ``[code, message]`` with ``code`` from :class:`ErrorCode`.
+
+Replies may arrive in any order and in other frames than their requests; the
+rid pairs them. The first request on a connection must be ``hello``, which
+carries the protocol version. ``Status.MORE`` marks one part of a streamed
+reply; the stream ends with an ``OK`` or ``ERROR`` for the same rid.
+
+This module is sans-IO: plain functions over bytes and Python values.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import cbor2
+
+PROTOCOL_VERSION = 1
+
+DEFAULT_MAX_KEY_BYTES = 64 * 1024
+DEFAULT_MAX_VALUE_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_BATCH = 10_000
+DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
+MAX_NAMESPACE_BYTES = 255
+MAX_TTL_MS = 100 * 365 * 24 * 3600 * 1000
+MAX_RID = 2**63 - 1
+# Deep enough for every message we define; CBOR nesting beyond it is hostile.
+MAX_DEPTH = 16
+
+
+class Status(enum.IntEnum):
+    OK = 0
+    ERROR = 1
+    MORE = 2
+
+
+class ErrorCode(enum.StrEnum):
+    BAD_FRAME = "bad_frame"
+    BAD_REQUEST = "bad_request"
+    UNKNOWN_OP = "unknown_op"
+    KEY_TOO_LARGE = "key_too_large"
+    VALUE_TOO_LARGE = "value_too_large"
+    BATCH_TOO_LARGE = "batch_too_large"
+    FRAME_TOO_LARGE = "frame_too_large"
+    HELLO_REQUIRED = "hello_required"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    MOVED = "moved"
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Size limits a node enforces; sent to clients in the hello reply."""
+
+    max_key_bytes: int = DEFAULT_MAX_KEY_BYTES
+    max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
+    max_batch: int = DEFAULT_MAX_BATCH
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "max_key_bytes": self.max_key_bytes,
+            "max_value_bytes": self.max_value_bytes,
+            "max_batch": self.max_batch,
+            "max_frame_bytes": self.max_frame_bytes,
+        }
+
+
+class WireError(Exception):
+    """A message that cannot be served; becomes an error reply, never a crash."""
+
+    def __init__(self, code: ErrorCode, message: str, rid: int | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.rid = rid
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A validated request. ``args`` holds normalized fields: keys are bytes,
+    ``ns`` is always present for keyed ops, ``ttl_ms`` is 0 for "no TTL"."""
+
+    rid: int
+    op: str
+    args: dict[str, Any]
+
+
+# -- encoding -----------------------------------------------------------------
+
+
+def encode_frame(messages: list[Any]) -> bytes:
+    return cbor2.dumps(messages)
+
+
+def request(rid: int, op: str, args: dict[str, Any] | None = None) -> list[Any]:
+    return [rid, op, args or {}]
+
+
+def ok(rid: int | None, body: Any = None) -> list[Any]:
+    return [rid, Status.OK.value, body]
+
+
+def more(rid: int, body: Any) -> list[Any]:
+    return [rid, Status.MORE.value, body]
+
+
+def error(rid: int | None, code: ErrorCode | str, message: str) -> list[Any]:
+    return [rid, Status.ERROR.value, [str(code), message]]
+
+
+def error_from(exc: WireError) -> list[Any]:
+    return error(exc.rid, exc.code, exc.message)
+
+
+# -- decoding -----------------------------------------------------------------
+
+
+def decode_frame(payload: bytes, limits: Limits) -> list[Any]:
+    """Decode one frame into its list of raw messages, or raise WireError."""
+    if len(payload) > limits.max_frame_bytes:
+        raise WireError(
+            ErrorCode.FRAME_TOO_LARGE,
+            f"frame of {len(payload)} bytes exceeds the limit of {limits.max_frame_bytes}",
+        )
+    try:
+        messages = cbor2.loads(payload, max_depth=MAX_DEPTH)
+    except Exception as exc:  # cbor2 raises several types on hostile input
+        raise WireError(ErrorCode.BAD_FRAME, f"not a CBOR frame: {exc}") from None
+    if type(messages) is not list:
+        raise WireError(ErrorCode.BAD_FRAME, "a frame must be a CBOR array of messages")
+    if len(messages) > limits.max_batch:
+        raise WireError(
+            ErrorCode.BATCH_TOO_LARGE,
+            f"{len(messages)} messages in one frame exceeds the limit of {limits.max_batch}",
+        )
+    return messages
+
+
+def parse_request(message: Any, limits: Limits) -> Request:
+    """Validate one raw request message; raise WireError with its rid if it is bad."""
+    if type(message) is not list or len(message) != 3:
+        raise WireError(ErrorCode.BAD_REQUEST, "a request is [rid, op, args]")
+    rid, op, args = message
+    if type(rid) is not int or not 0 <= rid <= MAX_RID:
+        raise WireError(ErrorCode.BAD_REQUEST, "rid must be an unsigned 63-bit integer")
+    spec = OPS.get(op) if type(op) is str else None
+    if spec is None:
+        raise WireError(ErrorCode.UNKNOWN_OP, f"unknown op {op!r}", rid)
+    if type(args) is not dict:
+        raise WireError(ErrorCode.BAD_REQUEST, f"{op}: args must be a map", rid)
+    try:
+        return Request(rid, op, spec(args, limits))
+    except WireError as exc:
+        exc.rid = rid
+        raise
+
+
+def parse_reply(message: Any) -> tuple[int | None, int, Any]:
+    """Check a reply's shape; return (rid, status, body)."""
+    if type(message) is not list or len(message) != 3:
+        raise WireError(ErrorCode.BAD_FRAME, "a reply is [rid, status, body]")
+    rid, status, body = message
+    if rid is not None and type(rid) is not int:
+        raise WireError(ErrorCode.BAD_FRAME, "reply rid must be an integer or null")
+    if status not in (0, 1, 2):
+        raise WireError(ErrorCode.BAD_FRAME, f"unknown reply status {status!r}")
+    if status == Status.ERROR and not (
+        type(body) is list and len(body) == 2 and all(type(x) is str for x in body)
+    ):
+        raise WireError(ErrorCode.BAD_FRAME, "an error body is [code, message]")
+    return rid, status, body
+
+
+# -- per-op argument validation ----------------------------------------------
+
+
+def _fields(args: dict[str, Any], allowed: frozenset[str], op: str) -> None:
+    extra = args.keys() - allowed
+    if extra:
+        raise WireError(ErrorCode.BAD_REQUEST, f"{op}: unknown field(s) {sorted(map(str, extra))}")
+
+
+def _key(value: Any, limits: Limits, what: str = "key") -> bytes:
+    if type(value) is str:
+        value = value.encode()
+    elif type(value) is not bytes:
+        raise WireError(ErrorCode.BAD_REQUEST, f"{what} must be bytes or text")
+    if not value:
+        raise WireError(ErrorCode.BAD_REQUEST, f"{what} must not be empty")
+    if len(value) > limits.max_key_bytes:
+        raise WireError(
+            ErrorCode.KEY_TOO_LARGE,
+            f"{what} of {len(value)} bytes exceeds the limit of {limits.max_key_bytes}",
+        )
+    return value
+
+
+def _value(value: Any, limits: Limits) -> bytes:
+    if type(value) is str:
+        value = value.encode()
+    elif type(value) is not bytes:
+        raise WireError(ErrorCode.BAD_REQUEST, "value must be bytes or text")
+    if len(value) > limits.max_value_bytes:
+        raise WireError(
+            ErrorCode.VALUE_TOO_LARGE,
+            f"value of {len(value)} bytes exceeds the limit of {limits.max_value_bytes}",
+        )
+    return value
+
+
+def _ns(args: dict[str, Any]) -> str:
+    ns = args.get("ns", "")
+    if type(ns) is not str or len(ns.encode()) > MAX_NAMESPACE_BYTES:
+        raise WireError(ErrorCode.BAD_REQUEST, f"ns must be text of at most {MAX_NAMESPACE_BYTES} bytes")
+    return ns
+
+
+def _ttl(args: dict[str, Any]) -> int:
+    ttl = args.get("ttl_ms", 0)
+    if ttl is None:
+        return 0
+    if type(ttl) is not int or not 0 <= ttl <= MAX_TTL_MS:
+        raise WireError(ErrorCode.BAD_REQUEST, f"ttl_ms must be an integer from 0 (none) to {MAX_TTL_MS}")
+    return ttl
+
+
+def _batch(items: Any, limits: Limits, what: str) -> list[Any]:
+    if type(items) is not list:
+        raise WireError(ErrorCode.BAD_REQUEST, f"{what} must be an array")
+    if len(items) > limits.max_batch:
+        raise WireError(
+            ErrorCode.BATCH_TOO_LARGE,
+            f"{len(items)} {what} exceeds the limit of {limits.max_batch}",
+        )
+    return items
+
+
+def _no_args(op: str) -> Callable[[dict[str, Any], Limits], dict[str, Any]]:
+    def check(args: dict[str, Any], limits: Limits) -> dict[str, Any]:
+        _fields(args, frozenset(), op)
+        return {}
+
+    return check
+
+
+_HELLO = frozenset({"version", "client"})
+_KEYED = frozenset({"ns", "key"})
+_SET = frozenset({"ns", "key", "value", "ttl_ms"})
+_MULTI = frozenset({"ns", "keys"})
+_MSET = frozenset({"ns", "items", "ttl_ms"})
+
+
+def _hello(args: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    _fields(args, _HELLO, "hello")
+    version = args.get("version")
+    if type(version) is not int:
+        raise WireError(ErrorCode.BAD_REQUEST, "hello: version must be an integer")
+    client = args.get("client", "")
+    if type(client) is not str or len(client) > 256:
+        raise WireError(ErrorCode.BAD_REQUEST, "hello: client must be short text")
+    return {"version": version, "client": client}
+
+
+def _keyed(op: str) -> Callable[[dict[str, Any], Limits], dict[str, Any]]:
+    def check(args: dict[str, Any], limits: Limits) -> dict[str, Any]:
+        _fields(args, _KEYED, op)
+        if "key" not in args:
+            raise WireError(ErrorCode.BAD_REQUEST, f"{op}: key is required")
+        return {"ns": _ns(args), "key": _key(args["key"], limits)}
+
+    return check
+
+
+def _set(args: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    _fields(args, _SET, "set")
+    if "key" not in args or "value" not in args:
+        raise WireError(ErrorCode.BAD_REQUEST, "set: key and value are required")
+    return {
+        "ns": _ns(args),
+        "key": _key(args["key"], limits),
+        "value": _value(args["value"], limits),
+        "ttl_ms": _ttl(args),
+    }
+
+
+def _multi(op: str) -> Callable[[dict[str, Any], Limits], dict[str, Any]]:
+    def check(args: dict[str, Any], limits: Limits) -> dict[str, Any]:
+        _fields(args, _MULTI, op)
+        keys = _batch(args.get("keys"), limits, "keys")
+        return {"ns": _ns(args), "keys": [_key(k, limits) for k in keys]}
+
+    return check
+
+
+def _mset(args: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    _fields(args, _MSET, "mset")
+    items = _batch(args.get("items"), limits, "items")
+    pairs = []
+    for item in items:
+        if type(item) is not list or len(item) != 2:
+            raise WireError(ErrorCode.BAD_REQUEST, "mset: each item is [key, value]")
+        pairs.append((_key(item[0], limits), _value(item[1], limits)))
+    return {"ns": _ns(args), "items": pairs, "ttl_ms": _ttl(args)}
+
+
+OPS: dict[str, Callable[[dict[str, Any], Limits], dict[str, Any]]] = {
+    "hello": _hello,
+    "ping": _no_args("ping"),
+    "get": _keyed("get"),
+    "set": _set,
+    "delete": _keyed("delete"),
+    "ttl": _keyed("ttl"),
+    "mget": _multi("mget"),
+    "mset": _mset,
+    "mdelete": _multi("mdelete"),
+    "stats": _no_args("stats"),
+}
+"""Every op and the validator of its args. Replies:
+
+hello → {"version", "server", "node", "limits"}; ping → null;
+get → value or null; set → the entry's new version; delete → true if it existed;
+ttl → remaining ms, -1 for no TTL, null if missing; mget → [value or null, ...];
+mset → [version, ...]; mdelete → number deleted; stats → map of counters.
+"""

@@ -1,0 +1,130 @@
+"""What each user command does, independent of how it was typed or is shown.
+
+A command takes a connected client and its parsed arguments and returns an
+:class:`Outcome`: the data (JSON-ready), the plain text for stdout, an
+optional note for stderr and the exit status. The one-shot CLI and the shell
+both run commands through :func:`run`; only their rendering differs.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .client import Operations
+from .errors import ConnectError, ConnectionLost, DcacheError, RequestError, RequestTimeout
+
+EXIT_OK = 0
+EXIT_NOT_FOUND = 1  # a get or delete that found nothing; scripts test for it
+EXIT_UNAVAILABLE = 2  # the node could not be reached (also click's usage errors)
+EXIT_REFUSED = 3  # the node answered with an error
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    data: dict[str, Any]
+    stdout: bytes | str | None = None
+    note: str | None = None
+    exit_code: int = EXIT_OK
+    table: list[tuple[str, str]] | None = field(default=None)
+
+
+def value_json(value: bytes) -> dict[str, str]:
+    """A value in JSON: text when it is UTF-8, base64 otherwise."""
+    try:
+        return {"value": value.decode()}
+    except UnicodeDecodeError:
+        return {"value_base64": base64.b64encode(value).decode()}
+
+
+def human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_seconds(seconds: float) -> str:
+    if seconds == math.inf:
+        return "no ttl"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    if seconds >= 60:
+        return f"{int(seconds // 60)} min {int(seconds % 60)} s"
+    return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
+
+
+def get(client: Operations, *, key: str, ns: str = "") -> Outcome:
+    value = client.get(key, ns=ns)
+    if value is None:
+        return Outcome({"key": key, "found": False}, note=f"{key}: not found", exit_code=EXIT_NOT_FOUND)
+    return Outcome({"key": key, "found": True, **value_json(value)}, stdout=value)
+
+
+def set_(client: Operations, *, key: str, value: bytes, ttl: float | None = None, ns: str = "") -> Outcome:
+    version = client.set(key, value, ttl=ttl, ns=ns)
+    return Outcome({"key": key, "ok": True, "version": version, "ttl": ttl}, stdout="OK")
+
+
+def delete(client: Operations, *, keys: list[str], ns: str = "") -> Outcome:
+    if len(keys) == 1:
+        deleted = 1 if client.delete(keys[0], ns=ns) else 0
+    else:
+        deleted = client.mdelete(keys, ns=ns)
+    data = {"keys": keys, "deleted": deleted}
+    if not deleted:
+        note = f"{keys[0]}: not found" if len(keys) == 1 else "none of the keys were found"
+        return Outcome(data, stdout=None, note=note, exit_code=EXIT_NOT_FOUND)
+    return Outcome(data, stdout=f"deleted {deleted}")
+
+
+def ttl(client: Operations, *, key: str, ns: str = "") -> Outcome:
+    seconds = client.ttl(key, ns=ns)
+    if seconds is None:
+        return Outcome({"key": key, "found": False}, note=f"{key}: not found", exit_code=EXIT_NOT_FOUND)
+    data = {"key": key, "found": True, "ttl": None if seconds == math.inf else seconds}
+    return Outcome(data, stdout=human_seconds(seconds))
+
+
+STAT_ROWS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
+    ("node", "node", str),
+    ("keys", "keys", lambda v: f"{v:,}"),
+    ("hits", "hits", lambda v: f"{v:,}"),
+    ("misses", "misses", lambda v: f"{v:,}"),
+    ("hit_ratio", "hit ratio", lambda v: "-" if v is None else f"{v:.1%}"),
+    ("sets", "sets", lambda v: f"{v:,}"),
+    ("deletes", "deletes", lambda v: f"{v:,}"),
+    ("expired", "expired", lambda v: f"{v:,}"),
+    ("data_bytes", "data", human_bytes),
+    ("memory_bytes", "memory (est.)", human_bytes),
+    ("process_memory_bytes", "process memory", human_bytes),
+    ("connections", "connections", str),
+    ("uptime_s", "uptime", lambda v: human_seconds(float(v))),
+    ("version", "version", str),
+)
+
+
+def stats(client: Operations) -> Outcome:
+    data = dict(client.stats())
+    lookups = data.get("hits", 0) + data.get("misses", 0)
+    data["hit_ratio"] = data.get("hits", 0) / lookups if lookups else None
+    rows = [(label, fmt(data[name])) for name, label, fmt in STAT_ROWS if name in data]
+    plain = "\n".join(f"{name}\t{data[name]}" for name, _, _ in STAT_ROWS if name in data)
+    return Outcome(data, stdout=plain, table=rows)
+
+
+def ping(client: Operations) -> Outcome:
+    client.ping()
+    return Outcome({"ok": True, "node": client.server_info.get("node")}, stdout="PONG")  # type: ignore[attr-defined]
+
+
+def failure(exc: DcacheError) -> Outcome:
+    """The outcome of a command that raised: one line for stderr and its exit status."""
+    if isinstance(exc, RequestError):
+        return Outcome({"error": exc.code, "message": exc.message}, note=f"error: {exc.message}", exit_code=EXIT_REFUSED)
+    kind = "unavailable" if isinstance(exc, (ConnectError, ConnectionLost, RequestTimeout)) else "error"
+    return Outcome({"error": kind, "message": str(exc)}, note=f"error: {exc}", exit_code=EXIT_UNAVAILABLE)

@@ -1,0 +1,68 @@
+"""Key → shard → node placement. Pure functions, the same in every process.
+
+A key's shard is a stable hash of (namespace, key) modulo :data:`NUM_SHARDS`.
+A shard's owner is chosen by rendezvous (highest random weight) hashing over
+the member ids, so a membership change moves only the shards of the nodes
+that joined or left. Never Python's ``hash()``: it differs per process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+NUM_SHARDS = 8192
+
+
+def key_hash(ns: str, key: bytes) -> int:
+    """A 64-bit hash of a namespaced key, stable across processes and versions."""
+    data = ns.encode() + b"\0" + key if ns else key
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+def shard_of(ns: str, key: bytes) -> int:
+    return key_hash(ns, key) % NUM_SHARDS
+
+
+def _weight(member: bytes, shard: int) -> bytes:
+    return hashlib.blake2b(shard.to_bytes(4, "big"), digest_size=8, key=member[:64]).digest()
+
+
+def rank(shard: int, members: Iterable[str]) -> list[str]:
+    """Members ordered by preference for ``shard``: owner first, then replicas."""
+    return sorted(members, key=lambda m: (_weight(m.encode(), shard), m), reverse=True)
+
+
+def owners(members: Sequence[str]) -> tuple[str, ...]:
+    """The owner of every shard, indexed by shard number."""
+    if not members:
+        return ()
+    encoded = [(m.encode(), m) for m in sorted(set(members))]
+    result = []
+    for shard in range(NUM_SHARDS):
+        result.append(max(encoded, key=lambda e: (_weight(e[0], shard), e[1]))[1])
+    return tuple(result)
+
+
+@dataclass(frozen=True, slots=True)
+class ShardMap:
+    """Who owns what at one membership epoch (the etcd revision, or 0 standalone)."""
+
+    epoch: int
+    members: tuple[str, ...]
+    shard_owners: tuple[str, ...] = field(repr=False)
+
+    @classmethod
+    def build(cls, epoch: int, members: Iterable[str]) -> ShardMap:
+        ordered = tuple(sorted(set(members)))
+        return cls(epoch, ordered, owners(ordered))
+
+    def owner(self, ns: str, key: bytes) -> str:
+        return self.shard_owners[shard_of(ns, key)]
+
+    def owner_of_shard(self, shard: int) -> str:
+        return self.shard_owners[shard]
+
+    def shards_owned(self, member: str) -> int:
+        return sum(1 for owner in self.shard_owners if owner == member)

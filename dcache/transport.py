@@ -1,0 +1,199 @@
+"""WebSocket connections over trio streams, for clients, nodes and peer links.
+
+Thin I/O around :mod:`dcache.wsframe`: the handshake, then whole binary
+messages in and out. Pings are answered and close frames completed here, so
+callers only ever see their own messages.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from . import wsframe
+from .errors import ConnectError
+
+log = logging.getLogger(__name__)
+
+RECEIVE_SIZE = 256 * 1024
+HANDSHAKE_TIMEOUT = 10.0
+CLOSE_TIMEOUT = 1.0
+
+
+class ConnectionClosed(Exception):
+    """The peer closed the connection (cleanly or not); ``code`` as in RFC 6455."""
+
+    def __init__(self, code: int, reason: str = "") -> None:
+        super().__init__(f"connection closed ({code}) {reason}".strip())
+        self.code = code
+        self.reason = reason
+
+
+class Connection:
+    """An open WebSocket connection.
+
+    ``send`` may be called from several tasks (a lock keeps frames whole);
+    ``receive`` from one task at a time.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, *, client_side: bool, max_message: int, leftover: bytes = b"") -> None:
+        self.stream = stream
+        self._masked = client_side
+        self._parser = wsframe.FrameParser(expect_masked=not client_side, max_message=max_message)
+        self._ready: list[bytes] = []
+        self._send_lock = trio.StrictFIFOLock()
+        self._closed = False
+        self.last_received = trio.current_time()
+        if leftover:
+            self._absorb(leftover)
+
+    async def send(self, payload: bytes) -> None:
+        await self.send_raw(wsframe.build_frame(payload, masked=self._masked))
+
+    async def send_many(self, payloads: list[bytes]) -> None:
+        """Send several messages with one write."""
+        masked = self._masked
+        await self.send_raw(b"".join(wsframe.build_frame(p, masked=masked) for p in payloads))
+
+    async def send_raw(self, data: bytes) -> None:
+        async with self._send_lock:
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise ConnectionClosed(1006, "the connection broke") from exc
+
+    async def receive(self) -> list[bytes]:
+        """Wait for at least one message; return every complete message received so far."""
+        while not self._ready:
+            try:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise ConnectionClosed(1006, "the connection broke") from exc
+            if not data:
+                raise ConnectionClosed(1006, "the peer went away without a close frame")
+            self.last_received = trio.current_time()
+            await self._absorb_async(data)
+        ready, self._ready = self._ready, []
+        return ready
+
+    def _absorb(self, data: bytes) -> list[wsframe.Control]:
+        controls = []
+        for item in self._parser.feed(data):
+            if type(item) is bytes:
+                self._ready.append(item)
+            else:
+                controls.append(item)
+        return controls
+
+    async def _absorb_async(self, data: bytes) -> None:
+        try:
+            controls = self._absorb(data)
+        except wsframe.FrameError as exc:
+            await self.aclose(exc.code, exc.reason)
+            raise ConnectionClosed(exc.code, exc.reason) from None
+        for control in controls:
+            await self._on_control(control)
+
+    async def _on_control(self, control: wsframe.Control) -> None:
+        if control.opcode == wsframe.OP_PING:
+            await self.send_raw(wsframe.build_frame(control.payload, opcode=wsframe.OP_PONG, masked=self._masked))
+        elif control.opcode == wsframe.OP_CLOSE:
+            code, reason = control.close_info()
+            await self.aclose(wsframe.CLOSE_NORMAL)
+            raise ConnectionClosed(code, reason)
+        elif control.opcode == wsframe.OP_TEXT:
+            reason = "dcache speaks binary CBOR messages, not text"
+            await self.aclose(wsframe.CLOSE_UNSUPPORTED_DATA, reason)
+            raise ConnectionClosed(wsframe.CLOSE_UNSUPPORTED_DATA, reason)
+        # Pongs need nothing.
+
+    async def ping(self, payload: bytes = b"") -> None:
+        await self.send_raw(wsframe.build_frame(payload, opcode=wsframe.OP_PING, masked=self._masked))
+
+    async def aclose(self, code: int = wsframe.CLOSE_NORMAL, reason: str = "") -> None:
+        """Send a close frame (best effort, briefly) and close the stream."""
+        if self._closed:
+            return
+        self._closed = True
+        with trio.move_on_after(CLOSE_TIMEOUT) as scope:
+            scope.shield = True
+            try:
+                async with self._send_lock:
+                    await self.stream.send_all(wsframe.build_close(code, reason, masked=self._masked))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+                pass
+        await trio.aclose_forcefully(self.stream)
+
+
+async def accept(stream: trio.abc.Stream, *, max_message: int, timeout: float = HANDSHAKE_TIMEOUT) -> Connection | None:
+    """Run the server side of the handshake on ``stream``.
+
+    Returns the connection, or None (after answering and closing the stream)
+    if the peer does not complete a WebSocket handshake within ``timeout``.
+    """
+    handshake = wsframe.ServerHandshake()
+    with trio.move_on_after(timeout):
+        try:
+            while True:
+                data = await stream.receive_some(RECEIVE_SIZE)
+                done = handshake.feed(data)
+                if done is not None:
+                    response, leftover = done
+                    await stream.send_all(response)
+                    return Connection(stream, client_side=False, max_message=max_message, leftover=leftover)
+        except wsframe.HandshakeError as exc:
+            log.debug("handshake failed: %s", exc.reason)
+            if exc.response:
+                with trio.move_on_after(CLOSE_TIMEOUT):
+                    try:
+                        await stream.send_all(exc.response)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+    await trio.aclose_forcefully(stream)
+    return None
+
+
+def split_address(address: str, default_port: int) -> tuple[str, int]:
+    """Parse ``host:port`` (``[v6]:port``, or just ``host``) with a clear error."""
+    host, sep, port = address.rpartition(":")
+    if not sep or (host.count(":") and not host.startswith("[")):
+        host, port = address, str(default_port)
+    host = host.strip("[]") or "localhost"
+    try:
+        number = int(port)
+    except ValueError:
+        raise ValueError(f"bad address {address!r}: port must be a number") from None
+    if not 0 <= number <= 65535:
+        raise ValueError(f"bad address {address!r}: port must be 0-65535")
+    return host, number
+
+
+async def connect(address: str, *, max_message: int, default_port: int, timeout: float = HANDSHAKE_TIMEOUT) -> Connection:
+    """Open a client connection to ``host:port``; raise ConnectError on any failure."""
+    host, port = split_address(address, default_port)
+    stream = None
+    with trio.move_on_after(timeout):
+        try:
+            stream = await trio.open_tcp_stream(host, port)
+        except OSError as exc:
+            raise ConnectError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+        try:
+            handshake = wsframe.ClientHandshake(f"{host}:{port}")
+            await stream.send_all(handshake.request)
+            while True:
+                data = await stream.receive_some(RECEIVE_SIZE)
+                leftover = handshake.feed(data)
+                if leftover is not None:
+                    return Connection(stream, client_side=True, max_message=max_message, leftover=leftover)
+        except wsframe.HandshakeError as exc:
+            await trio.aclose_forcefully(stream)
+            raise ConnectError(f"{host}:{port}: {exc.reason}") from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await trio.aclose_forcefully(stream)
+            raise ConnectError(f"{host}:{port}: connection lost during the handshake") from None
+    if stream is not None:
+        await trio.aclose_forcefully(stream)
+    raise ConnectError(f"cannot connect to {host}:{port}: timed out after {timeout:g} s")

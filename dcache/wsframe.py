@@ -1,0 +1,294 @@
+"""WebSocket framing (RFC 6455) without I/O, tuned for many small binary messages.
+
+wsproto does the opening handshake (see :func:`client_handshake` and
+:func:`server_handshake`); after it, this module parses and builds frames. It
+is small on purpose: per-message cost decides dcache's speed, and a general
+WebSocket library spends most of its time in layers we do not need (no
+extensions are negotiated, so RSV bits are always zero).
+
+Complete binary messages come out of :meth:`FrameParser.feed` as ``bytes``;
+everything else (text messages, ping, pong, close) as :class:`Control`.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+from wsproto.connection import ConnectionType
+from wsproto.events import AcceptConnection, RejectConnection, RejectData, Request
+from wsproto.handshake import H11Handshake
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+
+OP_CONTINUATION = 0x0
+OP_TEXT = 0x1
+OP_BINARY = 0x2
+OP_CLOSE = 0x8
+OP_PING = 0x9
+OP_PONG = 0xA
+_KNOWN_OPCODES = frozenset({OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG})
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_UNSUPPORTED_DATA = 1003
+CLOSE_TOO_BIG = 1009
+CLOSE_INTERNAL_ERROR = 1011
+
+_HEADER_SHORT = struct.Struct("!BB")
+_HEADER_MEDIUM = struct.Struct("!BBH")
+_HEADER_LONG = struct.Struct("!BBQ")
+
+
+class FrameError(Exception):
+    """The peer broke the WebSocket protocol; close the connection with ``code``."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Control:
+    """A non-binary message: ``opcode`` is OP_TEXT, OP_PING, OP_PONG or OP_CLOSE."""
+
+    opcode: int
+    payload: bytes
+
+    def close_info(self) -> tuple[int, str]:
+        """Code and reason of a close frame (1005 when it carries none)."""
+        if len(self.payload) < 2:
+            return 1005, ""
+        code = int.from_bytes(self.payload[:2], "big")
+        return code, self.payload[2:].decode("utf-8", "replace")
+
+
+def mask(data: bytes, key: bytes) -> bytes:
+    """XOR ``data`` with the 4-byte masking ``key`` (masking and unmasking are the same)."""
+    n = len(data)
+    if n == 0 or key == b"\0\0\0\0":
+        return data
+    repeated = (key * ((n >> 2) + 1))[:n]
+    return (int.from_bytes(data, "little") ^ int.from_bytes(repeated, "little")).to_bytes(n, "little")
+
+
+def build_frame(payload: bytes, *, opcode: int = OP_BINARY, masked: bool) -> bytes:
+    """One final frame carrying ``payload``; clients must send ``masked=True``."""
+    n = len(payload)
+    mask_bit = 0x80 if masked else 0
+    first = 0x80 | opcode
+    if n < 126:
+        header = _HEADER_SHORT.pack(first, mask_bit | n)
+    elif n < 65536:
+        header = _HEADER_MEDIUM.pack(first, mask_bit | 126, n)
+    else:
+        header = _HEADER_LONG.pack(first, mask_bit | 127, n)
+    if not masked:
+        return header + payload
+    key = os.urandom(4)
+    return b"".join((header, key, mask(payload, key)))
+
+
+def build_close(code: int = CLOSE_NORMAL, reason: str = "", *, masked: bool) -> bytes:
+    payload = code.to_bytes(2, "big") + reason.encode()[:120]
+    return build_frame(payload, opcode=OP_CLOSE, masked=masked)
+
+
+class FrameParser:
+    """Turns received bytes into messages.
+
+    ``expect_masked`` is True on the server side (clients must mask) and False
+    on the client side (servers must not). ``max_message`` bounds a message,
+    fragments included, so a peer cannot make us buffer without limit.
+    """
+
+    def __init__(self, *, expect_masked: bool, max_message: int) -> None:
+        self._expect_masked = expect_masked
+        self._max_message = max_message
+        self._buffer = bytearray()
+        self._fragments: list[bytes] = []
+        self._fragments_size = 0
+        self._fragment_opcode = 0
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer) + self._fragments_size
+
+    def feed(self, data: bytes) -> list[bytes | Control]:
+        """Add received bytes; return the messages they complete, in order.
+
+        Raises FrameError when the peer breaks the protocol; the parser is
+        then unusable and the connection must be closed with ``exc.code``.
+        """
+        buf = self._buffer
+        buf += data
+        out: list[bytes | Control] = []
+        pos = 0
+        end_of_data = len(buf)
+        while end_of_data - pos >= 2:
+            b0 = buf[pos]
+            b1 = buf[pos + 1]
+            length = b1 & 0x7F
+            header_end = pos + 2
+            if length == 126:
+                header_end += 2
+                if end_of_data < header_end:
+                    break
+                length = int.from_bytes(buf[pos + 2 : header_end], "big")
+            elif length == 127:
+                header_end += 8
+                if end_of_data < header_end:
+                    break
+                length = int.from_bytes(buf[pos + 2 : header_end], "big")
+            masked = b1 & 0x80
+            if masked:
+                header_end += 4
+            opcode = b0 & 0x0F
+            self._check_header(b0, opcode, bool(masked), length)
+            frame_end = header_end + length
+            if end_of_data < frame_end:
+                break
+            payload = bytes(buf[header_end:frame_end])
+            if masked:
+                payload = mask(payload, bytes(buf[header_end - 4 : header_end]))
+            pos = frame_end
+            if b0 & 0x80:  # FIN
+                if opcode == OP_BINARY:
+                    out.append(payload)
+                elif opcode >= OP_CLOSE:
+                    out.append(Control(opcode, payload))
+                else:
+                    message = self._finish(opcode, payload)
+                    if self._fragment_opcode == OP_BINARY or opcode == OP_BINARY:
+                        out.append(message)
+                    else:
+                        out.append(Control(OP_TEXT, message))
+                    self._fragment_opcode = 0
+            else:
+                self._add_fragment(opcode, payload)
+        if pos:
+            del buf[:pos]
+        return out
+
+    def _check_header(self, b0: int, opcode: int, masked: bool, length: int) -> None:
+        if b0 & 0x70:
+            raise FrameError(CLOSE_PROTOCOL_ERROR, "reserved bits set without a negotiated extension")
+        if opcode not in _KNOWN_OPCODES:
+            raise FrameError(CLOSE_PROTOCOL_ERROR, f"unknown opcode {opcode:#x}")
+        if masked != self._expect_masked:
+            raise FrameError(
+                CLOSE_PROTOCOL_ERROR,
+                "client frames must be masked" if self._expect_masked else "server frames must not be masked",
+            )
+        if opcode >= OP_CLOSE:
+            if length > 125 or not b0 & 0x80:
+                raise FrameError(CLOSE_PROTOCOL_ERROR, "control frames must be final and at most 125 bytes")
+        elif opcode == OP_CONTINUATION:
+            if not self._fragment_opcode:
+                raise FrameError(CLOSE_PROTOCOL_ERROR, "continuation frame without a message to continue")
+        elif self._fragment_opcode:
+            raise FrameError(CLOSE_PROTOCOL_ERROR, "new message started inside a fragmented one")
+        if opcode < OP_CLOSE and self._fragments_size + length > self._max_message:
+            raise FrameError(
+                CLOSE_TOO_BIG,
+                f"message of more than {self._max_message} bytes",
+            )
+
+    def _add_fragment(self, opcode: int, payload: bytes) -> None:
+        if opcode != OP_CONTINUATION:
+            self._fragment_opcode = opcode
+        self._fragments.append(payload)
+        self._fragments_size += len(payload)
+
+    def _finish(self, opcode: int, payload: bytes) -> bytes:
+        if opcode != OP_CONTINUATION:  # an unfragmented text message
+            return payload
+        self._fragments.append(payload)
+        message = b"".join(self._fragments)
+        self._fragments.clear()
+        self._fragments_size = 0
+        return message
+
+
+# -- opening handshake (wsproto) ----------------------------------------------
+
+
+class HandshakeError(Exception):
+    """The opening handshake failed; ``response`` is what to send back, if anything."""
+
+    def __init__(self, reason: str, response: bytes = b"") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.response = response
+
+
+class ClientHandshake:
+    """Client side of the opening handshake: ``request`` bytes out, then feed replies."""
+
+    def __init__(self, host: str, path: str = "/") -> None:
+        self._hs = H11Handshake(ConnectionType.CLIENT)
+        self.request = self._hs.send(Request(host=host, target=path))
+
+    def feed(self, data: bytes) -> bytes | None:
+        """Feed response bytes; return bytes received past the handshake once it is accepted."""
+        try:
+            self._hs.receive_data(data or None)
+            for event in self._hs.events():
+                if isinstance(event, AcceptConnection):
+                    return _trailing(self._hs)
+                if isinstance(event, (RejectConnection, RejectData)):
+                    status = getattr(event, "status_code", None)
+                    raise HandshakeError(f"the server rejected the WebSocket upgrade (HTTP {status})")
+        except (LocalProtocolError, RemoteProtocolError) as exc:
+            raise HandshakeError(f"not a dcache node: {exc}") from None
+        if not data:
+            raise HandshakeError("the server closed the connection during the handshake")
+        return None
+
+
+class ServerHandshake:
+    """Server side of the opening handshake: feed request bytes, get the response."""
+
+    def __init__(self) -> None:
+        self._hs = H11Handshake(ConnectionType.SERVER)
+
+    def feed(self, data: bytes) -> tuple[bytes, bytes] | None:
+        """Feed request bytes. Once a valid upgrade request is complete, return
+        (response bytes to send, bytes received past the request). Raise
+        HandshakeError (with a response to send) for anything else."""
+        try:
+            self._hs.receive_data(data or None)
+            for event in self._hs.events():
+                if isinstance(event, Request):
+                    response = self._hs.send(AcceptConnection())
+                    return response, _trailing(self._hs)
+        except RemoteProtocolError as exc:
+            response = b""
+            if exc.event_hint is not None and isinstance(exc.event_hint, RejectConnection):
+                response = _plain_response(
+                    400, "This is a dcache port: it speaks WebSocket. Use the dcache CLI or client.\n"
+                )
+            raise HandshakeError(f"bad opening handshake: {exc}", response) from None
+        except LocalProtocolError as exc:
+            raise HandshakeError(f"bad opening handshake: {exc}") from None
+        if not data:
+            raise HandshakeError("the peer closed the connection during the handshake")
+        return None
+
+
+def _trailing(hs: H11Handshake) -> bytes:
+    # wsproto hands bytes that followed the handshake to its own frame layer;
+    # we read them from the h11 connection underneath instead.
+    return bytes(hs._h11_connection.trailing_data[0])
+
+
+def _plain_response(status: int, text: str) -> bytes:
+    body = text.encode()
+    reason = {400: "Bad Request"}.get(status, "Error")
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode() + body
