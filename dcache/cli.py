@@ -259,6 +259,6 @@ async def _serve_until_signalled(node: Any) -> None:
 
 def main() -> None:
     try:
-        app()
+        app(prog_name="dcache")
     except KeyboardInterrupt:
         sys.exit(130)

@@ -1,0 +1,204 @@
+"""The one-shot CLI against a real `dcache serve` subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from typing import Iterator
+
+import pytest
+
+DCACHE = [sys.executable, "-m", "dcache"]
+READY = re.compile(r"ready: clients on (\S+), peers on (\S+)")
+
+
+class ServeProcess:
+    def __init__(self, *extra: str) -> None:
+        self.proc = subprocess.Popen(
+            [*DCACHE, "serve", "--client-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0", *extra],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+        )
+        self.log: list[str] = []
+        line = self.wait_for(READY, timeout=15)
+        match = READY.search(line)
+        assert match
+        self.client_address, self.peer_address = match.groups()
+
+    def wait_for(self, pattern: re.Pattern[str], timeout: float) -> str:
+        assert self.proc.stderr is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.proc.stderr], [], [], 0.1)
+            if ready:
+                line = self.proc.stderr.readline()
+                if not line:
+                    break
+                self.log.append(line)
+                if pattern.search(line):
+                    return line
+        raise AssertionError(f"{pattern.pattern!r} not seen; log so far:\n{''.join(self.log)}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServeProcess]:
+    proc = ServeProcess()
+    yield proc
+    proc.stop()
+
+
+def dcache(*args: str, server: ServeProcess | None = None, stdin: bytes | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+    full_env = {**os.environ, **(env or {})}
+    if server is not None:
+        full_env["DCACHE_SERVER"] = server.client_address
+    return subprocess.run([*DCACHE, *args], input=stdin, capture_output=True, timeout=20, env=full_env)
+
+
+def test_set_get_delete_as_the_readme_shows(server: ServeProcess) -> None:
+    r = dcache("set", "user:1001", "Alice", server=server)
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"OK\n", b"")
+    r = dcache("get", "user:1001", server=server)
+    assert (r.returncode, r.stdout) == (0, b"Alice")
+    r = dcache("set", "session:abc", "active", "--ttl", "60", server=server)
+    assert r.returncode == 0
+    r = dcache("ttl", "session:abc", server=server)
+    assert r.returncode == 0 and r.stdout.strip() in (b"60 s", b"59 s")
+    r = dcache("delete", "user:1001", server=server)
+    assert r.returncode == 0
+    r = dcache("delete", "user:1001", server=server)
+    assert r.returncode == 1
+    r = dcache("get", "user:1001", server=server)
+    assert (r.returncode, r.stdout) == (1, b"")
+    assert b"not found" in r.stderr
+
+
+def test_server_flag_beats_environment(server: ServeProcess) -> None:
+    r = dcache("set", "k", "v", "--server", server.client_address, env={"DCACHE_SERVER": "127.0.0.1:1"})
+    assert r.returncode == 0
+
+
+def test_values_pipe_in_and_out_as_bytes(server: ServeProcess) -> None:
+    blob = bytes(range(256)) * 40
+    assert dcache("set", "blob", server=server, stdin=blob).returncode == 0
+    assert dcache("get", "blob", server=server).stdout == blob
+    assert dcache("set", "blob2", "-", server=server, stdin=b"from stdin\n").returncode == 0
+    assert dcache("get", "blob2", server=server).stdout == b"from stdin\n"
+
+
+def test_json_output(server: ServeProcess) -> None:
+    dcache("set", "j", "héllo", server=server)
+    r = dcache("get", "j", "--json", server=server)
+    assert json.loads(r.stdout) == {"key": "j", "found": True, "value": "héllo"}
+    dcache("set", "bin", server=server, stdin=b"\xff\x00")
+    assert json.loads(dcache("get", "bin", "--json", server=server).stdout)["value_base64"] == "/wA="
+    r = dcache("get", "absent", "--json", server=server)
+    assert r.returncode == 1 and json.loads(r.stdout) == {"key": "absent", "found": False}
+    r = dcache("stats", "--json", server=server)
+    stats = json.loads(r.stdout)
+    for field in ("hits", "misses", "keys", "sets", "deletes", "expired", "memory_bytes", "process_memory_bytes"):
+        assert isinstance(stats[field], int), field
+    r = dcache("delete", "j", "nope", "--json", server=server)
+    assert json.loads(r.stdout) == {"keys": ["j", "nope"], "deleted": 1}
+
+
+def test_stats_plain_when_piped(server: ServeProcess) -> None:
+    dcache("get", "stats-miss", server=server)
+    r = dcache("stats", server=server)
+    assert r.returncode == 0
+    lines = dict(line.split("\t") for line in r.stdout.decode().splitlines())
+    assert int(lines["misses"]) >= 1 and "keys" in lines and "memory_bytes" in lines
+
+
+def test_unreachable_server_is_one_line_and_exit_2() -> None:
+    for args in (["get", "k"], ["set", "k", "v"], ["delete", "k"], ["stats"]):
+        r = dcache(*args, "--server", "127.0.0.1:1")
+        assert r.returncode == 2
+        assert r.stdout == b""
+        assert r.stderr.count(b"\n") == 1 and b"cannot connect" in r.stderr, r.stderr
+        assert b"Traceback" not in r.stderr
+
+
+def test_wrong_kind_of_server_is_one_line(server: ServeProcess) -> None:
+    import socket
+    import threading
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+
+        def answer_http() -> None:
+            conn, _ = listener.accept()
+            conn.recv(4096)
+            conn.sendall(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+            conn.close()
+
+        thread = threading.Thread(target=answer_http, daemon=True)
+        thread.start()
+        r = dcache("get", "k", "--server", f"127.0.0.1:{port}")
+        thread.join(5)
+    assert r.returncode == 2
+    assert r.stderr.count(b"\n") == 1 and b"Traceback" not in r.stderr
+
+
+def test_user_mistakes_get_usage_errors_not_tracebacks(server: ServeProcess) -> None:
+    for args in (["get"], ["set", "k", "v", "--ttl", "abc"], ["set", "k", "v", "--ttl", "-5"], ["nosuchcommand"], ["get", "k", "--server", "host:notaport"]):
+        r = dcache(*args, server=server)
+        assert r.returncode == 2, args
+        assert b"Traceback" not in r.stderr, args
+    r = dcache("get", "", server=server)
+    assert r.returncode == 2 and b"Traceback" not in r.stderr
+
+
+def test_too_large_value_is_refused_with_exit_3(server: ServeProcess) -> None:
+    r = dcache("set", "big", server=server, stdin=b"x" * (16 * 1024 * 1024 + 1))
+    assert r.returncode == 3
+    assert b"value_too_large" in r.stderr or b"exceeds" in r.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_serve_stops_cleanly_within_a_second(signum: int) -> None:
+    node = ServeProcess()
+    try:
+        assert dcache("set", "k", "v", "--server", node.client_address).returncode == 0
+        started = time.monotonic()
+        node.proc.send_signal(signum)
+        assert node.proc.wait(5) == 0
+        assert time.monotonic() - started < 1.0
+        assert node.proc.stderr is not None
+        rest = node.proc.stderr.read()
+        assert "Traceback" not in rest and "shutting down" in rest
+    finally:
+        node.stop()
+
+
+def test_serve_with_port_in_use_says_so() -> None:
+    node = ServeProcess()
+    try:
+        host, port = node.client_address.rsplit(":", 1)
+        r = subprocess.run([*DCACHE, "serve", "--client-listen", node.client_address, "--listen", "127.0.0.1:0"], capture_output=True, timeout=20)
+        assert r.returncode == 2
+        assert b"already in use" in r.stderr and b"Traceback" not in r.stderr
+    finally:
+        node.stop()
+
+
+def test_help_and_version() -> None:
+    r = dcache("--help")
+    assert r.returncode == 0
+    for command in (b"get", b"set", b"delete", b"stats", b"serve"):
+        assert command in r.stdout
+    r = dcache("--version")
+    assert r.returncode == 0 and r.stdout.startswith(b"dcache ")

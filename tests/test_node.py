@@ -1,0 +1,341 @@
+"""A real node in-process on loopback port 0, driven by the real clients."""
+
+from __future__ import annotations
+
+import math
+import random
+import socket
+
+import cbor2
+import pytest
+import trio
+import trio.testing
+
+import dcache
+from dcache import codec, transport, wsframe
+from dcache.codec import ErrorCode, Limits
+from dcache.node import BoundAddresses, Node, NodeConfig
+
+TIMEOUT = 10
+
+
+async def start_node(nursery: trio.Nursery, **config: object) -> tuple[Node, BoundAddresses]:
+    node = Node(NodeConfig(client_listen="127.0.0.1:0", listen="127.0.0.1:0", **config))  # type: ignore[arg-type]
+    bound = await nursery.start(node.run)
+    return node, bound
+
+
+@pytest.fixture
+async def node(nursery: trio.Nursery) -> tuple[Node, BoundAddresses]:
+    return await start_node(nursery)
+
+
+@pytest.fixture
+async def client(node: tuple[Node, BoundAddresses]):
+    async with dcache.connect(node[1].client_address, timeout=TIMEOUT) as c:
+        yield c
+
+
+async def raw_connection(address: str) -> transport.Connection:
+    return await transport.connect(address, max_message=1 << 26, default_port=0)
+
+
+async def raw_call(conn: transport.Connection, messages: list) -> list:
+    await conn.send(codec.encode_frame(messages))
+    (payload,) = await conn.receive()
+    return cbor2.loads(payload)
+
+
+HELLO = [0, "hello", {"version": codec.PROTOCOL_VERSION}]
+
+
+async def test_set_get_delete_ttl(client: dcache.Client) -> None:
+    with trio.fail_after(TIMEOUT):
+        assert await client.get("user:1001") is None
+        v1 = await client.set("user:1001", "Alice")
+        assert await client.get("user:1001") == b"Alice"
+        v2 = await client.set("user:1001", b"\x00\xffbinary")
+        assert v2 > v1
+        assert await client.get(b"user:1001") == b"\x00\xffbinary"
+        assert await client.ttl("user:1001") == math.inf
+        assert await client.ttl("missing") is None
+        assert await client.delete("user:1001") is True
+        assert await client.delete("user:1001") is False
+        assert await client.get("user:1001") is None
+
+
+async def test_namespaces_are_separate(client: dcache.Client) -> None:
+    with trio.fail_after(TIMEOUT):
+        await client.set("k", "default")
+        await client.set("k", "other", ns="sessions")
+        assert await client.get("k") == b"default"
+        assert await client.get("k", ns="sessions") == b"other"
+        await client.delete("k", ns="sessions")
+        assert await client.get("k") == b"default"
+
+
+async def test_batches(client: dcache.Client) -> None:
+    with trio.fail_after(TIMEOUT):
+        versions = await client.mset({f"k{i}": f"v{i}" for i in range(100)})
+        assert len(versions) == 100 and versions == sorted(versions)
+        values = await client.mget([f"k{i}" for i in range(0, 102, 2)])
+        assert values[:50] == [f"v{i}".encode() for i in range(0, 100, 2)]
+        assert values[50] is None
+        assert await client.mdelete(["k1", "k2", "nope"]) == 2
+        assert await client.mget(["k1", "k2", "k3"]) == [None, None, b"v3"]
+
+
+async def test_stats_count_what_happened(client: dcache.Client) -> None:
+    with trio.fail_after(TIMEOUT):
+        await client.set("a", "1")
+        await client.set("b", "22")
+        await client.get("a")
+        await client.get("zz")
+        await client.delete("b")
+        stats = await client.stats()
+    assert (stats["hits"], stats["misses"], stats["sets"], stats["deletes"]) == (1, 1, 2, 1)
+    assert stats["keys"] == 1
+    assert stats["data_bytes"] == len("a") + len("1")
+    assert stats["shards"] == 8192 and stats["members"] == 1
+    assert stats["connections"] == 1
+    assert stats["process_memory_bytes"] > 0
+
+
+async def test_ttl_expires_on_virtual_time(mock_clock: trio.testing.MockClock, nursery: trio.Nursery) -> None:
+    # mock_clock does not move unless jumped, so socket waits cannot trip timeouts.
+    _, bound = await start_node(nursery)
+    async with dcache.connect(bound.client_address) as client:
+        await client.set("session:abc", "active", ttl=60)
+        await client.set("forever", "x")
+        assert await client.ttl("session:abc") == 60
+        mock_clock.jump(59.5)
+        assert await client.get("session:abc") == b"active"
+        assert await client.ttl("session:abc") == pytest.approx(0.5)
+        mock_clock.jump(0.5)
+        assert await client.get("session:abc") is None
+        assert await client.get("forever") == b"x"
+        stats = await client.stats()
+        assert stats["expired"] == 1 and stats["keys"] == 1
+
+
+async def test_sweeper_reclaims_expired_keys_nobody_reads(mock_clock: trio.testing.MockClock, nursery: trio.Nursery) -> None:
+    node, bound = await start_node(nursery)
+    async with dcache.connect(bound.client_address) as client:
+        await client.mset({f"k{i}": "v" for i in range(2500)}, ttl=1)
+        assert len(node.store) == 2500
+        mock_clock.jump(2)
+        # Let the sweeper (which sleeps on the mock clock) run its passes.
+        for _ in range(10):
+            mock_clock.jump(0.2)
+            await trio.testing.wait_all_tasks_blocked()
+        assert len(node.store) == 0
+        assert (await client.stats())["expired"] == 2500
+
+
+async def test_many_concurrent_callers_share_one_connection(client: dcache.Client) -> None:
+    """The seed's concurrent-access test: 100 tasks x 100 ops, no lost or crossed replies."""
+
+    async def worker(n: int) -> None:
+        rng = random.Random(n)
+        for i in range(100):
+            key = f"w{n}:k{rng.randrange(10)}"
+            value = f"{n}:{i}".encode()
+            await client.set(key, value)
+            assert await client.get(key) == value
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for n in range(100):
+                nursery.start_soon(worker, n)
+    stats = await client.stats()
+    assert stats["sets"] == 10_000 and stats["hits"] == 10_000 and stats["misses"] == 0
+
+
+async def test_many_connections(node: tuple[Node, BoundAddresses]) -> None:
+    async def one(n: int) -> None:
+        async with dcache.connect(node[1].client_address) as c:
+            for i in range(20):
+                await c.set(f"c{n}", str(i))
+                assert await c.get(f"c{n}") == str(i).encode()
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for n in range(50):
+                nursery.start_soon(one, n)
+
+
+async def test_cancelled_caller_does_not_disturb_others(client: dcache.Client) -> None:
+    with trio.fail_after(TIMEOUT):
+        await client.set("k", "v")
+        for _ in range(20):
+            async with trio.open_nursery() as nursery:
+                for _ in range(5):
+                    nursery.start_soon(client.get, "k")
+                await trio.sleep(0)
+                nursery.cancel_scope.cancel()
+        assert await client.get("k") == b"v"
+        assert await client.mget(["k"] * 10) == [b"v"] * 10
+
+
+async def test_sync_client(node: tuple[Node, BoundAddresses]) -> None:
+    def use_it() -> tuple:
+        with dcache.SyncClient(node[1].client_address, timeout=TIMEOUT) as c:
+            c.set("k", "v", ttl=100)
+            return c.get("k"), c.get("nope"), c.delete("k"), c.mget(["k"]), c.stats()["sets"]
+
+    with trio.fail_after(TIMEOUT):
+        result = await trio.to_thread.run_sync(use_it)
+    assert result == (b"v", None, True, [None], 1)
+
+
+async def test_client_side_limits_come_from_the_node(nursery: trio.Nursery) -> None:
+    _, bound = await start_node(nursery, limits=Limits(max_key_bytes=8, max_value_bytes=16))
+    async with dcache.connect(bound.client_address) as client:
+        with pytest.raises(dcache.RequestError) as info:
+            await client.set("k", "x" * 17)
+        assert info.value.code == ErrorCode.VALUE_TOO_LARGE
+        with pytest.raises(dcache.RequestError) as info:
+            await client.get("123456789")
+        assert info.value.code == ErrorCode.KEY_TOO_LARGE
+        assert await client.set("k", "x" * 16) > 0
+
+
+async def test_connect_errors_are_typed() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with trio.fail_after(TIMEOUT):
+        with pytest.raises(dcache.ConnectError, match="cannot connect"):
+            await dcache.Client.connect(f"127.0.0.1:{port}")
+    with pytest.raises(dcache.ConnectError):
+        await trio.to_thread.run_sync(lambda: dcache.SyncClient(f"127.0.0.1:{port}"))
+
+
+async def test_request_timeout_when_node_never_answers(nursery: trio.Nursery) -> None:
+    async def silent(stream: trio.SocketStream) -> None:
+        conn = await transport.accept(stream, max_message=1 << 20)
+        assert conn is not None
+        (payload,) = await conn.receive()  # the hello
+        (rid, _, _), = cbor2.loads(payload)
+        await conn.send(codec.encode_frame([codec.ok(rid, {"limits": Limits().as_dict()})]))
+        await trio.sleep_forever()
+
+    listeners = await nursery.start(trio.serve_tcp, silent, 0)
+    port = listeners[0].socket.getsockname()[1]
+    with trio.fail_after(TIMEOUT):
+        async with dcache.connect(f"127.0.0.1:{port}", timeout=0.3) as client:
+            with pytest.raises(dcache.RequestTimeout):
+                await client.get("k")
+
+
+# -- bad input never hurts the node -------------------------------------------
+
+
+async def test_requests_before_hello_are_refused(node: tuple[Node, BoundAddresses]) -> None:
+    with trio.fail_after(TIMEOUT):
+        conn = await raw_connection(node[1].client_address)
+        [reply] = await raw_call(conn, [[1, "get", {"key": b"k"}]])
+        assert reply == [1, 1, [ErrorCode.HELLO_REQUIRED, reply[2][1]]]
+        [reply] = await raw_call(conn, [[2, "hello", {"version": 99}]])
+        assert reply[2][0] == ErrorCode.UNSUPPORTED_VERSION
+        replies = await raw_call(conn, [HELLO, [3, "ping", {}]])
+        assert [r[:2] for r in replies] == [[0, 0], [3, 0]]
+        await conn.aclose()
+
+
+async def test_garbage_gets_typed_errors_and_the_connection_survives(node: tuple[Node, BoundAddresses]) -> None:
+    with trio.fail_after(TIMEOUT):
+        conn = await raw_connection(node[1].client_address)
+        await raw_call(conn, [HELLO])
+        garbage = [
+            (b"\xff\xfe not cbor", ErrorCode.BAD_FRAME),
+            (cbor2.dumps({"not": "a list"}), ErrorCode.BAD_FRAME),
+            (cbor2.dumps([[1, "explode", {}]]), ErrorCode.UNKNOWN_OP),
+            (cbor2.dumps([[1, "get", {"key": 5}]]), ErrorCode.BAD_REQUEST),
+            (cbor2.dumps([[1, "set", {"key": b"k"}]]), ErrorCode.BAD_REQUEST),
+            (cbor2.dumps([[1, "set", {"key": b"k", "value": b"v", "ttl_ms": -1}]]), ErrorCode.BAD_REQUEST),
+            (cbor2.dumps(["nonsense"]), ErrorCode.BAD_REQUEST),
+        ]
+        for payload, code in garbage:
+            await conn.send(payload)
+            (reply,) = cbor2.loads((await conn.receive())[0])
+            assert reply[1] == 1 and reply[2][0] == code, (payload, reply)
+        # A bad request in a batch spoils only itself.
+        replies = await raw_call(conn, [[5, "set", {"key": b"k", "value": b"v"}], [6, "get", {}], [7, "get", {"key": b"k"}]])
+        assert [(r[0], r[1]) for r in replies] == [(5, 0), (6, 1), (7, 0)]
+        assert replies[2][2] == b"v"
+
+
+async def test_value_over_the_limit_is_refused_by_the_node(nursery: trio.Nursery) -> None:
+    _, bound = await start_node(nursery, limits=Limits(max_value_bytes=100, max_key_bytes=10))
+    with trio.fail_after(TIMEOUT):
+        conn = await raw_connection(bound.client_address)
+        await raw_call(conn, [HELLO])
+        replies = await raw_call(
+            conn,
+            [[1, "set", {"key": b"k", "value": b"x" * 101}], [2, "get", {"key": b"k" * 11}], [3, "set", {"key": b"k", "value": b"x" * 100}]],
+        )
+        assert [r[2][0] if r[1] else "ok" for r in replies] == [ErrorCode.VALUE_TOO_LARGE, ErrorCode.KEY_TOO_LARGE, "ok"]
+
+
+async def test_hostile_connections_leave_the_node_serving(nursery: trio.Nursery) -> None:
+    _, bound = await start_node(nursery, limits=Limits(max_frame_bytes=4096))
+    host, port = bound.client
+    with trio.fail_after(TIMEOUT):
+        async with dcache.connect(bound.client_address) as good:
+            await good.set("k", "v")
+            # Not HTTP at all.
+            junk = await trio.open_tcp_stream(host, port)
+            await junk.send_all(b"\x00\x01garbage\r\n\r\n")
+            response = b""
+            while chunk := await junk.receive_some(1000):
+                response += chunk
+            assert response.startswith(b"HTTP/1.1 400 ")
+            # A half-open connection that never says anything.
+            silent = await trio.open_tcp_stream(host, port)
+            # A WebSocket text message: closed with 1003.
+            text = await raw_connection(bound.client_address)
+            await text.send_raw(wsframe.build_frame(b"hello", opcode=wsframe.OP_TEXT, masked=True))
+            with pytest.raises(transport.ConnectionClosed) as closed:
+                await text.receive()
+            assert closed.value.code == wsframe.CLOSE_UNSUPPORTED_DATA
+            # A message larger than the node accepts: closed with 1009.
+            big = await raw_connection(bound.client_address)
+            await big.send(b"\x00" * 5000)
+            with pytest.raises(transport.ConnectionClosed) as closed:
+                await big.receive()
+            assert closed.value.code == wsframe.CLOSE_TOO_BIG
+            # An unmasked client frame breaks the protocol: closed with 1002.
+            unmasked = await raw_connection(bound.client_address)
+            await unmasked.send_raw(wsframe.build_frame(cbor2.dumps([HELLO]), masked=False))
+            with pytest.raises(transport.ConnectionClosed) as closed:
+                await unmasked.receive()
+            assert closed.value.code == wsframe.CLOSE_PROTOCOL_ERROR
+            # The node still serves, the silent connection still open.
+            assert await good.get("k") == b"v"
+            async with dcache.connect(bound.client_address) as other:
+                assert await other.get("k") == b"v"
+            await silent.aclose()
+            await junk.aclose()
+
+
+async def test_idle_and_handshake_timeouts_close_dead_connections(mock_clock: trio.testing.MockClock, nursery: trio.Nursery) -> None:
+    node, bound = await start_node(nursery, idle_timeout=30)
+    host, port = bound.client
+    silent = await trio.open_tcp_stream(host, port)  # never handshakes
+    conn = await raw_connection(bound.client_address)
+    await raw_call(conn, [HELLO])
+    await trio.testing.wait_all_tasks_blocked()
+    assert node.connections == 2
+    mock_clock.jump(transport.HANDSHAKE_TIMEOUT + 1)
+    await trio.testing.wait_all_tasks_blocked()
+    assert node.connections == 1
+    assert await silent.receive_some(10) == b""
+    # The WebSocket one gets a ping after 30 s idle; it does not answer, as our
+    # test does not read, so it is closed 30 s later.
+    mock_clock.jump(30)
+    await trio.testing.wait_all_tasks_blocked()
+    assert node.connections == 1
+    mock_clock.jump(30)
+    await trio.testing.wait_all_tasks_blocked()
+    assert node.connections == 0
