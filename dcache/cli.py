@@ -13,7 +13,9 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
+import time
 from typing import Annotated, Any, Callable, Optional
 
 import trio
@@ -75,12 +77,7 @@ def render(outcome: Outcome, *, as_json: bool) -> int:
         print(json.dumps(outcome.data, default=str))
         return outcome.exit_code
     if outcome.table is not None and sys.stdout.isatty():
-        table = Table(show_header=False, box=None, pad_edge=False)
-        table.add_column(style="bold cyan")
-        table.add_column(justify="right")
-        for label, value in outcome.table:
-            table.add_row(label, value)
-        Console().print(table)
+        Console().print(rich_table(outcome.table))
     elif isinstance(outcome.stdout, bytes):
         sys.stdout.buffer.write(outcome.stdout)
         if sys.stdout.isatty() and not outcome.stdout.endswith(b"\n"):
@@ -91,6 +88,20 @@ def render(outcome: Outcome, *, as_json: bool) -> int:
     if outcome.note:
         print(outcome.note, file=sys.stderr)
     return outcome.exit_code
+
+
+def rich_table(data: commands.TableData) -> Table:
+    if not data.columns:
+        table = Table(show_header=False, box=None, pad_edge=False, title=data.title)
+        table.add_column(style="bold cyan")
+        table.add_column(justify="right")
+    else:
+        table = Table(title=data.title, title_justify="left")
+        for i, column in enumerate(data.columns):
+            table.add_column(column, style="bold cyan" if i == 0 else None, justify="left" if i < 3 else "right")
+    for row in data.rows:
+        table.add_row(*row)
+    return table
 
 
 def _run(server: str, timeout: float, as_json: bool, command: Callable[..., Outcome], **args: Any) -> None:
@@ -173,12 +184,23 @@ def ttl(
 
 @app.command()
 def stats(
+    cluster: Annotated[bool, typer.Option("--cluster", help="One row per node and a cluster total.")] = False,
     server: ServerOption = DEFAULT_ADDRESS,
     as_json: JsonOption = False,
     timeout: TimeoutOption = DEFAULT_TIMEOUT,
 ) -> None:
     """Show the node's counters: hits, misses, keys, sets, deletes, expired, memory."""
-    _run(server, timeout, as_json, commands.stats)
+    _run(server, timeout, as_json, commands.cluster_stats if cluster else commands.stats)
+
+
+@app.command()
+def members(
+    server: ServerOption = DEFAULT_ADDRESS,
+    as_json: JsonOption = False,
+    timeout: TimeoutOption = DEFAULT_TIMEOUT,
+) -> None:
+    """List the cluster's nodes: address, state, shards owned, keys, uptime."""
+    _run(server, timeout, as_json, commands.members)
 
 
 @app.command()
@@ -206,11 +228,28 @@ def serve(
         Optional[str],
         typer.Option("--advertise", metavar="HOST:PORT", help="Peer address other nodes use [default: --listen]."),
     ] = None,
+    etcd: Annotated[
+        Optional[str],
+        typer.Option(
+            "--etcd", envvar="DCACHE_ETCD", metavar="URL", help="etcd endpoint to join a cluster through [default: run standalone]."
+        ),
+    ] = None,
+    cluster: Annotated[
+        str, typer.Option("--cluster", envvar="DCACHE_CLUSTER", metavar="NAME", help="Cluster name, to share one etcd.")
+    ] = "default",
+    metrics_listen: Annotated[
+        Optional[str],
+        typer.Option("--metrics-listen", metavar="HOST:PORT", help="Serve Prometheus metrics at /metrics here."),
+    ] = None,
+    lease_ttl: Annotated[
+        float,
+        typer.Option("--lease-ttl", min=1.0, metavar="SECONDS", help="How soon peers notice this node is gone."),
+    ] = 5.0,
     log_level: Annotated[
         str, typer.Option("--log-level", metavar="LEVEL", help="debug, info, warning or error.")
     ] = "info",
 ) -> None:
-    """Run a node (standalone: nothing else needs to be installed)."""
+    """Run a node: standalone by default, or part of a cluster with --etcd."""
     from .node import Node, NodeConfig, NodeStartError
 
     level = logging.getLevelName(log_level.upper())
@@ -219,7 +258,15 @@ def serve(
         raise typer.Exit(commands.EXIT_UNAVAILABLE)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        config = NodeConfig(client_listen=client_listen, listen=listen, advertise=advertise)
+        config = NodeConfig(
+            client_listen=client_listen,
+            listen=listen,
+            advertise=advertise,
+            etcd=etcd,
+            cluster=cluster,
+            metrics_listen=metrics_listen,
+            lease_ttl=lease_ttl,
+        )
         trio.run(_serve_until_signalled, Node(config))
     except (NodeStartError, ValueError) as exc:
         _exit_start_error(exc)
@@ -255,6 +302,153 @@ async def _serve_until_signalled(node: Any) -> None:
 
             nursery.start_soon(stop_on_signal)
     log.info("stopped")
+
+
+# -- cluster up -------------------------------------------------------------------
+
+cluster_app = typer.Typer(help="Run a local cluster to try dcache out.", no_args_is_help=True)
+app.add_typer(cluster_app, name="cluster")
+
+
+@cluster_app.command("up")
+def cluster_up(
+    nodes: Annotated[int, typer.Option("--nodes", "-n", min=1, max=64, help="How many nodes.")] = 3,
+    client_port: Annotated[int, typer.Option("--client-port", help="First node's client port; the others count up.")] = 48000,
+    peer_port: Annotated[int, typer.Option("--peer-port", help="First node's peer port.")] = 47000,
+    metrics_port: Annotated[int, typer.Option("--metrics-port", help="First node's metrics port; 0 for none.")] = 9100,
+    etcd: Annotated[
+        Optional[str],
+        typer.Option("--etcd", envvar="DCACHE_ETCD", metavar="URL", help="Use this etcd instead of starting one."),
+    ] = None,
+    cluster: Annotated[str, typer.Option("--cluster", metavar="NAME", help="Cluster name.")] = "default",
+    log_level: Annotated[str, typer.Option("--log-level", metavar="LEVEL", help="The nodes' log level.")] = "warning",
+) -> None:
+    """Start etcd and NODES nodes on this machine; Ctrl-C stops them all."""
+    from . import localcluster as lc
+
+    console = Console(stderr=True)
+    etcd_server: lc.EtcdServer | None = None
+    procs: list[Any] = []
+    try:
+        plan = lc.plan_nodes(nodes, client_port=client_port, peer_port=peer_port, metrics_port=metrics_port or None)
+        with console.status("starting etcd…"):
+            if etcd is None:
+                etcd_server = lc.EtcdServer()
+                etcd_server.start()
+                etcd = etcd_server.endpoint
+        with console.status(f"starting {nodes} node(s)…"):
+            for node in plan:
+                command = lc.node_command(node, etcd=etcd, cluster=cluster, log_level=log_level)
+                procs.append(subprocess.Popen(command, env=lc.inherit_env()))
+            for node, proc in zip(plan, procs):
+                if not lc.wait_until_serving(node.client, lc.NODE_START_TIMEOUT) or proc.poll() is not None:
+                    raise lc.ClusterError(f"node {node.peer} did not start; see its log above")
+        table = Table(title=f"dcache cluster {cluster!r}, etcd {etcd}", title_justify="left")
+        for column in ("node", "client address", "metrics"):
+            table.add_column(column)
+        for node in plan:
+            table.add_row(node.peer, node.client, f"http://{node.metrics}/metrics" if node.metrics else "-")
+        Console().print(table)
+        console.print(f"try: dcache set k v --server {plan[0].client}; dcache members --server {plan[-1].client}")
+        console.print("Ctrl-C stops the cluster.")
+        _wait_for_stop(plan, procs, console)
+    except lc.ClusterError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise typer.Exit(commands.EXIT_UNAVAILABLE) from None
+    except KeyboardInterrupt:
+        pass
+    finally:
+        with console.status("stopping…"):
+            lc.stop_processes(procs)
+            if etcd_server is not None:
+                etcd_server.close()
+    console.print("cluster stopped")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _wait_for_stop(plan: list[Any], procs: list[Any], console: Console) -> None:
+    """Block until Ctrl-C or SIGTERM; report nodes that exit meanwhile."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    reported: set[int] = set()
+    while True:
+        time.sleep(0.5)
+        for i, proc in enumerate(procs):
+            if i not in reported and proc.poll() is not None:
+                reported.add(i)
+                console.print(f"[yellow]node {plan[i].peer} exited with status {proc.returncode}[/]")
+        if len(reported) == len(procs):
+            console.print("[red]every node has exited[/]")
+            return
+
+
+# -- bench ------------------------------------------------------------------------
+
+
+@app.command()
+def bench(
+    server: ServerOption = DEFAULT_ADDRESS,
+    clients: Annotated[int, typer.Option("--clients", "-c", min=1, max=10_000, help="Concurrent client tasks.")] = 50,
+    connections: Annotated[int, typer.Option("--connections", min=1, max=1000, help="Connections per node, shared by the tasks.")] = 1,
+    pipeline: Annotated[int, typer.Option("--pipeline", "-P", min=1, max=10_000, help="Requests each task sends per round trip.")] = 1,
+    ops: Annotated[int, typer.Option("--ops", "-n", min=1, help="Total operations.")] = 100_000,
+    ratio: Annotated[str, typer.Option("--ratio", metavar="SETS:GETS", help="Mix of sets to gets.")] = "1:10",
+    value_size: Annotated[int, typer.Option("--value-size", "-d", min=0, help="Bytes per value.")] = 100,
+    keys: Annotated[int, typer.Option("--keys", min=1, help="Distinct keys (key:0 … key:N-1).")] = 100_000,
+    ttl: Annotated[float, typer.Option("--ttl", min=0, metavar="SECONDS", help="TTL of the entries set; 0 for none.")] = 0,
+    mget: Annotated[int, typer.Option("--mget", min=0, help="Make each get an mget of this many keys.")] = 0,
+    prefill: Annotated[bool, typer.Option("--prefill", help="Set every key once before measuring.")] = False,
+    cluster: Annotated[bool, typer.Option("--cluster", help="Spread the connections over every member.")] = False,
+    time_limit: Annotated[float, typer.Option("--time-limit", min=0.1, metavar="SECONDS", help="Stop after this long.")] = 300.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Load-test a node or a cluster and report ops/s and latency percentiles."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .bench import BenchConfig, discover_servers, parse_ratio, run_bench
+
+    try:
+        sets, gets = parse_ratio(ratio)
+        servers = trio.run(discover_servers, server) if cluster else (server,)
+        config = BenchConfig(
+            servers=servers, clients=clients, connections=connections, pipeline=pipeline, ops=ops, sets=sets,
+            gets=gets, value_size=value_size, keys=keys, ttl=ttl or None, prefill=prefill, mget=mget,
+            time_limit=time_limit,
+        )  # fmt: skip
+        console = Console(stderr=True)
+        with Progress(
+            TextColumn("bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=console, transient=True, disable=as_json or not console.is_terminal,
+        ) as progress:  # fmt: skip
+            task = progress.add_task("ops", total=ops)
+            result = trio.run(lambda: run_bench(config, on_progress=lambda done: progress.update(task, completed=done)))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise typer.Exit(commands.EXIT_UNAVAILABLE) from None
+    except DcacheError as exc:
+        raise typer.Exit(render(commands.failure(exc), as_json=as_json)) from None
+    if as_json:
+        print(json.dumps(result.as_dict()))
+        return
+    c = result.config
+    table = Table(
+        title=(
+            f"{result.ops:,} ops in {result.elapsed_s:.2f} s = {result.ops_per_s:,.0f} ops/s · "
+            f"{c.clients} clients × {c.connections} conn × {len(c.servers)} node(s), pipeline {c.pipeline}, "
+            f"ratio {c.sets}:{c.gets}, {c.value_size} B values"
+        ),
+        title_justify="left",
+    )
+    for column in ("op", "count", "ops/s", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "misses", "errors"):
+        table.add_column(column, justify="left" if column == "op" else "right")
+    for s in result.summaries:
+        table.add_row(
+            s.op, f"{s.count:,}", f"{s.ops_per_s:,.0f}", f"{s.p50_ms:.3f}", f"{s.p99_ms:.3f}", f"{s.p999_ms:.3f}",
+            f"{s.max_ms:.3f}", f"{s.misses:,}", f"{s.errors:,}",
+        )  # fmt: skip
+    Console().print(table)
 
 
 def main() -> None:

@@ -6,10 +6,8 @@ client's ``_call``, which is a coroutine in :class:`Client` and a plain
 blocking call in :class:`SyncClient`.
 
 :class:`Client` is pipelined: any number of tasks may share one connection.
-There are no background tasks: a caller writes its own request (requests
-queued meanwhile by other tasks go out in the same frame), and whichever
-waiting caller finds nobody reading becomes the reader and hands replies to
-the others. A lone caller thus never waits for another task to be scheduled.
+It has no background tasks; see :mod:`dcache.mux` for how callers share
+the connection.
 """
 
 from __future__ import annotations
@@ -19,18 +17,10 @@ import socket
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable, Iterable, Mapping
 
-import trio
-
 from . import __version__, codec, transport, wsframe
 from .codec import Limits, Status
-from .errors import (
-    ClosedError,
-    ConnectError,
-    ConnectionLost,
-    ProtocolError,
-    RequestError,
-    RequestTimeout,
-)
+from .errors import ClosedError, ConnectError, ConnectionLost, ProtocolError, RequestError, RequestTimeout
+from .mux import Channel, parse_replies
 
 DEFAULT_ADDRESS = "localhost:48000"
 DEFAULT_PORT = 48000
@@ -155,6 +145,12 @@ class Operations:
     def ping(self) -> Any:
         return self._call("ping", {}, _identity)
 
+    def members(self) -> Any:
+        """The cluster as the connected node sees it: ``{"epoch", "members": [...]}``,
+        each member with its ``node`` id, ``client`` address, ``state``,
+        ``shards`` owned and its ``stats``."""
+        return self._call("members", {}, _identity)
+
     def _multi(self, keys: Iterable[Key], ns: str) -> dict[str, Any]:
         args: dict[str, Any] = {"keys": [self._key(k) for k in keys]}
         if ns:
@@ -176,25 +172,8 @@ def _limits_from(hello: Any) -> Limits:
 
 def _outcome(status: int, body: Any, decode: Callable[[Any], Any]) -> Any:
     if status == Status.ERROR:
-        raise RequestError(body[0], body[1])
+        raise RequestError(*body)
     return decode(body)
-
-
-def _parse_replies(payload: bytes) -> list[tuple[int | None, int, Any]]:
-    try:
-        messages = codec.decode_frame(payload, Limits(max_frame_bytes=len(payload), max_batch=2**31))
-        return [codec.parse_reply(m) for m in messages]
-    except codec.WireError as exc:
-        raise ProtocolError(f"bad reply from the node: {exc.message}") from None
-
-
-class _Waiter:
-    __slots__ = ("event", "status", "body")
-
-    def __init__(self) -> None:
-        self.event = trio.Event()
-        self.status: int | None = None
-        self.body: Any = None
 
 
 class Client(Operations):
@@ -205,25 +184,22 @@ class Client(Operations):
     operation times out after ``timeout`` seconds with :class:`RequestTimeout`.
     """
 
-    def __init__(self, conn: transport.Connection, *, address: str, timeout: float) -> None:
-        self._conn = conn
+    def __init__(self, channel: Channel, *, address: str) -> None:
+        self._channel = channel
         self.address = address
-        self.timeout = timeout
         self.limits = Limits()
         self.server_info: dict[str, Any] = {}
-        self._pending: dict[int, _Waiter] = {}
-        self._next_rid = 1
-        self._outbox: list[list[Any]] = []
-        self._flushing = False
-        self._reading = False
-        self._broken: Exception | None = None
+
+    @property
+    def timeout(self) -> float:
+        return self._channel.timeout
 
     @classmethod
     async def connect(cls, address: str = DEFAULT_ADDRESS, *, timeout: float = DEFAULT_TIMEOUT) -> Client:
         conn = await transport.connect(
             address, max_message=codec.DEFAULT_MAX_FRAME_BYTES, default_port=DEFAULT_PORT, timeout=timeout
         )
-        client = cls(conn, address=address, timeout=timeout)
+        client = cls(Channel(conn, name=address, timeout=timeout), address=address)
         try:
             client.server_info = await client._call("hello", _hello_args(), _identity)
             client.limits = _limits_from(client.server_info)
@@ -233,9 +209,7 @@ class Client(Operations):
         return client
 
     async def aclose(self) -> None:
-        if self._broken is None:
-            self._fail(ClosedError("the client was closed"))
-        await self._conn.aclose()
+        await self._channel.aclose()
 
     async def __aenter__(self) -> Client:
         return self
@@ -244,93 +218,52 @@ class Client(Operations):
         await self.aclose()
 
     async def _call(self, op: str, args: dict[str, Any], decode: Callable[[Any], Any]) -> Any:
-        if self._broken is not None:
-            raise self._broken
-        rid = self._next_rid
-        self._next_rid = rid + 1
-        waiter = _Waiter()
-        self._pending[rid] = waiter
-        try:
-            with trio.fail_after(self.timeout):
-                self._outbox.append([rid, op, args])
-                if not self._flushing:
-                    await self._flush()
-                while waiter.status is None:
-                    if self._reading:
-                        await waiter.event.wait()
-                        if waiter.status is None:
-                            waiter.event = trio.Event()
-                    else:
-                        await self._read()
-        except trio.TooSlowError:
-            raise RequestTimeout(f"{op}: no reply from {self.address} within {self.timeout:g} s") from None
-        finally:
-            del self._pending[rid]
-            if not self._reading and self._pending:
-                self._hand_over_reading()
-        if waiter.status == -1:
-            raise waiter.body
-        return _outcome(waiter.status, waiter.body, decode)
+        status, body = await self._channel.request(op, args)
+        return _outcome(status, body, decode)
 
-    async def _flush(self) -> None:
-        self._flushing = True
-        try:
-            while self._outbox:
-                batch, self._outbox = self._outbox, []
-                frame = wsframe.build_frame(codec.encode_frame(batch), masked=True)
-                # A write cut short would corrupt the stream for every caller.
-                with trio.CancelScope(shield=True):
-                    with trio.move_on_after(self.timeout) as scope:
-                        await self._conn.send_raw(frame)
-                if scope.cancelled_caught:
-                    self._fail(ConnectionLost(f"{self.address} stopped accepting requests"))
-                    raise self._broken  # type: ignore[misc]
-        except transport.ConnectionClosed as exc:
-            self._fail(ConnectionLost(f"lost the connection to {self.address}: {exc}"))
-            raise self._broken from None  # type: ignore[misc]
-        finally:
-            self._flushing = False
+    def pipeline(self) -> Pipeline:
+        """Queue operations and send them in one frame: ``p = client.pipeline();
+        p.get("a"); p.set("b", "x"); results = await p.execute()``."""
+        return Pipeline(self)
 
-    async def _read(self) -> None:
-        self._reading = True
-        try:
-            payloads = await self._conn.receive()
-        except transport.ConnectionClosed as exc:
-            self._fail(ConnectionLost(f"lost the connection to {self.address}: {exc}"))
-            raise self._broken from None  # type: ignore[misc]
-        finally:
-            self._reading = False
-        pending = self._pending
-        for payload in payloads:
+
+class Pipeline(Operations):
+    """Operations queued on a :class:`Client`, sent together by :meth:`execute`.
+
+    Each queued method returns the pipeline, so calls can be chained.
+    """
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self.limits = client.limits
+        self._queued: list[tuple[str, dict[str, Any], Callable[[Any], Any]]] = []
+
+    def __len__(self) -> int:
+        return len(self._queued)
+
+    def _call(self, op: str, args: dict[str, Any], decode: Callable[[Any], Any]) -> Pipeline:
+        self._queued.append((op, args, decode))
+        return self
+
+    async def execute(self, *, raise_on_error: bool = True) -> list[Any]:
+        """Send everything queued; return the results in order.
+
+        With ``raise_on_error=False`` a refused operation's place holds its
+        :class:`RequestError` instead of raising the first one.
+        """
+        queued, self._queued = self._queued, []
+        if not queued:
+            return []
+        replies = await self._client._channel.request_many([(op, args) for op, args, _ in queued])
+        results: list[Any] = []
+        for (_, _, decode), (status, body) in zip(queued, replies):
             try:
-                replies = _parse_replies(payload)
-            except ProtocolError as exc:
-                self._fail(exc)
-                raise
-            for rid, status, body in replies:
-                if rid is None:
-                    self._fail(ProtocolError(f"the node rejected a frame: {body[1] if status else body}"))
-                    raise self._broken  # type: ignore[misc]
-                waiter = pending.get(rid)
-                if waiter is not None and status != Status.MORE:
-                    waiter.status = status
-                    waiter.body = body
-                    waiter.event.set()
-
-    def _hand_over_reading(self) -> None:
-        for waiter in self._pending.values():
-            if waiter.status is None:
-                waiter.event.set()
-                return
-
-    def _fail(self, exc: Exception) -> None:
-        if self._broken is None:
-            self._broken = exc
-        for waiter in self._pending.values():
-            if waiter.status is None:
-                waiter.status = -1
-                waiter.body = self._broken
-                waiter.event.set()
+                results.append(_outcome(status, body, decode))
+            except RequestError as exc:
+                if raise_on_error:
+                    raise
+                results.append(exc)
+        return results
 
 
 @asynccontextmanager
@@ -413,7 +346,7 @@ class SyncClient(Operations):
             self._sock.sendall(frame)
             while True:
                 for payload in self._take_ready():
-                    for reply_rid, status, body in _parse_replies(payload):
+                    for reply_rid, status, body in parse_replies(payload):
                         if reply_rid is None:
                             raise ProtocolError(f"the node rejected a frame: {body[1] if status else body}")
                         if reply_rid == rid and status != Status.MORE:

@@ -5,7 +5,8 @@ One WebSocket binary message carries one *frame*: a CBOR array of messages.
 * request: ``[rid, op, args]``: ``rid`` an unsigned int chosen by the sender,
   ``op`` a name from :data:`OPS`, ``args`` a map whose fields the op defines.
 * reply: ``[rid, status, body]``: ``status`` is :class:`Status`; an error's body
-  is ``[code, message]`` with ``code`` from :class:`ErrorCode`.
+  is ``[code, message]`` or ``[code, message, details]``, ``code`` from
+  :class:`ErrorCode` and ``details`` a map (``moved`` carries ``epoch``).
 
 Replies may arrive in any order and in other frames than their requests; the
 rid pairs them. The first request on a connection must be ``hello``, which
@@ -114,8 +115,11 @@ def more(rid: int, body: Any) -> list[Any]:
     return [rid, Status.MORE.value, body]
 
 
-def error(rid: int | None, code: ErrorCode | str, message: str) -> list[Any]:
-    return [rid, Status.ERROR.value, [str(code), message]]
+def error(rid: int | None, code: ErrorCode | str, message: str, details: dict[str, Any] | None = None) -> list[Any]:
+    body: list[Any] = [str(code), message]
+    if details:
+        body.append(details)
+    return [rid, Status.ERROR.value, body]
 
 
 def error_from(exc: WireError) -> list[Any]:
@@ -175,9 +179,13 @@ def parse_reply(message: Any) -> tuple[int | None, int, Any]:
     if status not in (0, 1, 2):
         raise WireError(ErrorCode.BAD_FRAME, f"unknown reply status {status!r}")
     if status == Status.ERROR and not (
-        type(body) is list and len(body) == 2 and all(type(x) is str for x in body)
+        type(body) is list
+        and len(body) in (2, 3)
+        and type(body[0]) is str
+        and type(body[1]) is str
+        and (len(body) == 2 or type(body[2]) is dict)
     ):
-        raise WireError(ErrorCode.BAD_FRAME, "an error body is [code, message]")
+        raise WireError(ErrorCode.BAD_FRAME, "an error body is [code, message] or [code, message, details]")
     return rid, status, body
 
 
@@ -253,7 +261,7 @@ def _no_args(op: str) -> Callable[[dict[str, Any], Limits], dict[str, Any]]:
     return check
 
 
-_HELLO = frozenset({"version", "client"})
+_HELLO = frozenset({"version", "client", "peer"})
 _KEYED = frozenset({"ns", "key"})
 _SET = frozenset({"ns", "key", "value", "ttl_ms"})
 _MULTI = frozenset({"ns", "keys"})
@@ -268,7 +276,10 @@ def _hello(args: dict[str, Any], limits: Limits) -> dict[str, Any]:
     client = args.get("client", "")
     if type(client) is not str or len(client) > 256:
         raise WireError(ErrorCode.BAD_REQUEST, "hello: client must be short text")
-    return {"version": version, "client": client}
+    peer = args.get("peer", "")
+    if type(peer) is not str or len(peer) > 256:
+        raise WireError(ErrorCode.BAD_REQUEST, "hello: peer must be a node id")
+    return {"version": version, "client": client, "peer": peer}
 
 
 def _keyed(op: str) -> Callable[[dict[str, Any], Limits], dict[str, Any]]:
@@ -324,11 +335,17 @@ OPS: dict[str, Callable[[dict[str, Any], Limits], dict[str, Any]]] = {
     "mset": _mset,
     "mdelete": _multi("mdelete"),
     "stats": _no_args("stats"),
+    "members": _no_args("members"),
 }
 """Every op and the validator of its args. Replies:
 
 hello → {"version", "server", "node", "limits"}; ping → null;
 get → value or null; set → the entry's new version; delete → true if it existed;
 ttl → remaining ms, -1 for no TTL, null if missing; mget → [value or null, ...];
-mset → [version, ...]; mdelete → number deleted; stats → map of counters.
+mset → [version, ...]; mdelete → number deleted; stats → map of counters;
+members → {"epoch", "members": [{"node", "client", "state", "stats"}, ...]}.
+
+A hello with ``peer`` (the sender's node id) opens a node-to-node link: its
+keyed requests are served only if this node owns the key, else answered
+``moved``, so a request is never forwarded twice.
 """

@@ -23,12 +23,21 @@ EXIT_REFUSED = 3  # the node answered with an error
 
 
 @dataclass(frozen=True, slots=True)
+class TableData:
+    """A table for people; ``columns`` empty means a two-column label/value list."""
+
+    rows: list[tuple[str, ...]]
+    columns: tuple[str, ...] = ()
+    title: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Outcome:
     data: dict[str, Any]
     stdout: bytes | str | None = None
     note: str | None = None
     exit_code: int = EXIT_OK
-    table: list[tuple[str, str]] | None = field(default=None)
+    table: TableData | None = field(default=None)
 
 
 def value_json(value: bytes) -> dict[str, str]:
@@ -108,13 +117,95 @@ STAT_ROWS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
 )
 
 
-def stats(client: Operations) -> Outcome:
-    data = dict(client.stats())
+def _with_hit_ratio(stats: dict[str, Any]) -> dict[str, Any]:
+    data = dict(stats)
     lookups = data.get("hits", 0) + data.get("misses", 0)
     data["hit_ratio"] = data.get("hits", 0) / lookups if lookups else None
+    return data
+
+
+def stats(client: Operations) -> Outcome:
+    data = _with_hit_ratio(client.stats())
     rows = [(label, fmt(data[name])) for name, label, fmt in STAT_ROWS if name in data]
     plain = "\n".join(f"{name}\t{data[name]}" for name, _, _ in STAT_ROWS if name in data)
-    return Outcome(data, stdout=plain, table=rows)
+    return Outcome(data, stdout=plain, table=TableData(rows))
+
+
+CLUSTER_COUNTERS = ("keys", "hits", "misses", "sets", "deletes", "expired", "data_bytes", "memory_bytes")
+
+
+def _plain_table(columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
+    return "\n".join("\t".join(str(v) for v in row) for row in [columns, *rows])
+
+
+def cluster_stats(client: Operations) -> Outcome:
+    """Per-node counters and their total, as the connected node gathers them."""
+    view = client.members()
+    nodes = []
+    total = {name: 0 for name in CLUSTER_COUNTERS}
+    for member in view["members"]:
+        row = _with_hit_ratio({name: member["stats"].get(name, 0) for name in CLUSTER_COUNTERS})
+        row.update(node=member["node"], state=member["state"])
+        nodes.append(row)
+        for name in CLUSTER_COUNTERS:
+            total[name] += row[name]
+    total = _with_hit_ratio(total)
+    columns = ("node", "state", "keys", "hits", "misses", "hit ratio", "sets", "deletes", "expired", "memory")
+
+    def cells(row: dict[str, Any]) -> tuple[str, ...]:
+        ratio = "-" if row["hit_ratio"] is None else f"{row['hit_ratio']:.1%}"
+        counts = [f"{row[n]:,}" for n in ("keys", "hits", "misses")]
+        more = [f"{row[n]:,}" for n in ("sets", "deletes", "expired")]
+        return (row["node"], row["state"], *counts, ratio, *more, human_bytes(row["memory_bytes"]))
+
+    rows = [cells(row) for row in nodes] + [cells({**total, "node": "total", "state": ""})]
+    plain_columns = ("node", "state", *CLUSTER_COUNTERS)
+    plain_rows = [tuple(row[c] for c in plain_columns) for row in nodes]
+    plain_rows.append(("total", "", *(total[c] for c in CLUSTER_COUNTERS)))
+    down = [row["node"] for row in nodes if row["state"] != "up"]
+    return Outcome(
+        {"epoch": view["epoch"], "nodes": nodes, "total": total},
+        stdout=_plain_table(plain_columns, plain_rows),
+        note=f"unreachable: {', '.join(down)}" if down else None,
+        table=TableData(rows, columns, title=f"cluster at epoch {view['epoch']}"),
+    )
+
+
+def members(client: Operations) -> Outcome:
+    view = client.members()
+    rows = []
+    data = []
+    for m in view["members"]:
+        stats = m.get("stats") or {}
+        entry = {
+            "node": m["node"],
+            "client": m["client"],
+            "state": m["state"],
+            "shards": m["shards"],
+            "keys": stats.get("keys"),
+            "uptime_s": stats.get("uptime_s"),
+        }
+        data.append(entry)
+        rows.append(
+            (
+                entry["node"],
+                entry["client"],
+                entry["state"],
+                f"{entry['shards']:,}",
+                "-" if entry["keys"] is None else f"{entry['keys']:,}",
+                "-" if entry["uptime_s"] is None else human_seconds(float(entry["uptime_s"])),
+            )
+        )
+    columns = ("node", "client address", "state", "shards", "keys", "uptime")
+    plain = _plain_table(
+        ("node", "client", "state", "shards", "keys", "uptime_s"),
+        [tuple("" if v is None else v for v in e.values()) for e in data],
+    )
+    return Outcome(
+        {"epoch": view["epoch"], "members": data},
+        stdout=plain,
+        table=TableData(rows, columns, title=f"{len(rows)} member(s) at epoch {view['epoch']}"),
+    )
 
 
 def ping(client: Operations) -> Outcome:

@@ -38,7 +38,12 @@ class RequestError(DcacheError):
     scripts; ``message`` is meant for people.
     """
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, details: dict | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.details = details or {}
+
+
+class PeerUnavailable(DcacheError):
+    """A node could not reach the peer that owns a key."""

@@ -1,8 +1,8 @@
-"""A dcache node: listeners, the router and its store, background upkeep.
+"""A dcache node: listeners, membership, peer links, the router and its store.
 
 :meth:`Node.run` owns one nursery with everything the node runs; cancelling
-it (Ctrl-C, SIGTERM, a test leaving its nursery) stops the node at once, and
-every connection is closed on the way out.
+it (Ctrl-C, SIGTERM, a test leaving its nursery) stops the node at once,
+revoking its etcd lease on the way out so peers see it leave.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import trio
 
 from . import __version__, transport
 from .codec import Limits
+from .membership import EtcdMembership, MembershipError, StandaloneMembership, View
+from .peers import PeerLinks
 from .router import Router, Session
 from .shard import ShardMap
 from .store import Store
@@ -26,8 +28,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CLIENT_PORT = 48000
 DEFAULT_PEER_PORT = 47000
+DEFAULT_METRICS_PORT = 9100
+DEFAULT_LEASE_TTL = 5.0
 SWEEP_INTERVAL = 0.1
 SWEEP_BATCH = 1000
+PURGE_BATCH = 2000
 IDLE_TIMEOUT = 30.0
 SEND_TIMEOUT = 30.0
 MAX_CONNECTIONS = 10_000
@@ -40,15 +45,15 @@ class NodeConfig:
     client_listen: str = f"localhost:{DEFAULT_CLIENT_PORT}"
     listen: str = f"localhost:{DEFAULT_PEER_PORT}"
     advertise: str | None = None
+    etcd: str | None = None
+    cluster: str = "default"
+    lease_ttl: float = DEFAULT_LEASE_TTL
+    metrics_listen: str | None = None
     limits: Limits = field(default_factory=Limits)
     sweep_interval: float = SWEEP_INTERVAL
     idle_timeout: float = IDLE_TIMEOUT
     send_timeout: float = SEND_TIMEOUT
     max_connections: int = MAX_CONNECTIONS
-
-    @property
-    def node_id(self) -> str:
-        return self.advertise or self.listen
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,18 +62,23 @@ class BoundAddresses:
 
     client: tuple[str, int]
     peer: tuple[str, int]
+    metrics: tuple[str, int] | None = None
+    node_id: str = ""
 
     @property
     def client_address(self) -> str:
-        return _join(*self.client)
+        return join_address(*self.client)
 
     @property
     def peer_address(self) -> str:
-        return _join(*self.peer)
+        return join_address(*self.peer)
 
 
-def _join(host: str, port: int) -> str:
+def join_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+_WILDCARDS = ("", "0.0.0.0", "::")
 
 
 def process_memory_bytes() -> int:
@@ -81,20 +91,20 @@ def process_memory_bytes() -> int:
         return peak if sys.platform == "darwin" else peak * 1024
 
 
+class NodeStartError(Exception):
+    """The node could not start (a port in use, etcd unreachable); the message says which."""
+
+
 class Node:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.store = Store(clock=trio.current_time)
-        self.router = Router(
-            store=self.store,
-            node_id=config.node_id,
-            limits=config.limits,
-            shard_map=ShardMap.build(0, [config.node_id]),
-            node_info=self._node_info,
-            server_name=f"dcache {__version__}",
-        )
+        self.node_id = ""
         self.connections = 0
+        self.peers: PeerLinks
+        self.router: Router
         self._started_at = 0.0
+        self._purge_needed: trio.Event | None = None
 
     def _node_info(self) -> dict[str, Any]:
         return {
@@ -112,22 +122,121 @@ class Node:
         peer_host, peer_port = transport.split_address(config.listen, DEFAULT_PEER_PORT)
         client_listeners = await _open_listeners(client_host, client_port, "--client-listen")
         peer_listeners = await _open_listeners(peer_host, peer_port, "--listen")
+        bound_peer = (peer_host, peer_listeners[0].socket.getsockname()[1])
+        bound_client = (client_host, client_listeners[0].socket.getsockname()[1])
+        # With port 0 the node id can only be known now.
+        self.node_id = config.advertise or join_address(*bound_peer)
+        advertised_host = transport.split_address(self.node_id, DEFAULT_PEER_PORT)[0]
+        client_address = join_address(advertised_host if client_host in _WILDCARDS else client_host, bound_client[1])
+        metrics_listeners = None
+        if config.metrics_listen:
+            metrics_host, metrics_port = transport.split_address(config.metrics_listen, DEFAULT_METRICS_PORT)
+            metrics_listeners = await _open_listeners(metrics_host, metrics_port, "--metrics-listen")
+        self.peers = PeerLinks(node_id=self.node_id, max_frame_bytes=config.limits.max_frame_bytes)
+        self.router = Router(
+            store=self.store,
+            node_id=self.node_id,
+            limits=config.limits,
+            shard_map=ShardMap.build(0, [self.node_id]),
+            node_info=self._node_info,
+            server_name=f"dcache {__version__}",
+            peers=self.peers,
+        )
+        membership: EtcdMembership | StandaloneMembership
+        if config.etcd:
+            membership = EtcdMembership(
+                endpoint=config.etcd,
+                cluster=config.cluster,
+                node_id=self.node_id,
+                client_address=client_address,
+                lease_ttl=config.lease_ttl,
+            )
+        else:
+            membership = StandaloneMembership(node_id=self.node_id, client_address=client_address)
+
         async with trio.open_nursery() as nursery:
+            await nursery.start(self.peers.run)
+            # Listeners are bound already; connections wait in the backlog
+            # until the first view says what this node owns.
+            try:
+                view = await nursery.start(membership.run)
+            except MembershipError as exc:
+                raise NodeStartError(str(exc)) from None
+            self._purge_needed = trio.Event()
+            self._apply_view(view)
+            nursery.start_soon(self._follow_views, membership)
+            nursery.start_soon(self._purge_unowned)
             nursery.start_soon(self._sweep)
             nursery.start_soon(trio.serve_listeners, self._serve_connection, client_listeners)
             nursery.start_soon(trio.serve_listeners, self._serve_connection, peer_listeners)
-            bound = BoundAddresses(
-                client=(client_host, client_listeners[0].socket.getsockname()[1]),
-                peer=(peer_host, peer_listeners[0].socket.getsockname()[1]),
-            )
+            bound_metrics = None
+            if metrics_listeners is not None:
+                from .metrics import registry_for, serve_metrics
+
+                await nursery.start(serve_metrics, registry_for(self), metrics_listeners)
+                bound_metrics = (metrics_host, metrics_listeners[0].socket.getsockname()[1])
+            bound = BoundAddresses(client=bound_client, peer=bound_peer, metrics=bound_metrics, node_id=self.node_id)
             log.info(
-                "dcache %s ready: clients on %s, peers on %s, node id %s, standalone",
+                "dcache %s ready: clients on %s, peers on %s, node id %s, %s%s",
                 __version__,
                 bound.client_address,
                 bound.peer_address,
-                config.node_id,
+                self.node_id,
+                f"cluster {config.cluster!r} via etcd {config.etcd}" if config.etcd else "standalone",
+                f", metrics on http://{join_address(*bound_metrics)}/metrics" if bound_metrics else "",
             )
             task_status.started(bound)
+
+    # -- membership ---------------------------------------------------------------
+
+    def _apply_view(self, view: View) -> None:
+        old = self.router.shard_map
+        shard_map = ShardMap.build(view.epoch, view.ids())
+        self.router.shard_map = shard_map
+        self.router.client_addresses = {m.node_id: m.client_address for m in view.members}
+        self.peers.update(shard_map.members)
+        if old.members != shard_map.members:
+            log.info(
+                "membership epoch %d: %d member(s) %s; this node owns %d of %d shards",
+                view.epoch,
+                len(shard_map.members),
+                ", ".join(shard_map.members),
+                shard_map.shards_owned(self.node_id),
+                len(shard_map.shard_owners),
+            )
+            if self.node_id not in shard_map.members:
+                log.warning("this node is not in the membership view; forwarding every request")
+            assert self._purge_needed is not None
+            self._purge_needed.set()
+
+    async def _follow_views(self, membership: EtcdMembership | StandaloneMembership) -> None:
+        async with membership.subscribe() as views:
+            async for view in views:
+                self._apply_view(view)
+
+    async def _purge_unowned(self) -> None:
+        """Drop entries of shards this node no longer owns, after each change.
+
+        They would be stale if their shards came back to this node later,
+        and they hold memory nobody can reach.
+        """
+        while True:
+            assert self._purge_needed is not None
+            await self._purge_needed.wait()
+            self._purge_needed = trio.Event()
+            dropped = 0
+            for ns in self.store.namespaces():
+                keys = self.store.keys(ns)
+                for start in range(0, len(keys), PURGE_BATCH):
+                    shard_map = self.router.shard_map  # the newest view, batch by batch
+                    for key in keys[start : start + PURGE_BATCH]:
+                        if shard_map.owner(ns, key) != self.node_id:
+                            dropped += self.store.discard(ns, key)
+                    await trio.sleep(0)
+            if dropped:
+                log.info("dropped %d entries of shards now owned by other nodes", dropped)
+
+    # -- upkeep ---------------------------------------------------------------------
 
     async def _sweep(self) -> None:
         while True:
@@ -135,6 +244,8 @@ class Node:
                 await trio.sleep(self.config.sweep_interval)
             else:
                 await trio.sleep(0)
+
+    # -- connections ----------------------------------------------------------------
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
         config = self.config
@@ -146,7 +257,7 @@ class Node:
         try:
             conn = await transport.accept(stream, max_message=config.limits.max_frame_bytes)
             if conn is not None:
-                await self._serve_messages(conn, Session(peer=_peer_name(stream)))
+                await self._serve_messages(conn, Session(remote=_remote_name(stream)))
         except Exception:
             # A bug must cost one connection, never the node.
             log.exception("connection handler failed; closing that connection")
@@ -163,9 +274,9 @@ class Node:
                 with trio.move_on_after(config.idle_timeout):
                     payloads = await conn.receive()
                 if payloads is None:
-                    # Idle: ask once whether the peer is still there, then give up.
+                    # Idle: ask once whether the other side is still there, then give up.
                     if pinged and trio.current_time() - conn.last_received >= config.idle_timeout:
-                        log.debug("closing idle connection from %s", session.peer)
+                        log.debug("closing idle connection from %s", session.remote)
                         await conn.aclose(1001, "idle")
                         return
                     pinged = True
@@ -176,17 +287,17 @@ class Node:
                 with trio.move_on_after(config.send_timeout) as scope:
                     await conn.send(reply)
                 if scope.cancelled_caught:
-                    log.info("closing connection from %s: it stopped reading replies", session.peer)
+                    log.info("closing connection from %s: it stopped reading replies", session.remote)
                     return
             except transport.ConnectionClosed as exc:
-                log.debug("connection from %s closed: %s", session.peer, exc)
+                log.debug("connection from %s closed: %s", session.remote, exc)
                 return
 
 
-def _peer_name(stream: trio.SocketStream) -> str:
+def _remote_name(stream: trio.SocketStream) -> str:
     try:
         host, port = stream.socket.getpeername()[:2]
-        return _join(host, port)
+        return join_address(host, port)
     except (OSError, AttributeError):
         return "?"
 
@@ -195,8 +306,4 @@ async def _open_listeners(host: str, port: int, flag: str) -> list[trio.SocketLi
     try:
         return await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
-        raise NodeStartError(f"{flag} {_join(host, port)}: {exc.strerror or exc}") from None
-
-
-class NodeStartError(Exception):
-    """The node could not start (a port in use, a bad address); the message says which."""
+        raise NodeStartError(f"{flag} {join_address(host, port)}: {exc.strerror or exc}") from None

@@ -1,32 +1,85 @@
 """Turns received frames into replies: validate, run locally or forward, merge.
 
-The router is what a connection handler calls with every frame it received
-in one read; it answers them all in one reply frame. It knows the shard map
-and the store, not sockets.
+A connection handler hands the router every frame it received in one read;
+the router answers them all in one reply frame. For each keyed request it
+asks the shard map who owns the key: this node runs it against the store,
+any other owner gets it over the peer link. A multi-key request is split by
+owner and its parts merged back in order.
+
+Requests that arrive over a peer link (their hello named a ``peer``) are
+never forwarded again: if this node does not own the key by its own view it
+answers ``moved`` with its epoch, and the sender retries with a fresher map,
+a bounded number of times.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Any, Callable
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import trio
 
 from . import codec
-from .codec import ErrorCode, Limits, Request, WireError
+from .codec import ErrorCode, Limits, Request, Status, WireError
+from .errors import PeerUnavailable
 from .shard import ShardMap
 from .store import Store
 
 log = logging.getLogger(__name__)
+
+# Retries of a request bounced with "moved" while views disagree; the waits
+# between them add up to under a second.
+MOVED_RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4)
+MEMBER_STATS_TIMEOUT = 2.0
+# Request latency histogram bucket bounds, in seconds.
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+_SINGLE_KEY_OPS = frozenset({"get", "set", "delete", "ttl"})
+_MULTI_KEY_OPS = frozenset({"mget", "mset", "mdelete"})
+
+
+class Forwarder(Protocol):
+    """Carries requests to another node; raises PeerUnavailable when it cannot."""
+
+    async def forward(self, node_id: str, requests: list[tuple[str, dict[str, Any]]]) -> list[tuple[int, Any]]: ...
 
 
 @dataclass(slots=True)
 class Session:
     """Per-connection protocol state."""
 
-    peer: str = ""
+    remote: str = ""
     greeted: bool = False
     client: str = ""
-    requests: int = field(default=0)
+    peer_id: str = ""
+
+
+@dataclass(slots=True)
+class Histogram:
+    """Cumulative-free bucket counts; exported as a Prometheus histogram."""
+
+    counts: list[int]
+    total: float = 0.0
+    count: int = 0
+
+    @classmethod
+    def empty(cls) -> Histogram:
+        return cls([0] * (len(LATENCY_BUCKETS) + 1))
+
+    def observe(self, seconds: float, n: int = 1) -> None:
+        i = 0
+        for bound in LATENCY_BUCKETS:
+            if seconds <= bound:
+                break
+            i += 1
+        self.counts[i] += n
+        self.total += seconds * n
+        self.count += n
+
+
+# -- local execution ----------------------------------------------------------
 
 
 def _get(store: Store, a: dict[str, Any]) -> Any:
@@ -76,11 +129,101 @@ _LOCAL_OPS: dict[str, Callable[[Store, dict[str, Any]], Any]] = {
 }
 
 
-class Router:
-    """Serves requests against ``store`` for the shards this node owns.
+# -- work that may travel -----------------------------------------------------
 
-    ``node_info`` returns node-level fields merged into ``stats`` replies
-    (address, uptime, process memory, connection count).
+
+class _Reply:
+    """The reply slot of one client request, filled once."""
+
+    __slots__ = ("replies", "index", "rid")
+
+    def __init__(self, replies: list[Any], index: int, rid: int) -> None:
+        self.replies = replies
+        self.index = index
+        self.rid = rid
+
+    def deliver(self, status: int, body: Any) -> None:
+        self.replies[self.index] = [self.rid, status, body]
+
+
+class _Merge:
+    """Collects the per-owner parts of one multi-key request into one reply."""
+
+    __slots__ = ("slot", "op", "results", "remaining", "failed")
+
+    def __init__(self, slot: _Reply, op: str, size: int) -> None:
+        self.slot = slot
+        self.op = op
+        self.results: list[Any] = [None] * size
+        self.remaining = size
+        self.failed = False
+
+    def deliver_part(self, indexes: list[int], status: int, body: Any) -> None:
+        if self.failed:
+            return
+        if status != Status.OK:
+            self.failed = True
+            self.slot.deliver(status, body)
+            return
+        if self.op == "mdelete":
+            self.results[indexes[0]] = body  # a count; summed at the end
+            for i in indexes[1:]:
+                self.results[i] = 0
+        else:
+            for i, value in zip(indexes, body):
+                self.results[i] = value
+        self.remaining -= len(indexes)
+        if self.remaining == 0:
+            result = sum(self.results) if self.op == "mdelete" else self.results
+            self.slot.deliver(Status.OK, result)
+
+
+@dataclass(slots=True)
+class _Job:
+    """A single-key request, or one owner's share of a multi-key request."""
+
+    op: str
+    args: dict[str, Any]
+    slot: _Reply | None = None  # single-key: where the reply goes
+    merge: _Merge | None = None  # multi-key part: where the part goes
+    indexes: list[int] | None = None  # multi-key part: positions in the original request
+
+    def deliver(self, status: int, body: Any) -> None:
+        if self.merge is not None:
+            assert self.indexes is not None
+            self.merge.deliver_part(self.indexes, status, body)
+        else:
+            assert self.slot is not None
+            self.slot.deliver(status, body)
+
+
+def _elements(op: str, args: dict[str, Any]) -> list[Any]:
+    return args["items"] if op == "mset" else args["keys"]
+
+
+def _element_key(op: str, element: Any) -> bytes:
+    return element[0] if op == "mset" else element
+
+
+def _part_args(op: str, args: dict[str, Any], elements: list[Any]) -> dict[str, Any]:
+    part = dict(args)
+    part["items" if op == "mset" else "keys"] = elements
+    return part
+
+
+def _wire_args(op: str, args: dict[str, Any]) -> dict[str, Any]:
+    """Validated args back in wire form (mset items as [key, value] pairs)."""
+    if op == "mset":
+        return {**args, "items": [list(item) for item in args["items"]]}
+    return args
+
+
+class Router:
+    """Serves requests against ``store`` for the shards this node owns and
+    forwards the rest through ``peers``.
+
+    ``node_info`` returns node-level fields merged into ``stats`` replies;
+    ``client_addresses`` maps member ids to their client addresses.
     """
 
     def __init__(
@@ -92,18 +235,29 @@ class Router:
         shard_map: ShardMap,
         node_info: Callable[[], dict[str, Any]],
         server_name: str,
+        peers: Forwarder | None = None,
     ) -> None:
         self.store = store
         self.node_id = node_id
         self.limits = limits
         self.shard_map = shard_map
+        self.peers = peers
+        self.client_addresses: dict[str, str] = {}
         self._node_info = node_info
         self._server_name = server_name
         self.op_counts: dict[tuple[str, str], int] = {}
+        self.forwarded = 0
+        self.moved_retries = 0
+        self.latency = Histogram.empty()
+
+    # -- entry point -----------------------------------------------------------
 
     async def handle(self, session: Session, payloads: list[bytes]) -> bytes:
         """Answer every request in ``payloads``; return one encoded reply frame."""
-        replies: list[list[Any]] = []
+        started = time.perf_counter()
+        replies: list[Any] = []
+        remote: list[_Job] = []
+        members_slots: list[_Reply] = []
         for payload in payloads:
             try:
                 messages = codec.decode_frame(payload, self.limits)
@@ -111,37 +265,102 @@ class Router:
                 replies.append(codec.error_from(exc))
                 continue
             for message in messages:
-                replies.append(self._answer(session, message))
+                self._place(session, message, replies, remote, members_slots)
+        if remote:
+            await self._run_remote(remote)
+        for slot in members_slots:
+            slot.deliver(Status.OK, await self.members())
+        self.latency.observe(time.perf_counter() - started, len(replies))
         return codec.encode_frame(replies)
 
-    def _answer(self, session: Session, message: Any) -> list[Any]:
+    def _place(self, session: Session, message: Any, replies: list[Any], remote: list[_Job], members_slots: list[_Reply]) -> None:
+        """Answer ``message`` now if it can be, else queue its jobs in ``remote``."""
         try:
             req = codec.parse_request(message, self.limits)
         except WireError as exc:
             self._count("invalid", "error")
-            return codec.error_from(exc)
-        session.requests += 1
-        if not session.greeted:
-            if req.op != "hello":
-                self._count(req.op, "error")
-                return codec.error(req.rid, ErrorCode.HELLO_REQUIRED, "the first request on a connection must be hello")
-            return self._hello(session, req)
-        handler = _LOCAL_OPS.get(req.op)
+            replies.append(codec.error_from(exc))
+            return
+        if not session.greeted or req.op == "hello":
+            replies.append(self._hello(session, req))
+            return
+        op = req.op
+        if op in _SINGLE_KEY_OPS:
+            owner = self.shard_map.owner(req.args["ns"], req.args["key"])
+            if owner == self.node_id:
+                replies.append(self._local(req))
+            elif session.peer_id:
+                replies.append(self._moved(req.rid, owner))
+            else:
+                slot = _Reply(replies, len(replies), req.rid)
+                replies.append(None)
+                remote.append(_Job(op, req.args, slot=slot))
+        elif op in _MULTI_KEY_OPS:
+            self._place_multi(session, req, replies, remote)
+        elif op == "members":
+            members_slots.append(_Reply(replies, len(replies), req.rid))
+            replies.append(None)
+        else:
+            replies.append(self._local(req))
+
+    def _place_multi(self, session: Session, req: Request, replies: list[Any], remote: list[_Job]) -> None:
+        op, args = req.op, req.args
+        elements = _elements(op, args)
+        ns = args["ns"]
+        by_owner: dict[str, list[int]] = {}
+        owner_of = self.shard_map.owner
+        for i, element in enumerate(elements):
+            by_owner.setdefault(owner_of(ns, _element_key(op, element)), []).append(i)
+        if not by_owner or by_owner.keys() == {self.node_id}:
+            replies.append(self._local(req))
+            return
+        if session.peer_id:
+            other = next(o for o in by_owner if o != self.node_id)
+            replies.append(self._moved(req.rid, other))
+            return
+        slot = _Reply(replies, len(replies), req.rid)
+        replies.append(None)
+        merge = _Merge(slot, op, len(elements))
+        for owner, indexes in by_owner.items():
+            part = _Job(op, _part_args(op, args, [elements[i] for i in indexes]), merge=merge, indexes=indexes)
+            if owner == self.node_id:
+                status, body = self._execute(op, part.args)
+                part.deliver(status, body)
+            else:
+                remote.append(part)
+
+    # -- local -------------------------------------------------------------------
+
+    def _local(self, req: Request) -> list[Any]:
+        if req.op == "stats":
+            self._count("stats", "ok")
+            return codec.ok(req.rid, self.stats())
+        status, body = self._execute(req.op, req.args)
+        return [req.rid, status, body]
+
+    def _execute(self, op: str, args: dict[str, Any]) -> tuple[int, Any]:
         try:
-            if handler is not None:
-                body = handler(self.store, req.args)
-            elif req.op == "stats":
-                body = self.stats()
-            else:  # hello again
-                return self._hello(session, req)
+            body = _LOCAL_OPS[op](self.store, args)
         except Exception:
-            log.exception("internal error serving %s", req.op)
-            self._count(req.op, "error")
-            return codec.error(req.rid, ErrorCode.INTERNAL, "internal error; see the node's log")
-        self._count(req.op, "ok")
-        return codec.ok(req.rid, body)
+            log.exception("internal error serving %s", op)
+            self._count(op, "error")
+            return Status.ERROR, [ErrorCode.INTERNAL.value, "internal error; see the node's log"]
+        self._count(op, "ok")
+        return Status.OK, body
+
+    def _moved(self, rid: int, owner: str) -> list[Any]:
+        self._count("moved", "error")
+        return codec.error(
+            rid,
+            ErrorCode.MOVED,
+            f"{self.node_id} does not own this key at epoch {self.shard_map.epoch}; {owner} does",
+            {"epoch": self.shard_map.epoch, "owner": owner},
+        )
 
     def _hello(self, session: Session, req: Request) -> list[Any]:
+        if req.op != "hello":
+            self._count(req.op, "error")
+            return codec.error(req.rid, ErrorCode.HELLO_REQUIRED, "the first request on a connection must be hello")
         version = req.args["version"]
         if version != codec.PROTOCOL_VERSION:
             self._count("hello", "error")
@@ -152,6 +371,7 @@ class Router:
             )
         session.greeted = True
         session.client = req.args["client"]
+        session.peer_id = req.args["peer"]
         self._count("hello", "ok")
         return codec.ok(
             req.rid,
@@ -164,6 +384,118 @@ class Router:
             },
         )
 
+    # -- remote ------------------------------------------------------------------
+
+    async def _run_remote(self, jobs: list[_Job]) -> None:
+        """Forward jobs to their owners; re-route those bounced as moved."""
+        for delay in (*MOVED_RETRY_DELAYS, None):
+            bounced: list[_Job] = []
+            by_owner: dict[str, list[_Job]] = {}
+            for job in self._reroute(jobs):
+                owner = self._owner(job)
+                if owner == self.node_id:
+                    job.deliver(*self._execute(job.op, job.args))
+                else:
+                    by_owner.setdefault(owner, []).append(job)
+            async with trio.open_nursery() as nursery:
+                for owner, owned in by_owner.items():
+                    nursery.start_soon(self._forward, owner, owned, bounced)
+            if not bounced:
+                return
+            if delay is None:
+                for job in bounced:
+                    self._count(job.op, "unavailable")
+                    job.deliver(
+                        Status.ERROR,
+                        [ErrorCode.UNAVAILABLE.value, "the cluster's membership is changing; try again"],
+                    )
+                return
+            self.moved_retries += len(bounced)
+            await trio.sleep(delay)
+            jobs = bounced
+
+    def _owner(self, job: _Job) -> str:
+        if job.merge is None:
+            return self.shard_map.owner(job.args["ns"], job.args["key"])
+        key = _element_key(job.op, _elements(job.op, job.args)[0])
+        return self.shard_map.owner(job.args["ns"], key)
+
+    def _reroute(self, jobs: list[_Job]) -> list[_Job]:
+        """Split multi-key parts whose keys no longer share one owner."""
+        out = []
+        for job in jobs:
+            if job.merge is None:
+                out.append(job)
+                continue
+            assert job.indexes is not None
+            elements = _elements(job.op, job.args)
+            ns = job.args["ns"]
+            by_owner: dict[str, tuple[list[int], list[Any]]] = {}
+            for index, element in zip(job.indexes, elements):
+                owner = self.shard_map.owner(ns, _element_key(job.op, element))
+                indexes, parts = by_owner.setdefault(owner, ([], []))
+                indexes.append(index)
+                parts.append(element)
+            for indexes, parts in by_owner.values():
+                out.append(_Job(job.op, _part_args(job.op, job.args, parts), merge=job.merge, indexes=indexes))
+        return out
+
+    async def _forward(self, owner: str, jobs: list[_Job], bounced: list[_Job]) -> None:
+        assert self.peers is not None
+        self.forwarded += len(jobs)
+        try:
+            results = await self.peers.forward(owner, [(job.op, _wire_args(job.op, job.args)) for job in jobs])
+        except PeerUnavailable as exc:
+            for job in jobs:
+                self._count(job.op, "unavailable")
+                job.deliver(Status.ERROR, [ErrorCode.UNAVAILABLE.value, f"the owner of this key is unreachable: {exc}"])
+            return
+        for job, (status, body) in zip(jobs, results):
+            if status == Status.ERROR and body[0] == ErrorCode.MOVED:
+                bounced.append(job)
+            else:
+                job.deliver(status, body)
+
+    # -- cluster-wide views -------------------------------------------------------
+
+    async def members(self) -> dict[str, Any]:
+        """Every member with its state and counters, asked concurrently."""
+        shard_map = self.shard_map
+        rows: dict[str, dict[str, Any]] = {}
+
+        async def ask(node_id: str) -> None:
+            row = {
+                "node": node_id,
+                "client": self.client_addresses.get(node_id, ""),
+                "shards": shard_map.shards_owned(node_id),
+                "state": "up",
+                "stats": {},
+            }
+            rows[node_id] = row
+            if node_id == self.node_id:
+                row["stats"] = self.stats()
+                return
+            if self.peers is None:
+                row["state"] = "unreachable"
+                return
+            with trio.move_on_after(MEMBER_STATS_TIMEOUT):
+                try:
+                    [(status, body)] = await self.peers.forward(node_id, [("stats", {})])
+                except Exception as exc:  # PeerUnavailable and anything odd from a peer
+                    row["state"] = "unreachable"
+                    row["error"] = str(exc)
+                    return
+                if status == Status.OK and isinstance(body, dict):
+                    row["stats"] = body
+                    return
+            row["state"] = "unreachable"
+
+        async with trio.open_nursery() as nursery:
+            for node_id in shard_map.members:
+                nursery.start_soon(ask, node_id)
+        self._count("members", "ok")
+        return {"epoch": shard_map.epoch, "members": [rows[m] for m in shard_map.members]}
+
     def stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = self.store.stats()
         stats.update(self._node_info())
@@ -171,6 +503,7 @@ class Router:
         stats["shards"] = self.shard_map.shards_owned(self.node_id)
         stats["members"] = len(self.shard_map.members)
         stats["epoch"] = self.shard_map.epoch
+        stats["forwarded"] = self.forwarded
         return stats
 
     def _count(self, op: str, result: str) -> None:

@@ -193,3 +193,20 @@ class Store:
                 live.append(item)
         heapq.heapify(live)
         self._expiry_heap = live
+
+    # -- bulk access for the node's upkeep ----------------------------------------
+
+    def namespaces(self) -> list[str]:
+        return list(self._spaces)
+
+    def keys(self, ns: str) -> list[bytes]:
+        """A snapshot of the keys in ``ns`` (expired ones included)."""
+        return list(self._spaces.get(ns, ()))
+
+    def discard(self, ns: str, key: bytes) -> bool:
+        """Drop an entry without counting a delete (it moved to another node)."""
+        entry = self._spaces.get(ns, {}).get(key)
+        if entry is None:
+            return False
+        self._remove(ns, key, entry)
+        return True

@@ -39,7 +39,7 @@ class Connection:
 
     def __init__(self, stream: trio.abc.Stream, *, client_side: bool, max_message: int, leftover: bytes = b"") -> None:
         self.stream = stream
-        self._masked = client_side
+        self.masked = client_side
         self._parser = wsframe.FrameParser(expect_masked=not client_side, max_message=max_message)
         self._ready: list[bytes] = []
         self._send_lock = trio.StrictFIFOLock()
@@ -49,11 +49,11 @@ class Connection:
             self._absorb(leftover)
 
     async def send(self, payload: bytes) -> None:
-        await self.send_raw(wsframe.build_frame(payload, masked=self._masked))
+        await self.send_raw(wsframe.build_frame(payload, masked=self.masked))
 
     async def send_many(self, payloads: list[bytes]) -> None:
         """Send several messages with one write."""
-        masked = self._masked
+        masked = self.masked
         await self.send_raw(b"".join(wsframe.build_frame(p, masked=masked) for p in payloads))
 
     async def send_raw(self, data: bytes) -> None:
@@ -97,7 +97,7 @@ class Connection:
 
     async def _on_control(self, control: wsframe.Control) -> None:
         if control.opcode == wsframe.OP_PING:
-            await self.send_raw(wsframe.build_frame(control.payload, opcode=wsframe.OP_PONG, masked=self._masked))
+            await self.send_raw(wsframe.build_frame(control.payload, opcode=wsframe.OP_PONG, masked=self.masked))
         elif control.opcode == wsframe.OP_CLOSE:
             code, reason = control.close_info()
             await self.aclose(wsframe.CLOSE_NORMAL)
@@ -109,7 +109,7 @@ class Connection:
         # Pongs need nothing.
 
     async def ping(self, payload: bytes = b"") -> None:
-        await self.send_raw(wsframe.build_frame(payload, opcode=wsframe.OP_PING, masked=self._masked))
+        await self.send_raw(wsframe.build_frame(payload, opcode=wsframe.OP_PING, masked=self.masked))
 
     async def aclose(self, code: int = wsframe.CLOSE_NORMAL, reason: str = "") -> None:
         """Send a close frame (best effort, briefly) and close the stream."""
@@ -120,7 +120,7 @@ class Connection:
             scope.shield = True
             try:
                 async with self._send_lock:
-                    await self.stream.send_all(wsframe.build_close(code, reason, masked=self._masked))
+                    await self.stream.send_all(wsframe.build_close(code, reason, masked=self.masked))
             except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
                 pass
         await trio.aclose_forcefully(self.stream)

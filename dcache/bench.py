@@ -1,0 +1,245 @@
+"""`dcache bench`: a load generator over the public client, like memtier for dcache.
+
+Bounded by a number of operations and a time limit. Every request's latency
+is recorded (8 bytes each), so percentiles are exact.
+"""
+
+from __future__ import annotations
+
+import array
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import trio
+
+from .client import Client
+from .errors import RequestError
+
+MAX_OPS = 20_000_000
+DEFAULT_TIME_LIMIT = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class BenchConfig:
+    servers: tuple[str, ...]
+    clients: int = 50
+    connections: int = 1  # per server; client tasks share them round-robin
+    pipeline: int = 1
+    ops: int = 100_000
+    sets: int = 1
+    gets: int = 10
+    value_size: int = 100
+    keys: int = 100_000
+    ttl: float | None = None
+    prefill: bool = False
+    mget: int = 0  # when > 0, each get is an mget of this many keys
+    time_limit: float = DEFAULT_TIME_LIMIT
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.servers:
+            raise ValueError("no server to benchmark")
+        if not 1 <= self.ops <= MAX_OPS:
+            raise ValueError(f"--ops must be from 1 to {MAX_OPS:,}")
+        if self.sets < 0 or self.gets < 0 or self.sets + self.gets == 0:
+            raise ValueError("--ratio needs a positive set or get share, e.g. 1:10")
+        for name in ("clients", "connections", "pipeline", "keys"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1")
+        if self.value_size < 0 or self.mget < 0:
+            raise ValueError("--value-size and --mget cannot be negative")
+
+
+def parse_ratio(text: str) -> tuple[int, int]:
+    """``"1:10"`` → (1, 10): sets to gets, as memtier writes it."""
+    try:
+        sets, gets = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise ValueError(f"--ratio must look like SETS:GETS, e.g. 1:10, not {text!r}") from None
+    return sets, gets
+
+
+@dataclass(slots=True)
+class OpRecord:
+    latencies: array.array = field(default_factory=lambda: array.array("d"))
+    errors: int = 0
+    misses: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class OpSummary:
+    op: str
+    count: int
+    errors: int
+    misses: int
+    ops_per_s: float
+    p50_ms: float
+    p99_ms: float
+    p999_ms: float
+    max_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class BenchResult:
+    config: BenchConfig
+    elapsed_s: float
+    ops: int
+    summaries: tuple[OpSummary, ...]
+
+    @property
+    def ops_per_s(self) -> float:
+        return self.ops / self.elapsed_s if self.elapsed_s else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "servers": list(c.servers),
+            "clients": c.clients,
+            "connections": c.connections,
+            "pipeline": c.pipeline,
+            "ratio": f"{c.sets}:{c.gets}",
+            "value_size": c.value_size,
+            "keys": c.keys,
+            "mget": c.mget,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "ops": self.ops,
+            "ops_per_s": round(self.ops_per_s, 1),
+            "by_op": {
+                s.op: {
+                    "count": s.count,
+                    "errors": s.errors,
+                    "misses": s.misses,
+                    "ops_per_s": round(s.ops_per_s, 1),
+                    "p50_ms": round(s.p50_ms, 3),
+                    "p99_ms": round(s.p99_ms, 3),
+                    "p99.9_ms": round(s.p999_ms, 3),
+                    "max_ms": round(s.max_ms, 3),
+                }
+                for s in self.summaries
+            },
+        }
+
+
+def _percentile(sorted_values: list[float], fraction: float) -> float:
+    if not sorted_values:
+        return 0.0
+    index = min(len(sorted_values) - 1, max(0, math.ceil(fraction * len(sorted_values)) - 1))
+    return sorted_values[index]
+
+
+def summarize(op: str, record: OpRecord, elapsed: float) -> OpSummary:
+    values = sorted(record.latencies)
+    return OpSummary(
+        op=op,
+        count=len(values),
+        errors=record.errors,
+        misses=record.misses,
+        ops_per_s=len(values) / elapsed if elapsed else 0.0,
+        p50_ms=_percentile(values, 0.50) * 1000,
+        p99_ms=_percentile(values, 0.99) * 1000,
+        p999_ms=_percentile(values, 0.999) * 1000,
+        max_ms=(values[-1] if values else 0.0) * 1000,
+    )
+
+
+async def discover_servers(address: str) -> tuple[str, ...]:
+    """Every member's client address, as the node at ``address`` knows them."""
+    async with await Client.connect(address) as client:
+        view = await client.members()
+    return tuple(m["client"] for m in view["members"] if m["state"] == "up" and m["client"]) or (address,)
+
+
+async def run_bench(config: BenchConfig, *, on_progress: Callable[[int], None] | None = None) -> BenchResult:
+    """Run the workload; ``on_progress(done)`` is called about ten times a second."""
+    clients: list[Client] = []
+    try:
+        for server in config.servers:
+            for _ in range(config.connections):
+                clients.append(await Client.connect(server))
+        value = random.Random(config.seed).randbytes(config.value_size)
+        if config.prefill:
+            await _prefill(clients[0], config, value)
+        records = {"set": OpRecord(), "get": OpRecord()}
+        done = 0
+        claimed = 0
+        set_share = config.sets / (config.sets + config.gets)
+
+        async def worker(n: int) -> None:
+            nonlocal done, claimed
+            client = clients[n % len(clients)]
+            rng = random.Random(config.seed * 1_000_003 + n)
+            keyspace, pipeline, mget = config.keys, config.pipeline, config.mget
+            ttl = config.ttl
+            while claimed < config.ops:
+                batch = min(pipeline, config.ops - claimed)
+                claimed += batch
+                ops = ["set" if rng.random() < set_share else "get" for _ in range(batch)]
+                started = time.perf_counter()
+                if batch == 1:
+                    outcomes = [await _one(client, ops[0], rng, keyspace, value, ttl, mget)]
+                else:
+                    p = client.pipeline()
+                    for op in ops:
+                        _queue(p, op, rng, keyspace, value, ttl, mget)
+                    outcomes = await p.execute(raise_on_error=False)
+                elapsed = time.perf_counter() - started
+                for op, outcome in zip(ops, outcomes):
+                    record = records[op]
+                    record.latencies.append(elapsed)
+                    if isinstance(outcome, Exception):
+                        record.errors += 1
+                    elif op == "get" and (outcome is None or (mget and None in outcome)):
+                        record.misses += 1
+                done += batch
+
+        started = time.perf_counter()
+        with trio.move_on_after(config.time_limit):
+            async with trio.open_nursery() as nursery:
+                if on_progress is not None:
+                    nursery.start_soon(_report_progress, lambda: done, on_progress)
+                async with trio.open_nursery() as workers:
+                    for n in range(config.clients):
+                        workers.start_soon(worker, n)
+                nursery.cancel_scope.cancel()
+        elapsed = time.perf_counter() - started
+        summaries = tuple(summarize(op, rec, elapsed) for op, rec in records.items() if rec.latencies)
+        return BenchResult(config, elapsed, done, summaries)
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
+async def _one(client: Client, op: str, rng: random.Random, keyspace: int, value: bytes, ttl: float | None, mget: int) -> Any:
+    try:
+        if op == "set":
+            return await client.set(f"key:{rng.randrange(keyspace)}", value, ttl=ttl)
+        if mget:
+            return await client.mget([f"key:{rng.randrange(keyspace)}" for _ in range(mget)])
+        return await client.get(f"key:{rng.randrange(keyspace)}")
+    except RequestError as exc:
+        return exc
+
+
+def _queue(p: Any, op: str, rng: random.Random, keyspace: int, value: bytes, ttl: float | None, mget: int) -> None:
+    if op == "set":
+        p.set(f"key:{rng.randrange(keyspace)}", value, ttl=ttl)
+    elif mget:
+        p.mget([f"key:{rng.randrange(keyspace)}" for _ in range(mget)])
+    else:
+        p.get(f"key:{rng.randrange(keyspace)}")
+
+
+async def _prefill(client: Client, config: BenchConfig, value: bytes) -> None:
+    step = 1000
+    for start in range(0, config.keys, step):
+        end = min(config.keys, start + step)
+        await client.mset({f"key:{i}": value for i in range(start, end)}, ttl=config.ttl)
+
+
+async def _report_progress(done: Callable[[], int], on_progress: Callable[[int], None]) -> None:
+    while True:
+        on_progress(done())
+        await trio.sleep(0.1)

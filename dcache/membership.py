@@ -1,0 +1,378 @@
+"""Who is in the cluster: etcd leases and a watch, turned into a stream of views.
+
+Every node puts ``/dcache/<cluster>/members/<node id>`` under a lease it
+keeps alive, and watches that prefix. Each change yields a :class:`View`
+whose epoch is the etcd revision it was read at, so epochs from different
+nodes compare. When etcd is unreachable the last view stands (the node keeps
+serving) and the node re-registers when etcd returns. A node that dies stops
+refreshing its lease and drops out after the lease TTL; one that stops
+cleanly revokes its lease and drops out at once.
+
+The etcd3 client (the ``python3-etcd3`` distribution) is blocking: its calls
+run in worker threads, and watch callbacks come back into trio through
+:func:`trio.from_thread.run_sync`. :class:`StandaloneMembership` has the same
+interface for a node without etcd.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import cbor2
+import trio
+
+from . import __version__
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LEASE_TTL = 5.0
+CONNECT_TIMEOUT = 5.0
+REQUEST_TIMEOUT = 2.0
+# Re-read the member list this often even without watch events: an event can
+# be lost while a watch is re-established, and python3-etcd3's watcher does
+# not report a broken stream to its callbacks.
+RESYNC_INTERVAL = 1.0
+BACKOFF_INITIAL = 0.1
+BACKOFF_MAX = 2.0
+REVOKE_TIMEOUT = 1.0
+
+
+class MembershipError(Exception):
+    """Membership could not start (etcd unreachable, bad endpoint)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    node_id: str
+    client_address: str
+    info: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """The members at one epoch, sorted by node id."""
+
+    epoch: int
+    members: tuple[Member, ...]
+
+    def ids(self) -> tuple[str, ...]:
+        return tuple(m.node_id for m in self.members)
+
+
+def members_prefix(cluster: str) -> str:
+    return f"/dcache/{cluster}/members/"
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    """``http://host:port`` or ``host:port`` → (host, port); default port 2379."""
+    parts = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise MembershipError(f"bad etcd endpoint {endpoint!r}: expected http://HOST:PORT")
+    try:
+        port = parts.port or 2379
+    except ValueError:
+        raise MembershipError(f"bad etcd endpoint {endpoint!r}: bad port") from None
+    return parts.hostname, port
+
+
+def decode_member(node_id: str, value: bytes) -> Member | None:
+    try:
+        info = cbor2.loads(value)
+        client = info["client"]
+        if not isinstance(client, str):
+            return None
+    except Exception:
+        return None
+    return Member(node_id, client, info)
+
+
+class _Subscribers:
+    """Fan-out of views to every subscriber's channel."""
+
+    def __init__(self) -> None:
+        self._channels: list[trio.MemorySendChannel[View]] = []
+
+    def subscribe(self, current: View) -> trio.MemoryReceiveChannel[View]:
+        # Unbounded, but views are small and rare, and the node applies each
+        # one at once; a bounded channel could drop the newest view.
+        send, receive = trio.open_memory_channel[View](math.inf)
+        self._channels.append(send)
+        return receive
+
+    def publish(self, view: View) -> None:
+        for channel in list(self._channels):
+            try:
+                channel.send_nowait(view)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                self._channels.remove(channel)
+
+    def close(self) -> None:
+        for channel in self._channels:
+            channel.close()
+        self._channels.clear()
+
+
+class StandaloneMembership:
+    """A cluster of one: this node, epoch 0, forever."""
+
+    def __init__(self, *, node_id: str, client_address: str) -> None:
+        self._view = View(0, (Member(node_id, client_address, {"client": client_address, "peer": node_id}),))
+        self._subscribers = _Subscribers()
+        self.healthy = True
+
+    def current(self) -> View:
+        return self._view
+
+    def subscribe(self) -> trio.MemoryReceiveChannel[View]:
+        return self._subscribers.subscribe(self._view)
+
+    async def run(self, *, task_status: trio.TaskStatus[View] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started(self._view)
+        try:
+            await trio.sleep_forever()
+        finally:
+            self._subscribers.close()
+
+
+class EtcdMembership:
+    """Membership through etcd; see the module docstring.
+
+    ``run`` registers this node, reads the members and calls
+    ``task_status.started(view)``; it raises :class:`MembershipError` if etcd
+    does not answer within ``connect_timeout``.
+    """
+
+    def __init__(
+        self,
+        *,
+        endpoint: str,
+        cluster: str,
+        node_id: str,
+        client_address: str,
+        lease_ttl: float = DEFAULT_LEASE_TTL,
+        connect_timeout: float = CONNECT_TIMEOUT,
+    ) -> None:
+        self.endpoint = endpoint
+        self._host, self._port = parse_endpoint(endpoint)
+        self.prefix = members_prefix(cluster)
+        self.node_id = node_id
+        self._key = self.prefix + node_id
+        self._value = cbor2.dumps(
+            {"client": client_address, "peer": node_id, "started": time.time(), "version": __version__}
+        )
+        self._lease_ttl = max(1, math.ceil(lease_ttl))
+        self._connect_timeout = connect_timeout
+        self._client: Any = None
+        self._lease: Any = None
+        self._view = View(0, ())
+        self._subscribers = _Subscribers()
+        self._changed: trio.Event | None = None
+        self._limiter = trio.CapacityLimiter(4)
+        self.healthy = False
+
+    def current(self) -> View:
+        return self._view
+
+    def subscribe(self) -> trio.MemoryReceiveChannel[View]:
+        return self._subscribers.subscribe(self._view)
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[View] = trio.TASK_STATUS_IGNORED) -> None:
+        import etcd3
+
+        _patch_etcd3_watcher()
+        # One endpoint that is never benched: etcd3's default sits out a
+        # failed endpoint for five minutes, far longer than an etcd restart.
+        endpoint = etcd3.Endpoint(self._host, self._port, secure=False, time_retry=0.0)
+        self._client = etcd3.MultiEndpointEtcd3Client(endpoints=[endpoint], timeout=self._connect_timeout)
+        try:
+            try:
+                with trio.fail_after(self._connect_timeout + 1):
+                    await self._register()
+                    view = await self._read()
+            except (trio.TooSlowError, *self._etcd_errors()) as exc:
+                raise MembershipError(
+                    f"cannot reach etcd at {self.endpoint} within {self._connect_timeout:g} s ({_describe(exc)})"
+                ) from None
+            self._client.timeout = REQUEST_TIMEOUT
+            self.healthy = True
+            self._set_view(view)
+            task_status.started(view)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._keep_alive)
+                nursery.start_soon(self._follow)
+        finally:
+            self._subscribers.close()
+            with trio.CancelScope(shield=True):
+                await self._leave()
+
+    async def _leave(self) -> None:
+        """Revoke the lease (peers see us go at once) and close the client; bounded."""
+        client, lease = self._client, self._lease
+        if client is None:
+            return
+
+        def leave() -> None:
+            try:
+                if lease is not None:
+                    client.revoke_lease(lease.id)
+            except Exception:
+                pass
+            finally:
+                client.close()
+
+        with trio.move_on_after(REVOKE_TIMEOUT):
+            await trio.to_thread.run_sync(leave, abandon_on_cancel=True)
+
+    # -- etcd calls (blocking, in threads) -------------------------------------
+
+    def _etcd_errors(self) -> tuple[type[BaseException], ...]:
+        import etcd3.exceptions
+        import grpc
+
+        return (etcd3.exceptions.Etcd3Exception, grpc.RpcError, OSError)
+
+    async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return await trio.to_thread.run_sync(lambda: fn(*args, **kwargs), abandon_on_cancel=True, limiter=self._limiter)
+
+    async def _register(self) -> None:
+        """Put our key under a live lease (a new lease if the old one is gone)."""
+        client = self._client
+        if self._lease is not None:
+            responses = await self._call(self._lease.refresh)
+            if not responses or responses[0].TTL <= 0:
+                self._lease = None
+        if self._lease is None:
+            self._lease = await self._call(client.lease, self._lease_ttl)
+        await self._call(client.put, self._key, self._value, lease=self._lease)
+
+    async def _read(self) -> View:
+        response = await self._call(self._client.get_prefix_response, self.prefix)
+        members = []
+        for kv in response.kvs:
+            node_id = kv.key.decode(errors="replace")[len(self.prefix) :]
+            member = decode_member(node_id, kv.value)
+            if member is None:
+                log.warning("ignoring a malformed member entry for %r in etcd", node_id)
+                continue
+            members.append(member)
+        members.sort(key=lambda m: m.node_id)
+        return View(response.header.revision, tuple(members))
+
+    def _set_view(self, view: View) -> None:
+        old = self._view
+        self._view = view
+        if view.members != old.members:
+            self._subscribers.publish(view)
+
+    # -- background loops -----------------------------------------------------------
+
+    async def _keep_alive(self) -> None:
+        """Refresh the lease every TTL/3; re-register when etcd comes back."""
+        backoff = BACKOFF_INITIAL
+        while True:
+            try:
+                responses = await self._call(self._lease.refresh)
+                if not responses or responses[0].TTL <= 0:
+                    log.warning("our etcd lease expired; registering again")
+                    await self._register()
+                    self._wake()
+                elif not self.healthy:
+                    await self._register()
+                    self._wake()
+                self._mark_healthy()
+                backoff = BACKOFF_INITIAL
+                await trio.sleep(self._lease_ttl / 3)
+            except self._etcd_errors() as exc:
+                self._mark_unhealthy(exc)
+                await trio.sleep(backoff * random.uniform(0.5, 1.5))
+                backoff = min(backoff * 2, BACKOFF_MAX)
+
+    async def _follow(self) -> None:
+        """Watch the prefix and re-read the members on every change."""
+        token = trio.lowlevel.current_trio_token()
+        backoff = BACKOFF_INITIAL
+        while True:
+            watch_id = None
+            self._changed = trio.Event()
+            try:
+                view = await self._read()
+                self._set_view(view)
+
+                def on_event(_: Any) -> None:
+                    try:
+                        trio.from_thread.run_sync(self._wake, trio_token=token)
+                    except trio.RunFinishedError:
+                        pass
+
+                watch_id = await self._call(
+                    self._client.add_watch_prefix_callback, self.prefix, on_event, start_revision=view.epoch + 1
+                )
+                self._mark_healthy()
+                backoff = BACKOFF_INITIAL
+                while True:
+                    with trio.move_on_after(RESYNC_INTERVAL):
+                        await self._changed.wait()
+                    self._changed = trio.Event()
+                    self._set_view(await self._read())
+            except self._etcd_errors() as exc:
+                self._mark_unhealthy(exc)
+                await trio.sleep(backoff * random.uniform(0.5, 1.5))
+                backoff = min(backoff * 2, BACKOFF_MAX)
+            finally:
+                if watch_id is not None:
+                    with trio.CancelScope(shield=True), trio.move_on_after(REQUEST_TIMEOUT):
+                        try:
+                            await self._call(self._client.cancel_watch, watch_id)
+                        except Exception:
+                            pass
+
+    def _wake(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+
+    def _mark_unhealthy(self, exc: BaseException) -> None:
+        if self.healthy:
+            log.warning(
+                "etcd at %s unreachable (%s); serving with the last view (epoch %d) and retrying",
+                self.endpoint,
+                _describe(exc),
+                self._view.epoch,
+            )
+        self.healthy = False
+
+    def _mark_healthy(self) -> None:
+        if not self.healthy:
+            log.info("etcd at %s reachable again", self.endpoint)
+        self.healthy = True
+
+
+def _patch_etcd3_watcher() -> None:
+    """python3-etcd3 0.13's watcher uses ``six`` without importing it when its
+    stream breaks, so the thread dies with a NameError instead of telling the
+    callbacks. Give it the one function it needs."""
+    import types
+
+    import etcd3.watch
+
+    if not hasattr(etcd3.watch, "six"):
+        etcd3.watch.six = types.SimpleNamespace(itervalues=lambda d: iter(d.values()))  # type: ignore[attr-defined]
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, trio.TooSlowError):
+        return "timed out"
+    details = getattr(exc, "details", None)
+    if callable(details):
+        try:
+            return str(details())
+        except Exception:
+            pass
+    return str(exc) or type(exc).__name__

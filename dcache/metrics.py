@@ -1,0 +1,135 @@
+"""Prometheus metrics at ``/metrics``, read from the node's own counters at scrape time.
+
+Nothing is recorded per request here: the router and store keep plain
+counters, and a collector turns them into metric families when Prometheus
+asks. Each node has its own registry, so several nodes can share a process.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Iterator
+
+import h11
+import trio
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .router import LATENCY_BUCKETS
+
+if TYPE_CHECKING:
+    from .node import Node
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+REQUEST_TIMEOUT = 10.0
+MAX_REQUEST_BYTES = 16 * 1024
+
+
+class NodeCollector(Collector):
+    def __init__(self, node: Node) -> None:
+        self._node = node
+
+    def collect(self) -> Iterator[Metric]:
+        node = self._node
+        router = node.router
+        stats = node.store.stats()
+
+        ops = CounterMetricFamily("dcache_ops", "Requests served, by op and result.", labels=["op", "result"])
+        for (op, result), count in sorted(router.op_counts.items()):
+            ops.add_metric([op, result], count)
+        yield ops
+        for name, doc in (
+            ("hits", "Gets that found their key."),
+            ("misses", "Gets that did not."),
+            ("sets", "Entries written."),
+            ("deletes", "Entries deleted."),
+            ("expired", "Entries dropped because their TTL ran out."),
+        ):
+            yield CounterMetricFamily(f"dcache_{name}", doc, value=stats[name])
+        yield GaugeMetricFamily("dcache_keys", "Entries held by this node.", value=stats["keys"])
+        yield GaugeMetricFamily("dcache_data_bytes", "Bytes of keys and values held.", value=stats["data_bytes"])
+        yield CounterMetricFamily(
+            "dcache_forwarded_requests", "Requests forwarded to the owning node.", value=router.forwarded
+        )
+        yield CounterMetricFamily(
+            "dcache_moved_retries", "Forwarded requests retried after a moved reply.", value=router.moved_retries
+        )
+        links = GaugeMetricFamily("dcache_peer_link_up", "1 while the link to a peer is up.", labels=["peer"])
+        for peer, state in sorted(node.peers.states().items()):
+            links.add_metric([peer], 1 if state == "up" else 0)
+        yield links
+        yield GaugeMetricFamily("dcache_members", "Members in this node's view.", value=len(router.shard_map.members))
+        yield GaugeMetricFamily(
+            "dcache_membership_epoch", "Epoch (etcd revision) of this node's membership view.", value=router.shard_map.epoch
+        )
+        yield GaugeMetricFamily("dcache_connections", "Open client and peer connections.", value=node.connections)
+        hist = router.latency
+        buckets = []
+        cumulative = 0
+        for bound, count in zip((*LATENCY_BUCKETS, float("inf")), hist.counts):
+            cumulative += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+        yield HistogramMetricFamily(
+            "dcache_request_latency_seconds",
+            "Time from receiving a batch of requests to having its replies, per request.",
+            buckets=buckets,
+            sum_value=hist.total,
+        )
+
+
+def registry_for(node: Node) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(NodeCollector(node))
+    return registry
+
+
+async def serve_metrics(
+    registry: CollectorRegistry,
+    listeners: list[trio.SocketListener],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Answer ``GET /metrics`` on ``listeners`` until cancelled."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        try:
+            with trio.move_on_after(REQUEST_TIMEOUT):
+                await _answer(stream, registry)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, handle, listeners)
+        task_status.started()
+
+
+async def _answer(stream: trio.SocketStream, registry: CollectorRegistry) -> None:
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await stream.receive_some(MAX_REQUEST_BYTES))
+            continue
+        break
+    if not isinstance(event, h11.Request):
+        return
+    path = event.target.split(b"?")[0]
+    if event.method not in (b"GET", b"HEAD"):
+        status, body, ctype = 405, b"only GET\n", "text/plain"
+    elif path == b"/metrics":
+        status, body, ctype = 200, generate_latest(registry), CONTENT_TYPE
+    elif path == b"/":
+        status, body, ctype = 200, b"dcache node: metrics are at /metrics\n", "text/plain"
+    else:
+        status, body, ctype = 404, b"not found; metrics are at /metrics\n", "text/plain"
+    headers = [("content-type", ctype), ("content-length", str(len(body))), ("connection", "close")]
+    data = conn.send(h11.Response(status_code=status, headers=headers))
+    if event.method == b"GET":
+        data += conn.send(h11.Data(data=body))
+    data += conn.send(h11.EndOfMessage())
+    await stream.send_all(data)

@@ -1,0 +1,177 @@
+"""Many concurrent requests over one WebSocket connection, without background tasks.
+
+A :class:`Channel` pairs replies with requests by rid. It is what both the
+public :class:`dcache.Client` and the node-to-node peer links are made of.
+
+There is no reader task and no writer task: a caller appends its request to
+the outbox and, if nobody is writing, writes the whole outbox as one frame
+itself; then, if nobody is reading, it reads and hands every reply it finds
+to its waiter until its own arrives, and passes the reading on to another
+waiter when it leaves. A lone caller thus never waits for another task to
+be scheduled, and concurrent callers' requests share frames and writes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from . import codec, transport, wsframe
+from .codec import Limits, Status
+from .errors import ClosedError, ConnectionLost, ProtocolError, RequestTimeout
+
+
+class _Waiter:
+    __slots__ = ("event", "status", "body")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.status: int | None = None
+        self.body: Any = None
+
+
+_FAILED = -1  # waiter.status when the channel broke; body is the exception
+
+
+def parse_replies(payload: bytes) -> list[tuple[int | None, int, Any]]:
+    """Decode a reply frame; raise ProtocolError if it is not one."""
+    try:
+        messages = codec.decode_frame(payload, Limits(max_frame_bytes=len(payload), max_batch=2**31))
+        return [codec.parse_reply(m) for m in messages]
+    except codec.WireError as exc:
+        raise ProtocolError(f"bad reply: {exc.message}") from None
+
+
+class Channel:
+    """Request/reply multiplexing over ``conn``; ``name`` appears in errors.
+
+    :meth:`request` returns ``(status, body)`` exactly as the other side
+    answered; interpreting error replies is the caller's business. Broken
+    connections, timeouts and garbage raise :class:`ConnectionLost`,
+    :class:`RequestTimeout` and :class:`ProtocolError`; once broken, the
+    channel fails every later request at once.
+    """
+
+    def __init__(self, conn: transport.Connection, *, name: str, timeout: float) -> None:
+        self._conn = conn
+        self.name = name
+        self.timeout = timeout
+        self._pending: dict[int, _Waiter] = {}
+        self._next_rid = 1
+        self._outbox: list[list[Any]] = []
+        self._flushing = False
+        self._reading = False
+        self.broken: Exception | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    async def request(self, op: str, args: dict[str, Any]) -> tuple[int, Any]:
+        return (await self.request_many([(op, args)]))[0]
+
+    async def request_many(self, requests: list[tuple[str, dict[str, Any]]]) -> list[tuple[int, Any]]:
+        """Send several requests in one frame; their replies in the same order."""
+        if self.broken is not None:
+            raise self.broken
+        rid = self._next_rid
+        self._next_rid = rid + len(requests)
+        waiters = []
+        for i, (op, args) in enumerate(requests):
+            waiter = _Waiter()
+            self._pending[rid + i] = waiter
+            self._outbox.append([rid + i, op, args])
+            waiters.append(waiter)
+        try:
+            with trio.fail_after(self.timeout):
+                if not self._flushing:
+                    await self._flush()
+                for waiter in waiters:
+                    while waiter.status is None:
+                        if self._reading:
+                            await waiter.event.wait()
+                            if waiter.status is None:
+                                waiter.event = trio.Event()
+                        else:
+                            await self._read()
+        except trio.TooSlowError:
+            what = requests[0][0] if len(requests) == 1 else f"{len(requests)} requests"
+            raise RequestTimeout(f"{what}: no reply from {self.name} within {self.timeout:g} s") from None
+        finally:
+            for i in range(len(requests)):
+                del self._pending[rid + i]
+            if not self._reading and self._pending:
+                self._hand_over_reading()
+        results = []
+        for waiter in waiters:
+            if waiter.status == _FAILED:
+                raise waiter.body
+            results.append((waiter.status, waiter.body))
+        return results
+
+    async def aclose(self) -> None:
+        self.fail(ClosedError(f"the connection to {self.name} was closed"))
+        await self._conn.aclose()
+
+    def fail(self, exc: Exception) -> None:
+        """Mark the channel broken and wake every waiter with ``exc``."""
+        if self.broken is None:
+            self.broken = exc
+        for waiter in self._pending.values():
+            if waiter.status is None:
+                waiter.status = _FAILED
+                waiter.body = self.broken
+                waiter.event.set()
+
+    async def _flush(self) -> None:
+        self._flushing = True
+        try:
+            while self._outbox:
+                batch, self._outbox = self._outbox, []
+                frame = wsframe.build_frame(codec.encode_frame(batch), masked=self._conn.masked)
+                # A write cut short would corrupt the stream for every caller,
+                # so it is shielded and bounded by its own timeout instead.
+                with trio.CancelScope(shield=True):
+                    with trio.move_on_after(self.timeout) as scope:
+                        await self._conn.send_raw(frame)
+                if scope.cancelled_caught:
+                    self.fail(ConnectionLost(f"{self.name} stopped accepting requests"))
+                    raise self.broken  # type: ignore[misc]
+        except transport.ConnectionClosed as exc:
+            self.fail(ConnectionLost(f"lost the connection to {self.name}: {exc}"))
+            raise self.broken from None  # type: ignore[misc]
+        finally:
+            self._flushing = False
+
+    async def _read(self) -> None:
+        self._reading = True
+        try:
+            payloads = await self._conn.receive()
+        except transport.ConnectionClosed as exc:
+            self.fail(ConnectionLost(f"lost the connection to {self.name}: {exc}"))
+            raise self.broken from None  # type: ignore[misc]
+        finally:
+            self._reading = False
+        pending = self._pending
+        for payload in payloads:
+            try:
+                replies = parse_replies(payload)
+            except ProtocolError as exc:
+                self.fail(ProtocolError(f"{self.name}: {exc}"))
+                raise self.broken from None  # type: ignore[misc]
+            for rid, status, body in replies:
+                if rid is None:
+                    self.fail(ProtocolError(f"{self.name} rejected a frame: {body[1] if status else body}"))
+                    raise self.broken  # type: ignore[misc]
+                waiter = pending.get(rid)
+                if waiter is not None and status != Status.MORE:
+                    waiter.status = status
+                    waiter.body = body
+                    waiter.event.set()
+
+    def _hand_over_reading(self) -> None:
+        for waiter in self._pending.values():
+            if waiter.status is None:
+                waiter.event.set()
+                return

@@ -1,0 +1,179 @@
+"""Persistent links from this node to every other member.
+
+One WebSocket connection per peer, multiplexing every forwarded request (a
+:class:`dcache.mux.Channel`), kept open by a task per peer that reconnects
+with jittered exponential backoff and pings while idle so a dead peer is
+noticed even when nobody is forwarding to it. What requests mean is the
+router's business; this module only carries them.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from . import __version__, codec, transport
+from .errors import ConnectionLost, DcacheError, PeerUnavailable, ProtocolError, RequestTimeout
+from .mux import Channel
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 2.0
+REQUEST_TIMEOUT = 5.0
+PING_INTERVAL = 1.0
+BACKOFF_INITIAL = 0.05
+BACKOFF_MAX = 2.0
+WAIT_FOR_LINK = 1.0  # how long a forward waits for a link that is (re)connecting
+MAX_IN_FLIGHT = 256  # forwarded batches in flight per link
+
+
+@dataclass(slots=True)
+class _Link:
+    node_id: str
+    channel: Channel | None = None
+    up: trio.Event | None = None
+    cancel: trio.CancelScope | None = None
+    state: str = "connecting"
+    removed: bool = False
+    failures: int = 0
+    forwarded: int = 0
+    slots: trio.Semaphore | None = None
+
+
+class PeerLinks:
+    """Links to the current peers; call :meth:`update` with each new member set.
+
+    :meth:`run` owns the nursery the link tasks live in.
+    """
+
+    def __init__(self, *, node_id: str, max_frame_bytes: int = codec.DEFAULT_MAX_FRAME_BYTES) -> None:
+        self.node_id = node_id
+        self._max_frame_bytes = max_frame_bytes
+        self._links: dict[str, _Link] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def update(self, members: tuple[str, ...]) -> None:
+        """Open links to new members and close links to members that left."""
+        assert self._nursery is not None, "PeerLinks.run must be started first"
+        wanted = set(members) - {self.node_id}
+        for node_id in list(self._links):
+            if node_id not in wanted:
+                link = self._links.pop(node_id)
+                link.removed = True
+                if link.cancel is not None:
+                    link.cancel.cancel()
+                if link.channel is not None:
+                    link.channel.fail(PeerUnavailable(f"{node_id} left the cluster"))
+        for node_id in sorted(wanted - self._links.keys()):
+            link = _Link(node_id, up=trio.Event(), slots=trio.Semaphore(MAX_IN_FLIGHT))
+            self._links[node_id] = link
+            self._nursery.start_soon(self._maintain, link)
+
+    def states(self) -> dict[str, str]:
+        return {node_id: link.state for node_id, link in self._links.items()}
+
+    def forwarded_counts(self) -> dict[str, int]:
+        return {node_id: link.forwarded for node_id, link in self._links.items()}
+
+    async def forward(self, node_id: str, requests: list[tuple[str, dict[str, Any]]]) -> list[tuple[int, Any]]:
+        """Send requests to ``node_id`` in one frame; return its replies in order.
+
+        Raises PeerUnavailable if the link is down and does not come up
+        within :data:`WAIT_FOR_LINK`, or breaks while the requests are out.
+        """
+        link = self._links.get(node_id)
+        if link is None:
+            raise PeerUnavailable(f"{node_id} is not a member")
+        channel = link.channel
+        if channel is None or channel.broken is not None:
+            assert link.up is not None
+            with trio.move_on_after(WAIT_FOR_LINK):
+                await link.up.wait()
+            channel = link.channel
+            if channel is None or channel.broken is not None:
+                raise PeerUnavailable(f"no link to {node_id}")
+        assert link.slots is not None
+        async with link.slots:
+            try:
+                replies = await channel.request_many(requests)
+            except RequestTimeout as exc:
+                # A peer silent this long is gone; reconnect rather than wait on it.
+                channel.fail(ConnectionLost(str(exc)))
+                raise PeerUnavailable(f"{node_id}: {exc}") from None
+            except DcacheError as exc:
+                raise PeerUnavailable(f"{node_id}: {exc}") from None
+        link.forwarded += len(requests)
+        return replies
+
+    async def _maintain(self, link: _Link) -> None:
+        backoff = BACKOFF_INITIAL
+        with trio.CancelScope() as scope:
+            link.cancel = scope
+            while not link.removed:
+                try:
+                    channel = await self._connect(link.node_id)
+                except DcacheError as exc:
+                    link.failures += 1
+                    if link.failures == 1 or link.failures % 50 == 0:
+                        log.warning("peer %s unreachable (%s); retrying", link.node_id, exc)
+                    link.state = "down"
+                    await trio.sleep(backoff * random.uniform(0.5, 1.5))
+                    backoff = min(backoff * 2, BACKOFF_MAX)
+                    continue
+                if link.failures:
+                    log.info("peer %s reachable again", link.node_id)
+                else:
+                    log.info("linked to peer %s", link.node_id)
+                link.failures = 0
+                backoff = BACKOFF_INITIAL
+                link.channel = channel
+                link.state = "up"
+                assert link.up is not None
+                link.up.set()
+                try:
+                    await self._keep_alive(channel)
+                finally:
+                    link.up = trio.Event()
+                    link.state = "down"
+                    with trio.CancelScope(shield=True):
+                        await channel.aclose()
+                log.warning("link to peer %s lost (%s); reconnecting", link.node_id, channel.broken)
+
+    async def _connect(self, node_id: str) -> Channel:
+        conn = await transport.connect(
+            node_id, max_message=self._max_frame_bytes, default_port=0, timeout=CONNECT_TIMEOUT
+        )
+        channel = Channel(conn, name=f"peer {node_id}", timeout=REQUEST_TIMEOUT)
+        try:
+            status, body = await channel.request(
+                "hello", {"version": codec.PROTOCOL_VERSION, "client": f"dcache-node/{__version__}", "peer": self.node_id}
+            )
+        except DcacheError:
+            await conn.aclose()
+            raise
+        if status != codec.Status.OK:
+            await conn.aclose()
+            raise ProtocolError(f"{node_id} refused our hello: {body[1]}")
+        if isinstance(body, dict) and body.get("node") not in (None, node_id):
+            log.warning("peer at %s calls itself %s", node_id, body.get("node"))
+        return channel
+
+    async def _keep_alive(self, channel: Channel) -> None:
+        """Return when the channel breaks; ping it while it is idle."""
+        while channel.broken is None:
+            await trio.sleep(PING_INTERVAL)
+            if channel.broken is None and channel.in_flight == 0:
+                try:
+                    await channel.request("ping", {})
+                except DcacheError:
+                    return

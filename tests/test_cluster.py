@@ -1,0 +1,236 @@
+"""Clusters of real nodes over a real etcd: in-process and as `dcache serve` subprocesses."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from typing import AsyncIterator, Iterator
+
+import pytest
+import trio
+
+import dcache
+from dcache.codec import ErrorCode
+from dcache.localcluster import EtcdServer, free_port, wait_until_serving
+from dcache.node import BoundAddresses, Node, NodeConfig
+from dcache.shard import ShardMap
+
+LEASE_TTL = 2.0
+TIMEOUT = 30
+
+
+@pytest.fixture
+def etcd_server() -> Iterator[EtcdServer]:
+    server = EtcdServer()
+    server.start()
+    yield server
+    server.close()
+
+
+class InProcessNode:
+    def __init__(self, node: Node, bound: BoundAddresses, scope: trio.CancelScope) -> None:
+        self.node = node
+        self.bound = bound
+        self.scope = scope
+
+    @property
+    def address(self) -> str:
+        return self.bound.client_address
+
+    def stop(self) -> None:
+        self.scope.cancel()
+
+
+async def _scoped(node: Node, *, task_status: trio.TaskStatus[InProcessNode]) -> None:
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as inner:
+            bound = await inner.start(node.run)
+            task_status.started(InProcessNode(node, bound, scope))
+
+
+async def wait_for_members(nodes: list[InProcessNode], count: int) -> None:
+    while not all(len(n.node.router.shard_map.members) == count for n in nodes):
+        await trio.sleep(0.05)
+
+
+@pytest.fixture
+async def cluster(nursery: trio.Nursery, etcd_server: EtcdServer) -> AsyncIterator[list[InProcessNode]]:
+    nodes = []
+    for _ in range(3):
+        node = Node(NodeConfig(client_listen="127.0.0.1:0", listen="127.0.0.1:0", etcd=etcd_server.endpoint, lease_ttl=LEASE_TTL))
+        nodes.append(await nursery.start(_scoped, node))
+    with trio.fail_after(TIMEOUT):
+        await wait_for_members(nodes, 3)
+    yield nodes
+
+
+async def test_any_node_serves_every_key(cluster: list[InProcessNode]) -> None:
+    with trio.fail_after(TIMEOUT):
+        clients = [await dcache.Client.connect(n.address) for n in cluster]
+        keys = [f"user:{i}" for i in range(300)]
+        for i, key in enumerate(keys):
+            await clients[i % 3].set(key, f"value {i}")
+        for client in clients:
+            assert await client.mget(keys) == [f"value {i}".encode() for i in range(300)]
+            for key in keys[:30]:
+                assert await client.get(key) is not None
+        counts = [len(n.node.store) for n in cluster]
+        assert sum(counts) == 300
+        assert all(c > 50 for c in counts), counts  # spread over every node
+        for client in clients:
+            await client.aclose()
+
+
+async def test_members_and_cluster_stats(cluster: list[InProcessNode]) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with dcache.connect(cluster[0].address) as client:
+            await client.mset({f"k{i}": "v" for i in range(90)})
+            await client.mget([f"k{i}" for i in range(100)])
+            view = await client.members()
+        assert len(view["members"]) == 3
+        assert {m["client"] for m in view["members"]} == {n.address for n in cluster}
+        assert all(m["state"] == "up" for m in view["members"])
+        assert sum(m["shards"] for m in view["members"]) == 8192
+        assert sum(m["stats"]["keys"] for m in view["members"]) == 90
+        assert sum(m["stats"]["hits"] for m in view["members"]) == 90
+        assert sum(m["stats"]["misses"] for m in view["members"]) == 10
+        assert view["epoch"] == cluster[0].node.router.shard_map.epoch > 0
+
+
+async def test_a_node_leaving_moves_its_shards(cluster: list[InProcessNode]) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with dcache.connect(cluster[0].address) as client:
+            await client.mset({f"k{i}": "v" for i in range(300)})
+            leaving = cluster[2]
+            lost = len(leaving.node.store)
+            leaving.stop()  # revokes its lease: the others see it go at once
+            survivors = cluster[:2]
+            await wait_for_members(survivors, 2)
+            values = await client.mget([f"k{i}" for i in range(300)])
+            assert values.count(None) == lost
+            # Every key works again, including the departed node's shards.
+            await client.mset({f"k{i}": "w" for i in range(300)})
+            assert await client.mget([f"k{i}" for i in range(300)]) == [b"w"] * 300
+            shard_map = survivors[0].node.router.shard_map
+            assert shard_map.members == tuple(sorted(n.bound.node_id for n in survivors))
+
+
+async def test_forwarded_requests_never_hop_twice(cluster: list[InProcessNode]) -> None:
+    from dcache import codec, transport
+
+    a, b, _ = cluster
+    shard_map: ShardMap = a.node.router.shard_map
+    key = next(f"k{i}".encode() for i in range(10000) if shard_map.owner("", f"k{i}".encode()) != a.bound.node_id)
+    with trio.fail_after(TIMEOUT):
+        conn = await transport.connect(a.bound.peer_address, max_message=1 << 20, default_port=0)
+        await conn.send(codec.encode_frame([[0, "hello", {"version": 1, "peer": b.bound.node_id}], [1, "get", {"key": key}]]))
+        replies = []
+        while len(replies) < 2:
+            for payload in await conn.receive():
+                replies.extend(codec.decode_frame(payload, codec.Limits()))
+        await conn.aclose()
+    assert replies[1][1] == 1 and replies[1][2][0] == ErrorCode.MOVED
+    assert replies[1][2][2]["epoch"] == shard_map.epoch
+
+
+async def test_etcd_outage_keeps_nodes_serving(cluster: list[InProcessNode], etcd_server: EtcdServer) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with dcache.connect(cluster[1].address) as client:
+            await client.mset({f"k{i}": "v" for i in range(50)})
+            await trio.to_thread.run_sync(etcd_server.stop)
+            await trio.sleep(LEASE_TTL + 0.5)
+            # The last view stands: every key still served through any node.
+            assert await client.mget([f"k{i}" for i in range(50)]) == [b"v"] * 50
+            await client.set("during-outage", "yes")
+            await trio.to_thread.run_sync(etcd_server.start)
+            await wait_for_members(cluster, 3)
+            # Registered again: the view lists all three once more.
+            while len((await client.members())["members"]) != 3:
+                await trio.sleep(0.1)
+            assert await client.get("during-outage") == b"yes"
+
+
+async def test_unreachable_etcd_at_start_fails_fast() -> None:
+    node = Node(NodeConfig(client_listen="127.0.0.1:0", listen="127.0.0.1:0", etcd=f"http://127.0.0.1:{free_port()}"))
+    from dcache.node import NodeStartError
+
+    started = trio.current_time()
+    with trio.fail_after(TIMEOUT):
+        with pytest.raises(BaseException) as info:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(node.run)
+    assert info.group_contains(NodeStartError) if isinstance(info.value, BaseExceptionGroup) else isinstance(info.value, NodeStartError)
+    assert trio.current_time() - started < 10
+
+
+# -- subprocesses ---------------------------------------------------------------
+
+
+def serve(etcd: str, *extra: str) -> tuple[subprocess.Popen[bytes], str, str]:
+    client_port, peer_port = free_port(), free_port()
+    client, peer = f"127.0.0.1:{client_port}", f"127.0.0.1:{peer_port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dcache", "serve", "--etcd", etcd, "--listen", peer, "--client-listen", client,
+         "--lease-ttl", str(LEASE_TTL), "--log-level", "warning", *extra],
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    return proc, client, peer
+
+
+def dcache_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "dcache", *args], capture_output=True, timeout=20)
+
+
+def test_kill_9_a_node_and_the_survivors_recover(etcd_server: EtcdServer) -> None:
+    nodes = [serve(etcd_server.endpoint) for _ in range(3)]
+    try:
+        for _, client, _ in nodes:
+            assert wait_until_serving(client, 15)
+        deadline = time.monotonic() + 15
+        while json.loads(dcache_cli("members", "--json", "--server", nodes[0][1]).stdout)["members"].__len__() != 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        with dcache.SyncClient(nodes[0][1]) as c:
+            c.mset({f"k{i}": "v" for i in range(100)})
+        victim = nodes[2][0]
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        killed_at = time.monotonic()
+        # Within lease TTL + 2 s every get and set through the survivors works.
+        recovered = None
+        while time.monotonic() - killed_at < LEASE_TTL + 2:
+            try:
+                for _, client, _ in nodes[:2]:
+                    with dcache.SyncClient(client, timeout=2) as c:
+                        c.mset({f"k{i}": "after" for i in range(100)})
+                        assert c.mget([f"k{i}" for i in range(100)]) == [b"after"] * 100
+                recovered = time.monotonic() - killed_at
+                break
+            except dcache.RequestError as exc:
+                assert exc.code == ErrorCode.UNAVAILABLE
+                time.sleep(0.1)
+        assert recovered is not None, "survivors did not recover within lease TTL + 2 s"
+        r = dcache_cli("members", "--json", "--server", nodes[1][1])
+        assert len(json.loads(r.stdout)["members"]) == 2
+        r = dcache_cli("stats", "--cluster", "--json", "--server", nodes[0][1])
+        stats = json.loads(r.stdout)
+        assert stats["total"]["keys"] == sum(n["keys"] for n in stats["nodes"])
+    finally:
+        for proc, _, _ in nodes:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc, _, _ in nodes:
+            proc.wait(10)
+    # Survivors stopped cleanly on SIGTERM.
+    assert [p.returncode for p, _, _ in nodes[:2]] == [0, 0]
+
+
+def test_serve_with_unreachable_etcd_is_a_clear_error() -> None:
+    started = time.monotonic()
+    r = dcache_cli("serve", "--etcd", f"http://127.0.0.1:{free_port()}", "--listen", "127.0.0.1:0", "--client-listen", "127.0.0.1:0")
+    assert r.returncode == 2
+    assert b"Traceback" not in r.stderr and b"etcd" in r.stderr
+    assert time.monotonic() - started < 15

@@ -1,0 +1,214 @@
+"""Routing without sockets: routers wired to each other through an in-memory forwarder."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cbor2
+import pytest
+import trio
+
+from dcache.codec import ErrorCode, Limits, Status
+from dcache.errors import PeerUnavailable
+from dcache.router import Router, Session
+from dcache.shard import ShardMap
+from dcache.store import Store
+
+NODES = ("a:1", "b:1", "c:1")
+
+
+class Wire:
+    """Forwards a node's requests to another router as a peer would."""
+
+    def __init__(self) -> None:
+        self.routers: dict[str, Router] = {}
+        self.down: set[str] = set()
+        self.calls: list[tuple[str, int]] = []
+
+    def forwarder_for(self, sender: str) -> Any:
+        wire = self
+
+        class Forwarder:
+            async def forward(self, node_id: str, requests: list[tuple[str, dict[str, Any]]]) -> list[tuple[int, Any]]:
+                if node_id in wire.down:
+                    raise PeerUnavailable(f"{node_id} is down")
+                wire.calls.append((node_id, len(requests)))
+                session = Session(greeted=True, peer_id=sender)
+                messages = [[i, op, args] for i, (op, args) in enumerate(requests)]
+                reply = await wire.routers[node_id].handle(session, [cbor2.dumps(messages)])
+                return [(status, body) for _, status, body in cbor2.loads(reply)]
+
+        return Forwarder()
+
+
+def make_cluster(epoch: int = 1, members: tuple[str, ...] = NODES) -> Wire:
+    wire = Wire()
+    for node_id in members:
+        wire.routers[node_id] = Router(
+            store=Store(clock=lambda: 0.0),
+            node_id=node_id,
+            limits=Limits(),
+            shard_map=ShardMap.build(epoch, members),
+            node_info=dict,
+            server_name="test",
+            peers=wire.forwarder_for(node_id),
+        )
+    return wire
+
+
+async def call(router: Router, *messages: list[Any]) -> list[list[Any]]:
+    session = Session(greeted=True)
+    reply = await router.handle(session, [cbor2.dumps(list(messages))])
+    return cbor2.loads(reply)
+
+
+def keys_owned_by(shard_map: ShardMap, owner: str, count: int) -> list[bytes]:
+    keys = []
+    i = 0
+    while len(keys) < count:
+        key = f"key{i}".encode()
+        if shard_map.owner("", key) == owner:
+            keys.append(key)
+        i += 1
+    return keys
+
+
+async def test_every_node_serves_every_key() -> None:
+    wire = make_cluster()
+    a, b, c = (wire.routers[n] for n in NODES)
+    keys = [f"user:{i}".encode() for i in range(60)]
+    for i, key in enumerate(keys):
+        [reply] = await call([a, b, c][i % 3], [i, "set", {"key": key, "value": key + b"!"}])
+        assert reply[:2] == [i, Status.OK]
+    for router in (a, b, c):
+        replies = await call(router, *[[i, "get", {"key": k}] for i, k in enumerate(keys)])
+        assert [r[2] for r in replies] == [k + b"!" for k in keys]
+    # Each entry lives only on its owner.
+    counts = [len(r.store) for r in (a, b, c)]
+    assert sum(counts) == 60 and all(counts)
+    for router in (a, b, c):
+        for key in keys:
+            owned = router.shard_map.owner("", key) == router.node_id
+            assert (router.store.get("", key) is not None) == owned
+
+
+async def test_a_frame_is_split_by_owner_and_forwarded_in_one_batch_each() -> None:
+    wire = make_cluster()
+    a = wire.routers["a:1"]
+    b_keys = keys_owned_by(a.shard_map, "b:1", 5)
+    c_keys = keys_owned_by(a.shard_map, "c:1", 5)
+    messages = [[i, "set", {"key": k, "value": b"v"}] for i, k in enumerate(b_keys + c_keys)]
+    replies = await call(a, *messages)
+    assert [r[0] for r in replies] == list(range(10))
+    assert sorted(wire.calls) == [("b:1", 5), ("c:1", 5)]
+
+
+async def test_multi_key_ops_are_split_and_merged_in_order() -> None:
+    wire = make_cluster()
+    a = wire.routers["a:1"]
+    keys = [f"k{i}".encode() for i in range(30)]
+    [reply] = await call(a, [1, "mset", {"items": [[k, k.upper()] for k in keys], "ttl_ms": 0}])
+    assert reply[1] == Status.OK and len(reply[2]) == 30
+    [reply] = await call(wire.routers["b:1"], [2, "mget", {"keys": keys + [b"missing"]}])
+    assert reply[2] == [k.upper() for k in keys] + [None]
+    [reply] = await call(wire.routers["c:1"], [3, "mdelete", {"keys": keys[:10] + [b"missing"]}])
+    assert reply[2] == 10
+    assert sum(len(r.store) for r in wire.routers.values()) == 20
+
+
+async def test_peer_requests_for_keys_not_owned_are_answered_moved() -> None:
+    wire = make_cluster(epoch=7)
+    a = wire.routers["a:1"]
+    [key] = keys_owned_by(a.shard_map, "b:1", 1)
+    session = Session(greeted=True, peer_id="c:1")
+    reply = cbor2.loads(await a.handle(session, [cbor2.dumps([[1, "get", {"key": key}]])]))
+    assert reply[0][1] == Status.ERROR
+    code, _, details = reply[0][2]
+    assert code == ErrorCode.MOVED and details == {"epoch": 7, "owner": "b:1"}
+    assert len(a.store) == 0
+
+
+async def test_stale_sender_retries_with_the_new_map(autojump_clock: trio.abc.Clock) -> None:
+    # d joined; b, c and d know it, a does not yet.
+    everyone = (*NODES, "d:1")
+    wire = make_cluster(epoch=2, members=everyone)
+    a = wire.routers["a:1"]
+    a.shard_map = ShardMap.build(1, NODES)
+    new_map = wire.routers["b:1"].shard_map
+    # A key a believes b owns, which moved to d.
+    key = next(k for k in (f"x{i}".encode() for i in range(100000)) if a.shard_map.owner("", k) == "b:1" and new_map.owner("", k) == "d:1")
+
+    async def catch_up() -> None:
+        await trio.sleep(0.07)  # a's membership catches up between retries
+        a.shard_map = new_map
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(catch_up)
+        [reply] = await call(a, [1, "set", {"key": key, "value": b"v"}])
+    assert reply[1] == Status.OK
+    assert wire.routers["d:1"].store.get("", key) == b"v"
+    assert len(wire.routers["b:1"].store) == 0
+    assert a.moved_retries >= 1
+
+
+async def test_moved_retries_are_bounded(autojump_clock: trio.abc.Clock) -> None:
+    wire = make_cluster(epoch=1)
+    a = wire.routers["a:1"]
+    [key] = keys_owned_by(a.shard_map, "b:1", 1)
+    # b insists c owns everything, c insists b does: views that never converge.
+    wire.routers["b:1"].shard_map = ShardMap.build(5, ("c:1",))
+    wire.routers["c:1"].shard_map = ShardMap.build(5, ("b:1",))
+    with trio.fail_after(5):
+        [reply] = await call(a, [1, "get", {"key": key}])
+    assert reply[1] == Status.ERROR and reply[2][0] == ErrorCode.UNAVAILABLE
+    assert a.moved_retries == 4
+
+
+async def test_unreachable_owner_fails_only_its_requests() -> None:
+    wire = make_cluster()
+    a = wire.routers["a:1"]
+    wire.down.add("b:1")
+    [kb] = keys_owned_by(a.shard_map, "b:1", 1)
+    [kc] = keys_owned_by(a.shard_map, "c:1", 1)
+    [ka] = keys_owned_by(a.shard_map, "a:1", 1)
+    replies = await call(a, [1, "set", {"key": kb, "value": b"1"}], [2, "set", {"key": kc, "value": b"2"}], [3, "set", {"key": ka, "value": b"3"}])
+    assert [r[1] for r in replies] == [Status.ERROR, Status.OK, Status.OK]
+    assert replies[0][2][0] == ErrorCode.UNAVAILABLE
+    [reply] = await call(a, [4, "mget", {"keys": [ka, kb, kc]}])
+    assert reply[1] == Status.ERROR and reply[2][0] == ErrorCode.UNAVAILABLE
+
+
+async def test_members_gathers_every_nodes_stats() -> None:
+    wire = make_cluster()
+    a = wire.routers["a:1"]
+    a.client_addresses = {"a:1": "a:2", "b:1": "b:2", "c:1": "c:2"}
+    await call(a, *[[i, "set", {"key": f"k{i}".encode(), "value": b"v"}] for i in range(30)])
+    wire.down.add("c:1")
+    [reply] = await call(a, [1, "members", {}])
+    view = reply[2]
+    assert view["epoch"] == 1
+    rows = {m["node"]: m for m in view["members"]}
+    assert rows["a:1"]["client"] == "a:2" and rows["a:1"]["state"] == "up"
+    assert rows["c:1"]["state"] == "unreachable"
+    assert rows["a:1"]["stats"]["keys"] + rows["b:1"]["stats"]["keys"] == 30 - len(wire.routers["c:1"].store)
+    assert sum(m["shards"] for m in view["members"]) == 8192
+
+
+@pytest.mark.parametrize("op", ["get", "delete", "ttl"])
+async def test_hello_is_required_even_for_peers(op: str) -> None:
+    wire = make_cluster()
+    reply = cbor2.loads(await wire.routers["a:1"].handle(Session(), [cbor2.dumps([[1, op, {"key": b"k"}]])]))
+    assert reply[0][2][0] == ErrorCode.HELLO_REQUIRED
+
+
+def test_router_counts_ops_by_result() -> None:
+    wire = make_cluster(members=("a:1",))
+    a = wire.routers["a:1"]
+
+    async def run() -> None:
+        await call(a, [1, "get", {"key": b"k"}], [2, "nonsense", {}], [3, "set", {"key": b"k", "value": b"v"}])
+
+    trio.run(run)
+    assert a.op_counts[("get", "ok")] == 1
+    assert a.op_counts[("set", "ok")] == 1
+    assert a.op_counts[("invalid", "error")] == 1
