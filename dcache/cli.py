@@ -339,7 +339,8 @@ def cluster_up(
         with console.status(f"starting {nodes} node(s)…"):
             for node in plan:
                 command = lc.node_command(node, etcd=etcd, cluster=cluster, log_level=log_level)
-                procs.append(subprocess.Popen(command, env=lc.inherit_env()))
+                # Own sessions: Ctrl-C reaches only us, and we stop nodes before etcd.
+                procs.append(subprocess.Popen(command, env=lc.inherit_env(), start_new_session=True))
             for node, proc in zip(plan, procs):
                 if not lc.wait_until_serving(node.client, lc.NODE_START_TIMEOUT) or proc.poll() is not None:
                     raise lc.ClusterError(f"node {node.peer} did not start; see its log above")
@@ -349,7 +350,8 @@ def cluster_up(
         for node in plan:
             table.add_row(node.peer, node.client, f"http://{node.metrics}/metrics" if node.metrics else "-")
         Console().print(table)
-        console.print(f"try: dcache set k v --server {plan[0].client}; dcache members --server {plan[-1].client}")
+        console.print(f"try:  dcache set k v --server {plan[0].client}")
+        console.print(f"      dcache members --server {plan[-1].client}")
         console.print("Ctrl-C stops the cluster.")
         _wait_for_stop(plan, procs, console)
     except lc.ClusterError as exc:

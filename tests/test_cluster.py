@@ -234,3 +234,49 @@ def test_serve_with_unreachable_etcd_is_a_clear_error() -> None:
     assert r.returncode == 2
     assert b"Traceback" not in r.stderr and b"etcd" in r.stderr
     assert time.monotonic() - started < 15
+
+
+def _consecutive_free_ports(count: int) -> int:
+    import random
+
+    from dcache.localcluster import port_is_free
+
+    for _ in range(100):
+        base = random.randrange(20000, 60000)
+        if all(port_is_free(base + i) for i in range(count)):
+            return base
+    raise AssertionError("no free port range")
+
+
+def test_cluster_up_runs_etcd_and_nodes_and_stops_them() -> None:
+    nodes = 2
+    client, peer, metrics = (_consecutive_free_ports(nodes) for _ in range(3))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dcache", "cluster", "up", "--nodes", str(nodes), "--client-port", str(client),
+         "--peer-port", str(peer), "--metrics-port", str(metrics)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        addresses = [f"localhost:{client + i}" for i in range(nodes)]
+        for address in addresses:
+            assert wait_until_serving(address, 30)
+        deadline = time.monotonic() + 15
+        while len(json.loads(dcache_cli("members", "--json", "--server", addresses[0]).stdout)["members"]) != nodes:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert dcache_cli("set", "user:1001", "Alice", "--server", addresses[0]).returncode == 0
+        assert dcache_cli("get", "user:1001", "--server", addresses[1]).stdout == b"Alice"
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://localhost:{metrics + 1}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        assert "dcache_members 2.0" in text and "dcache_ops_total" in text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert f"localhost:{client}".encode() in out
+    assert b"cluster stopped" in err
+    # Every node it started is gone.
+    for i in range(nodes):
+        assert dcache_cli("ping", "--server", f"localhost:{client + i}", "--timeout", "1").returncode == 2
