@@ -26,18 +26,26 @@ class _Waiter:
     __slots__ = ("event", "status", "body")
 
     def __init__(self) -> None:
-        self.event = trio.Event()
+        self.event: trio.Event | None = None  # made only if the caller has to wait
         self.status: int | None = None
         self.body: Any = None
+
+    def wake(self) -> None:
+        if self.event is not None:
+            self.event.set()
 
 
 _FAILED = -1  # waiter.status when the channel broke; body is the exception
 
 
+# The transport bounds message size; a reply frame may carry any number of replies.
+_REPLY_LIMITS = Limits(max_frame_bytes=2**62, max_batch=2**62)
+
+
 def parse_replies(payload: bytes) -> list[tuple[int | None, int, Any]]:
     """Decode a reply frame; raise ProtocolError if it is not one."""
     try:
-        messages = codec.decode_frame(payload, Limits(max_frame_bytes=len(payload), max_batch=2**31))
+        messages = codec.decode_frame(payload, _REPLY_LIMITS)
         return [codec.parse_reply(m) for m in messages]
     except codec.WireError as exc:
         raise ProtocolError(f"bad reply: {exc.message}") from None
@@ -69,7 +77,22 @@ class Channel:
         return len(self._pending)
 
     async def request(self, op: str, args: dict[str, Any]) -> tuple[int, Any]:
-        return (await self.request_many([(op, args)]))[0]
+        if self.broken is not None:
+            raise self.broken
+        rid = self._next_rid
+        self._next_rid = rid + 1
+        waiter = _Waiter()
+        self._pending[rid] = waiter
+        self._outbox.append([rid, op, args])
+        try:
+            await self._exchange((waiter,), op)
+        finally:
+            del self._pending[rid]
+            if not self._reading and self._pending:
+                self._hand_over_reading()
+        if waiter.status == _FAILED:
+            raise waiter.body
+        return waiter.status, waiter.body  # type: ignore[return-value]
 
     async def request_many(self, requests: list[tuple[str, dict[str, Any]]]) -> list[tuple[int, Any]]:
         """Send several requests in one frame; their replies in the same order."""
@@ -84,20 +107,7 @@ class Channel:
             self._outbox.append([rid + i, op, args])
             waiters.append(waiter)
         try:
-            with trio.fail_after(self.timeout):
-                if not self._flushing:
-                    await self._flush()
-                for waiter in waiters:
-                    while waiter.status is None:
-                        if self._reading:
-                            await waiter.event.wait()
-                            if waiter.status is None:
-                                waiter.event = trio.Event()
-                        else:
-                            await self._read()
-        except trio.TooSlowError:
-            what = requests[0][0] if len(requests) == 1 else f"{len(requests)} requests"
-            raise RequestTimeout(f"{what}: no reply from {self.name} within {self.timeout:g} s") from None
+            await self._exchange(waiters, f"{len(requests)} requests")
         finally:
             for i in range(len(requests)):
                 del self._pending[rid + i]
@@ -109,6 +119,23 @@ class Channel:
                 raise waiter.body
             results.append((waiter.status, waiter.body))
         return results
+
+    async def _exchange(self, waiters: tuple[_Waiter, ...] | list[_Waiter], what: str) -> None:
+        """Send the outbox if nobody else is, then wait for ``waiters``' replies,
+        reading for everyone when nobody else is."""
+        try:
+            with trio.fail_after(self.timeout):
+                if not self._flushing:
+                    await self._flush()
+                for waiter in waiters:
+                    while waiter.status is None:
+                        if self._reading:
+                            waiter.event = event = trio.Event()
+                            await event.wait()
+                        else:
+                            await self._read()
+        except trio.TooSlowError:
+            raise RequestTimeout(f"{what}: no reply from {self.name} within {self.timeout:g} s") from None
 
     async def aclose(self) -> None:
         self.fail(ClosedError(f"the connection to {self.name} was closed"))
@@ -122,7 +149,7 @@ class Channel:
             if waiter.status is None:
                 waiter.status = _FAILED
                 waiter.body = self.broken
-                waiter.event.set()
+                waiter.wake()
 
     async def _flush(self) -> None:
         self._flushing = True
@@ -130,14 +157,7 @@ class Channel:
             while self._outbox:
                 batch, self._outbox = self._outbox, []
                 frame = wsframe.build_frame(codec.encode_frame(batch), masked=self._conn.masked)
-                # A write cut short would corrupt the stream for every caller,
-                # so it is shielded and bounded by its own timeout instead.
-                with trio.CancelScope(shield=True):
-                    with trio.move_on_after(self.timeout) as scope:
-                        await self._conn.send_raw(frame)
-                if scope.cancelled_caught:
-                    self.fail(ConnectionLost(f"{self.name} stopped accepting requests"))
-                    raise self.broken  # type: ignore[misc]
+                await self._conn.send_raw(frame)
         except transport.ConnectionClosed as exc:
             self.fail(ConnectionLost(f"lost the connection to {self.name}: {exc}"))
             raise self.broken from None  # type: ignore[misc]
@@ -168,10 +188,10 @@ class Channel:
                 if waiter is not None and status != Status.MORE:
                     waiter.status = status
                     waiter.body = body
-                    waiter.event.set()
+                    waiter.wake()
 
     def _hand_over_reading(self) -> None:
         for waiter in self._pending.values():
-            if waiter.status is None:
+            if waiter.status is None and waiter.event is not None:
                 waiter.event.set()
                 return

@@ -268,29 +268,36 @@ class Node:
     async def _serve_messages(self, conn: transport.Connection, session: Session) -> None:
         config = self.config
         pinged = False
+        sending = False
         while True:
-            payloads = None
-            try:
-                with trio.move_on_after(config.idle_timeout):
-                    payloads = await conn.receive()
-                if payloads is None:
-                    # Idle: ask once whether the other side is still there, then give up.
-                    if pinged and trio.current_time() - conn.last_received >= config.idle_timeout:
-                        log.debug("closing idle connection from %s", session.remote)
-                        await conn.aclose(1001, "idle")
-                        return
-                    pinged = True
-                    await conn.ping()
-                    continue
-                pinged = False
-                reply = await self.router.handle(session, payloads)
-                with trio.move_on_after(config.send_timeout) as scope:
-                    await conn.send(reply)
-                if scope.cancelled_caught:
-                    log.info("closing connection from %s: it stopped reading replies", session.remote)
+            # One cancel scope whose deadline moves, rather than a new timeout
+            # per message: this loop runs once per request on the hot path.
+            with trio.CancelScope() as deadline:
+                try:
+                    while True:
+                        deadline.deadline = trio.current_time() + config.idle_timeout
+                        payloads = await conn.receive()
+                        pinged = False
+                        reply = await self.router.handle(session, payloads)
+                        deadline.deadline = trio.current_time() + config.send_timeout
+                        sending = True
+                        await conn.send(reply)
+                        sending = False
+                except transport.ConnectionClosed as exc:
+                    log.debug("connection from %s closed: %s", session.remote, exc)
                     return
-            except transport.ConnectionClosed as exc:
-                log.debug("connection from %s closed: %s", session.remote, exc)
+            if sending:
+                log.info("closing connection from %s: it stopped reading replies", session.remote)
+                return
+            # Idle: ask once whether the other side is still there, then give up.
+            if pinged and trio.current_time() - conn.last_received >= config.idle_timeout:
+                log.debug("closing idle connection from %s", session.remote)
+                await conn.aclose(1001, "idle")
+                return
+            pinged = True
+            try:
+                await conn.ping()
+            except transport.ConnectionClosed:
                 return
 
 

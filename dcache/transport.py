@@ -8,6 +8,7 @@ callers only ever see their own messages.
 from __future__ import annotations
 
 import logging
+from typing import NoReturn
 
 import trio
 
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 RECEIVE_SIZE = 256 * 1024
 HANDSHAKE_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 1.0
+WRITE_TIMEOUT = 30.0  # to finish a message once it is partly written
 
 
 class ConnectionClosed(Exception):
@@ -43,6 +45,9 @@ class Connection:
         self._parser = wsframe.FrameParser(expect_masked=not client_side, max_message=max_message)
         self._ready: list[bytes] = []
         self._send_lock = trio.StrictFIFOLock()
+        # The plain socket under a trio SocketStream, for writes that need no wait.
+        trio_socket = getattr(stream, "socket", None)
+        self._socket = getattr(trio_socket, "_sock", None) if isinstance(stream, trio.SocketStream) else None
         self._closed = False
         self.last_received = trio.current_time()
         if leftover:
@@ -57,11 +62,53 @@ class Connection:
         await self.send_raw(b"".join(wsframe.build_frame(p, masked=masked) for p in payloads))
 
     async def send_raw(self, data: bytes) -> None:
-        async with self._send_lock:
-            try:
-                await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise ConnectionClosed(1006, "the connection broke") from exc
+        """Write ``data`` whole, or close the connection.
+
+        A frame cut short would corrupt the stream, so once its first byte
+        is out the rest is written even if the caller is cancelled, within
+        :data:`WRITE_TIMEOUT`. Most writes fit the socket buffer and finish
+        at once, without a trip through the scheduler.
+        """
+        lock = self._send_lock
+        if lock.locked():
+            await lock.acquire()
+        else:
+            lock.acquire_nowait()
+        try:
+            if self._socket is None:
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + WRITE_TIMEOUT) as scope:
+                    await self.stream.send_all(data)
+                if scope.cancelled_caught:
+                    await self._abort("write timed out")
+                return
+            view = memoryview(data)
+            wrote = False
+            while view:
+                try:
+                    sent = self._socket.send(view)
+                except BlockingIOError:
+                    sent = 0
+                except OSError as exc:
+                    await self._abort(str(exc))
+                if sent:
+                    view = view[sent:]
+                    wrote = True
+                elif not wrote:
+                    await trio.lowlevel.wait_writable(self._socket)
+                else:
+                    with trio.CancelScope(shield=True, deadline=trio.current_time() + WRITE_TIMEOUT) as scope:
+                        await trio.lowlevel.wait_writable(self._socket)
+                    if scope.cancelled_caught:
+                        await self._abort("write timed out")
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ConnectionClosed(1006, "the connection broke") from exc
+        finally:
+            lock.release()
+
+    async def _abort(self, reason: str) -> NoReturn:
+        self._closed = True
+        await trio.aclose_forcefully(self.stream)
+        raise ConnectionClosed(1006, reason)
 
     async def receive(self) -> list[bytes]:
         """Wait for at least one message; return every complete message received so far."""
