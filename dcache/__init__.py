@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .client import Client, SyncClient, connect  # noqa: E402
+from .client import Client, ClusterClient, Pipeline, SyncClient, connect  # noqa: E402
 from .errors import (  # noqa: E402
     ClosedError,
     ConnectError,
@@ -17,6 +17,8 @@ from .errors import (  # noqa: E402
 
 __all__ = [
     "Client",
+    "ClusterClient",
+    "Pipeline",
     "SyncClient",
     "connect",
     "DcacheError",

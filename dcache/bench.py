@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import trio
 
-from .client import Client
+from .client import Client, ClusterClient
 from .errors import RequestError
 
 MAX_OPS = 20_000_000
@@ -38,6 +38,7 @@ class BenchConfig:
     mget: int = 0  # when > 0, each get is an mget of this many keys
     time_limit: float = DEFAULT_TIME_LIMIT
     seed: int = 0
+    cluster: bool = False  # a ClusterClient per connection: keys go straight to their owners
 
     def __post_init__(self) -> None:
         if not self.servers:
@@ -51,6 +52,8 @@ class BenchConfig:
                 raise ValueError(f"--{name} must be at least 1")
         if self.value_size < 0 or self.mget < 0:
             raise ValueError("--value-size and --mget cannot be negative")
+        if self.cluster and self.pipeline > 1:
+            raise ValueError("--pipeline above 1 is not available with --cluster yet")
 
 
 def parse_ratio(text: str) -> tuple[int, int]:
@@ -104,6 +107,7 @@ class BenchResult:
             "value_size": c.value_size,
             "keys": c.keys,
             "mget": c.mget,
+            "cluster": c.cluster,
             "elapsed_s": round(self.elapsed_s, 3),
             "ops": self.ops,
             "ops_per_s": round(self.ops_per_s, 1),
@@ -145,20 +149,16 @@ def summarize(op: str, record: OpRecord, elapsed: float) -> OpSummary:
     )
 
 
-async def discover_servers(address: str) -> tuple[str, ...]:
-    """Every member's client address, as the node at ``address`` knows them."""
-    async with await Client.connect(address) as client:
-        view = await client.members()
-    return tuple(m["client"] for m in view["members"] if m["state"] == "up" and m["client"]) or (address,)
-
-
 async def run_bench(config: BenchConfig, *, on_progress: Callable[[int], None] | None = None) -> BenchResult:
     """Run the workload; ``on_progress(done)`` is called about ten times a second."""
-    clients: list[Client] = []
+    clients: list[Any] = []
     try:
         for server in config.servers:
             for _ in range(config.connections):
-                clients.append(await Client.connect(server))
+                if config.cluster:
+                    clients.append(await ClusterClient.connect(server))
+                else:
+                    clients.append(await Client.connect(server))
         value = random.Random(config.seed).randbytes(config.value_size)
         if config.prefill:
             await _prefill(clients[0], config, value)
@@ -212,7 +212,7 @@ async def run_bench(config: BenchConfig, *, on_progress: Callable[[int], None] |
             await client.aclose()
 
 
-async def _one(client: Client, op: str, rng: random.Random, keyspace: int, value: bytes, ttl: float | None, mget: int) -> Any:
+async def _one(client: Any, op: str, rng: random.Random, keyspace: int, value: bytes, ttl: float | None, mget: int) -> Any:
     try:
         if op == "set":
             return await client.set(f"key:{rng.randrange(keyspace)}", value, ttl=ttl)
@@ -232,7 +232,7 @@ def _queue(p: Any, op: str, rng: random.Random, keyspace: int, value: bytes, ttl
         p.get(f"key:{rng.randrange(keyspace)}")
 
 
-async def _prefill(client: Client, config: BenchConfig, value: bytes) -> None:
+async def _prefill(client: Any, config: BenchConfig, value: bytes) -> None:
     step = 1000
     for start in range(0, config.keys, step):
         end = min(config.keys, start + step)

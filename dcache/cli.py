@@ -402,20 +402,22 @@ def bench(
     ttl: Annotated[float, typer.Option("--ttl", min=0, metavar="SECONDS", help="TTL of the entries set; 0 for none.")] = 0,
     mget: Annotated[int, typer.Option("--mget", min=0, help="Make each get an mget of this many keys.")] = 0,
     prefill: Annotated[bool, typer.Option("--prefill", help="Set every key once before measuring.")] = False,
-    cluster: Annotated[bool, typer.Option("--cluster", help="Spread the connections over every member.")] = False,
+    cluster: Annotated[
+        bool, typer.Option("--cluster", help="Use the cluster-aware client: each key goes straight to its owner.")
+    ] = False,
     time_limit: Annotated[float, typer.Option("--time-limit", min=0.1, metavar="SECONDS", help="Stop after this long.")] = 300.0,
     as_json: JsonOption = False,
 ) -> None:
     """Load-test a node or a cluster and report ops/s and latency percentiles."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .bench import BenchConfig, discover_servers, parse_ratio, run_bench
+    from .bench import BenchConfig, parse_ratio, run_bench
 
     try:
         sets, gets = parse_ratio(ratio)
-        servers = trio.run(discover_servers, server) if cluster else (server,)
         config = BenchConfig(
-            servers=servers, clients=clients, connections=connections, pipeline=pipeline, ops=ops, sets=sets,
+            servers=(server,),
+            cluster=cluster, clients=clients, connections=connections, pipeline=pipeline, ops=ops, sets=sets,
             gets=gets, value_size=value_size, keys=keys, ttl=ttl or None, prefill=prefill, mget=mget,
             time_limit=time_limit,
         )  # fmt: skip
@@ -438,7 +440,7 @@ def bench(
     table = Table(
         title=(
             f"{result.ops:,} ops in {result.elapsed_s:.2f} s = {result.ops_per_s:,.0f} ops/s · "
-            f"{c.clients} clients × {c.connections} conn × {len(c.servers)} node(s), pipeline {c.pipeline}, "
+            f"{c.clients} clients × {c.connections} conn{' (cluster-aware)' if c.cluster else ''}, pipeline {c.pipeline}, "
             f"ratio {c.sets}:{c.gets}, {c.value_size} B values"
         ),
         title_justify="left",

@@ -17,10 +17,13 @@ import socket
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable, Iterable, Mapping
 
+import trio
+
 from . import __version__, codec, transport, wsframe
 from .codec import Limits, Status
 from .errors import ClosedError, ConnectError, ConnectionLost, ProtocolError, RequestError, RequestTimeout
 from .mux import Channel, parse_replies
+from .shard import ShardMap
 
 DEFAULT_ADDRESS = "localhost:48000"
 DEFAULT_PORT = 48000
@@ -264,6 +267,136 @@ class Pipeline(Operations):
                     raise
                 results.append(exc)
         return results
+
+
+_SINGLE_KEY_OPS = frozenset({"get", "set", "delete", "ttl"})
+_MULTI_KEY_OPS = {"mget": "keys", "mdelete": "keys", "mset": "items"}
+CLUSTER_REFRESH_INTERVAL = 5.0
+
+
+class ClusterClient(Operations):
+    """An async client that sends each request straight to the node owning its key.
+
+    It learns the members from any node (``members``) and places keys with
+    the same shard module the nodes use. A stale map costs nothing worse
+    than a hop, as any node forwards what it does not own; the map is
+    refreshed every :data:`CLUSTER_REFRESH_INTERVAL` seconds and whenever a
+    member cannot be reached. Multi-key requests are split by owner and
+    sent concurrently.
+    """
+
+    def __init__(self, seed: Client, *, timeout: float) -> None:
+        self._seed = seed
+        self.timeout = timeout
+        self.limits = seed.limits
+        self.server_info = seed.server_info
+        self.shard_map = ShardMap.build(0, ())
+        self._addresses: dict[str, str] = {}
+        self._clients: dict[str, Client] = {}
+        self._refreshed_at = -math.inf
+
+    @classmethod
+    async def connect(cls, address: str = DEFAULT_ADDRESS, *, timeout: float = DEFAULT_TIMEOUT) -> ClusterClient:
+        client = cls(await Client.connect(address, timeout=timeout), timeout=timeout)
+        try:
+            await client.refresh()
+        except BaseException:
+            await client.aclose()
+            raise
+        return client
+
+    async def __aenter__(self) -> ClusterClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        for client in [self._seed, *self._clients.values()]:
+            await client.aclose()
+        self._clients.clear()
+
+    async def refresh(self) -> None:
+        """Fetch the members and their addresses again."""
+        self._refreshed_at = trio.current_time()
+        view = await self._seed.members()
+        up = {m["node"]: m["client"] for m in view["members"] if m["state"] == "up" and m["client"]}
+        self.shard_map = ShardMap.build(view["epoch"], up)
+        self._addresses = up
+        for node_id in list(self._clients):
+            if node_id not in up:
+                await self._clients.pop(node_id).aclose()
+
+    async def _client_for(self, node_id: str) -> Client:
+        client = self._clients.get(node_id)
+        if client is not None and client._channel.broken is None:
+            return client
+        address = self._addresses.get(node_id)
+        if address is None:
+            return self._seed
+        try:
+            client = await Client.connect(address, timeout=self.timeout)
+        except ConnectError:
+            return self._seed  # it forwards; the next refresh will tell more
+        if node_id in self._clients:  # another task connected meanwhile
+            await client.aclose()
+            return self._clients[node_id]
+        self._clients[node_id] = client
+        return client
+
+    async def _request(self, node_id: str, op: str, args: dict[str, Any]) -> tuple[int, Any]:
+        client = await self._client_for(node_id)
+        try:
+            return await client._channel.request(op, args)
+        except (ConnectionLost, RequestTimeout):
+            if client is self._seed:
+                raise
+            # That node is gone or stuck: the seed forwards, and the map is redone.
+            self._refreshed_at = -math.inf
+            return await self._seed._channel.request(op, args)
+
+    async def _call(self, op: str, args: dict[str, Any], decode: Callable[[Any], Any]) -> Any:
+        if trio.current_time() - self._refreshed_at > CLUSTER_REFRESH_INTERVAL:
+            await self.refresh()
+        field = _MULTI_KEY_OPS.get(op)
+        if not self.shard_map.members or (field is None and op not in _SINGLE_KEY_OPS):
+            status, body = await self._seed._channel.request(op, args)
+            return _outcome(status, body, decode)
+        if field is None:
+            owner = self.shard_map.owner(args.get("ns", ""), args["key"])
+            return _outcome(*await self._request(owner, op, args), decode)
+            status, body = await self._seed._channel.request(op, args)
+            return _outcome(status, body, decode)
+        elements = args[field]
+        keys = (e[0] for e in elements) if op == "mset" else elements
+        groups = self.shard_map.group_by_owner(args.get("ns", ""), keys)
+        if len(groups) <= 1:
+            owner = next(iter(groups), "")
+            return _outcome(*await self._request(owner, op, args), decode)
+        results: list[Any] = [None] * len(elements)
+        total = 0
+        errors: list[Exception] = []
+
+        async def part(owner: str, positions: list[int]) -> None:
+            nonlocal total
+            try:
+                reply = await self._request(owner, op, {**args, field: [elements[i] for i in positions]})
+                body = _outcome(*reply, _identity)
+            except (RequestError, ConnectionLost, RequestTimeout, ProtocolError) as exc:
+                errors.append(exc)
+                return
+            if op == "mdelete":
+                total += body
+            else:
+                for i, value in zip(positions, body):
+                    results[i] = value
+
+        async with trio.open_nursery() as nursery:
+            for owner, positions in groups.items():
+                nursery.start_soon(part, owner, positions)
+        if errors:
+            raise errors[0]
+        return decode(total if op == "mdelete" else results)
 
 
 @asynccontextmanager

@@ -306,11 +306,7 @@ class Router:
     def _place_multi(self, session: Session, req: Request, replies: list[Any], remote: list[_Job]) -> None:
         op, args = req.op, req.args
         elements = _elements(op, args)
-        ns = args["ns"]
-        by_owner: dict[str, list[int]] = {}
-        owner_of = self.shard_map.owner
-        for i, element in enumerate(elements):
-            by_owner.setdefault(owner_of(ns, _element_key(op, element)), []).append(i)
+        by_owner = self.shard_map.group_by_owner(args["ns"], (_element_key(op, e) for e in elements))
         if not by_owner or by_owner.keys() == {self.node_id}:
             replies.append(self._local(req))
             return
@@ -429,14 +425,10 @@ class Router:
                 continue
             assert job.indexes is not None
             elements = _elements(job.op, job.args)
-            ns = job.args["ns"]
-            by_owner: dict[str, tuple[list[int], list[Any]]] = {}
-            for index, element in zip(job.indexes, elements):
-                owner = self.shard_map.owner(ns, _element_key(job.op, element))
-                indexes, parts = by_owner.setdefault(owner, ([], []))
-                indexes.append(index)
-                parts.append(element)
-            for indexes, parts in by_owner.values():
+            groups = self.shard_map.group_by_owner(job.args["ns"], (_element_key(job.op, e) for e in elements))
+            for positions in groups.values():
+                parts = [elements[i] for i in positions]
+                indexes = [job.indexes[i] for i in positions]
                 out.append(_Job(job.op, _part_args(job.op, job.args, parts), merge=job.merge, indexes=indexes))
         return out
 

@@ -66,3 +66,11 @@ class ShardMap:
 
     def shards_owned(self, member: str) -> int:
         return sum(1 for owner in self.shard_owners if owner == member)
+
+    def group_by_owner(self, ns: str, keys: Iterable[bytes]) -> dict[str, list[int]]:
+        """Positions of ``keys`` grouped by the member that owns each."""
+        groups: dict[str, list[int]] = {}
+        owners = self.shard_owners
+        for i, key in enumerate(keys):
+            groups.setdefault(owners[shard_of(ns, key)], []).append(i)
+        return groups

@@ -202,3 +202,21 @@ def test_help_and_version() -> None:
         assert command in r.stdout
     r = dcache("--version")
     assert r.returncode == 0 and r.stdout.startswith(b"dcache ")
+
+
+def test_bench_reports_what_it_did(server: ServeProcess) -> None:
+    r = dcache("bench", "--ops", "600", "--clients", "4", "--ratio", "1:2", "--keys", "50", "--prefill", "--json", server=server)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["ops"] == 600
+    by_op = report["by_op"]
+    assert by_op["set"]["count"] + by_op["get"]["count"] == 600
+    assert 100 < by_op["set"]["count"] < 300  # one in three, give or take
+    assert by_op["get"]["misses"] == 0 and by_op["get"]["errors"] == 0  # prefilled
+    for op in by_op.values():
+        assert 0 < op["p50_ms"] <= op["p99_ms"] <= op["p99.9_ms"] <= op["max_ms"]
+    r = dcache("bench", "--ops", "200", "--pipeline", "10", "--mget", "5", "--ratio", "0:1", "--json", server=server)
+    report = json.loads(r.stdout)
+    assert report["by_op"]["get"]["count"] == 200 and "set" not in report["by_op"]
+    r = dcache("bench", "--ratio", "nonsense", server=server)
+    assert r.returncode == 2 and b"--ratio" in r.stderr and b"Traceback" not in r.stderr

@@ -280,3 +280,32 @@ def test_cluster_up_runs_etcd_and_nodes_and_stops_them() -> None:
     # Every node it started is gone.
     for i in range(nodes):
         assert dcache_cli("ping", "--server", f"localhost:{client + i}", "--timeout", "1").returncode == 2
+
+
+async def test_cluster_client_goes_straight_to_owners(cluster: list[InProcessNode]) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with await dcache.ClusterClient.connect(cluster[0].address) as client:
+            keys = [f"direct:{i}" for i in range(200)]
+            await client.mset({k: k for k in keys})
+            for key in keys[:50]:
+                await client.set(key, key + "!")
+                assert await client.get(key) == (key + "!").encode()
+            assert await client.mget(keys[50:]) == [k.encode() for k in keys[50:]]
+            assert await client.mdelete(keys[:10] + ["absent"]) == 10
+            assert await client.ttl(keys[20]) == float("inf")
+        # Nothing needed forwarding.
+        assert sum(n.node.router.forwarded for n in cluster) == 0
+        assert sum(len(n.node.store) for n in cluster) == 190
+
+
+async def test_cluster_client_survives_a_node_leaving(cluster: list[InProcessNode]) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with await dcache.ClusterClient.connect(cluster[0].address) as client:
+            await client.mset({f"k{i}": "v" for i in range(100)})
+            cluster[2].stop()
+            await wait_for_members(cluster[:2], 2)
+            # The old map still names the departed node; requests still succeed.
+            await client.mset({f"k{i}": "w" for i in range(100)})
+            assert await client.mget([f"k{i}" for i in range(100)]) == [b"w"] * 100
+            await client.refresh()
+            assert len(client.shard_map.members) == 2
