@@ -34,7 +34,6 @@ SWEEP_INTERVAL = 0.1
 SWEEP_BATCH = 1000
 PURGE_BATCH = 2000
 IDLE_TIMEOUT = 30.0
-SEND_TIMEOUT = 30.0
 MAX_CONNECTIONS = 10_000
 
 
@@ -52,7 +51,6 @@ class NodeConfig:
     limits: Limits = field(default_factory=Limits)
     sweep_interval: float = SWEEP_INTERVAL
     idle_timeout: float = IDLE_TIMEOUT
-    send_timeout: float = SEND_TIMEOUT
     max_connections: int = MAX_CONNECTIONS
 
 
@@ -266,20 +264,27 @@ class Node:
             await trio.aclose_forcefully(stream)
 
     async def _serve_messages(self, conn: transport.Connection, session: Session) -> None:
-        config = self.config
+        """Answer requests until the connection closes.
+
+        One deadline guards both a silent client (after ``idle_timeout`` it
+        gets a ping, and is closed if another ``idle_timeout`` passes with
+        nothing from it) and one that stops reading replies. It is one
+        cancel scope whose deadline moves, and moves only when half of it
+        is used up: this loop runs once per request.
+        """
+        idle = self.config.idle_timeout
         pinged = False
         sending = False
         while True:
-            # One cancel scope whose deadline moves, rather than a new timeout
-            # per message: this loop runs once per request on the hot path.
-            with trio.CancelScope() as deadline:
+            with trio.CancelScope(deadline=trio.current_time() + idle) as deadline:
                 try:
                     while True:
-                        deadline.deadline = trio.current_time() + config.idle_timeout
                         payloads = await conn.receive()
                         pinged = False
+                        now = trio.current_time()
+                        if deadline.deadline - now < idle / 2:
+                            deadline.deadline = now + idle
                         reply = await self.router.handle(session, payloads)
-                        deadline.deadline = trio.current_time() + config.send_timeout
                         sending = True
                         await conn.send(reply)
                         sending = False
@@ -290,7 +295,7 @@ class Node:
                 log.info("closing connection from %s: it stopped reading replies", session.remote)
                 return
             # Idle: ask once whether the other side is still there, then give up.
-            if pinged and trio.current_time() - conn.last_received >= config.idle_timeout:
+            if pinged and trio.current_time() - conn.last_received >= idle:
                 log.debug("closing idle connection from %s", session.remote)
                 await conn.aclose(1001, "idle")
                 return

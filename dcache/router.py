@@ -393,9 +393,13 @@ class Router:
                     job.deliver(*self._execute(job.op, job.args))
                 else:
                     by_owner.setdefault(owner, []).append(job)
-            async with trio.open_nursery() as nursery:
-                for owner, owned in by_owner.items():
-                    nursery.start_soon(self._forward, owner, owned, bounced)
+            if len(by_owner) == 1:  # the common case needs no nursery
+                [(owner, owned)] = by_owner.items()
+                await self._forward(owner, owned, bounced)
+            elif by_owner:
+                async with trio.open_nursery() as nursery:
+                    for owner, owned in by_owner.items():
+                        nursery.start_soon(self._forward, owner, owned, bounced)
             if not bounced:
                 return
             if delay is None:
