@@ -32,7 +32,7 @@ app = typer.Typer(
     name="dcache",
     help="dcache: a distributed in-memory key-value cache.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -104,7 +104,14 @@ def rich_table(data: commands.TableData) -> Table:
     return table
 
 
-def _run(server: str, timeout: float, as_json: bool, command: Callable[..., Outcome], **args: Any) -> None:
+def _run(ctx: typer.Context, server: str, timeout: float, as_json: bool, command: Callable[..., Outcome], **args: Any) -> None:
+    """Run a command against ``server`` and exit with its status.
+
+    Inside ``dcache shell`` the context carries the shell's session, which
+    runs the command on its open connection and prints it its own way.
+    """
+    if ctx.obj is not None:
+        raise typer.Exit(ctx.obj.run(command, as_json=as_json, **args))
     try:
         with SyncClient(server, timeout=timeout) as client:
             outcome = command(client, **args)
@@ -121,6 +128,7 @@ def _run(server: str, timeout: float, as_json: bool, command: Callable[..., Outc
 
 @app.command()
 def get(
+    ctx: typer.Context,
     key: KeyArgument,
     server: ServerOption = DEFAULT_ADDRESS,
     ns: NsOption = "",
@@ -128,11 +136,12 @@ def get(
     timeout: TimeoutOption = DEFAULT_TIMEOUT,
 ) -> None:
     """Print the value of KEY (raw bytes, so it pipes); exit 1 if it is missing."""
-    _run(server, timeout, as_json, commands.get, key=key, ns=ns)
+    _run(ctx, server, timeout, as_json, commands.get, key=key, ns=ns)
 
 
 @app.command("set")
 def set_(
+    ctx: typer.Context,
     key: KeyArgument,
     value: Annotated[
         Optional[str],
@@ -148,18 +157,23 @@ def set_(
     timeout: TimeoutOption = DEFAULT_TIMEOUT,
 ) -> None:
     """Store VALUE under KEY, optionally with a TTL."""
-    if value is None or value == "-":
+    if ctx.obj is not None:  # in the shell, stdin carries commands, not values
+        if value is None:
+            raise typer.BadParameter("give a VALUE", param_hint="VALUE")
+        data = os.fsencode(value)
+    elif value is None or value == "-":
         if sys.stdin.isatty():
             print("error: give a VALUE, or pipe it on stdin", file=sys.stderr)
             raise typer.Exit(commands.EXIT_UNAVAILABLE)
         data = sys.stdin.buffer.read()
     else:
         data = os.fsencode(value)
-    _run(server, timeout, as_json, commands.set_, key=key, value=data, ttl=ttl, ns=ns)
+    _run(ctx, server, timeout, as_json, commands.set_, key=key, value=data, ttl=ttl, ns=ns)
 
 
 @app.command()
 def delete(
+    ctx: typer.Context,
     keys: Annotated[list[str], typer.Argument(metavar="KEY...", help="Keys to delete.", show_default=False)],
     server: ServerOption = DEFAULT_ADDRESS,
     ns: NsOption = "",
@@ -167,11 +181,12 @@ def delete(
     timeout: TimeoutOption = DEFAULT_TIMEOUT,
 ) -> None:
     """Delete keys; exit 1 if none of them existed."""
-    _run(server, timeout, as_json, commands.delete, keys=keys, ns=ns)
+    _run(ctx, server, timeout, as_json, commands.delete, keys=keys, ns=ns)
 
 
 @app.command()
 def ttl(
+    ctx: typer.Context,
     key: KeyArgument,
     server: ServerOption = DEFAULT_ADDRESS,
     ns: NsOption = "",
@@ -179,38 +194,56 @@ def ttl(
     timeout: TimeoutOption = DEFAULT_TIMEOUT,
 ) -> None:
     """Show how long KEY has left to live; exit 1 if it is missing."""
-    _run(server, timeout, as_json, commands.ttl, key=key, ns=ns)
+    _run(ctx, server, timeout, as_json, commands.ttl, key=key, ns=ns)
 
 
 @app.command()
 def stats(
+    ctx: typer.Context,
     cluster: Annotated[bool, typer.Option("--cluster", help="One row per node and a cluster total.")] = False,
     server: ServerOption = DEFAULT_ADDRESS,
     as_json: JsonOption = False,
     timeout: TimeoutOption = DEFAULT_TIMEOUT,
 ) -> None:
     """Show the node's counters: hits, misses, keys, sets, deletes, expired, memory."""
-    _run(server, timeout, as_json, commands.cluster_stats if cluster else commands.stats)
+    _run(ctx, server, timeout, as_json, commands.cluster_stats if cluster else commands.stats)
 
 
 @app.command()
 def members(
+    ctx: typer.Context,
     server: ServerOption = DEFAULT_ADDRESS,
     as_json: JsonOption = False,
     timeout: TimeoutOption = DEFAULT_TIMEOUT,
 ) -> None:
     """List the cluster's nodes: address, state, shards owned, keys, uptime."""
-    _run(server, timeout, as_json, commands.members)
+    _run(ctx, server, timeout, as_json, commands.members)
 
 
 @app.command()
 def ping(
+    ctx: typer.Context,
     server: ServerOption = DEFAULT_ADDRESS,
     as_json: JsonOption = False,
     timeout: TimeoutOption = DEFAULT_TIMEOUT,
 ) -> None:
     """Check that the node answers."""
-    _run(server, timeout, as_json, commands.ping)
+    _run(ctx, server, timeout, as_json, commands.ping)
+
+
+@app.command()
+def shell(
+    address: Annotated[
+        Optional[str],
+        typer.Argument(metavar="[HOST:PORT]", help="Node to connect to [default: --server].", show_default=False),
+    ] = None,
+    server: ServerOption = DEFAULT_ADDRESS,
+    timeout: TimeoutOption = DEFAULT_TIMEOUT,
+) -> None:
+    """Open an interactive shell on a node; with commands on stdin, run them as a script."""
+    from .shell import main as shell_main
+
+    raise typer.Exit(shell_main(address or server, timeout=timeout))
 
 
 # -- serve ----------------------------------------------------------------------

@@ -1,0 +1,1 @@
+complete --command dcache --no-files --arguments "(env _DCACHE_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) dcache)" --condition "env _DCACHE_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) dcache"

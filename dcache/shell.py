@@ -1,0 +1,546 @@
+"""`dcache shell`: an interactive REPL over the same commands as the CLI.
+
+The command table is the CLI's own: each line is split with shell rules
+and parsed by the very click command that ``dcache CMD`` uses, so options,
+checks and ``help CMD`` cannot drift apart. The command then runs on the
+shell's open connection (see :meth:`ShellSession.run`). A few commands exist
+only here (:data:`SHELL_COMMANDS`). When stdin is not a terminal the shell
+reads commands line by line, prints one result per line, and exits non-zero
+if any command failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import typer
+import typer.main
+from prompt_toolkit import PromptSession
+from prompt_toolkit.completion import Completer, Completion
+from prompt_toolkit.document import Document
+from prompt_toolkit.history import FileHistory, History, InMemoryHistory
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from . import commands
+from .client import DEFAULT_TIMEOUT, SyncClient
+from .commands import Outcome
+from .errors import ConnectError, ConnectionLost, DcacheError
+from .shard import ShardMap, rank, shard_of
+
+EXIT = object()  # what a line returns to end the session
+
+
+@dataclass(frozen=True, slots=True)
+class ShellCommand:
+    usage: str
+    summary: str
+
+
+SHELL_COMMANDS = {
+    "help": ShellCommand("help [COMMAND]", "List the commands, or show one command's options."),
+    "where": ShellCommand("where KEY [--ns NAME]", "Which node owns KEY: shard, owner, replicas, time to live."),
+    "top": ShellCommand("top [--interval S] [--iterations N]", "A live table of every member; q or Ctrl-C leaves."),
+    "exit": ShellCommand("exit", "Leave the shell (also quit or Ctrl-D)."),
+}
+ALIASES = {"del": "delete", "quit": "exit", "?": "help"}
+NOT_IN_SHELL = {"serve": "run it from your terminal", "shell": "you are in it", "cluster": "run it from your terminal"}
+
+
+def history_path() -> Path:
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(state) / "dcache" / "history"
+
+
+def show_value(value: bytes) -> str:
+    """A value as people should see it: quoted text, or a bytes literal when binary."""
+    try:
+        text = value.decode()
+    except UnicodeDecodeError:
+        return repr(value)
+    if text.isprintable() or all(c.isprintable() or c in "\n\t" for c in text):
+        return json.dumps(text, ensure_ascii=False)
+    return repr(value)
+
+
+class ShellSession:
+    """One shell: its connection, what it has seen, and how it prints."""
+
+    def __init__(self, address: str, *, console: Console, interactive: bool, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.address = address
+        self.console = console
+        self.interactive = interactive
+        self.timeout = timeout
+        self.client: SyncClient | None = None
+        self.known_addresses: list[str] = [address]
+        self.seen_keys: set[str] = set()
+        self.group = typer.main.get_command(_cli_app())
+        self.failures = 0
+        self.worst_status = 0
+
+    # -- connection --------------------------------------------------------------
+
+    def connect(self) -> bool:
+        """Connect to the current address, else to another known member."""
+        candidates = [self.address] + [a for a in self.known_addresses if a != self.address]
+        last_error: Exception | None = None
+        for address in candidates:
+            try:
+                self.client = SyncClient(address, timeout=self.timeout)
+            except (DcacheError, ValueError) as exc:
+                last_error = exc
+                continue
+            self.address = address
+            self._learn_members()
+            return True
+        self.client = None
+        self.error(f"cannot connect: {last_error}")
+        return False
+
+    def _learn_members(self) -> None:
+        assert self.client is not None
+        try:
+            view = self.client.members()
+        except DcacheError:
+            return
+        for member in view.get("members", []):
+            address = member.get("client")
+            if address and address not in self.known_addresses:
+                self.known_addresses.append(address)
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+    def _lost(self, exc: DcacheError) -> None:
+        self.error(f"lost the connection to {self.address}: {exc}")
+        if self.client is not None:
+            try:
+                self.client.close()
+            except OSError:
+                pass
+        self.client = None
+        if self.connect():
+            self.note(f"reconnected to {self.address}")
+
+    # -- running commands ----------------------------------------------------------
+
+    def run(self, command: Callable[..., Outcome], *, as_json: bool, **args: Any) -> int:
+        """Run one of :mod:`dcache.commands` on this shell's connection; print it; return its status."""
+        if self.client is None and not self.connect():
+            return commands.EXIT_UNAVAILABLE
+        assert self.client is not None
+        for name in ("key", "keys"):
+            if name in args:
+                self.seen_keys.update([args[name]] if name == "key" else args[name])
+        try:
+            outcome = command(self.client, **args)
+        except (ConnectionLost, ConnectError) as exc:
+            self._lost(exc)
+            return commands.EXIT_UNAVAILABLE
+        except DcacheError as exc:
+            outcome = commands.failure(exc)
+        except ValueError as exc:
+            outcome = Outcome({"error": "bad_input", "message": str(exc)}, note=f"error: {exc}", exit_code=2)
+        self.show(command, outcome, as_json=as_json)
+        return outcome.exit_code
+
+    def execute(self, line: str) -> object:
+        """Run one line; return its exit status, None for a blank line, or EXIT."""
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError as exc:
+            return self._status(self.error(f"cannot parse the line: {exc}"))
+        if not words:
+            return None
+        name, args = ALIASES.get(words[0], words[0]), words[1:]
+        if name == "exit":
+            return EXIT
+        if name == "help":
+            return self._status(self.help(args))
+        if name == "where":
+            return self._status(self.where(args))
+        if name == "top":
+            return self._status(self.top(args))
+        if name in NOT_IN_SHELL:
+            return self._status(self.error(f"{name}: not in the shell; {NOT_IN_SHELL[name]}"))
+        command = self.group.commands.get(name)  # type: ignore[attr-defined]
+        if command is None:
+            return self._status(self.error(f"unknown command {name!r}; `help` lists them"))
+        return self._status(self._invoke(command, name, expand_shorthand(command, args)))
+
+    def _invoke(self, command: Any, name: str, args: list[str]) -> int:
+        try:
+            ctx = command.make_context(name, args, obj=self)
+            with ctx:
+                command.invoke(ctx)
+        except typer.Exit as exc:
+            return exc.exit_code
+        except Exception as exc:  # click's usage errors, in typer's vendored copy
+            message = getattr(exc, "format_message", None)
+            if message is None:
+                raise
+            if getattr(exc, "exit_code", 1) == 0:  # --help printed
+                return 0
+            return self.error(f"{name}: {message()}")
+        return 0
+
+    def _status(self, status: int) -> int:
+        if status:
+            self.failures += 1
+            self.worst_status = max(self.worst_status, status)
+        return status
+
+    # -- printing --------------------------------------------------------------------
+
+    def show(self, command: Callable[..., Outcome], outcome: Outcome, *, as_json: bool) -> None:
+        if as_json:
+            text = json.dumps(outcome.data, default=str)
+            if self.interactive:
+                self.console.print_json(text)
+            else:
+                self._plain(text)
+        elif not self.interactive:
+            if outcome.stdout is not None:
+                self._plain(outcome.stdout)
+        elif outcome.table is not None:
+            from .cli import rich_table
+
+            self.console.print(rich_table(outcome.table))
+        elif command is commands.get and isinstance(outcome.stdout, bytes):
+            self.console.print(show_value(outcome.stdout), markup=False, highlight=False)
+        elif command is commands.delete and outcome.exit_code == 0:
+            self.console.print(f"(deleted {outcome.data['deleted']})")
+        elif outcome.stdout is not None:
+            self.console.print(str(outcome.stdout), markup=False, highlight=False)
+        if outcome.note:
+            if outcome.exit_code >= 2:
+                self.error(outcome.note.removeprefix("error: "))
+            else:
+                self.note(outcome.note)
+
+    def _plain(self, data: str | bytes) -> None:
+        out = sys.stdout.buffer
+        raw = data if isinstance(data, bytes) else data.encode()
+        out.write(raw if raw.endswith(b"\n") else raw + b"\n")
+        out.flush()
+
+    def error(self, message: str) -> int:
+        if self.interactive:
+            self.console.print(Text(f"error: {message}", style="bold red"))
+        else:
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        return 2
+
+    def note(self, message: str) -> None:
+        if self.interactive:
+            self.console.print(Text(message, style="yellow"))
+        else:
+            print(message, file=sys.stderr, flush=True)
+
+    # -- shell-only commands ------------------------------------------------------------
+
+    def help(self, args: list[str]) -> int:
+        if args:
+            name = ALIASES.get(args[0], args[0])
+            if name in SHELL_COMMANDS:
+                spec = SHELL_COMMANDS[name]
+                self.console.print(f"{spec.usage}\n\n  {spec.summary}", markup=False, highlight=False)
+                return 0
+            command = self.group.commands.get(name)  # type: ignore[attr-defined]
+            if command is None or name in NOT_IN_SHELL:
+                return self.error(f"no command {args[0]!r}; `help` lists them")
+            return self._invoke(command, name, ["--help"])
+        table = Table(show_header=False, box=None, pad_edge=False)
+        table.add_column(style="bold cyan")
+        table.add_column()
+        for name, command in sorted(self.group.commands.items()):  # type: ignore[attr-defined]
+            if name not in NOT_IN_SHELL:
+                table.add_row(name, (command.get_short_help_str(70) if hasattr(command, "get_short_help_str") else ""))
+        for name, spec in SHELL_COMMANDS.items():
+            table.add_row(name, spec.summary)
+        self.console.print(table)
+        self.console.print(
+            "`help COMMAND` shows its options; `del` is `delete`; options also take the form ttl=60.",
+            markup=False,
+            highlight=False,
+        )
+        return 0
+
+    def where(self, args: list[str]) -> int:
+        ns = ""
+        rest = []
+        words = iter(args)
+        for word in words:
+            if word == "--ns":
+                ns = next(words, "")
+                if not ns:
+                    return self.error("where: --ns needs a NAME")
+            elif word.startswith("ns="):
+                ns = word[3:]
+            else:
+                rest.append(word)
+        args = rest
+        if len(args) != 1:
+            return self.error("where: give one KEY (usage: where KEY [--ns NAME])")
+        key = args[0]
+        if self.client is None and not self.connect():
+            return commands.EXIT_UNAVAILABLE
+        assert self.client is not None
+        try:
+            view = self.client.members()
+            ttl = self.client.ttl(key, ns=ns)
+        except (ConnectionLost, ConnectError) as exc:
+            self._lost(exc)
+            return commands.EXIT_UNAVAILABLE
+        except DcacheError as exc:
+            return self.error(str(exc))
+        members = {m["node"]: m for m in view["members"]}
+        shard_map = ShardMap.build(view["epoch"], members)
+        shard = shard_of(ns, key.encode())
+        owner = shard_map.owner_of_shard(shard)
+        ranking = rank(shard, members)
+        data = {
+            "key": key,
+            "ns": ns,
+            "shard": shard,
+            "owner": owner,
+            "owner_client": members[owner]["client"],
+            "replicas": [],
+            "next_owners": ranking[1:3],
+            "ttl": None if ttl is None or ttl == float("inf") else ttl,
+            "found": ttl is not None,
+            "epoch": view["epoch"],
+        }
+        rows = [
+            ("key", show_value(key.encode()) + (f" in namespace {ns!r}" if ns else "")),
+            ("shard", f"{shard} of 8192"),
+            ("owner", f"{owner} (clients: {members[owner]['client']})"),
+            ("replicas", "none"),
+            ("time to live", "missing" if ttl is None else commands.human_seconds(ttl)),
+            ("epoch", str(view["epoch"])),
+        ]
+        if not self.interactive:
+            self._plain("\t".join(f"{k}={v}" for k, v in data.items() if k != "next_owners"))
+        else:
+            from .cli import rich_table
+
+            self.console.print(rich_table(commands.TableData(rows)))
+        self.seen_keys.add(key)
+        return 0
+
+    def top(self, args: list[str]) -> int:
+        interval, iterations = 1.0, None
+        try:
+            options = dict(zip(args[::2], args[1::2]))
+            if len(args) % 2 or set(options) - {"--interval", "--iterations"}:
+                raise ValueError
+            interval = float(options.get("--interval", interval))
+            iterations = int(options["--iterations"]) if "--iterations" in options else None
+            if interval <= 0 or (iterations is not None and iterations < 1):
+                raise ValueError
+        except ValueError:
+            return self.error("top: usage: top [--interval SECONDS] [--iterations N]")
+        if self.client is None and not self.connect():
+            return commands.EXIT_UNAVAILABLE
+        previous: dict[str, tuple[float, int]] = {}
+
+        def snapshot() -> Table:
+            assert self.client is not None
+            view = self.client.members()
+            now = time.monotonic()
+            table = Table(title=f"dcache top · {self.address} · epoch {view['epoch']} · q to leave", title_justify="left")
+            for column in ("node", "state", "keys", "ops/s", "hit ratio", "memory", "links up", "connections"):
+                table.add_column(column, justify="left" if column in ("node", "state") else "right")
+            for m in view["members"]:
+                s = m.get("stats") or {}
+                ops = sum(s.get(k, 0) for k in ("hits", "misses", "sets", "deletes"))
+                before = previous.get(m["node"])
+                rate = "-" if before is None else f"{(ops - before[1]) / max(1e-9, now - before[0]):,.0f}"
+                previous[m["node"]] = (now, ops)
+                lookups = s.get("hits", 0) + s.get("misses", 0)
+                links = s.get("peer_links") or {}
+                table.add_row(
+                    m["node"],
+                    m["state"],
+                    f"{s.get('keys', 0):,}",
+                    rate,
+                    f"{s['hits'] / lookups:.1%}" if lookups else "-",
+                    commands.human_bytes(s.get("process_memory_bytes", 0)),
+                    f"{links.get('up', 0)}/{links.get('total', 0)}",
+                    str(s.get("connections", "-")),
+                )
+            return table
+
+        count = 0
+        try:
+            with _KeyReader(enabled=self.interactive) as keys, Live(
+                console=self.console, auto_refresh=False, transient=False
+            ) as live:
+                while iterations is None or count < iterations:
+                    live.update(snapshot(), refresh=True)
+                    count += 1
+                    if iterations is not None and count >= iterations:
+                        break
+                    if keys.wait_for_q(interval):
+                        break
+        except KeyboardInterrupt:
+            pass
+        except (ConnectionLost, ConnectError) as exc:
+            self._lost(exc)
+            return commands.EXIT_UNAVAILABLE
+        except DcacheError as exc:
+            return self.error(str(exc))
+        return 0
+
+
+class _KeyReader:
+    """Reads single keys from a terminal without Enter, so `q` can stop `top`."""
+
+    def __init__(self, *, enabled: bool) -> None:
+        self.enabled = enabled and sys.stdin.isatty()
+        self._saved: Any = None
+
+    def __enter__(self) -> _KeyReader:
+        if self.enabled:
+            import termios
+            import tty
+
+            self._saved = termios.tcgetattr(sys.stdin)
+            tty.setcbreak(sys.stdin)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._saved is not None:
+            import termios
+
+            termios.tcsetattr(sys.stdin, termios.TCSADRAIN, self._saved)
+
+    def wait_for_q(self, seconds: float) -> bool:
+        if not self.enabled:
+            time.sleep(seconds)
+            return False
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select([sys.stdin], [], [], left)
+            if ready and sys.stdin.read(1) in ("q", "Q"):
+                return True
+        return False
+
+
+def expand_shorthand(command: Any, args: list[str]) -> list[str]:
+    """``ttl=60`` → ``--ttl 60`` for the command's own options; other words stay."""
+    options = {opt for param in command.params for opt in getattr(param, "opts", []) if opt.startswith("--")}
+    out = []
+    for word in args:
+        name, sep, value = word.partition("=")
+        if sep and not name.startswith("-") and f"--{name}" in options:
+            out += [f"--{name}", value]
+        else:
+            out.append(word)
+    return out
+
+
+class ShellCompleter(Completer):
+    """Completes command names, then the command's options and the keys seen so far."""
+
+    def __init__(self, session: ShellSession) -> None:
+        self.session = session
+
+    def get_completions(self, document: Document, complete_event: Any) -> Iterable[Completion]:
+        text = document.text_before_cursor
+        words = text.split()
+        current = "" if not words or text.endswith(" ") else words[-1]
+        group = self.session.group
+        names = sorted(set(group.commands) - set(NOT_IN_SHELL) | set(SHELL_COMMANDS) | set(ALIASES))  # type: ignore[attr-defined]
+        if len(words) == 0 or (len(words) == 1 and current):
+            for name in names:
+                if name.startswith(current):
+                    yield Completion(name, start_position=-len(current))
+            return
+        name = ALIASES.get(words[0], words[0])
+        if name == "help":
+            for candidate in names:
+                if candidate.startswith(current):
+                    yield Completion(candidate, start_position=-len(current))
+            return
+        command = group.commands.get(name)  # type: ignore[attr-defined]
+        if current.startswith("-"):
+            options = {opt for p in command.params for opt in getattr(p, "opts", [])} if command else set()
+            if name == "where":
+                options = {"--ns"}
+            elif name == "top":
+                options = {"--interval", "--iterations"}
+            for option in sorted(options):
+                if option.startswith(current):
+                    yield Completion(option, start_position=-len(current))
+            return
+        for key in sorted(self.session.seen_keys):
+            if key.startswith(current):
+                yield Completion(shlex.quote(key), start_position=-len(current))
+
+
+def _cli_app() -> typer.Typer:
+    from .cli import app
+
+    return app
+
+
+def _history() -> History:
+    path = history_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(exist_ok=True)
+        return FileHistory(str(path))
+    except OSError:
+        return InMemoryHistory()
+
+
+def run_interactive(session: ShellSession, prompt_session: PromptSession[str] | None = None) -> int:
+    """The REPL: prompt, run, repeat until exit or Ctrl-D. Returns 0."""
+    prompt_session = prompt_session or PromptSession(history=_history(), completer=ShellCompleter(session))
+    session.console.print(
+        f"dcache shell, connected to {session.address}. `help` lists the commands, Ctrl-D leaves.",
+        markup=False,
+        highlight=False,
+    )
+    while True:
+        try:
+            line = prompt_session.prompt(f"dcache {session.address}> ")
+        except KeyboardInterrupt:
+            continue
+        except EOFError:
+            break
+        if session.execute(line) is EXIT:
+            break
+    return 0
+
+
+def run_script(session: ShellSession, lines: Iterable[str]) -> int:
+    """Non-interactive: one command per line; the worst status of any command."""
+    for line in lines:
+        if session.execute(line.rstrip("\n")) is EXIT:
+            break
+    return session.worst_status
+
+
+def main(address: str, *, timeout: float) -> int:
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    session = ShellSession(address, console=Console(), interactive=interactive, timeout=timeout)
+    if not session.connect() and not interactive:
+        return commands.EXIT_UNAVAILABLE
+    try:
+        return run_interactive(session) if interactive else run_script(session, sys.stdin)
+    finally:
+        session.close()

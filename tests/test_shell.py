@@ -1,0 +1,228 @@
+"""`dcache shell`: the parser, the REPL on prompt-toolkit's pipe input, the script mode, completions."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+from prompt_toolkit import PromptSession
+from prompt_toolkit.application import create_app_session
+from prompt_toolkit.document import Document
+from prompt_toolkit.input import create_pipe_input
+from prompt_toolkit.output import DummyOutput
+from rich.console import Console
+
+from dcache import completion
+from dcache.node import BoundAddresses, Node, NodeConfig
+from dcache.shell import EXIT, ShellCompleter, ShellSession, expand_shorthand, run_interactive, show_value
+
+TIMEOUT = 20
+REPO = Path(__file__).resolve().parent.parent
+
+
+def session_for(address: str = "127.0.0.1:1", *, interactive: bool = True) -> tuple[ShellSession, io.StringIO]:
+    out = io.StringIO()
+    console = Console(file=out, width=120, force_terminal=False, color_system=None)
+    return ShellSession(address, console=console, interactive=interactive, timeout=5), out
+
+
+async def start_node(nursery: trio.Nursery) -> BoundAddresses:
+    return await nursery.start(Node(NodeConfig(client_listen="127.0.0.1:0", listen="127.0.0.1:0")).run)
+
+
+# -- parsing and bad input: one clear line each, no node needed ------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("nosuchcommand", "unknown command 'nosuchcommand'"),
+        ("get", "Missing argument 'KEY'"),
+        ("set k", "give a VALUE"),
+        ("set k v ttl=abc", "Invalid value for '--ttl'"),
+        ("set k v --ttl -1", "--ttl"),
+        ("get 'unclosed", "cannot parse the line"),
+        ("serve", "not in the shell"),
+        ("where", "give one KEY"),
+        ("top --interval zero", "usage: top"),
+    ],
+)
+def test_bad_input_is_one_clear_line(line: str, expected: str) -> None:
+    session, out = session_for()
+    status = session.execute(line)
+    text = out.getvalue()
+    assert status == 2
+    assert expected in text
+    assert text.count("error:") == 1 and "Traceback" not in text
+
+
+def test_shorthand_options_and_aliases() -> None:
+    session, _ = session_for()
+    set_command = session.group.commands["set"]
+    assert expand_shorthand(set_command, ["k", "a=b", "ttl=60", "ns=x"]) == ["k", "a=b", "--ttl", "60", "--ns", "x"]
+    assert session.execute("") is None
+    assert session.execute("# a comment") is None
+    assert session.execute("quit") is EXIT
+
+
+def test_help_comes_from_the_command_table(capsys: pytest.CaptureFixture[str]) -> None:
+    session, out = session_for()
+    assert session.execute("help") == 0
+    listing = out.getvalue()
+    for name in ("get", "set", "delete", "ttl", "stats", "members", "where", "top", "exit"):
+        assert name in listing
+    assert "serve" not in listing
+    assert session.execute("help set") == 0
+    assert "--ttl" in capsys.readouterr().out  # the CLI's own help text
+    assert session.execute("help nope") == 2
+
+
+def test_values_are_shown_quoted() -> None:
+    assert show_value(b"Alice") == '"Alice"'
+    assert show_value(b"two words ") == '"two words "'
+    assert show_value(b"tab\there") == '"tab\\there"'
+    assert show_value(b"\x00\xff") == "b'\\x00\\xff'"
+
+
+def test_completion_of_commands_options_and_seen_keys() -> None:
+    session, _ = session_for()
+    completer = ShellCompleter(session)
+
+    def complete(text: str) -> list[str]:
+        return [c.text for c in completer.get_completions(Document(text), None)]
+
+    assert "set" in complete("se") and "serve" not in complete("se")
+    assert complete("set k v --t") == ["--timeout", "--ttl"]
+    assert complete("where k --") == ["--ns"]
+    session.seen_keys.update({"user:1001", "user:1002", "session:abc"})
+    assert complete("get us") == ["user:1001", "user:1002"]
+    assert "stats" in complete("help st")
+
+
+# -- the REPL against a real node ---------------------------------------------------
+
+
+async def test_repl_session(nursery: trio.Nursery) -> None:
+    bound = await start_node(nursery)
+    session, out = session_for(bound.client_address)
+    script = "\n".join(
+        [
+            "set user:1001 Alice",
+            'set session:abc "active now" ttl=60',
+            "get user:1001",
+            "get session:abc",
+            "ttl session:abc",
+            "del user:1001",
+            "get user:1001",
+            "where session:abc",
+            "stats",
+            "members",
+            "get session:abc --json",
+            "top --iterations 1",
+            "",
+        ]
+    )
+
+    def run() -> int:
+        with create_pipe_input() as pipe, create_app_session(input=pipe, output=DummyOutput()):
+            pipe.send_text(script)
+            pipe.close()
+            assert session.connect()
+            return run_interactive(session, PromptSession(input=pipe, output=DummyOutput()))
+
+    with trio.fail_after(TIMEOUT):
+        assert await trio.to_thread.run_sync(run) == 0
+    text = out.getvalue()
+    assert text.count("OK") >= 2
+    assert '"Alice"' in text and '"active now"' in text
+    assert "60 s" in text or "59 s" in text
+    assert "(deleted 1)" in text
+    assert "user:1001: not found" in text
+    assert "shard" in text and "of 8192" in text and "replicas" in text
+    assert "hits" in text and "misses" in text
+    assert bound.peer_address in text  # members and top list the node
+    assert '"found": true' in text
+    assert "Traceback" not in text
+    assert session.failures == 1  # the get of a deleted key
+    assert session.seen_keys >= {"user:1001", "session:abc"}
+
+
+async def test_reconnects_to_another_member_when_its_node_goes(nursery: trio.Nursery) -> None:
+    first_scope = trio.CancelScope()
+
+    async def run_first(task_status: trio.TaskStatus[BoundAddresses]) -> None:
+        with first_scope:
+            async with trio.open_nursery() as inner:
+                task_status.started(await start_node(inner))
+
+    first = await nursery.start(run_first)
+    second = await start_node(nursery)
+    session, out = session_for(first.client_address)
+    with trio.fail_after(TIMEOUT):
+        assert await trio.to_thread.run_sync(session.connect)
+        session.known_addresses.append(second.client_address)
+        assert await trio.to_thread.run_sync(session.execute, "set k v") == 0
+        first_scope.cancel()
+        await trio.sleep(0.2)
+        assert await trio.to_thread.run_sync(session.execute, "get k") == 2
+        assert session.address == second.client_address
+        assert await trio.to_thread.run_sync(session.execute, "set k w") == 0
+    text = out.getvalue()
+    assert "lost the connection" in text and f"reconnected to {second.client_address}" in text
+
+
+# -- script mode ---------------------------------------------------------------------
+
+
+def test_script_mode_over_a_pipe() -> None:
+    server = subprocess.Popen(
+        [sys.executable, "-m", "dcache", "serve", "--client-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stderr is not None
+        line = server.stderr.readline()
+        while "ready" not in line:
+            line = server.stderr.readline()
+        address = line.split("clients on ")[1].split(",")[0]
+
+        def shell(script: str) -> subprocess.CompletedProcess[bytes]:
+            return subprocess.run(
+                [sys.executable, "-m", "dcache", "shell", address], input=script.encode(), capture_output=True, timeout=20
+            )
+
+        r = shell("set a 1\nget a\nset b 'two words'\nget b\ndel a\n")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.decode().splitlines() == ["OK", "1", "OK", "two words", "deleted 1"]
+        r = shell("get a\nset c 3\nnosuch\n")
+        assert r.returncode == 2
+        assert r.stdout.decode().splitlines() == ["OK"]
+        assert r.stderr.decode().splitlines() == ["a: not found", "error: unknown command 'nosuch'; `help` lists them"]
+        r = shell("get a\n")
+        assert r.returncode == 1
+        r = subprocess.run([sys.executable, "-m", "dcache", "shell", "127.0.0.1:1"], input=b"get a\n", capture_output=True, timeout=20)
+        assert r.returncode == 2 and b"cannot connect" in r.stderr and b"Traceback" not in r.stderr
+    finally:
+        server.kill()
+        server.wait()
+
+
+# -- completion scripts -------------------------------------------------------------------
+
+
+def test_checked_in_completion_scripts_are_current() -> None:
+    for shell_name, filename in completion.FILES.items():
+        checked_in = (REPO / "completions" / filename).read_text()
+        assert checked_in == completion.script(shell_name), f"regenerate: python -m dcache.completion completions/ ({filename})"
+
+
+def test_completion_protocol_answers_from_the_app() -> None:
+    env = {**os.environ, "_DCACHE_COMPLETE": "complete_bash", "COMP_WORDS": "dcache set k v --t", "COMP_CWORD": "4"}
+    r = subprocess.run([sys.executable, "-m", "dcache"], env=env, capture_output=True, timeout=20)
+    assert set(r.stdout.decode().split()) == {"--ttl", "--timeout"}
