@@ -111,26 +111,34 @@ def timed(n: int, fn: Callable[[], Any]) -> float:
     return n / (time.perf_counter() - started)
 
 
-def sequential(node: Node, redis_: Redis, n: int) -> dict[str, float]:
-    out = {}
-    with dcache.SyncClient(node.client_address) as c:
-        c.set("seq", VALUE)
-        out["dcache_sync_get"] = timed(n, lambda: c.get("seq"))
-        out["dcache_sync_set"] = timed(n, lambda: c.set("seq", VALUE))
+def sequential(node: Node, redis_: Redis, n: int, rounds: int = 3) -> dict[str, float]:
+    """Median of ``rounds`` interleaved runs: this machine's speed drifts."""
+    runs: dict[str, list[float]] = {}
+
+    def record(name: str, rate: float) -> None:
+        runs.setdefault(name, []).append(rate)
+
+    async def async_seq(client: dcache.Client) -> float:
+        started = time.perf_counter()
+        for _ in range(n):
+            await client.get("seq")
+        return n / (time.perf_counter() - started)
+
+    async def async_round() -> float:
+        async with dcache.connect(node.client_address) as client:
+            return await async_seq(client)
+
     r = redis_.client
     r.set("seq", VALUE)
-    out["redis_get"] = timed(n, lambda: r.get("seq"))
-    out["redis_set"] = timed(n, lambda: r.set("seq", VALUE))
-
-    async def async_seq() -> float:
-        async with dcache.connect(node.client_address) as client:
-            started = time.perf_counter()
-            for _ in range(n):
-                await client.get("seq")
-            return n / (time.perf_counter() - started)
-
-    out["dcache_async_get"] = trio.run(async_seq)
-    return out
+    with dcache.SyncClient(node.client_address) as c:
+        c.set("seq", VALUE)
+        for _ in range(rounds):
+            record("dcache_sync_get", timed(n, lambda: c.get("seq")))
+            record("redis_get", timed(n, lambda: r.get("seq")))
+            record("dcache_sync_set", timed(n, lambda: c.set("seq", VALUE)))
+            record("redis_set", timed(n, lambda: r.set("seq", VALUE)))
+            record("dcache_async_get", trio.run(async_round))
+    return {name: statistics.median(rates) for name, rates in runs.items()}
 
 
 def dcache_concurrent(address: str, tasks: int, per_task: int, *, cluster: bool = False) -> float:

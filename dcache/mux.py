@@ -126,7 +126,7 @@ class Channel:
         try:
             with trio.fail_after(self.timeout):
                 if not self._flushing:
-                    await self._flush()
+                    await self._flush(others_in_flight=len(self._pending) > len(waiters))
                 for waiter in waiters:
                     while waiter.status is None:
                         if self._reading:
@@ -151,13 +151,18 @@ class Channel:
                 waiter.body = self.broken
                 waiter.wake()
 
-    async def _flush(self) -> None:
+    async def _flush(self, *, others_in_flight: bool) -> None:
         self._flushing = True
         try:
+            if others_in_flight:
+                # Callers woken by the same read are about to queue requests:
+                # let them, so they share this frame and this write. Nothing
+                # may cancel a flush: the outbox holds other callers' requests.
+                await trio.lowlevel.cancel_shielded_checkpoint()
             while self._outbox:
                 batch, self._outbox = self._outbox, []
                 frame = wsframe.build_frame(codec.encode_frame(batch), masked=self._conn.masked)
-                await self._conn.send_raw(frame)
+                await self._conn.send_raw(frame, shield=True)
         except transport.ConnectionClosed as exc:
             self.fail(ConnectionLost(f"lost the connection to {self.name}: {exc}"))
             raise self.broken from None  # type: ignore[misc]

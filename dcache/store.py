@@ -90,21 +90,24 @@ class Store:
         self._version += 1
         expires_at = self._clock() + ttl_ms / 1000 if ttl_ms else 0.0
         old = space.get(key)
+        previous_expiry = 0.0
         if old is None:
             self._keys += 1
             self._bytes += len(key) + len(value)
             space[key] = Entry(value, expires_at, self._version)
         else:
             self._bytes += len(value) - len(old.value)
-            if old.expires_at:
+            previous_expiry = old.expires_at
+            if previous_expiry:
                 self._ttl_entries -= 1
             old.value = value
             old.expires_at = expires_at
             old.version = self._version
         if expires_at:
             self._ttl_entries += 1
-            heapq.heappush(self._expiry_heap, (expires_at, ns, key))
-            self._maybe_rebuild_heap()
+            if expires_at != previous_expiry:  # else the heap already has this item
+                heapq.heappush(self._expiry_heap, (expires_at, ns, key))
+                self._maybe_rebuild_heap()
         self.counters.sets += 1
         return self._version
 
@@ -187,9 +190,11 @@ class Store:
             return
         spaces = self._spaces
         live = []
+        seen = set()
         for item in heap:
             entry = spaces.get(item[1], {}).get(item[2])
-            if entry is not None and entry.expires_at == item[0]:
+            if entry is not None and entry.expires_at == item[0] and item not in seen:
+                seen.add(item)
                 live.append(item)
         heapq.heapify(live)
         self._expiry_heap = live

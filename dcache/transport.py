@@ -61,13 +61,14 @@ class Connection:
         masked = self.masked
         await self.send_raw(b"".join(wsframe.build_frame(p, masked=masked) for p in payloads))
 
-    async def send_raw(self, data: bytes) -> None:
+    async def send_raw(self, data: bytes, *, shield: bool = False) -> None:
         """Write ``data`` whole, or close the connection.
 
         A frame cut short would corrupt the stream, so once its first byte
         is out the rest is written even if the caller is cancelled, within
-        :data:`WRITE_TIMEOUT`. Most writes fit the socket buffer and finish
-        at once, without a trip through the scheduler.
+        :data:`WRITE_TIMEOUT`; with ``shield`` that holds from the start.
+        Most writes fit the socket buffer and finish at once, without a trip
+        through the scheduler.
         """
         lock = self._send_lock
         if lock.locked():
@@ -93,7 +94,7 @@ class Connection:
                 if sent:
                     view = view[sent:]
                     wrote = True
-                elif not wrote:
+                elif not (wrote or shield):
                     await trio.lowlevel.wait_writable(self._socket)
                 else:
                     with trio.CancelScope(shield=True, deadline=trio.current_time() + WRITE_TIMEOUT) as scope:

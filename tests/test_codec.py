@@ -1,0 +1,220 @@
+"""The wire format, without I/O: round trips, and every kind of bad input rejected with its code."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cbor2
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dcache import codec
+from dcache.codec import ErrorCode, Limits, WireError
+
+LIMITS = Limits(max_key_bytes=16, max_value_bytes=64, max_batch=8, max_frame_bytes=4096)
+
+
+def parse(message: Any, limits: Limits = LIMITS) -> codec.Request:
+    return codec.parse_request(message, limits)
+
+
+def rejects(message: Any, code: ErrorCode, limits: Limits = LIMITS) -> WireError:
+    with pytest.raises(WireError) as info:
+        parse(message, limits)
+    assert info.value.code == code, info.value
+    return info.value
+
+
+VALID = [
+    ([1, "hello", {"version": 1, "client": "x"}], {"version": 1, "client": "x", "peer": ""}),
+    ([2, "ping", {}], {}),
+    ([3, "get", {"key": b"k"}], {"ns": "", "key": b"k"}),
+    ([4, "get", {"key": "text", "ns": "users"}], {"ns": "users", "key": b"text"}),
+    ([5, "set", {"key": b"k", "value": b"v"}], {"ns": "", "key": b"k", "value": b"v", "ttl_ms": 0}),
+    ([6, "set", {"key": b"k", "value": "é", "ttl_ms": 1500}], {"ns": "", "key": b"k", "value": "é".encode(), "ttl_ms": 1500}),
+    ([7, "delete", {"key": b"k"}], {"ns": "", "key": b"k"}),
+    ([8, "ttl", {"key": b"k"}], {"ns": "", "key": b"k"}),
+    ([9, "mget", {"keys": [b"a", "b"]}], {"ns": "", "keys": [b"a", b"b"]}),
+    ([10, "mset", {"items": [[b"a", b"1"]], "ttl_ms": 5}], {"ns": "", "items": [(b"a", b"1")], "ttl_ms": 5}),
+    ([11, "mdelete", {"keys": [b"a"]}], {"ns": "", "keys": [b"a"]}),
+    ([12, "stats", {}], {}),
+    ([13, "members", {}], {}),
+]
+
+
+@pytest.mark.parametrize(("message", "args"), VALID)
+def test_every_op_round_trips_through_a_frame(message: list[Any], args: dict[str, Any]) -> None:
+    frame = codec.encode_frame([message])
+    [decoded] = codec.decode_frame(frame, LIMITS)
+    request = parse(decoded)
+    assert (request.rid, request.op, request.args) == (message[0], message[1], args)
+
+
+def test_every_op_is_covered() -> None:
+    assert {m[1] for m, _ in VALID} == set(codec.OPS)
+
+
+def test_replies_round_trip() -> None:
+    replies = [codec.ok(1, b"v"), codec.ok(2), codec.error(3, ErrorCode.MOVED, "elsewhere", {"epoch": 9}), codec.more(4, [1])]
+    decoded = codec.decode_frame(codec.encode_frame(replies), LIMITS)
+    assert [codec.parse_reply(r) for r in decoded] == [
+        (1, 0, b"v"),
+        (2, 0, None),
+        (3, 1, ["moved", "elsewhere", {"epoch": 9}]),
+        (4, 2, [1]),
+    ]
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [[1, 0], "x", [1, 7, None], [1, 1, "oops"], [1, 1, ["code"]], [1, 1, ["code", 5]], [1, 1, ["c", "m", "d"]], ["1", 0, None]],
+)
+def test_malformed_replies_are_refused(reply: Any) -> None:
+    with pytest.raises(WireError) as info:
+        codec.parse_reply(reply)
+    assert info.value.code == ErrorCode.BAD_FRAME
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        (b"\xff\xff\xff", ErrorCode.BAD_FRAME),
+        (b"", ErrorCode.BAD_FRAME),
+        (cbor2.dumps({"a": 1}), ErrorCode.BAD_FRAME),
+        (cbor2.dumps("text"), ErrorCode.BAD_FRAME),
+        (cbor2.dumps([[i, "ping", {}] for i in range(9)]), ErrorCode.BATCH_TOO_LARGE),
+        (b"\x81" * 100_000 + b"\x00", ErrorCode.BAD_FRAME),  # nested 100k deep
+        (b"\x5b" + (2**62).to_bytes(8, "big") + b"abc", ErrorCode.BAD_FRAME),  # huge declared length
+        (b"\x9f" * 50 + b"\xff" * 50, ErrorCode.BAD_FRAME),  # deep indefinite arrays
+        (b"\x81\x63\xff\xfe\xfd", ErrorCode.BAD_FRAME),  # invalid UTF-8 text
+    ],
+)
+def test_bad_frames(payload: bytes, code: ErrorCode) -> None:
+    with pytest.raises(WireError) as info:
+        codec.decode_frame(payload, Limits(max_batch=8))
+    assert info.value.code == code
+    assert info.value.rid is None
+
+
+def test_frame_over_the_limit() -> None:
+    with pytest.raises(WireError) as info:
+        codec.decode_frame(b"\x00" * 5000, LIMITS)
+    assert info.value.code == ErrorCode.FRAME_TOO_LARGE
+
+
+def test_bad_requests_keep_their_rid() -> None:
+    assert rejects([7, "explode", {}], ErrorCode.UNKNOWN_OP).rid == 7
+    assert rejects([7, 42, {}], ErrorCode.UNKNOWN_OP).rid == 7
+    assert rejects([7, "get", []], ErrorCode.BAD_REQUEST).rid == 7
+    assert rejects([7, "get", {}], ErrorCode.BAD_REQUEST).rid == 7
+    assert rejects([7, "get", {"key": b"k", "extra": 1}], ErrorCode.BAD_REQUEST).rid == 7
+
+
+@pytest.mark.parametrize(
+    "message",
+    [[], [1, "get"], [1, "get", {}, 4], "get", [-1, "ping", {}], [2**63, "ping", {}], [1.5, "ping", {}], [None, "ping", {}]],
+)
+def test_unusable_shapes_have_no_rid(message: Any) -> None:
+    assert rejects(message, ErrorCode.BAD_REQUEST).rid is None
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        ({"key": 5}, ErrorCode.BAD_REQUEST),
+        ({"key": b""}, ErrorCode.BAD_REQUEST),
+        ({"key": None}, ErrorCode.BAD_REQUEST),
+        ({"key": [b"k"]}, ErrorCode.BAD_REQUEST),
+        ({"key": b"k" * 17}, ErrorCode.KEY_TOO_LARGE),
+        ({"key": "é" * 9}, ErrorCode.KEY_TOO_LARGE),  # 18 bytes of UTF-8
+        ({"key": b"k", "ns": 5}, ErrorCode.BAD_REQUEST),
+        ({"key": b"k", "ns": "n" * 256}, ErrorCode.BAD_REQUEST),
+    ],
+)
+def test_key_validation(args: dict[str, Any], code: ErrorCode) -> None:
+    rejects([1, "get", args], code)
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        ({"key": b"k"}, ErrorCode.BAD_REQUEST),
+        ({"value": b"v"}, ErrorCode.BAD_REQUEST),
+        ({"key": b"k", "value": 3}, ErrorCode.BAD_REQUEST),
+        ({"key": b"k", "value": b"v" * 65}, ErrorCode.VALUE_TOO_LARGE),
+        ({"key": b"k", "value": b"v", "ttl_ms": -1}, ErrorCode.BAD_REQUEST),
+        ({"key": b"k", "value": b"v", "ttl_ms": 1.5}, ErrorCode.BAD_REQUEST),
+        ({"key": b"k", "value": b"v", "ttl_ms": "60"}, ErrorCode.BAD_REQUEST),
+        ({"key": b"k", "value": b"v", "ttl_ms": codec.MAX_TTL_MS + 1}, ErrorCode.BAD_REQUEST),
+        ({"key": b"k", "value": b"v", "ttl_ms": True}, ErrorCode.BAD_REQUEST),
+    ],
+)
+def test_set_validation(args: dict[str, Any], code: ErrorCode) -> None:
+    rejects([1, "set", args], code)
+
+
+def test_batch_validation() -> None:
+    rejects([1, "mget", {"keys": b"k"}], ErrorCode.BAD_REQUEST)
+    rejects([1, "mget", {"keys": [b"k"] * 9}], ErrorCode.BATCH_TOO_LARGE)
+    rejects([1, "mget", {"keys": [b"k", 5]}], ErrorCode.BAD_REQUEST)
+    rejects([1, "mset", {"items": [[b"k"]]}], ErrorCode.BAD_REQUEST)
+    rejects([1, "mset", {"items": [b"k", b"v"]}], ErrorCode.BAD_REQUEST)
+    rejects([1, "mset", {"items": [[b"k", b"v" * 65]]}], ErrorCode.VALUE_TOO_LARGE)
+    rejects([1, "hello", {}], ErrorCode.BAD_REQUEST)
+    rejects([1, "hello", {"version": "1"}], ErrorCode.BAD_REQUEST)
+    rejects([1, "ping", {"x": 1}], ErrorCode.BAD_REQUEST)
+
+
+def test_tagged_values_are_not_mistaken_for_bytes() -> None:
+    # A CBOR bignum tag decodes to an int, a datetime tag to a datetime: neither is a key.
+    rejects(cbor2.loads(cbor2.dumps([1, "get", {"key": 2**70}])), ErrorCode.BAD_REQUEST)
+    payload = cbor2.dumps([[1, "get", {"key": cbor2.CBORTag(1, 0)}]])
+    [message] = codec.decode_frame(payload, LIMITS)
+    rejects(message, ErrorCode.BAD_REQUEST)
+
+
+# -- fuzzing: nothing but WireError may come out ----------------------------------------
+
+cbor_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.binary(max_size=40) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5),
+    max_leaves=30,
+)
+ops = st.sampled_from([*codec.OPS, "nope"])
+messages = st.tuples(st.integers(min_value=-2, max_value=2**64), ops, cbor_values | st.dictionaries(
+    st.sampled_from(["key", "keys", "value", "items", "ns", "ttl_ms", "version", "client", "peer", "x"]), cbor_values, max_size=4
+)).map(list)
+
+
+def serve(payload: bytes) -> None:
+    try:
+        frame = codec.decode_frame(payload, LIMITS)
+    except WireError:
+        return
+    for message in frame:
+        try:
+            codec.parse_request(message, LIMITS)
+        except WireError as exc:
+            assert isinstance(exc.code, ErrorCode)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_fuzz_arbitrary_bytes(payload: bytes) -> None:
+    serve(payload)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(messages | cbor_values, max_size=10))
+def test_fuzz_cbor_structures(frame: list[Any]) -> None:
+    serve(cbor2.dumps(frame))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(messages, min_size=1, max_size=3), st.integers(min_value=0, max_value=200), st.binary(min_size=1, max_size=3))
+def test_fuzz_mutated_valid_frames(frame: list[Any], position: int, garbage: bytes) -> None:
+    payload = bytearray(cbor2.dumps(frame))
+    position %= len(payload)
+    payload[position : position + len(garbage)] = garbage
+    serve(bytes(payload))

@@ -1,0 +1,94 @@
+"""Placement: stable across processes, even, and minimal movement on membership changes."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from collections import Counter
+
+from dcache.shard import NUM_SHARDS, ShardMap, key_hash, owners, rank, shard_of
+
+KEYS = [f"user:{i}".encode() for i in range(300)] + [os.urandom(12) for _ in range(50)]
+
+
+def test_pinned_values() -> None:
+    # A change of hash function would silently reshuffle every cluster's data: pin it.
+    assert [shard_of("", k) for k in (b"user:1001", b"session:abc", b"a")] == [1909, 7881, 7747]
+    assert key_hash("", b"a") == 0xE8B7BE43  # CRC-32 of "a"
+    assert shard_of("", b"a") == 0xE8B7BE43 % NUM_SHARDS
+    assert shard_of("ns", b"a") == key_hash("", b"ns\0a") % NUM_SHARDS
+
+
+def test_stable_across_processes_with_other_hash_seeds() -> None:
+    keys = [k.hex() for k in KEYS]
+    members = ["a:1", "b:1", "c:1"]
+    code = (
+        "import json, sys; from dcache.shard import shard_of, ShardMap; keys, members = json.load(sys.stdin); "
+        "m = ShardMap.build(7, members); "
+        "print(json.dumps([[shard_of('', bytes.fromhex(k)), m.owner('', bytes.fromhex(k))] for k in keys]))"
+    )
+    here = ShardMap.build(7, members)
+    expected = [[shard_of("", bytes.fromhex(k)), here.owner("", bytes.fromhex(k))] for k in keys]
+    for seed in ("1", "12345"):
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            input=json.dumps([keys, members]),
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            check=True,
+        ).stdout
+        assert json.loads(out) == expected
+
+
+def test_keys_spread_evenly_over_shards() -> None:
+    rng = random.Random(1)
+    counts = Counter(shard_of("", f"key:{rng.getrandbits(48)}".encode()) for _ in range(200_000))
+    # ~24.4 keys per shard; with a uniform hash the emptiest and fullest stay within a few sigma.
+    assert len(counts) == NUM_SHARDS
+    assert min(counts.values()) >= 5 and max(counts.values()) <= 55
+    sequential = Counter(shard_of("", f"user:{i}".encode()) // 1024 for i in range(80_000))
+    assert max(sequential.values()) / min(sequential.values()) < 1.1
+
+
+def test_shards_spread_evenly_over_members() -> None:
+    for n in (3, 5):
+        members = [f"10.0.0.{i}:47000" for i in range(n)]
+        counts = Counter(owners(members))
+        expected = NUM_SHARDS / n
+        assert all(abs(c - expected) / expected < 0.06 for c in counts.values()), counts
+
+
+def test_adding_a_member_moves_only_its_share_to_it() -> None:
+    before = owners(["a:1", "b:1", "c:1"])
+    after = owners(["a:1", "b:1", "c:1", "d:1"])
+    moved = [s for s in range(NUM_SHARDS) if before[s] != after[s]]
+    assert all(after[s] == "d:1" for s in moved)
+    assert abs(len(moved) - NUM_SHARDS / 4) / (NUM_SHARDS / 4) < 0.06
+
+
+def test_removing_a_member_moves_only_its_shards() -> None:
+    before = owners(["a:1", "b:1", "c:1"])
+    after = owners(["a:1", "c:1"])
+    for s in range(NUM_SHARDS):
+        if before[s] != "b:1":
+            assert after[s] == before[s]
+        else:
+            assert after[s] in ("a:1", "c:1")
+
+
+def test_shard_map_is_order_independent_and_ranks_owner_first() -> None:
+    one = ShardMap.build(3, ["c:1", "a:1", "b:1", "a:1"])
+    two = ShardMap.build(3, ["b:1", "c:1", "a:1"])
+    assert one == two and one.members == ("a:1", "b:1", "c:1")
+    for shard in range(0, NUM_SHARDS, 97):
+        assert rank(shard, one.members)[0] == one.owner_of_shard(shard)
+    assert sum(one.shards_owned(m) for m in one.members) == NUM_SHARDS
+    groups = one.group_by_owner("", KEYS)
+    assert sorted(i for positions in groups.values() for i in positions) == list(range(len(KEYS)))
+    for owner, positions in groups.items():
+        assert all(one.owner("", KEYS[i]) == owner for i in positions)
+    assert ShardMap.build(0, []).shard_owners == ()

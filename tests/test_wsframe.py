@@ -1,0 +1,187 @@
+"""WebSocket framing without I/O, checked against RFC 6455 and against wsproto."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from wsproto.frame_protocol import FrameProtocol, Opcode
+
+from dcache import wsframe
+from dcache.wsframe import CLOSE_PROTOCOL_ERROR, CLOSE_TOO_BIG, Control, FrameError, FrameParser, build_frame
+
+SIZES = [0, 1, 125, 126, 127, 65535, 65536, 1 << 20]
+
+
+def server_parser(max_message: int = 1 << 24) -> FrameParser:
+    return FrameParser(expect_masked=True, max_message=max_message)
+
+
+def client_parser(max_message: int = 1 << 24) -> FrameParser:
+    return FrameParser(expect_masked=False, max_message=max_message)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("masked", [True, False])
+def test_round_trip(size: int, masked: bool) -> None:
+    payload = os.urandom(size)
+    parser = server_parser() if masked else client_parser()
+    assert parser.feed(build_frame(payload, masked=masked)) == [payload]
+    assert parser.buffered == 0
+
+
+def test_one_byte_at_a_time_and_many_at_once() -> None:
+    payloads = [b"a", b"", os.urandom(300), os.urandom(70000)]
+    stream = b"".join(build_frame(p, masked=True) for p in payloads)
+    parser = server_parser()
+    got: list[bytes | Control] = []
+    for i in range(len(stream)):
+        got += parser.feed(stream[i : i + 1])
+    assert got == payloads
+    assert server_parser().feed(stream) == payloads
+
+
+def fragment(payload: bytes, opcode: int, pieces: int, *, masked: bool, interleave_ping: bool = False) -> bytes:
+    size = max(1, len(payload) // pieces)
+    chunks = [payload[i : i + size] for i in range(0, len(payload), size)] or [b""]
+    out = []
+    for i, chunk in enumerate(chunks):
+        op = opcode if i == 0 else wsframe.OP_CONTINUATION
+        frame = bytearray(build_frame(chunk, opcode=op, masked=masked))
+        if i != len(chunks) - 1:
+            frame[0] &= 0x7F  # clear FIN
+        out.append(bytes(frame))
+        if interleave_ping and i == 0:
+            out.append(build_frame(b"are you there", opcode=wsframe.OP_PING, masked=masked))
+    return b"".join(out)
+
+
+def test_fragmented_messages_with_a_ping_between() -> None:
+    payload = os.urandom(1000)
+    got = server_parser().feed(fragment(payload, wsframe.OP_BINARY, 4, masked=True, interleave_ping=True))
+    assert got == [Control(wsframe.OP_PING, b"are you there"), payload]
+
+
+def test_text_and_control_messages() -> None:
+    parser = server_parser()
+    frames = [
+        build_frame("héllo".encode(), opcode=wsframe.OP_TEXT, masked=True),
+        fragment(b"split text", wsframe.OP_TEXT, 3, masked=True),
+        build_frame(b"p", opcode=wsframe.OP_PING, masked=True),
+        build_frame(b"", opcode=wsframe.OP_PONG, masked=True),
+        wsframe.build_close(1001, "going away", masked=True),
+    ]
+    got = parser.feed(b"".join(frames))
+    assert got[:4] == [
+        Control(wsframe.OP_TEXT, "héllo".encode()),
+        Control(wsframe.OP_TEXT, b"split text"),
+        Control(wsframe.OP_PING, b"p"),
+        Control(wsframe.OP_PONG, b""),
+    ]
+    assert got[4].close_info() == (1001, "going away")
+    assert Control(wsframe.OP_CLOSE, b"").close_info() == (1005, "")
+
+
+def set_bits(frame: bytes, first: int | None = None, second: int | None = None) -> bytes:
+    data = bytearray(frame)
+    if first is not None:
+        data[0] = first
+    if second is not None:
+        data[1] = second
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (set_bits(build_frame(b"x", masked=True), first=0x80 | 0x40 | 0x2), CLOSE_PROTOCOL_ERROR),  # RSV1
+        (set_bits(build_frame(b"x", masked=True), first=0x80 | 0x3), CLOSE_PROTOCOL_ERROR),  # opcode 3
+        (build_frame(b"x", masked=False), CLOSE_PROTOCOL_ERROR),  # unmasked client frame
+        (build_frame(b"x" * 126, opcode=wsframe.OP_PING, masked=True), CLOSE_PROTOCOL_ERROR),
+        (set_bits(build_frame(b"x", opcode=wsframe.OP_PING, masked=True), first=0x09), CLOSE_PROTOCOL_ERROR),
+        (build_frame(b"x", opcode=wsframe.OP_CONTINUATION, masked=True), CLOSE_PROTOCOL_ERROR),
+        (set_bits(build_frame(b"x", masked=True), first=0x02) + build_frame(b"y", masked=True), CLOSE_PROTOCOL_ERROR),
+    ],
+)
+def test_protocol_violations(data: bytes, code: int) -> None:
+    with pytest.raises(FrameError) as info:
+        server_parser().feed(data)
+    assert info.value.code == code
+
+
+def test_server_frames_must_not_be_masked() -> None:
+    with pytest.raises(FrameError) as info:
+        client_parser().feed(build_frame(b"x", masked=True))
+    assert info.value.code == CLOSE_PROTOCOL_ERROR
+
+
+def test_oversize_message_is_refused_before_it_arrives() -> None:
+    parser = server_parser(max_message=1000)
+    header_only = build_frame(b"x" * 5000, masked=True)[:8]  # 2 + 2 length + 4 mask
+    with pytest.raises(FrameError) as info:
+        parser.feed(header_only)
+    assert info.value.code == CLOSE_TOO_BIG
+    # Fragments count together.
+    with pytest.raises(FrameError):
+        server_parser(max_message=1000).feed(fragment(b"x" * 1500, wsframe.OP_BINARY, 3, masked=True))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.binary(max_size=300), min_size=1, max_size=6), st.lists(st.integers(min_value=1, max_value=50), max_size=40))
+def test_any_split_gives_the_same_messages(payloads: list[bytes], cuts: list[int]) -> None:
+    stream = b"".join(build_frame(p, masked=True) for p in payloads)
+    parser = server_parser()
+    got: list[bytes | Control] = []
+    pos = 0
+    for cut in cuts:
+        got += parser.feed(stream[pos : pos + cut])
+        pos += cut
+    got += parser.feed(stream[pos:])
+    assert got == payloads
+
+
+@pytest.mark.parametrize("size", [0, 5, 200, 70000])
+def test_compatible_with_wsproto_both_ways(size: int) -> None:
+    payload = os.urandom(size)
+    # Our client frame, read by wsproto's server side.
+    server = FrameProtocol(client=False, extensions=[])
+    server.receive_bytes(build_frame(payload, masked=True))
+    [frame] = list(server.received_frames())
+    assert frame.opcode == Opcode.BINARY and bytes(frame.payload) == payload and frame.frame_finished
+    # wsproto's server frame, read by our client side.
+    data = server.send_data(payload, fin=True)
+    assert client_parser().feed(data) == [payload]
+    # wsproto's client frame (masked), read by our server side.
+    client = FrameProtocol(client=True, extensions=[])
+    assert server_parser().feed(client.send_data(payload, fin=True)) == [payload]
+
+
+def test_handshake_pipes_into_itself_with_trailing_bytes() -> None:
+    client = wsframe.ClientHandshake("localhost:48000")
+    server = wsframe.ServerHandshake()
+    first_frame = build_frame(b"hello", masked=True)
+    result = server.feed(client.request + first_frame)
+    assert result is not None
+    response, leftover = result
+    assert leftover == first_frame
+    assert response.startswith(b"HTTP/1.1 101 ")
+    reply = build_frame(b"welcome", masked=False)
+    assert client.feed(response + reply) == reply
+
+
+def test_plain_http_gets_a_400() -> None:
+    server = wsframe.ServerHandshake()
+    with pytest.raises(wsframe.HandshakeError) as info:
+        server.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert info.value.response.startswith(b"HTTP/1.1 400 ")
+    assert b"dcache" in info.value.response
+
+
+def test_client_refuses_a_non_websocket_answer() -> None:
+    client = wsframe.ClientHandshake("localhost:48000")
+    with pytest.raises(wsframe.HandshakeError):
+        client.feed(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+    with pytest.raises(wsframe.HandshakeError):
+        wsframe.ClientHandshake("x").feed(b"")
