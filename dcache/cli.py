@@ -1,6 +1,9 @@
-"""The ``dcache`` command line: ``serve`` and the one-shot commands.
+"""The ``dcache`` command line: ``serve``, the one-shot commands, ``shell``,
+``cluster up`` and ``bench``.
 
-Parsing is typer's; what a command does is in :mod:`dcache.commands`.
+This typer app is the one command table: ``dcache shell`` parses its lines
+with it too. Parsing is typer's; what a command does is in
+:mod:`dcache.commands`.
 Output rules: stdout carries only the result (raw values pipe cleanly),
 stderr carries notes and errors, ``--json`` prints one JSON object, and the
 exit status is 0 on success, 1 for "not found", 2 when the node cannot be
