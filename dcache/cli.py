@@ -129,17 +129,35 @@ def _run(ctx: typer.Context, server: str, timeout: float, as_json: bool, command
 # -- one-shot commands ----------------------------------------------------------
 
 
-@app.command()
-def get(
-    ctx: typer.Context,
-    key: KeyArgument,
-    server: ServerOption = DEFAULT_ADDRESS,
-    ns: NsOption = "",
-    as_json: JsonOption = False,
-    timeout: TimeoutOption = DEFAULT_TIMEOUT,
-) -> None:
-    """Print the value of KEY (raw bytes, so it pipes); exit 1 if it is missing."""
-    _run(ctx, server, timeout, as_json, commands.get, key=key, ns=ns)
+def _keyed_command(name: str, command: Callable[..., Outcome], doc: str) -> None:
+    def run(
+        ctx: typer.Context,
+        key: KeyArgument,
+        server: ServerOption = DEFAULT_ADDRESS,
+        ns: NsOption = "",
+        as_json: JsonOption = False,
+        timeout: TimeoutOption = DEFAULT_TIMEOUT,
+    ) -> None:
+        _run(ctx, server, timeout, as_json, command, key=key, ns=ns)
+
+    run.__doc__ = doc
+    app.command(name)(run)
+
+
+def _node_command(name: str, command: Callable[..., Outcome], doc: str) -> None:
+    def run(
+        ctx: typer.Context,
+        server: ServerOption = DEFAULT_ADDRESS,
+        as_json: JsonOption = False,
+        timeout: TimeoutOption = DEFAULT_TIMEOUT,
+    ) -> None:
+        _run(ctx, server, timeout, as_json, command)
+
+    run.__doc__ = doc
+    app.command(name)(run)
+
+
+_keyed_command("get", commands.get, "Print the value of KEY (raw bytes, so it pipes); exit 1 if it is missing.")
 
 
 @app.command("set")
@@ -187,17 +205,7 @@ def delete(
     _run(ctx, server, timeout, as_json, commands.delete, keys=keys, ns=ns)
 
 
-@app.command()
-def ttl(
-    ctx: typer.Context,
-    key: KeyArgument,
-    server: ServerOption = DEFAULT_ADDRESS,
-    ns: NsOption = "",
-    as_json: JsonOption = False,
-    timeout: TimeoutOption = DEFAULT_TIMEOUT,
-) -> None:
-    """Show how long KEY has left to live; exit 1 if it is missing."""
-    _run(ctx, server, timeout, as_json, commands.ttl, key=key, ns=ns)
+_keyed_command("ttl", commands.ttl, "Show how long KEY has left to live; exit 1 if it is missing.")
 
 
 @app.command()
@@ -212,26 +220,8 @@ def stats(
     _run(ctx, server, timeout, as_json, commands.cluster_stats if cluster else commands.stats)
 
 
-@app.command()
-def members(
-    ctx: typer.Context,
-    server: ServerOption = DEFAULT_ADDRESS,
-    as_json: JsonOption = False,
-    timeout: TimeoutOption = DEFAULT_TIMEOUT,
-) -> None:
-    """List the cluster's nodes: address, state, shards owned, keys, uptime."""
-    _run(ctx, server, timeout, as_json, commands.members)
-
-
-@app.command()
-def ping(
-    ctx: typer.Context,
-    server: ServerOption = DEFAULT_ADDRESS,
-    as_json: JsonOption = False,
-    timeout: TimeoutOption = DEFAULT_TIMEOUT,
-) -> None:
-    """Check that the node answers."""
-    _run(ctx, server, timeout, as_json, commands.ping)
+_node_command("members", commands.members, "List the cluster's nodes: address, state, shards owned, keys, uptime.")
+_node_command("ping", commands.ping, "Check that the node answers.")
 
 
 @app.command()

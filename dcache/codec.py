@@ -198,32 +198,26 @@ def _fields(args: dict[str, Any], allowed: frozenset[str], op: str) -> None:
         raise WireError(ErrorCode.BAD_REQUEST, f"{op}: unknown field(s) {sorted(map(str, extra))}")
 
 
-def _key(value: Any, limits: Limits, what: str = "key") -> bytes:
+def _sized(value: Any, limit: int, code: ErrorCode, what: str) -> bytes:
+    """Bytes (text is taken as UTF-8) of at most ``limit`` bytes."""
     if type(value) is str:
         value = value.encode()
     elif type(value) is not bytes:
         raise WireError(ErrorCode.BAD_REQUEST, f"{what} must be bytes or text")
-    if not value:
-        raise WireError(ErrorCode.BAD_REQUEST, f"{what} must not be empty")
-    if len(value) > limits.max_key_bytes:
-        raise WireError(
-            ErrorCode.KEY_TOO_LARGE,
-            f"{what} of {len(value)} bytes exceeds the limit of {limits.max_key_bytes}",
-        )
+    if len(value) > limit:
+        raise WireError(code, f"{what} of {len(value)} bytes exceeds the limit of {limit}")
     return value
+
+
+def _key(value: Any, limits: Limits) -> bytes:
+    key = _sized(value, limits.max_key_bytes, ErrorCode.KEY_TOO_LARGE, "key")
+    if not key:
+        raise WireError(ErrorCode.BAD_REQUEST, "key must not be empty")
+    return key
 
 
 def _value(value: Any, limits: Limits) -> bytes:
-    if type(value) is str:
-        value = value.encode()
-    elif type(value) is not bytes:
-        raise WireError(ErrorCode.BAD_REQUEST, "value must be bytes or text")
-    if len(value) > limits.max_value_bytes:
-        raise WireError(
-            ErrorCode.VALUE_TOO_LARGE,
-            f"value of {len(value)} bytes exceeds the limit of {limits.max_value_bytes}",
-        )
-    return value
+    return _sized(value, limits.max_value_bytes, ErrorCode.VALUE_TOO_LARGE, "value")
 
 
 def _ns(args: dict[str, Any]) -> str:
