@@ -309,3 +309,19 @@ async def test_cluster_client_survives_a_node_leaving(cluster: list[InProcessNod
             assert await client.mget([f"k{i}" for i in range(100)]) == [b"w"] * 100
             await client.refresh()
             assert len(client.shard_map.members) == 2
+
+
+async def test_cluster_names_keep_clusters_apart(nursery: trio.Nursery, etcd_server: EtcdServer) -> None:
+    def node(cluster: str) -> Node:
+        return Node(NodeConfig(client_listen="127.0.0.1:0", listen="127.0.0.1:0", etcd=etcd_server.endpoint, cluster=cluster, lease_ttl=LEASE_TTL))
+
+    with trio.fail_after(TIMEOUT):
+        blue = [await nursery.start(_scoped, node("blue")) for _ in range(2)]
+        green = await nursery.start(_scoped, node("green"))
+        await wait_for_members(blue, 2)
+        assert green.node.router.shard_map.members == (green.bound.node_id,)
+        async with dcache.connect(green.address) as client:
+            await client.set("k", "green")
+        async with dcache.connect(blue[0].address) as client:
+            assert await client.get("k") is None
+            assert len((await client.members())["members"]) == 2
