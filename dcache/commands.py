@@ -128,7 +128,9 @@ def stats(client: Operations) -> Outcome:
     data = _with_hit_ratio(client.stats())
     rows = [(label, fmt(data[name])) for name, label, fmt in STAT_ROWS if name in data]
     plain = "\n".join(f"{name}\t{data[name]}" for name, _, _ in STAT_ROWS if name in data)
-    return Outcome(data, stdout=plain, table=TableData(rows))
+    members = data.get("members", 1)
+    note = f"this node only; `stats --cluster` shows all {members} members" if members > 1 else None
+    return Outcome(data, stdout=plain, table=TableData(rows), note=note)
 
 
 CLUSTER_COUNTERS = ("keys", "hits", "misses", "sets", "deletes", "expired", "data_bytes", "memory_bytes")

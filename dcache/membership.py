@@ -279,14 +279,17 @@ class EtcdMembership:
         backoff = BACKOFF_INITIAL
         while True:
             try:
-                responses = await self._call(self._lease.refresh)
-                if not responses or responses[0].TTL <= 0:
-                    log.warning("our etcd lease expired; registering again")
+                if self._lease is None or not self.healthy:
+                    # Back from an outage: refresh or replace the lease, put our key again.
                     await self._register()
                     self._wake()
-                elif not self.healthy:
-                    await self._register()
-                    self._wake()
+                else:
+                    responses = await self._call(self._lease.refresh)
+                    if not responses or responses[0].TTL <= 0:
+                        log.warning("our etcd lease expired; registering again")
+                        self._lease = None
+                        await self._register()
+                        self._wake()
                 self._mark_healthy()
                 backoff = BACKOFF_INITIAL
                 await trio.sleep(self._lease_ttl / 3)

@@ -325,3 +325,36 @@ async def test_cluster_names_keep_clusters_apart(nursery: trio.Nursery, etcd_ser
         async with dcache.connect(blue[0].address) as client:
             assert await client.get("k") is None
             assert len((await client.members())["members"]) == 2
+
+
+async def test_metrics_endpoint(nursery: trio.Nursery, etcd_server: EtcdServer) -> None:
+    node = Node(NodeConfig(client_listen="127.0.0.1:0", listen="127.0.0.1:0", metrics_listen="127.0.0.1:0", etcd=etcd_server.endpoint, lease_ttl=LEASE_TTL))
+    running = await nursery.start(_scoped, node)
+    assert running.bound.metrics is not None
+    host, port = running.bound.metrics
+    with trio.fail_after(TIMEOUT):
+        async with dcache.connect(running.address) as client:
+            await client.set("k", "v")
+            await client.get("k")
+            await client.get("missing")
+        stream = await trio.open_tcp_stream(host, port)
+        await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = b""
+        while chunk := await stream.receive_some(65536):
+            response += chunk
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"text/plain" in head
+    text = body.decode()
+    for line in (
+        'dcache_ops_total{op="set",result="ok"} 1.0',
+        'dcache_ops_total{op="get",result="ok"} 2.0',
+        "dcache_hits_total 1.0",
+        "dcache_misses_total 1.0",
+        "dcache_keys 1.0",
+        "dcache_members 1.0",
+        "dcache_forwarded_requests_total 0.0",
+    ):
+        assert line in text, line
+    assert f"dcache_membership_epoch {float(node.router.shard_map.epoch)}" in text
+    assert 'dcache_request_latency_seconds_bucket{le="+Inf"}' in text
+    assert "dcache_peer_link_up" in text
