@@ -319,7 +319,8 @@ class ClusterClient(Operations):
     async def refresh(self) -> None:
         """Fetch the members and their addresses again."""
         self._refreshed_at = trio.current_time()
-        view = await self._seed.members()
+        status, view = await self._via_seed("members", {})
+        view = _outcome(status, view, _identity)
         up = {m["node"]: m["client"] for m in view["members"] if m["state"] == "up" and m["client"]}
         self.shard_map = ShardMap.build(view["epoch"], up)
         self._addresses = up
@@ -353,20 +354,39 @@ class ClusterClient(Operations):
                 raise
             # That node is gone or stuck: the seed forwards, and the map is redone.
             self._refreshed_at = -math.inf
+            return await self._via_seed(op, args)
+
+    async def _via_seed(self, op: str, args: dict[str, Any]) -> tuple[int, Any]:
+        try:
             return await self._seed._channel.request(op, args)
+        except (ConnectionLost, RequestTimeout):
+            await self._replace_seed()
+            return await self._seed._channel.request(op, args)
+
+    async def _replace_seed(self) -> None:
+        """The node this client first reached is gone: carry on through another member."""
+        for address in self._addresses.values():
+            if address == self._seed.address:
+                continue
+            try:
+                client = await Client.connect(address, timeout=self.timeout)
+            except ConnectError:
+                continue
+            old, self._seed = self._seed, client
+            self._refreshed_at = -math.inf
+            await old.aclose()
+            return
+        raise ConnectionLost("no member of the cluster answers")
 
     async def _call(self, op: str, args: dict[str, Any], decode: Callable[[Any], Any]) -> Any:
         if trio.current_time() - self._refreshed_at > CLUSTER_REFRESH_INTERVAL:
             await self.refresh()
         field = _MULTI_KEY_OPS.get(op)
         if not self.shard_map.members or (field is None and op not in _SINGLE_KEY_OPS):
-            status, body = await self._seed._channel.request(op, args)
-            return _outcome(status, body, decode)
+            return _outcome(*await self._via_seed(op, args), decode)
         if field is None:
             owner = self.shard_map.owner(args.get("ns", ""), args["key"])
             return _outcome(*await self._request(owner, op, args), decode)
-            status, body = await self._seed._channel.request(op, args)
-            return _outcome(status, body, decode)
         elements = args[field]
         keys = (e[0] for e in elements) if op == "mset" else elements
         groups = self.shard_map.group_by_owner(args.get("ns", ""), keys)

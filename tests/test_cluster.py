@@ -311,6 +311,19 @@ async def test_cluster_client_survives_a_node_leaving(cluster: list[InProcessNod
             assert len(client.shard_map.members) == 2
 
 
+async def test_cluster_client_outlives_the_node_it_first_reached(cluster: list[InProcessNode]) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with await dcache.ClusterClient.connect(cluster[0].address) as client:
+            await client.mset({f"k{i}": "v" for i in range(30)})
+            cluster[0].stop()
+            await wait_for_members(cluster[1:], 2)
+            await client.refresh()
+            assert len(client.shard_map.members) == 2
+            await client.mset({f"k{i}": "w" for i in range(30)})
+            assert await client.mget([f"k{i}" for i in range(30)]) == [b"w"] * 30
+            assert len((await client.members())["members"]) == 2
+
+
 async def test_cluster_names_keep_clusters_apart(nursery: trio.Nursery, etcd_server: EtcdServer) -> None:
     def node(cluster: str) -> Node:
         return Node(NodeConfig(client_listen="127.0.0.1:0", listen="127.0.0.1:0", etcd=etcd_server.endpoint, cluster=cluster, lease_ttl=LEASE_TTL))
