@@ -228,7 +228,7 @@ _node_command("ping", commands.ping, "Check that the node answers.")
 def shell(
     address: Annotated[
         Optional[str],
-        typer.Argument(metavar="[HOST:PORT]", help="Node to connect to [default: --server].", show_default=False),
+        typer.Argument(metavar="[HOST:PORT]", help="Node to connect to (default: --server).", show_default=False),
     ] = None,
     server: ServerOption = DEFAULT_ADDRESS,
     timeout: TimeoutOption = DEFAULT_TIMEOUT,
@@ -252,12 +252,12 @@ def serve(
     ] = "localhost:47000",
     advertise: Annotated[
         Optional[str],
-        typer.Option("--advertise", metavar="HOST:PORT", help="Peer address other nodes use [default: --listen]."),
+        typer.Option("--advertise", metavar="HOST:PORT", help="Peer address other nodes dial, and the node id (default: the --listen address)."),
     ] = None,
     etcd: Annotated[
         Optional[str],
         typer.Option(
-            "--etcd", envvar="DCACHE_ETCD", metavar="URL", help="etcd endpoint to join a cluster through [default: run standalone]."
+            "--etcd", envvar="DCACHE_ETCD", metavar="URL", help="etcd endpoint to join a cluster through (default: run standalone)."
         ),
     ] = None,
     cluster: Annotated[
