@@ -371,3 +371,26 @@ async def test_metrics_endpoint(nursery: trio.Nursery, etcd_server: EtcdServer) 
     assert f"dcache_membership_epoch {float(node.router.shard_map.epoch)}" in text
     assert 'dcache_request_latency_seconds_bucket{le="+Inf"}' in text
     assert "dcache_peer_link_up" in text
+
+
+async def test_shell_where_names_the_owner_in_a_cluster(cluster: list[InProcessNode]) -> None:
+    import io
+
+    from rich.console import Console
+
+    from dcache.shell import ShellSession
+
+    out = io.StringIO()
+    session = ShellSession(cluster[0].address, console=Console(file=out, width=200, color_system=None), interactive=True)
+    with trio.fail_after(TIMEOUT):
+        assert await trio.to_thread.run_sync(session.connect)
+        assert await trio.to_thread.run_sync(session.execute, "set user:1001 Alice ttl=60") == 0
+        assert await trio.to_thread.run_sync(session.execute, "where user:1001") == 0
+        assert await trio.to_thread.run_sync(session.execute, "stats --cluster") == 0
+    owner = cluster[0].node.router.shard_map.owner("", b"user:1001")
+    text = out.getvalue()
+    assert f"owner         {owner}" in text
+    assert "time to live" in text and ("59" in text or "60 s" in text)
+    assert "total" in text  # the per-node table and its total
+    assert set(session.known_addresses) == {n.address for n in cluster}
+    session.close()
