@@ -92,3 +92,18 @@ def test_shard_map_is_order_independent_and_ranks_owner_first() -> None:
     for owner, positions in groups.items():
         assert all(one.owner("", KEYS[i]) == owner for i in positions)
     assert ShardMap.build(0, []).shard_owners == ()
+
+
+def test_sans_io_cores_import_no_io_layer() -> None:
+    code = (
+        "import sys; import dcache.codec, dcache.wsframe, dcache.shard, dcache.store; "
+        "print(sorted(m for m in ('trio', 'socket', 'dcache.transport', 'dcache.node') if m in sys.modules))"
+    )
+    # dcache/__init__ imports the client (and so trio) for the public API; load the cores without it.
+    loader = (
+        "import importlib.util, sys, types, pathlib; "
+        "pkg = types.ModuleType('dcache'); pkg.__path__ = [str(pathlib.Path('dcache').resolve())]; "
+        "pkg.__version__ = '0'; sys.modules['dcache'] = pkg; "
+    )
+    out = subprocess.run([sys.executable, "-c", loader + code], capture_output=True, text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.stdout.strip() == "[]"
