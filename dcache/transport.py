@@ -21,6 +21,7 @@ RECEIVE_SIZE = 256 * 1024
 HANDSHAKE_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 1.0
 WRITE_TIMEOUT = 30.0  # to finish a message once it is partly written
+BUSY_READ_BYTES = 4096  # a read this large suggests more data is already queued
 
 
 class ConnectionClosed(Exception):
@@ -46,6 +47,7 @@ class Connection:
         self._ready: list[bytes] = []
         self._send_lock = trio.StrictFIFOLock()
         # The plain socket under a trio SocketStream, for writes that need no wait.
+        self._busy = False
         trio_socket = getattr(stream, "socket", None)
         self._socket = getattr(trio_socket, "_sock", None) if isinstance(stream, trio.SocketStream) else None
         self._closed = False
@@ -135,23 +137,30 @@ class Connection:
         sock = self._socket
         if sock is None:
             return await self.stream.receive_some(RECEIVE_SIZE)
-        try:
-            data = sock.recv(RECEIVE_SIZE)
-        except BlockingIOError:
-            pass
-        except OSError as exc:
-            raise trio.BrokenResourceError(str(exc)) from exc
-        else:
-            await trio.lowlevel.checkpoint()
-            return data
+        if self._busy:
+            # Under load, data is usually waiting already: take it without
+            # asking epoll first.
+            try:
+                data = sock.recv(RECEIVE_SIZE)
+            except BlockingIOError:
+                self._busy = False
+            except OSError as exc:
+                raise trio.BrokenResourceError(str(exc)) from exc
+            else:
+                await trio.lowlevel.checkpoint()
+                return data
         while True:
             await trio.lowlevel.wait_readable(sock)
             try:
-                return sock.recv(RECEIVE_SIZE)
+                data = sock.recv(RECEIVE_SIZE)
             except BlockingIOError:
                 continue
             except OSError as exc:
                 raise trio.BrokenResourceError(str(exc)) from exc
+            # One request at a time (the usual small read) means the next
+            # one is not there yet either: skip the speculative read.
+            self._busy = len(data) >= BUSY_READ_BYTES
+            return data
 
     def _absorb(self, data: bytes) -> list[wsframe.Control]:
         controls = []
