@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import socket
+import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable, Iterable, Mapping
 
@@ -29,6 +30,7 @@ DEFAULT_ADDRESS = "localhost:48000"
 DEFAULT_PORT = 48000
 DEFAULT_TIMEOUT = 10.0
 CLIENT_NAME = f"dcache-python/{__version__}"
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 
 Key = str | bytes
 Value = str | bytes
@@ -504,7 +506,7 @@ class SyncClient(Operations):
                             raise ProtocolError(f"the node rejected a frame: {body[1] if status else body}")
                         if reply_rid == rid and status != Status.MORE:
                             return _outcome(status, body, decode)
-                data = self._sock.recv(transport.RECEIVE_SIZE)
+                data = self._receive()
                 if not data:
                     raise ConnectionLost(f"{self.address} closed the connection")
                 self._absorb(data)
@@ -512,6 +514,16 @@ class SyncClient(Operations):
             raise RequestTimeout(f"{op}: no reply from {self.address} within {self.timeout:g} s") from None
         except OSError as exc:
             raise ConnectionLost(f"lost the connection to {self.address}: {exc}") from None
+
+    def _receive(self) -> bytes:
+        """Poll briefly for a quick reply before blocking (see transport.BUSY_POLL)."""
+        until = time.perf_counter() + (transport.BUSY_POLL if _DONTWAIT else 0.0)
+        while time.perf_counter() < until:
+            try:
+                return self._sock.recv(transport.RECEIVE_SIZE, _DONTWAIT)
+            except BlockingIOError:
+                continue
+        return self._sock.recv(transport.RECEIVE_SIZE)
 
     def _take_ready(self) -> list[bytes]:
         ready, self._ready = self._ready, []
