@@ -142,9 +142,9 @@ class Connection:
           first and pass a checkpoint, so a peer that never stops sending
           cannot starve other tasks.
         * While the peer answers quickly, poll the socket for up to
-          :data:`BUSY_POLL` before sleeping, but only when no other task is
-          ready to run: waking a sleeping process costs more than a round
-          trip on loopback. A poll that finds nothing turns polling off
+          :data:`BUSY_POLL` before sleeping, but only once no other task is
+          ready to run (they get to run first): waking a sleeping process
+          costs more than a round trip on loopback. A poll that finds nothing turns polling off
           until the peer answers quickly again, so an idle connection costs
           one poll, not one per wait.
         """
@@ -161,11 +161,15 @@ class Connection:
             else:
                 await trio.lowlevel.checkpoint()
                 return data
-        if self._poll and BUSY_POLL and not trio.lowlevel.current_statistics().tasks_runnable:
-            data = self._poll_for_data(sock)
-            if data is not None:
-                return data
-            self._poll = False
+        if self._poll and BUSY_POLL:
+            if trio.lowlevel.current_statistics().tasks_runnable:
+                # Let them run first: they may be sending what we wait for.
+                await trio.lowlevel.checkpoint()
+            if not trio.lowlevel.current_statistics().tasks_runnable:
+                data = self._poll_for_data(sock)
+                if data is not None:
+                    return data
+                self._poll = False
         started = time.perf_counter()
         while True:
             await trio.lowlevel.wait_readable(sock)
