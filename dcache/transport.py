@@ -168,6 +168,7 @@ class Connection:
             if not trio.lowlevel.current_statistics().tasks_runnable:
                 data = self._poll_for_data(sock)
                 if data is not None:
+                    self._busy = len(data) >= BUSY_READ_BYTES
                     return data
                 self._poll = False
         started = time.perf_counter()
