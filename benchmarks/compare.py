@@ -141,20 +141,28 @@ def sequential(node: Node, redis_: Redis, n: int, rounds: int = 3) -> dict[str, 
     return {name: statistics.median(rates) for name, rates in runs.items()}
 
 
+CONCURRENT_KEYS = [f"c{i}" for i in range(1000)]
+
+
+def task_keys(task: int, count: int) -> list[str]:
+    """The keys one task reads, the same for dcache and Redis."""
+    return [CONCURRENT_KEYS[(task * 7919 + i) % len(CONCURRENT_KEYS)] for i in range(count)]
+
+
 def dcache_concurrent(address: str, tasks: int, per_task: int, *, cluster: bool = False) -> float:
     async def run() -> float:
         client: Any = await (dcache.ClusterClient if cluster else dcache.Client).connect(address)
-        keys = [f"c{i}" for i in range(1000)]
-        await client.mset({k: VALUE for k in keys})
+        await client.mset({k: VALUE for k in CONCURRENT_KEYS})
+        work = [task_keys(n, per_task) for n in range(tasks)]
 
-        async def worker(n: int) -> None:
-            for i in range(per_task):
-                await client.get(keys[(n * 7919 + i) % 1000])
+        async def worker(keys: list[str]) -> None:
+            for key in keys:
+                await client.get(key)
 
         started = time.perf_counter()
         async with trio.open_nursery() as nursery:
-            for n in range(tasks):
-                nursery.start_soon(worker, n)
+            for keys in work:
+                nursery.start_soon(worker, keys)
         rate = tasks * per_task / (time.perf_counter() - started)
         await client.aclose()
         return rate
@@ -167,15 +175,15 @@ def redis_concurrent(port: int, tasks: int, per_task: int) -> float:
 
     async def run() -> float:
         client = aioredis.Redis(port=port, max_connections=tasks)
-        keys = [f"c{i}" for i in range(1000)]
-        await client.mset({k: VALUE for k in keys})
+        await client.mset({k: VALUE for k in CONCURRENT_KEYS})
+        work = [task_keys(n, per_task) for n in range(tasks)]
 
-        async def worker(n: int) -> None:
-            for i in range(per_task):
-                await client.get(keys[(n * 7919 + i) % 1000])
+        async def worker(keys: list[str]) -> None:
+            for key in keys:
+                await client.get(key)
 
         started = time.perf_counter()
-        await asyncio.gather(*(worker(n) for n in range(tasks)))
+        await asyncio.gather(*(worker(keys) for keys in work))
         rate = tasks * per_task / (time.perf_counter() - started)
         await client.aclose()
         return rate
