@@ -144,9 +144,9 @@ class Connection:
         * While the peer answers quickly, poll the socket for up to
           :data:`BUSY_POLL` before sleeping, but only once no other task is
           ready to run (they get to run first): waking a sleeping process
-          costs more than a round trip on loopback. A poll that finds nothing turns polling off
-          until the peer answers quickly again, so an idle connection costs
-          one poll, not one per wait.
+          costs more than a round trip on loopback. A poll that finds
+          nothing turns polling off until the peer answers quickly again,
+          so an idle connection costs one poll, not one per wait.
         """
         sock = self._socket
         if sock is None:
