@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import socket
-import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable, Iterable, Mapping
 
@@ -444,6 +443,7 @@ class SyncClient(Operations):
         self._next_rid = 1
         self._ready: list[bytes] = []
         self._parser = wsframe.FrameParser(expect_masked=False, max_message=codec.DEFAULT_MAX_FRAME_BYTES)
+        self._poller = transport.BusyPoll(transport.BUSY_POLL if _DONTWAIT else 0.0)
         self._sock = self._open(address, timeout)
         try:
             self.server_info = self._call("hello", _hello_args(), _identity)
@@ -516,13 +516,12 @@ class SyncClient(Operations):
             raise ConnectionLost(f"lost the connection to {self.address}: {exc}") from None
 
     def _receive(self) -> bytes:
-        """Poll briefly for a quick reply before blocking (see transport.BUSY_POLL)."""
-        until = time.perf_counter() + (transport.BUSY_POLL if _DONTWAIT else 0.0)
-        while time.perf_counter() < until:
-            try:
-                return self._sock.recv(transport.RECEIVE_SIZE, _DONTWAIT)
-            except BlockingIOError:
-                continue
+        """Poll briefly for a quick reply before blocking (see transport.BusyPoll)."""
+        poller = self._poller
+        if poller.wanted():
+            data = poller.poll(self._sock, _DONTWAIT)
+            if data is not None:
+                return data
         return self._sock.recv(transport.RECEIVE_SIZE)
 
     def _take_ready(self) -> list[bytes]:

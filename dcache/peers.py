@@ -162,11 +162,15 @@ class PeerLinks:
         conn = await transport.connect(
             node_id, max_message=self._max_frame_bytes, default_port=0, timeout=CONNECT_TIMEOUT
         )
-        channel = Channel(conn, name=f"peer {node_id}", timeout=REQUEST_TIMEOUT)
+        # The link's keep-alive task times requests out (see _keep_alive).
+        channel = Channel(conn, name=f"peer {node_id}", timeout=REQUEST_TIMEOUT, watched=True)
+        hello = {"version": codec.PROTOCOL_VERSION, "client": f"dcache-node/{__version__}", "peer": self.node_id}
         try:
-            status, body = await channel.request(
-                "hello", {"version": codec.PROTOCOL_VERSION, "client": f"dcache-node/{__version__}", "peer": self.node_id}
-            )
+            with trio.fail_after(CONNECT_TIMEOUT):
+                status, body = await channel.request("hello", hello)
+        except trio.TooSlowError:
+            await conn.aclose()
+            raise RequestTimeout(f"{node_id} did not answer our hello within {CONNECT_TIMEOUT:g} s") from None
         except DcacheError:
             await conn.aclose()
             raise
@@ -178,11 +182,17 @@ class PeerLinks:
         return channel
 
     async def _keep_alive(self, channel: Channel) -> None:
-        """Return when the channel breaks; ping it while it is idle."""
+        """Return when the channel breaks or a request on it is overdue; ping it while it is idle."""
         while channel.broken is None:
             await trio.sleep(PING_INTERVAL)
+            if channel.expire_overdue():
+                return
             if channel.broken is None and channel.in_flight == 0:
                 try:
-                    await channel.request("ping", {})
+                    with trio.fail_after(REQUEST_TIMEOUT):
+                        await channel.request("ping", {})
+                except trio.TooSlowError:
+                    channel.fail(RequestTimeout(f"no reply to a ping from {channel.name} within {REQUEST_TIMEOUT:g} s"))
+                    return
                 except DcacheError:
                     return

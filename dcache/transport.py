@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
 import time
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import trio
 
@@ -25,10 +26,88 @@ HANDSHAKE_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 1.0
 WRITE_TIMEOUT = 30.0  # to finish a message once it is partly written
 BUSY_READ_BYTES = 4096
-# How long a reader polls for a quick reply before sleeping (0 turns it off),
-# and how quick a reply must be to turn polling back on.
-BUSY_POLL = float(os.environ.get("DCACHE_BUSY_POLL_US", "100")) / 1e6
-BUSY_POLL_REARM = 2 * BUSY_POLL  # a read this large suggests more data is already queued
+# How long a reader polls a socket before sleeping on it (0 turns polling
+# off); see BusyPoll.
+BUSY_POLL = float(os.environ.get("DCACHE_BUSY_POLL_US", "1000")) / 1e6
+POLL_BACKOFF_MAX = 64  # after repeated misses, poll on only one wait in this many
+_yield_cpu = getattr(os, "sched_yield", lambda: None)
+
+
+class BusyPoll:
+    """Whether to poll a socket before sleeping on it, and the polling itself.
+
+    On virtual machines waking a sleeping process costs more than a whole
+    loopback round trip, so a reader that expects data soon does better to
+    spin on its socket for a short ``window``. The spin yields the CPU on
+    every turn, so a poller never starves the process it waits for on a
+    machine with fewer cores than busy processes, and it stops as soon as
+    another socket in ``watch`` (every connection of this trio run) has
+    data, so it never keeps a node deaf to its other connections.
+
+    A poll that finds nothing makes the next ``penalty`` waits sleep at
+    once, and doubles the penalty; one that finds data resets it. A quiet or
+    slow peer therefore costs one wasted window in :data:`POLL_BACKOFF_MAX`
+    waits at most.
+    """
+
+    __slots__ = ("window", "skip", "penalty")
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self.skip = 0
+        self.penalty = 1
+
+    def wanted(self) -> bool:
+        if not self.window:
+            return False
+        if self.skip:
+            self.skip -= 1
+            return False
+        return True
+
+    def poll(self, sock: socket.socket, flags: int = 0, watch: Any = None) -> bytes | None:
+        """Data from ``sock`` within the window, or None; OSError as ``recv`` raises it."""
+        until = time.perf_counter() + self.window
+        fd = sock.fileno()
+        while True:
+            try:
+                data = sock.recv(RECEIVE_SIZE, flags)
+            except BlockingIOError:
+                if watch is not None:
+                    for ready, _ in watch.poll(0):
+                        if ready != fd:
+                            return None  # someone else's turn: not a miss
+                if time.perf_counter() >= until:
+                    self.skip = self.penalty
+                    self.penalty = min(2 * self.penalty, POLL_BACKOFF_MAX)
+                    return None
+                _yield_cpu()
+            else:
+                self.penalty = 1
+                return data
+
+
+_WATCH: trio.lowlevel.RunVar[Any] = trio.lowlevel.RunVar("dcache_watch")
+
+
+def _watch_set() -> Any:
+    """This trio run's level-triggered epoll set of connection sockets (None off Linux)."""
+    try:
+        return _WATCH.get()
+    except LookupError:
+        pass
+    watch = select.epoll() if hasattr(select, "epoll") else None
+    _WATCH.set(watch)
+    if watch is not None:
+
+        async def close_at_exit() -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                watch.close()
+
+        trio.lowlevel.spawn_system_task(close_at_exit, name="dcache busy-poll set")
+    return watch
 
 
 class ConnectionClosed(Exception):
@@ -44,10 +123,19 @@ class Connection:
     """An open WebSocket connection.
 
     ``send`` may be called from several tasks (a lock keeps frames whole);
-    ``receive`` from one task at a time.
+    ``receive`` from one task at a time. ``poll`` is the busy-poll window
+    (see :class:`BusyPoll`), :data:`BUSY_POLL` by default.
     """
 
-    def __init__(self, stream: trio.abc.Stream, *, client_side: bool, max_message: int, leftover: bytes = b"") -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        *,
+        client_side: bool,
+        max_message: int,
+        leftover: bytes = b"",
+        poll: float | None = None,
+    ) -> None:
         self.stream = stream
         self.masked = client_side
         self._parser = wsframe.FrameParser(expect_masked=not client_side, max_message=max_message)
@@ -55,9 +143,17 @@ class Connection:
         self._send_lock = trio.StrictFIFOLock()
         # The plain socket under a trio SocketStream, for writes that need no wait.
         self._busy = False
-        self._poll = True
+        self._poller = BusyPoll(BUSY_POLL if poll is None else poll)
         trio_socket = getattr(stream, "socket", None)
         self._socket = getattr(trio_socket, "_sock", None) if isinstance(stream, trio.SocketStream) else None
+        self._watch = None
+        if self._socket is not None and self._poller.window:
+            self._watch = _watch_set()
+            if self._watch is not None:
+                try:
+                    self._watch.register(self._socket.fileno(), select.EPOLLIN)
+                except OSError:
+                    self._watch = None
         self._closed = False
         self.last_received = trio.current_time()
         if leftover:
@@ -141,12 +237,8 @@ class Connection:
         * While traffic is heavy, data is usually queued already: read it
           first and pass a checkpoint, so a peer that never stops sending
           cannot starve other tasks.
-        * While the peer answers quickly, poll the socket for up to
-          :data:`BUSY_POLL` before sleeping, but only once no other task is
-          ready to run (they get to run first): waking a sleeping process
-          costs more than a round trip on loopback. A poll that finds
-          nothing turns polling off until the peer answers quickly again,
-          so an idle connection costs one poll, not one per wait.
+        * Otherwise, once no other task is ready to run (they may be about
+          to send what we wait for), poll as :class:`BusyPoll` decides.
         """
         sock = self._socket
         if sock is None:
@@ -161,17 +253,18 @@ class Connection:
             else:
                 await trio.lowlevel.checkpoint()
                 return data
-        if self._poll and BUSY_POLL:
+        poller = self._poller
+        if poller.wanted():
             if trio.lowlevel.current_statistics().tasks_runnable:
-                # Let them run first: they may be sending what we wait for.
                 await trio.lowlevel.checkpoint()
             if not trio.lowlevel.current_statistics().tasks_runnable:
-                data = self._poll_for_data(sock)
+                try:
+                    data = poller.poll(sock, 0, self._watch)
+                except OSError as exc:
+                    raise trio.BrokenResourceError(str(exc)) from exc
                 if data is not None:
                     self._busy = len(data) >= BUSY_READ_BYTES
                     return data
-                self._poll = False
-        started = time.perf_counter()
         while True:
             await trio.lowlevel.wait_readable(sock)
             try:
@@ -180,23 +273,10 @@ class Connection:
                 continue
             except OSError as exc:
                 raise trio.BrokenResourceError(str(exc)) from exc
-            self._poll = time.perf_counter() - started < BUSY_POLL_REARM
             # One request at a time (the usual small read) means the next
             # one is not queued yet either: no speculative read next time.
             self._busy = len(data) >= BUSY_READ_BYTES
             return data
-
-    @staticmethod
-    def _poll_for_data(sock: socket.socket) -> bytes | None:
-        until = time.perf_counter() + BUSY_POLL
-        while True:
-            try:
-                return sock.recv(RECEIVE_SIZE)
-            except BlockingIOError:
-                if time.perf_counter() >= until:
-                    return None
-            except OSError as exc:
-                raise trio.BrokenResourceError(str(exc)) from exc
 
     def _absorb(self, data: bytes) -> list[wsframe.Control]:
         controls = []

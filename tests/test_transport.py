@@ -1,26 +1,49 @@
-"""The trio side of a connection: busy polling turns itself off when idle and on when busy."""
+"""The trio side of a connection: busy polling backs off when idle and gives way to other connections."""
 
 from __future__ import annotations
+
+import socket
 
 import trio
 import trio.testing
 
 from dcache import transport, wsframe
+from dcache.errors import RequestTimeout
+from dcache.mux import Channel
 
 
-async def pair() -> tuple[transport.Connection, trio.SocketStream]:
+async def pair(poll: float | None = None) -> tuple[transport.Connection, trio.SocketStream]:
     a, b = trio.socket.socketpair()
-    ours = transport.Connection(trio.SocketStream(a), client_side=True, max_message=1 << 20)
+    ours = transport.Connection(trio.SocketStream(a), client_side=True, max_message=1 << 20, poll=poll)
     return ours, trio.SocketStream(b)
 
 
-async def test_polling_stops_after_a_miss_and_resumes_on_quick_replies(monkeypatch) -> None:
-    monkeypatch.setattr(transport, "BUSY_POLL", 0.002)
-    monkeypatch.setattr(transport, "BUSY_POLL_REARM", 0.004)
-    conn, peer = await pair()
+def test_misses_back_off_and_a_hit_resets() -> None:
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    with a, b:
+        poller = transport.BusyPoll(0.001)
+        penalties = []
+        for _ in range(10):
+            while not poller.wanted():
+                pass
+            assert poller.poll(a) is None
+            penalties.append(poller.penalty)
+        assert penalties == [2, 4, 8, 16, 32, 64, 64, 64, 64, 64]
+        assert poller.skip == transport.POLL_BACKOFF_MAX
+        skipped = 0
+        while not poller.wanted():
+            skipped += 1
+        assert skipped == transport.POLL_BACKOFF_MAX
+        b.send(b"data")
+        assert poller.poll(a) == b"data"
+        assert poller.penalty == 1 and poller.skip == 0
+
+
+async def test_a_missed_poll_makes_the_next_wait_sleep() -> None:
+    conn, peer = await pair(poll=0.002)
     reply = wsframe.build_frame(b"reply", masked=False)
     with trio.fail_after(5):
-        assert conn._poll
         async with trio.open_nursery() as nursery:
 
             async def late() -> None:
@@ -29,13 +52,32 @@ async def test_polling_stops_after_a_miss_and_resumes_on_quick_replies(monkeypat
 
             nursery.start_soon(late)
             assert await conn.receive() == [b"reply"]
-        assert not conn._poll  # the poll missed, and the reply was slow
+        assert (conn._poller.skip, conn._poller.penalty) == (1, 2)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(peer.send_all, reply)
+            nursery.start_soon(late)
             assert await conn.receive() == [b"reply"]
-        assert conn._poll  # a quick reply turns polling back on
+        assert conn._poller.skip == 0  # that wait slept without polling
         await peer.send_all(reply)
         assert await conn.receive() == [b"reply"]  # found by polling
+        assert conn._poller.penalty == 1
+
+
+async def test_polling_gives_way_to_another_connection_with_data() -> None:
+    # A window far longer than the test's deadline: only giving way ends the poll in time.
+    first, first_peer = await pair(poll=30.0)
+    second, second_peer = await pair(poll=30.0)
+    await second_peer.send_all(wsframe.build_frame(b"waiting", masked=False))
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+
+            async def answer_later() -> None:
+                await trio.sleep(0.01)
+                await first_peer.send_all(wsframe.build_frame(b"first", masked=False))
+
+            nursery.start_soon(answer_later)
+            assert await first.receive() == [b"first"]
+        assert (first._poller.skip, first._poller.penalty) == (0, 1)  # not counted as a miss
+        assert await second.receive() == [b"waiting"]
 
 
 async def test_heavy_traffic_reads_speculatively() -> None:
@@ -51,3 +93,26 @@ async def test_heavy_traffic_reads_speculatively() -> None:
             await trio.testing.wait_all_tasks_blocked()
             assert not conn._busy  # the speculative read found nothing
             await peer.send_all(wsframe.build_frame(b"later", masked=False))
+
+
+async def test_a_watched_channel_times_out_only_when_its_owner_checks(autojump_clock: trio.abc.Clock) -> None:
+    conn, peer = await pair(poll=0)
+    channel = Channel(conn, name="silent peer", timeout=5.0, watched=True)
+    outcome: list[BaseException] = []
+
+    async def ask() -> None:
+        try:
+            await channel.request("get", {"key": b"k"})
+        except RequestTimeout as exc:
+            outcome.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ask)
+        await trio.sleep(4.9)
+        assert not channel.expire_overdue()
+        await trio.sleep(60)  # no deadline of its own: still waiting
+        assert not outcome
+        assert channel.expire_overdue()
+        await conn.aclose()  # as the owner does, to stop the reader
+    assert len(outcome) == 1 and "silent peer" in str(outcome[0])
+    assert isinstance(channel.broken, RequestTimeout)
