@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -69,12 +70,7 @@ class Histogram:
         return cls([0] * (len(LATENCY_BUCKETS) + 1))
 
     def observe(self, seconds: float, n: int = 1) -> None:
-        i = 0
-        for bound in LATENCY_BUCKETS:
-            if seconds <= bound:
-                break
-            i += 1
-        self.counts[i] += n
+        self.counts[bisect_left(LATENCY_BUCKETS, seconds)] += n
         self.total += seconds * n
         self.count += n
 
@@ -384,35 +380,42 @@ class Router:
 
     async def _run_remote(self, jobs: list[_Job]) -> None:
         """Forward jobs to their owners; re-route those bounced as moved."""
-        for delay in (*MOVED_RETRY_DELAYS, None):
-            bounced: list[_Job] = []
-            by_owner: dict[str, list[_Job]] = {}
-            for job in self._reroute(jobs):
-                owner = self._owner(job)
-                if owner == self.node_id:
-                    job.deliver(*self._execute(job.op, job.args))
-                else:
-                    by_owner.setdefault(owner, []).append(job)
-            if len(by_owner) == 1:  # the common case needs no nursery
-                [(owner, owned)] = by_owner.items()
-                await self._forward(owner, owned, bounced)
-            elif by_owner:
-                async with trio.open_nursery() as nursery:
-                    for owner, owned in by_owner.items():
-                        nursery.start_soon(self._forward, owner, owned, bounced)
+        bounced = await self._attempt(jobs)
+        for delay in MOVED_RETRY_DELAYS:
             if not bounced:
-                return
-            if delay is None:
-                for job in bounced:
-                    self._count(job.op, "unavailable")
-                    job.deliver(
-                        Status.ERROR,
-                        [ErrorCode.UNAVAILABLE.value, "the cluster's membership is changing; try again"],
-                    )
                 return
             self.moved_retries += len(bounced)
             await trio.sleep(delay)
-            jobs = bounced
+            bounced = await self._attempt(bounced)
+        for job in bounced:
+            self._count(job.op, "unavailable")
+            job.deliver(Status.ERROR, [ErrorCode.UNAVAILABLE.value, "the cluster's membership is changing; try again"])
+
+    async def _attempt(self, jobs: list[_Job]) -> list[_Job]:
+        """Send each job to its owner as the map says now; return those bounced as moved."""
+        bounced: list[_Job] = []
+        if len(jobs) == 1 and jobs[0].merge is None:  # the common case needs no regrouping
+            owner = self._owner(jobs[0])
+            if owner == self.node_id:
+                jobs[0].deliver(*self._execute(jobs[0].op, jobs[0].args))
+            else:
+                await self._forward(owner, jobs, bounced)
+            return bounced
+        by_owner: dict[str, list[_Job]] = {}
+        for job in self._reroute(jobs):
+            owner = self._owner(job)
+            if owner == self.node_id:
+                job.deliver(*self._execute(job.op, job.args))
+            else:
+                by_owner.setdefault(owner, []).append(job)
+        if len(by_owner) == 1:
+            [(owner, owned)] = by_owner.items()
+            await self._forward(owner, owned, bounced)
+        elif by_owner:
+            async with trio.open_nursery() as nursery:
+                for owner, owned in by_owner.items():
+                    nursery.start_soon(self._forward, owner, owned, bounced)
+        return bounced
 
     def _owner(self, job: _Job) -> str:
         if job.merge is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 
+import pytest
 import trio
 import trio.testing
 
@@ -116,3 +117,14 @@ async def test_a_watched_channel_times_out_only_when_its_owner_checks(autojump_c
         await conn.aclose()  # as the owner does, to stop the reader
     assert len(outcome) == 1 and "silent peer" in str(outcome[0])
     assert isinstance(channel.broken, RequestTimeout)
+
+
+@pytest.mark.parametrize("internals", [True, False])
+async def test_tasks_runnable_counts_ready_tasks(monkeypatch, internals: bool) -> None:
+    if not internals:
+        monkeypatch.setattr(transport, "_run_context", None)  # trio's internals moved: the public path
+    assert transport.tasks_runnable() == 0
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(trio.sleep, 0)
+        assert transport.tasks_runnable() == 3
