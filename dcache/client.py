@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import socket
+import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable, Iterable, Mapping
 
@@ -519,9 +520,10 @@ class SyncClient(Operations):
         """Poll briefly for a quick reply before blocking (see transport.BusyPoll)."""
         poller = self._poller
         if poller.wanted():
-            data = poller.poll(self._sock, _DONTWAIT)
+            data = poller.spin(self._sock, time.perf_counter() + poller.window, _DONTWAIT)
             if data is not None:
-                return data
+                return data  # type: ignore[return-value]
+            poller.missed()
         return self._sock.recv(transport.RECEIVE_SIZE)
 
     def _take_ready(self) -> list[bytes]:

@@ -76,6 +76,7 @@ class Channel:
         self._next_rid = 1
         self._outbox: list[list[Any]] = []
         self._flushing = False
+        self._flushed: trio.Event | None = None  # made only when a reader waits for a flush
         self._reading = False
         self.broken: Exception | None = None
 
@@ -196,10 +197,20 @@ class Channel:
             raise self.broken from None  # type: ignore[misc]
         finally:
             self._flushing = False
+            if self._flushed is not None:
+                self._flushed.set()
+                self._flushed = None
 
     async def _read(self) -> None:
         self._reading = True
         try:
+            if self._flushing:
+                # Requests we wait for may still be in the outbox: let them
+                # go out first, or a busy poll would wait for them in vain
+                # (trio may run this task before the writer).
+                if self._flushed is None:
+                    self._flushed = trio.Event()
+                await self._flushed.wait()
             payloads = await self._conn.receive()
         except transport.ConnectionClosed as exc:
             self.fail(ConnectionLost(f"lost the connection to {self.name}: {exc}"))

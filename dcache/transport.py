@@ -30,6 +30,9 @@ BUSY_READ_BYTES = 4096
 # off); see BusyPoll.
 BUSY_POLL = float(os.environ.get("DCACHE_BUSY_POLL_US", "1000")) / 1e6
 POLL_BACKOFF_MAX = 64  # after repeated misses, poll on only one wait in this many
+# A trio task polls in slices, with a scheduler pass between them: trio
+# cannot tell it about tasks that are due to run later in the same pass.
+POLL_SLICE = 200e-6
 _yield_cpu = getattr(os, "sched_yield", lambda: None)
 
 
@@ -65,9 +68,10 @@ class BusyPoll:
             return False
         return True
 
-    def poll(self, sock: socket.socket, flags: int = 0, watch: Any = None) -> bytes | None:
-        """Data from ``sock`` within the window, or None; OSError as ``recv`` raises it."""
-        until = time.perf_counter() + self.window
+    def spin(self, sock: socket.socket, until: float, flags: int = 0, watch: Any = None) -> bytes | object | None:
+        """Data from ``sock`` before ``until``; :data:`GAVE_WAY` if another
+        socket in ``watch`` got data first; None if nothing came. OSError as
+        ``recv`` raises it."""
         fd = sock.fileno()
         while True:
             try:
@@ -76,15 +80,20 @@ class BusyPoll:
                 if watch is not None:
                     for ready, _ in watch.poll(0):
                         if ready != fd:
-                            return None  # someone else's turn: not a miss
+                            return GAVE_WAY
                 if time.perf_counter() >= until:
-                    self.skip = self.penalty
-                    self.penalty = min(2 * self.penalty, POLL_BACKOFF_MAX)
                     return None
                 _yield_cpu()
             else:
                 self.penalty = 1
                 return data
+
+    def missed(self) -> None:
+        self.skip = self.penalty
+        self.penalty = min(2 * self.penalty, POLL_BACKOFF_MAX)
+
+
+GAVE_WAY = object()
 
 
 def tasks_runnable() -> int:
@@ -276,16 +285,10 @@ class Connection:
                 return data
         poller = self._poller
         if poller.wanted():
-            if tasks_runnable():
-                await trio.lowlevel.checkpoint()
-            if not tasks_runnable():
-                try:
-                    data = poller.poll(sock, 0, self._watch)
-                except OSError as exc:
-                    raise trio.BrokenResourceError(str(exc)) from exc
-                if data is not None:
-                    self._busy = len(data) >= BUSY_READ_BYTES
-                    return data
+            data = await self._poll(sock, poller)
+            if data is not None:
+                self._busy = len(data) >= BUSY_READ_BYTES
+                return data
         while True:
             await trio.lowlevel.wait_readable(sock)
             try:
@@ -298,6 +301,28 @@ class Connection:
             # one is not queued yet either: no speculative read next time.
             self._busy = len(data) >= BUSY_READ_BYTES
             return data
+
+    async def _poll(self, sock: socket.socket, poller: BusyPoll) -> bytes | None:
+        """Poll ``sock`` as :class:`BusyPoll` describes, once no other task
+        is ready to run (they may be about to send what we wait for)."""
+        until = time.perf_counter() + poller.window
+        while True:
+            if tasks_runnable():
+                await trio.lowlevel.checkpoint()
+                if tasks_runnable():
+                    return None  # a busy process: its other tasks come first
+            try:
+                data = poller.spin(sock, min(until, time.perf_counter() + POLL_SLICE), 0, self._watch)
+            except OSError as exc:
+                raise trio.BrokenResourceError(str(exc)) from exc
+            if data is GAVE_WAY:
+                return None
+            if data is not None:
+                return data  # type: ignore[return-value]
+            if time.perf_counter() >= until:
+                poller.missed()
+                return None
+            await trio.lowlevel.checkpoint()
 
     def _absorb(self, data: bytes) -> list[wsframe.Control]:
         controls = []

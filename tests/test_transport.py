@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import socket
+import time
 
+import cbor2
 import pytest
 import trio
 import trio.testing
@@ -28,7 +30,8 @@ def test_misses_back_off_and_a_hit_resets() -> None:
         for _ in range(10):
             while not poller.wanted():
                 pass
-            assert poller.poll(a) is None
+            assert poller.spin(a, time.perf_counter() + poller.window) is None
+            poller.missed()
             penalties.append(poller.penalty)
         assert penalties == [2, 4, 8, 16, 32, 64, 64, 64, 64, 64]
         assert poller.skip == transport.POLL_BACKOFF_MAX
@@ -37,7 +40,7 @@ def test_misses_back_off_and_a_hit_resets() -> None:
             skipped += 1
         assert skipped == transport.POLL_BACKOFF_MAX
         b.send(b"data")
-        assert poller.poll(a) == b"data"
+        assert poller.spin(a, time.perf_counter() + poller.window) == b"data"
         assert poller.penalty == 1 and poller.skip == 0
 
 
@@ -128,3 +131,43 @@ async def test_tasks_runnable_counts_ready_tasks(monkeypatch, internals: bool) -
         for _ in range(3):
             nursery.start_soon(trio.sleep, 0)
         assert transport.tasks_runnable() == 3
+
+
+async def test_polling_never_holds_up_tasks_of_the_same_process() -> None:
+    # Client and server in one process, with poll windows far beyond the
+    # deadline: one poll that kept the other side from running (a request
+    # still in the outbox, a task trio has not counted as ready yet) would
+    # blow the deadline.
+    a, b = trio.socket.socketpair()
+    client = transport.Connection(trio.SocketStream(a), client_side=True, max_message=1 << 20, poll=30.0)
+    server = transport.Connection(trio.SocketStream(b), client_side=False, max_message=1 << 20, poll=30.0)
+    channel = Channel(client, name="test", timeout=10.0)
+
+    async def serve() -> None:
+        while True:
+            for payload in await server.receive():
+                replies = [[rid, 0, args["n"]] for rid, _, args in cbor2.loads(payload)]
+                await server.send(cbor2.dumps(replies))
+
+    async def caller(first: int) -> None:
+        for n in range(first, first + 20):
+            assert await channel.request("ping", {"n": n}) == (0, n)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            async with trio.open_nursery() as callers:
+                callers.start_soon(caller, 0)
+                callers.start_soon(caller, 100)
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_poll_lets_other_tasks_run_between_slices(monkeypatch) -> None:
+    # trio does not count tasks due later in the same scheduler pass as
+    # ready; pretend it counts none, so only slicing lets the sender run.
+    monkeypatch.setattr(transport, "tasks_runnable", lambda: 0)
+    conn, peer = await pair(poll=30.0)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(peer.send_all, wsframe.build_frame(b"from a task", masked=False))
+            assert await conn.receive() == [b"from a task"]
