@@ -17,7 +17,7 @@ from typing import Any
 
 import trio
 
-from . import codec, transport, wsframe
+from . import codec, transport
 from .codec import Limits, Status
 from .errors import ClosedError, ConnectionLost, ProtocolError, RequestTimeout
 
@@ -190,7 +190,7 @@ class Channel:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             while self._outbox:
                 batch, self._outbox = self._outbox, []
-                frame = wsframe.build_frame(codec.encode_frame(batch), masked=self._conn.masked)
+                frame = self._conn.frame(codec.encode_frame(batch))
                 await self._conn.send_raw(frame, shield=True)
         except transport.ConnectionClosed as exc:
             self.fail(ConnectionLost(f"lost the connection to {self.name}: {exc}"))

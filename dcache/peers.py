@@ -16,7 +16,7 @@ from typing import Any
 
 import trio
 
-from . import __version__, codec, transport
+from . import __version__, codec, transport, wsframe
 from .errors import ConnectionLost, DcacheError, PeerUnavailable, ProtocolError, RequestTimeout
 from .mux import Channel
 
@@ -160,7 +160,11 @@ class PeerLinks:
 
     async def _connect(self, node_id: str) -> Channel:
         conn = await transport.connect(
-            node_id, max_message=self._max_frame_bytes, default_port=0, timeout=CONNECT_TIMEOUT
+            node_id,
+            max_message=self._max_frame_bytes,
+            default_port=0,
+            timeout=CONNECT_TIMEOUT,
+            mask_key=wsframe.NULL_MASK,
         )
         # The link's keep-alive task times requests out (see _keep_alive).
         channel = Channel(conn, name=f"peer {node_id}", timeout=REQUEST_TIMEOUT, watched=True)

@@ -154,7 +154,9 @@ class Connection:
 
     ``send`` may be called from several tasks (a lock keeps frames whole);
     ``receive`` from one task at a time. ``poll`` is the busy-poll window
-    (see :class:`BusyPoll`), :data:`BUSY_POLL` by default.
+    (see :class:`BusyPoll`), :data:`BUSY_POLL` by default. ``mask_key``
+    fixes the client side's masking key (:data:`wsframe.NULL_MASK` between
+    nodes); by default each frame gets a random one.
     """
 
     def __init__(
@@ -165,12 +167,17 @@ class Connection:
         max_message: int,
         leftover: bytes = b"",
         poll: float | None = None,
+        mask_key: bytes | None = None,
     ) -> None:
         self.stream = stream
         self.masked = client_side
+        self._mask_key = mask_key
         self._parser = wsframe.FrameParser(expect_masked=not client_side, max_message=max_message)
         self._ready: list[bytes] = []
-        self._send_lock = trio.StrictFIFOLock()
+        # Whole frames, one writer at a time, first come first served: a flag
+        # and a parking lot cost less than trio's locks on every write.
+        self._sending = False
+        self._send_queue = trio.lowlevel.ParkingLot()
         # The plain socket under a trio SocketStream, for writes that need no wait.
         self._busy = False
         self._poller = BusyPoll(BUSY_POLL if poll is None else poll)
@@ -189,13 +196,12 @@ class Connection:
         if leftover:
             self._absorb(leftover)
 
-    async def send(self, payload: bytes) -> None:
-        await self.send_raw(wsframe.build_frame(payload, masked=self.masked))
+    def frame(self, payload: bytes, opcode: int = wsframe.OP_BINARY) -> bytes:
+        """``payload`` as a frame this side may send."""
+        return wsframe.build_frame(payload, opcode=opcode, masked=self.masked, key=self._mask_key)
 
-    async def send_many(self, payloads: list[bytes]) -> None:
-        """Send several messages with one write."""
-        masked = self.masked
-        await self.send_raw(b"".join(wsframe.build_frame(p, masked=masked) for p in payloads))
+    async def send(self, payload: bytes) -> None:
+        await self.send_raw(self.frame(payload))
 
     async def send_raw(self, data: bytes, *, shield: bool = False) -> None:
         """Write ``data`` whole, or close the connection.
@@ -206,11 +212,7 @@ class Connection:
         Most writes fit the socket buffer and finish at once, without a trip
         through the scheduler.
         """
-        lock = self._send_lock
-        if lock.locked():
-            await lock.acquire()
-        else:
-            lock.acquire_nowait()
+        await self._start_sending()
         try:
             if self._socket is None:
                 with trio.CancelScope(shield=True, deadline=trio.current_time() + WRITE_TIMEOUT) as scope:
@@ -240,7 +242,19 @@ class Connection:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise ConnectionClosed(1006, "the connection broke") from exc
         finally:
-            lock.release()
+            self._done_sending()
+
+    async def _start_sending(self) -> None:
+        if self._sending:
+            await self._send_queue.park()  # the writer before us hands over
+        else:
+            self._sending = True
+
+    def _done_sending(self) -> None:
+        if self._send_queue:
+            self._send_queue.unpark()
+        else:
+            self._sending = False
 
     async def _abort(self, reason: str) -> NoReturn:
         self._closed = True
@@ -344,7 +358,7 @@ class Connection:
 
     async def _on_control(self, control: wsframe.Control) -> None:
         if control.opcode == wsframe.OP_PING:
-            await self.send_raw(wsframe.build_frame(control.payload, opcode=wsframe.OP_PONG, masked=self.masked))
+            await self.send_raw(self.frame(control.payload, wsframe.OP_PONG))
         elif control.opcode == wsframe.OP_CLOSE:
             code, reason = control.close_info()
             await self.aclose(wsframe.CLOSE_NORMAL)
@@ -356,7 +370,7 @@ class Connection:
         # Pongs need nothing.
 
     async def ping(self, payload: bytes = b"") -> None:
-        await self.send_raw(wsframe.build_frame(payload, opcode=wsframe.OP_PING, masked=self.masked))
+        await self.send_raw(self.frame(payload, wsframe.OP_PING))
 
     async def aclose(self, code: int = wsframe.CLOSE_NORMAL, reason: str = "") -> None:
         """Send a close frame (best effort, briefly) and close the stream."""
@@ -366,8 +380,11 @@ class Connection:
         with trio.move_on_after(CLOSE_TIMEOUT) as scope:
             scope.shield = True
             try:
-                async with self._send_lock:
-                    await self.stream.send_all(wsframe.build_close(code, reason, masked=self.masked))
+                await self._start_sending()
+                try:
+                    await self.stream.send_all(wsframe.build_close(code, reason, masked=self.masked, key=self._mask_key))
+                finally:
+                    self._done_sending()
             except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
                 pass
         await trio.aclose_forcefully(self.stream)
@@ -418,8 +435,16 @@ def split_address(address: str, default_port: int) -> tuple[str, int]:
     return host, number
 
 
-async def connect(address: str, *, max_message: int, default_port: int, timeout: float = HANDSHAKE_TIMEOUT) -> Connection:
-    """Open a client connection to ``host:port``; raise ConnectError on any failure."""
+async def connect(
+    address: str,
+    *,
+    max_message: int,
+    default_port: int,
+    timeout: float = HANDSHAKE_TIMEOUT,
+    mask_key: bytes | None = None,
+) -> Connection:
+    """Open a client connection to ``host:port``; raise ConnectError on any failure.
+    ``mask_key`` as for :class:`Connection`."""
     host, port = split_address(address, default_port)
     stream = None
     with trio.move_on_after(timeout):
@@ -434,7 +459,9 @@ async def connect(address: str, *, max_message: int, default_port: int, timeout:
                 data = await stream.receive_some(RECEIVE_SIZE)
                 leftover = handshake.feed(data)
                 if leftover is not None:
-                    return Connection(stream, client_side=True, max_message=max_message, leftover=leftover)
+                    return Connection(
+                        stream, client_side=True, max_message=max_message, leftover=leftover, mask_key=mask_key
+                    )
         except wsframe.HandshakeError as exc:
             await trio.aclose_forcefully(stream)
             raise ConnectError(f"{host}:{port}: {exc.reason}") from None

@@ -74,8 +74,15 @@ def mask(data: bytes, key: bytes) -> bytes:
     return (int.from_bytes(data, "little") ^ int.from_bytes(repeated, "little")).to_bytes(n, "little")
 
 
-def build_frame(payload: bytes, *, opcode: int = OP_BINARY, masked: bool) -> bytes:
-    """One final frame carrying ``payload``; clients must send ``masked=True``."""
+# Masking protects HTTP intermediaries from payloads a hostile script in a
+# browser chose. Links between dcache nodes involve no browser, so they mask
+# with this key, which makes masking and unmasking free.
+NULL_MASK = b"\0\0\0\0"
+
+
+def build_frame(payload: bytes, *, opcode: int = OP_BINARY, masked: bool, key: bytes | None = None) -> bytes:
+    """One final frame carrying ``payload``; clients must send ``masked=True``
+    (with a fresh random ``key`` unless one is given)."""
     n = len(payload)
     mask_bit = 0x80 if masked else 0
     first = 0x80 | opcode
@@ -87,7 +94,8 @@ def build_frame(payload: bytes, *, opcode: int = OP_BINARY, masked: bool) -> byt
         header = _HEADER_LONG.pack(first, mask_bit | 127, n)
     if not masked:
         return header + payload
-    key = _masking_key()
+    if key is None:
+        key = _masking_key()
     return b"".join((header, key, mask(payload, key)))
 
 
@@ -106,9 +114,9 @@ def _masking_key() -> bytes:
     return key
 
 
-def build_close(code: int = CLOSE_NORMAL, reason: str = "", *, masked: bool) -> bytes:
+def build_close(code: int = CLOSE_NORMAL, reason: str = "", *, masked: bool, key: bytes | None = None) -> bytes:
     payload = code.to_bytes(2, "big") + reason.encode()[:120]
-    return build_frame(payload, opcode=OP_CLOSE, masked=masked)
+    return build_frame(payload, opcode=OP_CLOSE, masked=masked, key=key)
 
 
 class FrameParser:

@@ -171,3 +171,21 @@ async def test_a_poll_lets_other_tasks_run_between_slices(monkeypatch) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(peer.send_all, wsframe.build_frame(b"from a task", masked=False))
             assert await conn.receive() == [b"from a task"]
+
+
+async def test_concurrent_writers_send_whole_frames_in_turn() -> None:
+    a, b = trio.socket.socketpair()
+    conn = transport.Connection(trio.SocketStream(a), client_side=True, max_message=1 << 24, poll=0)
+    peer = trio.SocketStream(b)
+    messages = [bytes([i]) * (1 << 20) for i in range(4)]  # far more than a socket buffer holds
+    parser = wsframe.FrameParser(expect_masked=True, max_message=1 << 24)
+    received: list[bytes] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for message in messages:
+                nursery.start_soon(conn.send, message)
+                await trio.testing.wait_all_tasks_blocked()  # each writer queues behind the one before
+            while len(received) < len(messages):
+                received += parser.feed(await peer.receive_some(1 << 16))
+    assert received == messages
+    assert not conn._sending and not conn._send_queue

@@ -142,6 +142,20 @@ def test_any_split_gives_the_same_messages(payloads: list[bytes], cuts: list[int
     assert got == payloads
 
 
+def test_masking_keys_are_fresh_unless_fixed() -> None:
+    payload = b"same payload"
+    keys = {build_frame(payload, masked=True)[2:6] for _ in range(2000)}  # the pool refills past 1024 frames
+    assert len(keys) > 1990
+    fixed = build_frame(payload, masked=True, key=wsframe.NULL_MASK)
+    assert fixed == bytes([0x82, 0x80 | len(payload)]) + wsframe.NULL_MASK + payload  # masking is a no-op
+    assert server_parser().feed(fixed) == [payload]
+    # wsproto accepts it as an ordinary masked frame.
+    server = FrameProtocol(client=False, extensions=[])
+    server.receive_bytes(fixed)
+    [frame] = list(server.received_frames())
+    assert bytes(frame.payload) == payload
+
+
 @pytest.mark.parametrize("size", [0, 5, 200, 70000])
 def test_compatible_with_wsproto_both_ways(size: int) -> None:
     payload = os.urandom(size)
