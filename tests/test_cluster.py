@@ -136,6 +136,44 @@ async def test_forwarded_requests_never_hop_twice(cluster: list[InProcessNode]) 
     assert replies[1][2][2]["epoch"] == shard_map.epoch
 
 
+async def test_a_frozen_owner_fails_forwards_promptly_and_the_link_recovers(
+    cluster: list[InProcessNode], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dcache import peers
+
+    monkeypatch.setattr(peers, "PING_INTERVAL", 0.1)  # how often the keep-alive task looks
+    a, b, _ = cluster
+    shard_map: ShardMap = a.node.router.shard_map
+    key = next(f"k{i}" for i in range(10000) if shard_map.owner("", f"k{i}".encode()) == b.bound.node_id)
+    thawed = trio.Event()
+    serve = b.node.router.handle
+
+    async def frozen(session, payloads):  # type: ignore[no-untyped-def]
+        if session.peer_id:  # answers nothing to peers, as a stopped process would
+            await thawed.wait()
+        return await serve(session, payloads)
+
+    with trio.fail_after(TIMEOUT):
+        async with dcache.connect(a.address) as client:
+            await client.set(key, "before")
+            monkeypatch.setattr(b.node.router, "handle", frozen)
+            started = trio.current_time()
+            with pytest.raises(dcache.RequestError) as caught:
+                await client.get(key)
+            assert caught.value.code == ErrorCode.UNAVAILABLE
+            # The link's keep-alive task gave up on it: no cancel scope per request.
+            assert peers.REQUEST_TIMEOUT <= trio.current_time() - started < peers.REQUEST_TIMEOUT + 1
+            monkeypatch.setattr(b.node.router, "handle", serve)
+            thawed.set()
+            while True:  # the link reconnects by itself
+                try:
+                    assert await client.get(key) == b"before"
+                    break
+                except dcache.RequestError as exc:
+                    assert exc.code == ErrorCode.UNAVAILABLE
+                    await trio.sleep(0.05)
+
+
 async def test_etcd_outage_keeps_nodes_serving(cluster: list[InProcessNode], etcd_server: EtcdServer) -> None:
     with trio.fail_after(TIMEOUT):
         async with dcache.connect(cluster[1].address) as client:
