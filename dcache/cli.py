@@ -274,9 +274,23 @@ def serve(
     log_level: Annotated[
         str, typer.Option("--log-level", metavar="LEVEL", help="debug, info, warning or error.")
     ] = "info",
+    busy_poll_us: Annotated[
+        float,
+        typer.Option(
+            "--busy-poll-us",
+            envvar="DCACHE_BUSY_POLL_US",
+            min=0,
+            max=1_000_000,
+            metavar="MICROSECONDS",
+            help="Longest spin on a socket before sleeping: lower latency for CPU time; 0 turns it off.",
+        ),
+    ] = 1000.0,
 ) -> None:
     """Run a node: standalone by default, or part of a cluster with --etcd."""
+    from . import transport
     from .node import Node, NodeConfig, NodeStartError
+
+    transport.BUSY_POLL = busy_poll_us / 1e6
 
     level = logging.getLevelName(log_level.upper())
     if not isinstance(level, int):

@@ -8,11 +8,12 @@ callers only ever see their own messages.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import select
 import socket
 import time
-from typing import Any, NoReturn
+from typing import Any, Mapping, NoReturn
 
 import trio
 
@@ -26,9 +27,27 @@ HANDSHAKE_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 1.0
 WRITE_TIMEOUT = 30.0  # to finish a message once it is partly written
 BUSY_READ_BYTES = 4096
+DEFAULT_BUSY_POLL_US = 1000.0
+
+
+def busy_poll_from_env(environ: Mapping[str, str] = os.environ) -> float:
+    """``DCACHE_BUSY_POLL_US`` in seconds; the default if unset or unusable."""
+    raw = environ.get("DCACHE_BUSY_POLL_US", "").strip()
+    if not raw:
+        return DEFAULT_BUSY_POLL_US / 1e6
+    try:
+        us = float(raw)
+    except ValueError:
+        us = math.nan
+    if not 0 <= us <= 1e6:
+        log.warning("ignoring DCACHE_BUSY_POLL_US=%r: expected microseconds from 0 to 1000000", raw)
+        return DEFAULT_BUSY_POLL_US / 1e6
+    return us / 1e6
+
+
 # How long a reader polls a socket before sleeping on it (0 turns polling
 # off); see BusyPoll.
-BUSY_POLL = float(os.environ.get("DCACHE_BUSY_POLL_US", "1000")) / 1e6
+BUSY_POLL = busy_poll_from_env()
 POLL_BACKOFF_MAX = 64  # after repeated misses, poll on only one wait in this many
 # A trio task polls in slices, with a scheduler pass between them: trio
 # cannot tell it about tasks that are due to run later in the same pass.

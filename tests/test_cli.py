@@ -160,6 +160,11 @@ def test_user_mistakes_get_usage_errors_not_tracebacks(server: ServeProcess) -> 
         assert b"Traceback" not in r.stderr, args
     r = dcache("get", "", server=server)
     assert r.returncode == 2 and b"Traceback" not in r.stderr
+    r = dcache("serve", "--busy-poll-us", "-1")
+    assert r.returncode == 2 and b"--busy-poll-us" in r.stderr and b"Traceback" not in r.stderr
+    # A garbled setting in the environment is ignored with a warning, wherever it is read.
+    r = dcache("get", "no-such-key", server=server, env={"DCACHE_BUSY_POLL_US": "fast"})
+    assert r.returncode == 1 and b"ignoring DCACHE_BUSY_POLL_US" in r.stderr and b"Traceback" not in r.stderr
 
 
 def test_too_large_value_is_refused_with_exit_3(server: ServeProcess) -> None:

@@ -21,6 +21,15 @@ async def pair(poll: float | None = None) -> tuple[transport.Connection, trio.So
     return ours, trio.SocketStream(b)
 
 
+@pytest.mark.parametrize(
+    ("raw", "seconds"),
+    [(None, 0.001), ("", 0.001), ("250", 0.00025), (" 0 ", 0.0), ("fast", 0.001), ("-5", 0.001), ("nan", 0.001), ("1e9", 0.001)],
+)
+def test_busy_poll_setting_from_the_environment(raw: str | None, seconds: float) -> None:
+    environ = {} if raw is None else {"DCACHE_BUSY_POLL_US": raw}
+    assert transport.busy_poll_from_env(environ) == pytest.approx(seconds)
+
+
 def test_misses_back_off_and_a_hit_resets() -> None:
     a, b = socket.socketpair()
     a.setblocking(False)
