@@ -212,8 +212,9 @@ class Connection:
                     self._watch = None
         self._closed = False
         self.last_received = trio.current_time()
-        if leftover:
-            self._absorb(leftover)
+        # Bytes that came in with the handshake; parsed by the first receive,
+        # which can answer their pings and refuse their errors.
+        self._leftover = leftover
 
     def frame(self, payload: bytes, opcode: int = wsframe.OP_BINARY) -> bytes:
         """``payload`` as a frame this side may send."""
@@ -283,14 +284,23 @@ class Connection:
     async def receive(self) -> list[bytes]:
         """Wait for at least one message; return every complete message received so far."""
         while not self._ready:
+            if self._leftover:
+                data, self._leftover = self._leftover, b""
+            else:
+                try:
+                    data = await self._receive_some()
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    raise ConnectionClosed(1006, "the connection broke") from exc
+                if not data:
+                    raise ConnectionClosed(1006, "the peer went away without a close frame")
+                self.last_received = trio.current_time()
             try:
-                data = await self._receive_some()
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise ConnectionClosed(1006, "the connection broke") from exc
-            if not data:
-                raise ConnectionClosed(1006, "the peer went away without a close frame")
-            self.last_received = trio.current_time()
-            await self._absorb_async(data)
+                controls = self._absorb(data)
+            except wsframe.FrameError as exc:
+                await self.aclose(exc.code, exc.reason)
+                raise ConnectionClosed(exc.code, exc.reason) from None
+            for control in controls:
+                await self._on_control(control)
         ready, self._ready = self._ready, []
         return ready
 
@@ -365,15 +375,6 @@ class Connection:
             else:
                 controls.append(item)
         return controls
-
-    async def _absorb_async(self, data: bytes) -> None:
-        try:
-            controls = self._absorb(data)
-        except wsframe.FrameError as exc:
-            await self.aclose(exc.code, exc.reason)
-            raise ConnectionClosed(exc.code, exc.reason) from None
-        for control in controls:
-            await self._on_control(control)
 
     async def _on_control(self, control: wsframe.Control) -> None:
         if control.opcode == wsframe.OP_PING:

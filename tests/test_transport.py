@@ -198,3 +198,20 @@ async def test_concurrent_writers_send_whole_frames_in_turn() -> None:
                 received += parser.feed(await peer.receive_some(1 << 16))
     assert received == messages
     assert not conn._sending and not conn._send_queue
+
+
+async def test_bytes_that_arrive_with_the_handshake_are_served_like_any_other() -> None:
+    a, b = trio.socket.socketpair()
+    leftover = wsframe.build_frame(b"ping me", opcode=wsframe.OP_PING, masked=True) + wsframe.build_frame(b"hi", masked=True)
+    conn = transport.Connection(trio.SocketStream(a), client_side=False, max_message=1 << 20, leftover=leftover)
+    peer = trio.SocketStream(b)
+    with trio.fail_after(5):
+        assert await conn.receive() == [b"hi"]
+        pong = wsframe.FrameParser(expect_masked=False, max_message=1 << 20).feed(await peer.receive_some(1024))
+        assert [(c.opcode, c.payload) for c in pong] == [(wsframe.OP_PONG, b"ping me")]
+    # Garbage in the same packet as the handshake is refused like garbage later.
+    a, b = trio.socket.socketpair()
+    conn = transport.Connection(trio.SocketStream(a), client_side=False, max_message=1 << 20, leftover=b"\x82\x05hello")
+    with trio.fail_after(5), pytest.raises(transport.ConnectionClosed) as closed:
+        await conn.receive()
+    assert closed.value.code == wsframe.CLOSE_PROTOCOL_ERROR  # clients must mask
