@@ -37,6 +37,7 @@ class _Waiter:
 
 
 _FAILED = -1  # waiter.status when the channel broke; body is the exception
+FLUSH_PASSES = 3
 
 
 # The transport bounds message size; a reply frame may carry any number of replies.
@@ -76,7 +77,6 @@ class Channel:
         self._next_rid = 1
         self._outbox: list[list[Any]] = []
         self._flushing = False
-        self._flushed: trio.Event | None = None  # made only when a reader waits for a flush
         self._reading = False
         self.broken: Exception | None = None
 
@@ -197,21 +197,20 @@ class Channel:
             raise self.broken from None  # type: ignore[misc]
         finally:
             self._flushing = False
-            if self._flushed is not None:
-                self._flushed.set()
-                self._flushed = None
 
     async def _read(self) -> None:
         self._reading = True
         try:
-            if self._flushing:
-                # Requests we wait for may still be in the outbox: let them
-                # go out first, or a busy poll would wait for them in vain
-                # (trio may run this task before the writer).
-                if self._flushed is None:
-                    self._flushed = trio.Event()
-                await self._flushed.wait()
-            payloads = await self._conn.receive()
+            # Requests we wait for may still be in the outbox: give the
+            # writer a few scheduler passes (trio may run us first), and do
+            # not busy-poll while it is still writing, since the replies
+            # cannot come before it is done. Never wait for it, though: it
+            # may be blocked on a full socket until we read.
+            for _ in range(FLUSH_PASSES):
+                if not self._flushing:
+                    break
+                await trio.lowlevel.checkpoint()
+            payloads = await self._conn.receive(poll=not self._flushing)
         except transport.ConnectionClosed as exc:
             self.fail(ConnectionLost(f"lost the connection to {self.name}: {exc}"))
             raise self.broken from None  # type: ignore[misc]

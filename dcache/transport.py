@@ -232,7 +232,7 @@ class Connection:
         Most writes fit the socket buffer and finish at once, without a trip
         through the scheduler.
         """
-        await self._start_sending()
+        await self._start_sending(shield)
         try:
             if self._socket is None:
                 with trio.CancelScope(shield=True, deadline=trio.current_time() + WRITE_TIMEOUT) as scope:
@@ -264,11 +264,16 @@ class Connection:
         finally:
             self._done_sending()
 
-    async def _start_sending(self) -> None:
-        if self._sending:
+    async def _start_sending(self, shield: bool = False) -> None:
+        if not self._sending:
+            self._sending = True
+        elif not shield:
             await self._send_queue.park()  # the writer before us hands over
         else:
-            self._sending = True
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + WRITE_TIMEOUT) as scope:
+                await self._send_queue.park()
+            if scope.cancelled_caught:
+                await self._abort("write timed out")
 
     def _done_sending(self) -> None:
         if self._send_queue:
@@ -281,14 +286,15 @@ class Connection:
         await trio.aclose_forcefully(self.stream)
         raise ConnectionClosed(1006, reason)
 
-    async def receive(self) -> list[bytes]:
-        """Wait for at least one message; return every complete message received so far."""
+    async def receive(self, *, poll: bool = True) -> list[bytes]:
+        """Wait for at least one message; return every complete message received so far.
+        ``poll=False`` sleeps at once rather than busy-polling."""
         while not self._ready:
             if self._leftover:
                 data, self._leftover = self._leftover, b""
             else:
                 try:
-                    data = await self._receive_some()
+                    data = await self._receive_some(poll)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     raise ConnectionClosed(1006, "the connection broke") from exc
                 if not data:
@@ -304,7 +310,7 @@ class Connection:
         ready, self._ready = self._ready, []
         return ready
 
-    async def _receive_some(self) -> bytes:
+    async def _receive_some(self, poll: bool) -> bytes:
         """trio's receive_some, tuned for request/reply traffic on plain sockets.
 
         * While traffic is heavy, data is usually queued already: read it
@@ -327,7 +333,7 @@ class Connection:
                 await trio.lowlevel.checkpoint()
                 return data
         poller = self._poller
-        if poller.wanted():
+        if poll and poller.wanted():
             data = await self._poll(sock, poller)
             if data is not None:
                 self._busy = len(data) >= BUSY_READ_BYTES

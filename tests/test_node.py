@@ -164,6 +164,33 @@ async def test_many_connections(node: tuple[Node, BoundAddresses]) -> None:
                 nursery.start_soon(one, n)
 
 
+async def test_big_values_both_ways_on_one_connection(client: dcache.Client) -> None:
+    """Replies too big for the socket buffers arrive while another caller's
+    big request is still being written: the reader must keep reading (the
+    node finishes a reply before it reads on), or both sides stall until the
+    write timeout."""
+    big = 15 << 20
+    with trio.fail_after(20):
+        await client.mset({f"big{i}": b"x" * big for i in range(3)})
+        results: list[int] = []
+
+        async def read_all() -> None:
+            values = await client.mget(["big0", "big1", "big2"])
+            results.append(sum(len(v) for v in values))
+
+        async def write_all() -> None:
+            await trio.sleep(0.05)  # while the replies stream in
+            await client.mset({f"new{i}": b"y" * big for i in range(3)})
+            results.append(-1)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_all)
+            await trio.sleep(0.001)
+            nursery.start_soon(read_all)
+            nursery.start_soon(write_all)
+    assert sorted(results) == [-1, 3 * big, 3 * big]
+
+
 async def test_cancelled_caller_does_not_disturb_others(client: dcache.Client) -> None:
     with trio.fail_after(TIMEOUT):
         await client.set("k", "v")

@@ -215,3 +215,30 @@ async def test_bytes_that_arrive_with_the_handshake_are_served_like_any_other() 
     with trio.fail_after(5), pytest.raises(transport.ConnectionClosed) as closed:
         await conn.receive()
     assert closed.value.code == wsframe.CLOSE_PROTOCOL_ERROR  # clients must mask
+
+
+async def test_a_shielded_write_keeps_its_turn_when_its_caller_is_cancelled() -> None:
+    # A channel's flush writes other callers' requests too: cancelling the
+    # caller that happens to flush must not drop them while it waits its turn.
+    a, b = trio.socket.socketpair()
+    conn = transport.Connection(trio.SocketStream(a), client_side=True, max_message=1 << 24, poll=0)
+    peer = trio.SocketStream(b)
+    big, small = b"b" * (8 << 20), b"everyone's requests"
+    parser = wsframe.FrameParser(expect_masked=True, max_message=1 << 24)
+    received: list[bytes] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conn.send, big)  # fills the socket: holds the turn
+            await trio.testing.wait_all_tasks_blocked()
+            flusher = trio.CancelScope()
+
+            async def flush() -> None:
+                with flusher:
+                    await conn.send_raw(conn.frame(small), shield=True)
+
+            nursery.start_soon(flush)
+            await trio.testing.wait_all_tasks_blocked()
+            flusher.cancel()
+            while len(received) < 2:
+                received += parser.feed(await peer.receive_some(1 << 16))
+    assert received == [big, small]
