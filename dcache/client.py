@@ -13,6 +13,7 @@ the connection.
 from __future__ import annotations
 
 import math
+import select
 import socket
 import time
 from contextlib import asynccontextmanager
@@ -30,7 +31,25 @@ DEFAULT_ADDRESS = "localhost:48000"
 DEFAULT_PORT = 48000
 DEFAULT_TIMEOUT = 10.0
 CLIENT_NAME = f"dcache-python/{__version__}"
-_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+class _Readiness:
+    """Blocks until a non-blocking socket is ready, or raises socket.timeout."""
+
+    def __init__(self, sock: socket.socket, *, writable: bool) -> None:
+        self._fd = sock.fileno()
+        self._writable = writable
+        self._poll = None
+        if hasattr(select, "poll"):
+            self._poll = select.poll()
+            self._poll.register(self._fd, select.POLLOUT if writable else select.POLLIN)
+
+    def wait(self, timeout: float) -> None:
+        if self._poll is not None:
+            ready = self._poll.poll(timeout * 1000)
+        else:  # Windows: no poll, and no descriptor limit on select
+            fds = [self._fd]
+            ready = any(select.select([] if self._writable else fds, fds if self._writable else [], [], timeout)[:2])
+        if not ready:
+            raise socket.timeout("timed out")
 
 Key = str | bytes
 Value = str | bytes
@@ -444,8 +463,15 @@ class SyncClient(Operations):
         self._next_rid = 1
         self._ready: list[bytes] = []
         self._parser = wsframe.FrameParser(expect_masked=False, max_message=codec.DEFAULT_MAX_FRAME_BYTES)
-        self._poller = transport.BusyPoll(transport.BUSY_POLL if _DONTWAIT else 0.0)
-        self._sock = self._open(address, timeout)
+        self._poller = transport.BusyPoll(transport.BUSY_POLL)
+        self._sock, leftover = self._open(address, timeout)
+        # Non-blocking from here on, so that polling for a reply really
+        # spins; waits that block go through select with ``timeout``.
+        self._sock.setblocking(False)
+        self._readable = _Readiness(self._sock, writable=False)
+        self._writable = _Readiness(self._sock, writable=True)
+        if leftover:
+            self._absorb(leftover)
         try:
             self.server_info = self._call("hello", _hello_args(), _identity)
             self.limits = _limits_from(self.server_info)
@@ -453,7 +479,7 @@ class SyncClient(Operations):
             self._sock.close()
             raise
 
-    def _open(self, address: str, timeout: float) -> socket.socket:
+    def _open(self, address: str, timeout: float) -> tuple[socket.socket, bytes]:
         host, port = transport.split_address(address, DEFAULT_PORT)
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
@@ -475,14 +501,12 @@ class SyncClient(Operations):
         except OSError as exc:
             sock.close()
             raise ConnectError(f"{host}:{port}: handshake failed: {exc}") from None
-        if leftover:
-            self._absorb(leftover)
-        return sock
+        return sock, leftover
 
     def close(self) -> None:
         try:
-            self._sock.sendall(wsframe.build_close(masked=True))
-        except OSError:
+            self._send(wsframe.build_close(masked=True))
+        except OSError:  # socket.timeout included
             pass
         self._sock.close()
 
@@ -499,7 +523,7 @@ class SyncClient(Operations):
         self._next_rid = rid + 1
         frame = wsframe.build_frame(codec.encode_frame([[rid, op, args]]), masked=True)
         try:
-            self._sock.sendall(frame)
+            self._send(frame)
             while True:
                 for payload in self._take_ready():
                     for reply_rid, status, body in parse_replies(payload):
@@ -520,11 +544,24 @@ class SyncClient(Operations):
         """Poll briefly for a quick reply before blocking (see transport.BusyPoll)."""
         poller = self._poller
         if poller.wanted():
-            data = poller.spin(self._sock, time.perf_counter() + poller.window, _DONTWAIT)
+            data = poller.spin(self._sock, time.perf_counter() + poller.window)
             if data is not None:
                 return data  # type: ignore[return-value]
             poller.missed()
-        return self._sock.recv(transport.RECEIVE_SIZE)
+        while True:
+            self._readable.wait(self.timeout)
+            try:
+                return self._sock.recv(transport.RECEIVE_SIZE)
+            except BlockingIOError:
+                continue
+
+    def _send(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[self._sock.send(view) :]
+            except BlockingIOError:
+                self._writable.wait(self.timeout)
 
     def _take_ready(self) -> list[bytes]:
         ready, self._ready = self._ready, []
@@ -539,7 +576,7 @@ class SyncClient(Operations):
             if type(item) is bytes:
                 self._ready.append(item)
             elif item.opcode == wsframe.OP_PING:
-                self._sock.sendall(wsframe.build_frame(item.payload, opcode=wsframe.OP_PONG, masked=True))
+                self._send(wsframe.build_frame(item.payload, opcode=wsframe.OP_PONG, masked=True))
             elif item.opcode == wsframe.OP_CLOSE:
                 code, reason = item.close_info()
                 raise ConnectionLost(f"{self.address} closed the connection ({code} {reason})".strip())

@@ -215,6 +215,37 @@ async def test_sync_client(node: tuple[Node, BoundAddresses]) -> None:
     assert result == (b"v", None, True, [None], 1)
 
 
+async def test_sync_client_spins_then_sleeps(node: tuple[Node, BoundAddresses], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(transport, "BUSY_POLL", 0.002)
+    serve = node[0].router.handle
+    slow = False
+
+    async def handle(session, payloads):  # type: ignore[no-untyped-def]
+        if slow:
+            await trio.sleep(0.05)  # far longer than the client's poll window
+        return await serve(session, payloads)
+
+    monkeypatch.setattr(node[0].router, "handle", handle)
+
+    def use_it() -> tuple:
+        nonlocal slow
+        with dcache.SyncClient(node[1].client_address, timeout=TIMEOUT) as c:
+            c.set("k", "v")
+            slow = True
+            value = c.get("k")
+            after_slow = (c._poller.skip, c._poller.penalty)
+            slow = False
+            c.get("k")  # sleeps at once: backing off
+            c.get("k")  # spins again, and finds the reply
+            return value, after_slow, (c._poller.skip, c._poller.penalty)
+
+    with trio.fail_after(TIMEOUT):
+        value, after_slow, after_fast = await trio.to_thread.run_sync(use_it)
+    assert value == b"v"
+    assert after_slow == (1, 2)  # it spun for its window, then slept until the reply
+    assert after_fast == (0, 1)
+
+
 async def test_client_side_limits_come_from_the_node(nursery: trio.Nursery) -> None:
     _, bound = await start_node(nursery, limits=Limits(max_key_bytes=8, max_value_bytes=16))
     async with dcache.connect(bound.client_address) as client:
