@@ -239,8 +239,16 @@ async def test_sync_client_spins_then_sleeps(node: tuple[Node, BoundAddresses], 
             c.get("k")  # spins again, and finds the reply
             return value, after_slow, (c._poller.skip, c._poller.penalty)
 
+    def without_polling() -> tuple:
+        with dcache.SyncClient(node[1].client_address, timeout=TIMEOUT, busy_poll=0) as c:
+            for _ in range(3):
+                assert c.get("k") == b"v"
+            return c._poller.skip, c._poller.penalty
+
     with trio.fail_after(TIMEOUT):
         value, after_slow, after_fast = await trio.to_thread.run_sync(use_it)
+        slow = True
+        assert await trio.to_thread.run_sync(without_polling) == (0, 1)  # never polled, never missed
     assert value == b"v"
     assert after_slow == (1, 2)  # it spun for its window, then slept until the reply
     assert after_fast == (0, 1)
