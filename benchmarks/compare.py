@@ -385,7 +385,7 @@ def c_lean_load(exe: Path, keys_by_address: dict[str, list[str]], seconds: float
         host, port = address.rsplit(":", 1)
         args += [host, port, hello.hex(), frame.hex(), str(batch)]
     procs = [subprocess.Popen([str(exe), *args], stdout=subprocess.PIPE) for _ in range(processes)]
-    return sum(float(p.communicate()[0]) for p in procs)
+    return sum(float(p.communicate()[0].split()[0]) for p in procs)
 
 
 def scaling(tasks: int, per_task: int, seconds: float, processes: int = 2, rounds: int = 3) -> dict[str, Any]:

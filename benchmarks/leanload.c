@@ -4,7 +4,7 @@
  * so the load itself costs the machine next to nothing.
  *
  * usage: leanload SECONDS DEPTH HOST PORT HELLO_HEX FRAME_HEX REPLIES_PER_FRAME [HOST PORT ...]
- * prints the replies per second. */
+ * prints the replies per second, then the replies counted. */
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -140,6 +140,6 @@ int main(int argc, char **argv) {
             }
         }
     }
-    printf("%f\n", done / (now() - start));
+    printf("%f %ld\n", done / (now() - start), done);
     return 0;
 }

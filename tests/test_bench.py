@@ -1,8 +1,9 @@
-"""The load generator's arithmetic, without a node."""
+"""The load generators: dcache bench's arithmetic, and benchmarks/leanload.c against a node and a stand-in."""
 
 from __future__ import annotations
 
 import array
+from functools import partial
 
 import pytest
 
@@ -38,3 +39,87 @@ def test_percentiles_are_exact_on_known_data() -> None:
     assert s.p999_ms == pytest.approx(999)
     assert s.max_ms == pytest.approx(1000)
     assert s.misses == 3
+
+
+async def test_the_c_lean_load_counts_what_the_node_served(nursery, tmp_path) -> None:
+    """benchmarks/leanload.c, which measures what a cluster serves, against a real node."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    import trio
+
+    import dcache
+    from dcache import codec, wsframe
+    from dcache.node import Node, NodeConfig
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    exe = tmp_path / "leanload"
+    source = Path(__file__).resolve().parent.parent / "benchmarks" / "leanload.c"
+    subprocess.run([cc, "-O2", "-o", str(exe), str(source)], check=True)
+    bound = await nursery.start(Node(NodeConfig(client_listen="127.0.0.1:0", listen="127.0.0.1:0")).run)
+    batch, depth = 5, 2
+    with trio.fail_after(20):
+        async with dcache.connect(bound.client_address) as client:
+            await client.mset({f"k{i}": b"v" for i in range(batch)})
+            hello = wsframe.build_frame(codec.encode_frame([[0, "hello", {"version": codec.PROTOCOL_VERSION}]]), masked=True)
+            frame = wsframe.build_frame(codec.encode_frame([[i, "get", {"key": f"k{i}"}] for i in range(batch)]), masked=True)
+            host, port = bound.client_address.rsplit(":", 1)
+            done = await trio.run_process(
+                [str(exe), "0.3", str(depth), host, port, hello.hex(), frame.hex(), str(batch)], capture_stdout=True
+            )
+            rate, counted = done.stdout.split()
+            hits = (await client.stats())["hits"]
+    assert float(rate) > 0 and int(counted) > 0
+    assert int(counted) <= hits <= int(counted) + depth * batch  # at most the frames still in flight
+
+
+async def test_the_c_lean_load_counts_replies_off_frame_headers(nursery, tmp_path) -> None:
+    """A stand-in server answers every request frame with a frame of three
+    replies, and counts the frames it answered: the generator's count must
+    match, give or take the frames still in flight when it stopped."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    import trio
+
+    from dcache import codec, wsframe
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    exe = tmp_path / "leanload"
+    source = Path(__file__).resolve().parent.parent / "benchmarks" / "leanload.c"
+    subprocess.run([cc, "-O2", "-o", str(exe), str(source)], check=True)
+    answered = 0
+
+    async def serve(stream: trio.SocketStream) -> None:
+        nonlocal answered
+        handshake, parser = wsframe.ServerHandshake(), wsframe.FrameParser(expect_masked=True, max_message=1 << 20)
+        done = None
+        while done is None:
+            done = handshake.feed(await stream.receive_some(65536))
+        response, leftover = done
+        await stream.send_all(response)
+        messages = parser.feed(leftover)
+        try:
+            while True:
+                for _ in messages:
+                    await stream.send_all(wsframe.build_frame(b"\x83\x01\x02\x03", masked=False))
+                    answered += 1
+                messages = parser.feed(await stream.receive_some(65536))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    [listener] = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+    port = listener.socket.getsockname()[1]
+    hello = wsframe.build_frame(codec.encode_frame([[0, "hello", {}]]), masked=True)
+    frame = wsframe.build_frame(b"any request frame", masked=True)
+    with trio.fail_after(20):
+        result = await trio.run_process([str(exe), "0.3", "2", "127.0.0.1", str(port), hello.hex(), frame.hex(), "3"], capture_stdout=True)
+    counted = int(result.stdout.split()[1])
+    replied = 3 * (answered - 1)  # the first frame answered the hello
+    assert 0 < counted <= replied <= counted + 3 * 2
