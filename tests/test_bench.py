@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import array
+import shutil
+import subprocess
 from functools import partial
+from pathlib import Path
 
 import pytest
+import trio
 
+import dcache
+from dcache import codec, wsframe
 from dcache.bench import BenchConfig, OpRecord, parse_ratio, summarize
+from dcache.node import Node, NodeConfig
 
 
 def test_parse_ratio() -> None:
@@ -41,24 +48,20 @@ def test_percentiles_are_exact_on_known_data() -> None:
     assert s.misses == 3
 
 
-async def test_the_c_lean_load_counts_what_the_node_served(nursery, tmp_path) -> None:
-    """benchmarks/leanload.c, which measures what a cluster serves, against a real node."""
-    import shutil
-    import subprocess
-    from pathlib import Path
-
-    import trio
-
-    import dcache
-    from dcache import codec, wsframe
-    from dcache.node import Node, NodeConfig
-
+@pytest.fixture
+def leanload(tmp_path: Path) -> Path:
+    """benchmarks/leanload.c, compiled."""
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         pytest.skip("no C compiler")
     exe = tmp_path / "leanload"
     source = Path(__file__).resolve().parent.parent / "benchmarks" / "leanload.c"
     subprocess.run([cc, "-O2", "-o", str(exe), str(source)], check=True)
+    return exe
+
+
+async def test_the_c_lean_load_counts_what_the_node_served(nursery, leanload: Path) -> None:
+    """benchmarks/leanload.c, which measures what a cluster serves, against a real node."""
     bound = await nursery.start(Node(NodeConfig(client_listen="127.0.0.1:0", listen="127.0.0.1:0")).run)
     batch, depth = 5, 2
     with trio.fail_after(20):
@@ -68,7 +71,7 @@ async def test_the_c_lean_load_counts_what_the_node_served(nursery, tmp_path) ->
             frame = wsframe.build_frame(codec.encode_frame([[i, "get", {"key": f"k{i}"}] for i in range(batch)]), masked=True)
             host, port = bound.client_address.rsplit(":", 1)
             done = await trio.run_process(
-                [str(exe), "0.3", str(depth), host, port, hello.hex(), frame.hex(), str(batch)], capture_stdout=True
+                [str(leanload), "0.3", str(depth), host, port, hello.hex(), frame.hex(), str(batch)], capture_stdout=True
             )
             rate, counted = done.stdout.split()
             hits = (await client.stats())["hits"]
@@ -76,24 +79,11 @@ async def test_the_c_lean_load_counts_what_the_node_served(nursery, tmp_path) ->
     assert int(counted) <= hits <= int(counted) + depth * batch  # at most the frames still in flight
 
 
-async def test_the_c_lean_load_counts_replies_off_frame_headers(nursery, tmp_path) -> None:
+async def test_the_c_lean_load_counts_replies_off_frame_headers(nursery, leanload: Path) -> None:
     """A stand-in server answers every request frame with a frame of three
     replies, and counts the frames it answered: the generator's count must
     match, give or take the frames still in flight when it stopped."""
-    import shutil
-    import subprocess
-    from pathlib import Path
 
-    import trio
-
-    from dcache import codec, wsframe
-
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("no C compiler")
-    exe = tmp_path / "leanload"
-    source = Path(__file__).resolve().parent.parent / "benchmarks" / "leanload.c"
-    subprocess.run([cc, "-O2", "-o", str(exe), str(source)], check=True)
     answered = 0
 
     async def serve(stream: trio.SocketStream) -> None:
@@ -119,7 +109,7 @@ async def test_the_c_lean_load_counts_replies_off_frame_headers(nursery, tmp_pat
     hello = wsframe.build_frame(codec.encode_frame([[0, "hello", {}]]), masked=True)
     frame = wsframe.build_frame(b"any request frame", masked=True)
     with trio.fail_after(20):
-        result = await trio.run_process([str(exe), "0.3", "2", "127.0.0.1", str(port), hello.hex(), frame.hex(), "3"], capture_stdout=True)
+        result = await trio.run_process([str(leanload), "0.3", "2", "127.0.0.1", str(port), hello.hex(), frame.hex(), "3"], capture_stdout=True)
     counted = int(result.stdout.split()[1])
     replied = 3 * (answered - 1)  # the first frame answered the hello
     assert 0 < counted <= replied <= counted + 3 * 2
