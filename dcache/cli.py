@@ -26,7 +26,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import __version__, commands
+from . import __version__, commands, transport
 from .client import DEFAULT_ADDRESS, DEFAULT_TIMEOUT, SyncClient
 from .commands import Outcome
 from .errors import DcacheError
@@ -280,14 +280,13 @@ def serve(
             "--busy-poll-us",
             envvar="DCACHE_BUSY_POLL_US",
             min=0,
-            max=1_000_000,
+            max=transport.MAX_BUSY_POLL_US,
             metavar="MICROSECONDS",
             help="Longest spin on a socket before sleeping: lower latency for CPU time; 0 turns it off.",
         ),
-    ] = 1000.0,
+    ] = transport.DEFAULT_BUSY_POLL_US,
 ) -> None:
     """Run a node: standalone by default, or part of a cluster with --etcd."""
-    from . import transport
     from .node import Node, NodeConfig, NodeStartError
 
     transport.BUSY_POLL = busy_poll_us / 1e6

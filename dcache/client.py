@@ -31,6 +31,8 @@ DEFAULT_ADDRESS = "localhost:48000"
 DEFAULT_PORT = 48000
 DEFAULT_TIMEOUT = 10.0
 CLIENT_NAME = f"dcache-python/{__version__}"
+
+
 class _Readiness:
     """Blocks until a non-blocking socket is ready, or raises socket.timeout."""
 

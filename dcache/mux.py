@@ -116,10 +116,7 @@ class Channel:
             self._outbox.append([rid + i, op, args])
             waiters.append(waiter)
         try:
-            if self._watched:
-                await self._send_and_wait(waiters)
-            else:
-                await self._exchange(waiters, f"{len(requests)} requests")
+            await self._exchange(waiters, f"{len(requests)} requests")
         finally:
             for i in range(len(requests)):
                 del self._pending[rid + i]

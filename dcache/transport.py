@@ -28,6 +28,7 @@ CLOSE_TIMEOUT = 1.0
 WRITE_TIMEOUT = 30.0  # to finish a message once it is partly written
 BUSY_READ_BYTES = 4096
 DEFAULT_BUSY_POLL_US = 1000.0
+MAX_BUSY_POLL_US = 1_000_000
 
 
 def busy_poll_from_env(environ: Mapping[str, str] = os.environ) -> float:
@@ -39,8 +40,8 @@ def busy_poll_from_env(environ: Mapping[str, str] = os.environ) -> float:
         us = float(raw)
     except ValueError:
         us = math.nan
-    if not 0 <= us <= 1e6:
-        log.warning("ignoring DCACHE_BUSY_POLL_US=%r: expected microseconds from 0 to 1000000", raw)
+    if not 0 <= us <= MAX_BUSY_POLL_US:
+        log.warning("ignoring DCACHE_BUSY_POLL_US=%r: expected microseconds from 0 to %d", raw, MAX_BUSY_POLL_US)
         return DEFAULT_BUSY_POLL_US / 1e6
     return us / 1e6
 
