@@ -100,7 +100,74 @@ class Request:
 
 
 def encode_frame(messages: list[Any]) -> bytes:
+    """A frame of ``messages``; an item may be a message already encoded (``bytes``)."""
+    for message in messages:
+        if type(message) is bytes:
+            return _array_head(len(messages)) + b"".join(m if type(m) is bytes else cbor2.dumps(m) for m in messages)
     return cbor2.dumps(messages)
+
+
+# -- messages passed on as they came ----------------------------------------------
+#
+# A node that forwards a lone request does not decode and re-encode what it
+# only carries: it rewrites the rid and keeps the rest of the message (op and
+# args one way, status and body the other) as bytes.
+
+
+def split_single(payload: bytes) -> tuple[int, int] | None:
+    """For a frame of one three-element message whose rid is an unsigned int:
+    the rid and the offset of the rest of the message (never at the end of
+    ``payload``). None for any other frame."""
+    if payload[:2] != b"\x81\x83" or len(payload) < 4:
+        return None
+    info = payload[2]
+    if info < 24:
+        return info, 3
+    size = _UINT_SIZES.get(info)
+    if size is None or len(payload) <= 3 + size:
+        return None
+    return int.from_bytes(payload[3 : 3 + size], "big"), 3 + size
+
+
+def message(rid: int, rest: bytes) -> bytes:
+    """An encoded three-element message: ``rid``, then ``rest`` (its other two elements, encoded)."""
+    return b"\x83" + _uint(rid) + rest
+
+
+def single_frame(rid: int, rest: bytes) -> bytes:
+    """A frame of the one message :func:`message` makes."""
+    return b"\x81\x83" + _uint(rid) + rest
+
+
+def encode_rest(status: int, body: Any) -> bytes:
+    """The rest of a reply after its rid, as :func:`split_single` finds it."""
+    return cbor2.dumps(status) + cbor2.dumps(body)
+
+
+def decode_rest(rest: bytes) -> tuple[int, Any]:
+    """(status, body) from the rest of a reply; raise WireError if it is not one."""
+    _, status, body = parse_reply(_decode_any(b"\x83\x00" + rest))
+    return status, body
+
+
+_UINT_SIZES = {24: 1, 25: 2, 26: 4, 27: 8}
+
+
+def _uint(n: int) -> bytes:
+    return _head(0, n)
+
+
+def _array_head(n: int) -> bytes:
+    return _head(4, n)
+
+
+def _head(major: int, n: int) -> bytes:
+    if n < 24:
+        return bytes(((major << 5) | n,))
+    for info, size in _UINT_SIZES.items():
+        if n < 1 << (8 * size):
+            return bytes(((major << 5) | info,)) + n.to_bytes(size, "big")
+    raise ValueError(f"{n} does not fit a CBOR head")
 
 
 def request(rid: int, op: str, args: dict[str, Any] | None = None) -> list[Any]:
@@ -136,10 +203,7 @@ def decode_frame(payload: bytes, limits: Limits) -> list[Any]:
             ErrorCode.FRAME_TOO_LARGE,
             f"frame of {len(payload)} bytes exceeds the limit of {limits.max_frame_bytes}",
         )
-    try:
-        messages = cbor2.loads(payload, max_depth=MAX_DEPTH)
-    except Exception as exc:  # cbor2 raises several types on hostile input
-        raise WireError(ErrorCode.BAD_FRAME, f"not a CBOR frame: {exc}") from None
+    messages = _decode_any(payload)
     if type(messages) is not list:
         raise WireError(ErrorCode.BAD_FRAME, "a frame must be a CBOR array of messages")
     if len(messages) > limits.max_batch:
@@ -148,6 +212,13 @@ def decode_frame(payload: bytes, limits: Limits) -> list[Any]:
             f"{len(messages)} messages in one frame exceeds the limit of {limits.max_batch}",
         )
     return messages
+
+
+def _decode_any(payload: bytes) -> Any:
+    try:
+        return cbor2.loads(payload, max_depth=MAX_DEPTH)
+    except Exception as exc:  # cbor2 raises several types on hostile input
+        raise WireError(ErrorCode.BAD_FRAME, f"not a CBOR frame: {exc}") from None
 
 
 def parse_request(message: Any, limits: Limits) -> Request:

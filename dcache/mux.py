@@ -23,13 +23,14 @@ from .errors import ClosedError, ConnectionLost, ProtocolError, RequestTimeout
 
 
 class _Waiter:
-    __slots__ = ("event", "status", "body", "since")
+    __slots__ = ("event", "status", "body", "since", "raw")
 
-    def __init__(self, since: float) -> None:
+    def __init__(self, since: float, raw: bool = False) -> None:
         self.event: trio.Event | None = None  # made only if the caller has to wait
         self.status: int | None = None
-        self.body: Any = None
+        self.body: Any = None  # with ``raw``: the reply's rest, encoded (see Channel.relay)
         self.since = since
+        self.raw = raw
 
     def wake(self) -> None:
         if self.event is not None:
@@ -85,13 +86,29 @@ class Channel:
         return len(self._pending)
 
     async def request(self, op: str, args: dict[str, Any]) -> tuple[int, Any]:
+        waiter = await self._call(op, args, None)
+        return waiter.status, waiter.body  # type: ignore[return-value]
+
+    async def relay(self, rest: bytes) -> bytes:
+        """Send one request given as the rest of its message after the rid
+        (op and args, encoded: see :func:`codec.split_single`); return the
+        rest of its reply the same way (status and body, encoded).
+
+        An OK reply's body is passed on as the other side encoded it,
+        unchecked, when it comes alone in its frame: the node relaying it
+        saves decoding and re-encoding a value it only carries. Anything
+        else is checked as :meth:`request` checks it."""
+        waiter = await self._call("relay", None, rest)
+        return waiter.body  # type: ignore[no-any-return]
+
+    async def _call(self, op: str, args: dict[str, Any] | None, rest: bytes | None) -> _Waiter:
         if self.broken is not None:
             raise self.broken
         rid = self._next_rid
         self._next_rid = rid + 1
-        waiter = _Waiter(trio.current_time())
+        waiter = _Waiter(trio.current_time(), rest is not None)
         self._pending[rid] = waiter
-        self._outbox.append([rid, op, args])
+        self._outbox.append([rid, op, args] if rest is None else codec.message(rid, rest))
         try:
             await self._exchange((waiter,), op)
         finally:
@@ -100,7 +117,7 @@ class Channel:
                 self._hand_over_reading()
         if waiter.status == _FAILED:
             raise waiter.body
-        return waiter.status, waiter.body  # type: ignore[return-value]
+        return waiter
 
     async def request_many(self, requests: list[tuple[str, dict[str, Any]]]) -> list[tuple[int, Any]]:
         """Send several requests in one frame; their replies in the same order."""
@@ -215,6 +232,15 @@ class Channel:
             self._reading = False
         pending = self._pending
         for payload in payloads:
+            split = codec.split_single(payload)
+            if split is not None:
+                rid, at = split
+                waiter = pending.get(rid)
+                if waiter is not None and waiter.raw and payload[at] == Status.OK:
+                    waiter.status = Status.OK
+                    waiter.body = payload[at:]
+                    waiter.wake()
+                    continue
             try:
                 replies = parse_replies(payload)
             except ProtocolError as exc:
@@ -227,7 +253,7 @@ class Channel:
                 waiter = pending.get(rid)
                 if waiter is not None and status != Status.MORE:
                     waiter.status = status
-                    waiter.body = body
+                    waiter.body = codec.encode_rest(status, body) if waiter.raw else body
                     waiter.wake()
 
     def _hand_over_reading(self) -> None:

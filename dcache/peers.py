@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Awaitable, Callable, TypeVar
 
 import trio
 
@@ -21,6 +21,7 @@ from .errors import ConnectionLost, DcacheError, PeerUnavailable, ProtocolError,
 from .mux import Channel
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CONNECT_TIMEOUT = 2.0
 REQUEST_TIMEOUT = 5.0
@@ -91,6 +92,15 @@ class PeerLinks:
         Raises PeerUnavailable if the link is down and does not come up
         within :data:`WAIT_FOR_LINK`, or breaks while the requests are out.
         """
+        return await self._send(node_id, len(requests), lambda channel: channel.request_many(requests))
+
+    async def relay(self, node_id: str, rest: bytes) -> bytes:
+        """Send one request, encoded but for its rid, to ``node_id``; return
+        its reply the same way (see :meth:`Channel.relay`). Raises as
+        :meth:`forward` does."""
+        return await self._send(node_id, 1, lambda channel: channel.relay(rest))
+
+    async def _send(self, node_id: str, count: int, call: Callable[[Channel], Awaitable[T]]) -> T:
         link = self._links.get(node_id)
         if link is None:
             raise PeerUnavailable(f"{node_id} is not a member")
@@ -112,7 +122,7 @@ class PeerLinks:
             await slots.acquire()
         try:
             try:
-                replies = await channel.request_many(requests)
+                result = await call(channel)
             except RequestTimeout as exc:
                 # A peer silent this long is gone; reconnect rather than wait on it.
                 channel.fail(ConnectionLost(str(exc)))
@@ -121,8 +131,8 @@ class PeerLinks:
                 raise PeerUnavailable(f"{node_id}: {exc}") from None
         finally:
             slots.release()
-        link.forwarded += len(requests)
-        return replies
+        link.forwarded += count
+        return result
 
     async def _maintain(self, link: _Link) -> None:
         backoff = BACKOFF_INITIAL

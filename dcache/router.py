@@ -46,6 +46,10 @@ class Forwarder(Protocol):
 
     async def forward(self, node_id: str, requests: list[tuple[str, dict[str, Any]]]) -> list[tuple[int, Any]]: ...
 
+    async def relay(self, node_id: str, rest: bytes) -> bytes:
+        """One request encoded but for its rid (see :func:`codec.split_single`); its reply likewise."""
+        ...
+
 
 @dataclass(slots=True)
 class Session:
@@ -263,7 +267,13 @@ class Router:
             for message in messages:
                 self._place(session, message, replies, remote, members_slots)
         if remote:
-            await self._run_remote(remote)
+            if len(payloads) == 1 and len(replies) == 1 and remote[0].merge is None:
+                frame = await self._relay(remote[0], payloads[0])
+                if frame is not None:
+                    self.latency.observe(time.perf_counter() - started)
+                    return frame
+            else:
+                await self._run_remote(remote)
         for slot in members_slots:
             slot.deliver(Status.OK, await self.members())
         self.latency.observe(time.perf_counter() - started, len(replies))
@@ -378,9 +388,38 @@ class Router:
 
     # -- remote ------------------------------------------------------------------
 
+    async def _relay(self, job: _Job, payload: bytes) -> bytes | None:
+        """Forward a request that came alone in its frame as it came, and
+        return the owner's reply frame as it came, but for the rids.
+
+        Returns None once the reply is in the job's slot instead: when the
+        frame has an unusual shape, the owner is unreachable, or it bounced
+        the request as moved (then retried as :meth:`_run_remote` does).
+        """
+        split = codec.split_single(payload)
+        if split is None:
+            await self._run_remote([job])
+            return None
+        rid, at = split
+        assert self.peers is not None
+        self.forwarded += 1
+        try:
+            rest = await self.peers.relay(self._owner(job), payload[at:])
+        except PeerUnavailable as exc:
+            self._unavailable(job, exc)
+            return None
+        if rest[0] == Status.ERROR:
+            _, body = codec.decode_rest(rest)
+            if body[0] == ErrorCode.MOVED:
+                await self._retry([job])
+                return None
+        return codec.single_frame(rid, rest)
+
     async def _run_remote(self, jobs: list[_Job]) -> None:
         """Forward jobs to their owners; re-route those bounced as moved."""
-        bounced = await self._attempt(jobs)
+        await self._retry(await self._attempt(jobs))
+
+    async def _retry(self, bounced: list[_Job]) -> None:
         for delay in MOVED_RETRY_DELAYS:
             if not bounced:
                 return
@@ -446,14 +485,17 @@ class Router:
             results = await self.peers.forward(owner, [(job.op, _wire_args(job.op, job.args)) for job in jobs])
         except PeerUnavailable as exc:
             for job in jobs:
-                self._count(job.op, "unavailable")
-                job.deliver(Status.ERROR, [ErrorCode.UNAVAILABLE.value, f"the owner of this key is unreachable: {exc}"])
+                self._unavailable(job, exc)
             return
         for job, (status, body) in zip(jobs, results):
             if status == Status.ERROR and body[0] == ErrorCode.MOVED:
                 bounced.append(job)
             else:
                 job.deliver(status, body)
+
+    def _unavailable(self, job: _Job, exc: PeerUnavailable) -> None:
+        self._count(job.op, "unavailable")
+        job.deliver(Status.ERROR, [ErrorCode.UNAVAILABLE.value, f"the owner of this key is unreachable: {exc}"])
 
     # -- cluster-wide views -------------------------------------------------------
 

@@ -22,7 +22,7 @@ from .errors import ConnectError
 
 log = logging.getLogger(__name__)
 
-RECEIVE_SIZE = 256 * 1024
+RECEIVE_SIZE = 64 * 1024
 HANDSHAKE_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 1.0
 WRITE_TIMEOUT = 30.0  # to finish a message once it is partly written

@@ -218,3 +218,51 @@ def test_fuzz_mutated_valid_frames(frame: list[Any], position: int, garbage: byt
     position %= len(payload)
     payload[position : position + len(garbage)] = garbage
     serve(bytes(payload))
+
+
+# -- messages passed on as they came ------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(min_value=0, max_value=codec.MAX_RID),
+    st.tuples(st.sampled_from([0, 2]), cbor_values) | st.just((1, ["moved", "elsewhere", {"epoch": 3}])),
+)
+def test_a_single_message_splits_at_its_rid_and_rejoins(rid: int, reply: tuple[int, Any]) -> None:
+    status, body = reply
+    payload = codec.encode_frame([[rid, status, body]])
+    split = codec.split_single(payload)
+    assert split is not None and split[0] == rid
+    rest = payload[split[1] :]
+    assert rest == codec.encode_rest(status, body)
+    assert codec.decode_rest(rest) == (status, body)
+    for other in (0, 23, 24, 255, 256, 2**32, codec.MAX_RID):
+        assert cbor2.loads(codec.single_frame(other, rest)) == [[other, status, body]]
+    assert cbor2.loads(codec.encode_frame([codec.message(9, rest), [10, "get", {}]])) == [[9, status, body], [10, "get", {}]]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"\x81",
+        b"\x81\x83",
+        b"\x81\x83\x05",  # nothing after the rid
+        b"\x81\x83\x19\x01",  # rid cut short
+        b"\x81\x83\x19\x01\x00",  # nothing after a two-byte rid
+        b"\x81\x83\xf6\x00\xf6",  # null rid
+        b"\x81\x83\x1c\x00\x00",  # reserved head
+        b"\x81\x83\x20\x00\xf6",  # negative rid
+        b"\x82\x83\x01\x00\xf6\x83\x02\x00\xf6",  # two messages
+        b"\x81\x82\x01\x00",  # two elements
+    ],
+)
+def test_only_a_single_three_element_message_with_a_rid_splits(payload: bytes) -> None:
+    assert codec.split_single(payload) is None
+
+
+def test_a_malformed_rest_is_a_wire_error() -> None:
+    with pytest.raises(WireError):
+        codec.decode_rest(b"\x01\x82")  # an error whose body is cut short
+    with pytest.raises(WireError):
+        codec.decode_rest(codec.encode_rest(1, "not [code, message]"))

@@ -8,6 +8,7 @@ import cbor2
 import pytest
 import trio
 
+from dcache import codec
 from dcache.codec import ErrorCode, Limits, Status
 from dcache.errors import PeerUnavailable
 from dcache.router import Router, Session
@@ -24,6 +25,7 @@ class Wire:
         self.routers: dict[str, Router] = {}
         self.down: set[str] = set()
         self.calls: list[tuple[str, int]] = []
+        self.relayed = 0
 
     def forwarder_for(self, sender: str) -> Any:
         wire = self
@@ -37,6 +39,17 @@ class Wire:
                 messages = [[i, op, args] for i, (op, args) in enumerate(requests)]
                 reply = await wire.routers[node_id].handle(session, [cbor2.dumps(messages)])
                 return [(status, body) for _, status, body in cbor2.loads(reply)]
+
+            async def relay(self, node_id: str, rest: bytes) -> bytes:
+                if node_id in wire.down:
+                    raise PeerUnavailable(f"{node_id} is down")
+                wire.calls.append((node_id, 1))
+                wire.relayed += 1
+                session = Session(greeted=True, peer_id=sender)
+                reply = await wire.routers[node_id].handle(session, [codec.single_frame(7, rest)])
+                split = codec.split_single(reply)
+                assert split is not None and split[0] == 7
+                return reply[split[1] :]
 
         return Forwarder()
 
@@ -176,6 +189,23 @@ async def test_unreachable_owner_fails_only_its_requests() -> None:
     assert replies[0][2][0] == ErrorCode.UNAVAILABLE
     [reply] = await call(a, [4, "mget", {"keys": [ka, kb, kc]}])
     assert reply[1] == Status.ERROR and reply[2][0] == ErrorCode.UNAVAILABLE
+
+
+async def test_a_lone_request_is_relayed_and_its_reply_passed_back() -> None:
+    wire = make_cluster()
+    a = wire.routers["a:1"]
+    [kb] = keys_owned_by(a.shard_map, "b:1", 1)
+    [reply] = await call(a, [41, "set", {"key": kb, "value": b"relayed"}])
+    assert reply[:2] == [41, Status.OK]
+    [reply] = await call(a, [2**40, "get", {"key": kb}])
+    assert reply == [2**40, Status.OK, b"relayed"]
+    [reply] = await call(a, [3, "get", {"key": kb, "bogus": 1}])  # refused before it travels
+    assert reply[0] == 3 and reply[2][0] == ErrorCode.BAD_REQUEST
+    assert wire.relayed == 2 and a.forwarded == 2
+    wire.down.add("b:1")
+    [reply] = await call(a, [4, "get", {"key": kb}])
+    assert reply[0] == 4 and reply[2][0] == ErrorCode.UNAVAILABLE
+    assert a.op_counts[("get", "unavailable")] == 1
 
 
 async def test_members_gathers_every_nodes_stats() -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import socket
 import time
+from typing import Any
 
 import cbor2
 import pytest
 import trio
 import trio.testing
 
-from dcache import transport, wsframe
+from dcache import codec, transport, wsframe
 from dcache.errors import RequestTimeout
 from dcache.mux import Channel
 
@@ -242,3 +243,40 @@ async def test_a_shielded_write_keeps_its_turn_when_its_caller_is_cancelled() ->
             while len(received) < 2:
                 received += parser.feed(await peer.receive_some(1 << 16))
     assert received == [big, small]
+
+
+async def test_a_relayed_reply_that_comes_alone_passes_through_as_encoded() -> None:
+    conn, peer = await pair(poll=0)
+    channel = Channel(conn, name="owner", timeout=5.0, watched=True)
+    parser = wsframe.FrameParser(expect_masked=True, max_message=1 << 20)
+    # A byte string with a longer length head than needed: decoding and
+    # re-encoding would shorten it, passing it on keeps it as it is.
+    loose_value = b"\x59\x00\x03abc"
+
+    async def owner() -> None:
+        asked: list[tuple[int, Any]] = []
+        while len(asked) < 3:
+            for payload in parser.feed(await peer.receive_some(1 << 16)):
+                asked += [(rid, op) for rid, op, _ in cbor2.loads(payload)]
+        (first, op), (second, _), (third, _) = asked
+        assert op == "get"
+        await peer.send_all(wsframe.build_frame(codec.single_frame(first, b"\x00" + loose_value), masked=False))
+        # Two replies in one frame are decoded, and handed on re-encoded.
+        both = [[second, 0, b"abc"], [third, 1, ["moved", "not here", {"epoch": 2}]]]
+        await peer.send_all(wsframe.build_frame(cbor2.dumps(both), masked=False))
+
+    rest = cbor2.dumps("get") + cbor2.dumps({"key": b"k"})  # a request but for its rid
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(owner)
+            replies: dict[int, bytes] = {}
+
+            async def relay(i: int) -> None:
+                replies[i] = await channel.relay(rest)
+
+            for i in range(3):
+                nursery.start_soon(relay, i)
+                await trio.testing.wait_all_tasks_blocked()
+    assert replies[0] == b"\x00" + loose_value
+    assert replies[1] == codec.encode_rest(0, b"abc")
+    assert codec.decode_rest(replies[2]) == (1, ["moved", "not here", {"epoch": 2}])
