@@ -101,6 +101,8 @@ class Request:
 
 def encode_frame(messages: list[Any]) -> bytes:
     """A frame of ``messages``; an item may be a message already encoded (``bytes``)."""
+    if len(messages) == 1 and type(messages[0]) is bytes:
+        return b"\x81" + messages[0]
     for message in messages:
         if type(message) is bytes:
             return _array_head(len(messages)) + b"".join(m if type(m) is bytes else cbor2.dumps(m) for m in messages)
@@ -123,10 +125,10 @@ def split_single(payload: bytes) -> tuple[int, int] | None:
     info = payload[2]
     if info < 24:
         return info, 3
-    size = _UINT_SIZES.get(info)
-    if size is None or len(payload) <= 3 + size:
+    at = _RID_ENDS.get(info)
+    if at is None or len(payload) <= at:
         return None
-    return int.from_bytes(payload[3 : 3 + size], "big"), 3 + size
+    return int.from_bytes(payload[3:at], "big"), at
 
 
 def message(rid: int, rest: bytes) -> bytes:
@@ -150,24 +152,27 @@ def decode_rest(rest: bytes) -> tuple[int, Any]:
     return status, body
 
 
-_UINT_SIZES = {24: 1, 25: 2, 26: 4, 27: 8}
+# Where a rid ends, by the head byte that says how long it is.
+_RID_ENDS = {24: 4, 25: 5, 26: 7, 27: 11}
+_SMALL_UINTS = [bytes((n,)) for n in range(24)]
 
 
 def _uint(n: int) -> bytes:
-    return _head(0, n)
+    if n < 24:
+        return _SMALL_UINTS[n]
+    if n < 0x100:
+        return b"\x18" + n.to_bytes(1, "big")
+    if n < 0x10000:
+        return b"\x19" + n.to_bytes(2, "big")
+    if n < 0x100000000:
+        return b"\x1a" + n.to_bytes(4, "big")
+    return b"\x1b" + n.to_bytes(8, "big")
 
 
 def _array_head(n: int) -> bytes:
-    return _head(4, n)
-
-
-def _head(major: int, n: int) -> bytes:
-    if n < 24:
-        return bytes(((major << 5) | n,))
-    for info, size in _UINT_SIZES.items():
-        if n < 1 << (8 * size):
-            return bytes(((major << 5) | info,)) + n.to_bytes(size, "big")
-    raise ValueError(f"{n} does not fit a CBOR head")
+    head = bytearray(_uint(n))
+    head[0] |= 0x80  # major type 4
+    return bytes(head)
 
 
 def request(rid: int, op: str, args: dict[str, Any] | None = None) -> list[Any]:

@@ -25,11 +25,11 @@ from .errors import ClosedError, ConnectionLost, ProtocolError, RequestTimeout
 class _Waiter:
     __slots__ = ("event", "status", "body", "since", "raw")
 
-    def __init__(self, since: float, raw: bool = False) -> None:
+    def __init__(self, raw: bool = False) -> None:
         self.event: trio.Event | None = None  # made only if the caller has to wait
         self.status: int | None = None
         self.body: Any = None  # with ``raw``: the reply's rest, encoded (see Channel.relay)
-        self.since = since
+        self.since: float | None = None  # when expire_overdue first saw it waiting
         self.raw = raw
 
     def wake(self) -> None:
@@ -38,6 +38,7 @@ class _Waiter:
 
 
 _FAILED = -1  # waiter.status when the channel broke; body is the exception
+_OK = Status.OK.value
 FLUSH_PASSES = 3
 
 
@@ -106,7 +107,7 @@ class Channel:
             raise self.broken
         rid = self._next_rid
         self._next_rid = rid + 1
-        waiter = _Waiter(trio.current_time(), rest is not None)
+        waiter = _Waiter(rest is not None)
         self._pending[rid] = waiter
         self._outbox.append([rid, op, args] if rest is None else codec.message(rid, rest))
         try:
@@ -126,9 +127,8 @@ class Channel:
         rid = self._next_rid
         self._next_rid = rid + len(requests)
         waiters = []
-        now = trio.current_time()
         for i, (op, args) in enumerate(requests):
-            waiter = _Waiter(now)
+            waiter = _Waiter()
             self._pending[rid + i] = waiter
             self._outbox.append([rid + i, op, args])
             waiters.append(waiter)
@@ -170,14 +170,19 @@ class Channel:
                     await self._read()
 
     def expire_overdue(self) -> bool:
-        """Fail the channel if a request has waited longer than ``timeout``; say if it did."""
+        """Fail the channel if a request is still waiting more than ``timeout``
+        after a call first saw it waiting; say if it did. Called every
+        ``interval``, this fails a silent peer's requests between ``timeout``
+        and ``timeout + 2 * interval`` after they were sent, and costs the
+        requests themselves nothing (not even reading the clock)."""
         now = trio.current_time()
         for waiter in self._pending.values():
             if waiter.status is None:
-                if now - waiter.since <= self.timeout:
-                    return False
-                self.fail(RequestTimeout(f"no reply from {self.name} within {self.timeout:g} s"))
-                return True
+                if waiter.since is None:
+                    waiter.since = now
+                elif now - waiter.since > self.timeout:
+                    self.fail(RequestTimeout(f"no reply from {self.name} within {self.timeout:g} s"))
+                    return True
         return False
 
     async def aclose(self) -> None:
@@ -220,10 +225,11 @@ class Channel:
             # not busy-poll while it is still writing, since the replies
             # cannot come before it is done. Never wait for it, though: it
             # may be blocked on a full socket until we read.
-            for _ in range(FLUSH_PASSES):
-                if not self._flushing:
-                    break
-                await trio.lowlevel.checkpoint()
+            if self._flushing:
+                for _ in range(FLUSH_PASSES):
+                    await trio.lowlevel.checkpoint()
+                    if not self._flushing:
+                        break
             payloads = await self._conn.receive(poll=not self._flushing)
         except transport.ConnectionClosed as exc:
             self.fail(ConnectionLost(f"lost the connection to {self.name}: {exc}"))
@@ -236,8 +242,8 @@ class Channel:
             if split is not None:
                 rid, at = split
                 waiter = pending.get(rid)
-                if waiter is not None and waiter.raw and payload[at] == Status.OK:
-                    waiter.status = Status.OK
+                if waiter is not None and waiter.raw and payload[at] == _OK:
+                    waiter.status = _OK
                     waiter.body = payload[at:]
                     waiter.wake()
                     continue
