@@ -187,6 +187,7 @@ class _Job:
     slot: _Reply | None = None  # single-key: where the reply goes
     merge: _Merge | None = None  # multi-key part: where the part goes
     indexes: list[int] | None = None  # multi-key part: positions in the original request
+    owner: str = ""  # single-key: the owner when it was placed
 
     def deliver(self, status: int, body: Any) -> None:
         if self.merge is not None:
@@ -300,7 +301,7 @@ class Router:
             else:
                 slot = _Reply(replies, len(replies), req.rid)
                 replies.append(None)
-                remote.append(_Job(op, req.args, slot=slot))
+                remote.append(_Job(op, req.args, slot=slot, owner=owner))
         elif op in _MULTI_KEY_OPS:
             self._place_multi(session, req, replies, remote)
         elif op == "members":
@@ -404,7 +405,7 @@ class Router:
         assert self.peers is not None
         self.forwarded += 1
         try:
-            rest = await self.peers.relay(self._owner(job), payload[at:])
+            rest = await self.peers.relay(job.owner, payload[at:])
         except PeerUnavailable as exc:
             self._unavailable(job, exc)
             return None
