@@ -277,15 +277,16 @@ class Node:
         is used up: this loop runs once per request.
         """
         idle = self.config.idle_timeout
-        pinged = False
+        clock = trio.lowlevel.current_clock()
+        pinged_at: int | None = None  # conn.reads when we pinged
         sending = False
         while True:
-            with trio.CancelScope(deadline=trio.current_time() + idle) as deadline:
+            with trio.CancelScope(deadline=clock.current_time() + idle) as deadline:
                 try:
                     while True:
                         payloads = await conn.receive()
-                        pinged = False
-                        now = trio.current_time()
+                        pinged_at = None
+                        now = clock.current_time()
                         if deadline.deadline - now < idle / 2:
                             deadline.deadline = now + idle
                         reply = await self.router.handle(session, payloads)
@@ -298,12 +299,13 @@ class Node:
             if sending:
                 log.info("closing connection from %s: it stopped reading replies", session.remote)
                 return
-            # Idle: ask once whether the other side is still there, then give up.
-            if pinged and trio.current_time() - conn.last_received >= idle:
+            # Idle: ask once whether the other side is still there, then give
+            # up if not even a pong came back.
+            if pinged_at == conn.reads:
                 log.debug("closing idle connection from %s", session.remote)
                 await conn.aclose(1001, "idle")
                 return
-            pinged = True
+            pinged_at = conn.reads
             try:
                 await conn.ping()
             except transport.ConnectionClosed:

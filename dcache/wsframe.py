@@ -146,6 +146,15 @@ class FrameParser:
         then unusable and the connection must be closed with ``exc.code``.
         """
         buf = self._buffer
+        if not buf and not self._fragment_opcode and len(data) > 1:
+            # The usual case: the data is one whole, final binary frame.
+            b1 = data[1]
+            length = b1 & 0x7F
+            if data[0] == 0x82 and length < 126 and length <= self._max_message and bool(b1 & 0x80) == self._expect_masked:
+                if len(data) == 6 + length and b1 & 0x80:
+                    return [mask(data[6:], data[2:6])]
+                if len(data) == 2 + length and not b1 & 0x80:
+                    return [data[2:]]
         buf += data
         out: list[bytes | Control] = []
         pos = 0

@@ -385,6 +385,18 @@ async def test_hostile_connections_leave_the_node_serving(nursery: trio.Nursery)
             await junk.aclose()
 
 
+async def test_a_connection_that_answers_pings_stays_open(mock_clock: trio.testing.MockClock, nursery: trio.Nursery) -> None:
+    node, bound = await start_node(nursery, idle_timeout=30)
+    conn = await raw_connection(bound.client_address)
+    await raw_call(conn, [HELLO])
+    nursery.start_soon(conn.receive)  # answers the node's pings, sends nothing else
+    await trio.testing.wait_all_tasks_blocked()
+    for _ in range(4):
+        mock_clock.jump(30)
+        await trio.testing.wait_all_tasks_blocked()
+    assert node.connections == 1
+
+
 async def test_idle_and_handshake_timeouts_close_dead_connections(mock_clock: trio.testing.MockClock, nursery: trio.Nursery) -> None:
     node, bound = await start_node(nursery, idle_timeout=30)
     host, port = bound.client

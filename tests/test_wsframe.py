@@ -123,6 +123,10 @@ def test_oversize_message_is_refused_before_it_arrives() -> None:
     with pytest.raises(FrameError) as info:
         parser.feed(header_only)
     assert info.value.code == CLOSE_TOO_BIG
+    # A small frame that arrives whole is held to the limit too.
+    with pytest.raises(FrameError) as info:
+        server_parser(max_message=10).feed(build_frame(b"x" * 11, masked=True))
+    assert info.value.code == CLOSE_TOO_BIG
     # Fragments count together.
     with pytest.raises(FrameError):
         server_parser(max_message=1000).feed(fragment(b"x" * 1500, wsframe.OP_BINARY, 3, masked=True))
