@@ -292,8 +292,6 @@ class Pipeline(Operations):
         return results
 
 
-_SINGLE_KEY_OPS = frozenset({"get", "set", "delete", "ttl"})
-_MULTI_KEY_OPS = {"mget": "keys", "mdelete": "keys", "mset": "items"}
 CLUSTER_REFRESH_INTERVAL = 5.0
 
 
@@ -404,8 +402,8 @@ class ClusterClient(Operations):
     async def _call(self, op: str, args: dict[str, Any], decode: Callable[[Any], Any]) -> Any:
         if trio.current_time() - self._refreshed_at > CLUSTER_REFRESH_INTERVAL:
             await self.refresh()
-        field = _MULTI_KEY_OPS.get(op)
-        if not self.shard_map.members or (field is None and op not in _SINGLE_KEY_OPS):
+        field = codec.MULTI_KEY_OPS.get(op)
+        if not self.shard_map.members or (field is None and op not in codec.SINGLE_KEY_OPS):
             return _outcome(*await self._via_seed(op, args), decode)
         if field is None:
             owner = self.shard_map.owner(args.get("ns", ""), args["key"])

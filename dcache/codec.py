@@ -37,6 +37,11 @@ MAX_RID = 2**63 - 1
 MAX_DEPTH = 16
 
 
+SINGLE_KEY_OPS = frozenset({"get", "set", "delete", "ttl"})
+# Ops on many keys, by the field holding them.
+MULTI_KEY_OPS = {"mget": "keys", "mdelete": "keys", "mset": "items"}
+
+
 class Status(enum.IntEnum):
     OK = 0
     ERROR = 1
@@ -269,8 +274,8 @@ def parse_reply(message: Any) -> tuple[int | None, int, Any]:
 
 
 def _fields(args: dict[str, Any], allowed: frozenset[str], op: str) -> None:
-    extra = args.keys() - allowed
-    if extra:
+    if not allowed.issuperset(args):
+        extra = args.keys() - allowed
         raise WireError(ErrorCode.BAD_REQUEST, f"{op}: unknown field(s) {sorted(map(str, extra))}")
 
 

@@ -37,8 +37,6 @@ MEMBER_STATS_TIMEOUT = 2.0
 # Request latency histogram bucket bounds, in seconds.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
-_SINGLE_KEY_OPS = frozenset({"get", "set", "delete", "ttl"})
-_MULTI_KEY_OPS = frozenset({"mget", "mset", "mdelete"})
 
 
 class Forwarder(Protocol):
@@ -187,7 +185,6 @@ class _Job:
     slot: _Reply | None = None  # single-key: where the reply goes
     merge: _Merge | None = None  # multi-key part: where the part goes
     indexes: list[int] | None = None  # multi-key part: positions in the original request
-    owner: str = ""  # single-key: the owner when it was placed
 
     def deliver(self, status: int, body: Any) -> None:
         if self.merge is not None:
@@ -199,7 +196,7 @@ class _Job:
 
 
 def _elements(op: str, args: dict[str, Any]) -> list[Any]:
-    return args["items"] if op == "mset" else args["keys"]
+    return args[codec.MULTI_KEY_OPS[op]]
 
 
 def _element_key(op: str, element: Any) -> bytes:
@@ -208,7 +205,7 @@ def _element_key(op: str, element: Any) -> bytes:
 
 def _part_args(op: str, args: dict[str, Any], elements: list[Any]) -> dict[str, Any]:
     part = dict(args)
-    part["items" if op == "mset" else "keys"] = elements
+    part[codec.MULTI_KEY_OPS[op]] = elements
     return part
 
 
@@ -265,16 +262,16 @@ class Router:
             except WireError as exc:
                 replies.append(codec.error_from(exc))
                 continue
+            if len(messages) == 1 and len(payloads) == 1 and session.greeted and not session.peer_id:
+                message = messages[0]
+                if type(message) is list and len(message) == 3 and message[1] in codec.SINGLE_KEY_OPS:
+                    frame = await self._keyed_alone(payload, message)
+                    self.latency.observe(time.perf_counter() - started)
+                    return frame
             for message in messages:
                 self._place(session, message, replies, remote, members_slots)
         if remote:
-            if len(payloads) == 1 and len(replies) == 1 and remote[0].merge is None:
-                frame = await self._relay(remote[0], payloads[0])
-                if frame is not None:
-                    self.latency.observe(time.perf_counter() - started)
-                    return frame
-            else:
-                await self._run_remote(remote)
+            await self._run_remote(remote)
         for slot in members_slots:
             slot.deliver(Status.OK, await self.members())
         self.latency.observe(time.perf_counter() - started, len(replies))
@@ -285,14 +282,13 @@ class Router:
         try:
             req = codec.parse_request(message, self.limits)
         except WireError as exc:
-            self._count("invalid", "error")
-            replies.append(codec.error_from(exc))
+            replies.append(self._invalid(exc))
             return
         if not session.greeted or req.op == "hello":
             replies.append(self._hello(session, req))
             return
         op = req.op
-        if op in _SINGLE_KEY_OPS:
+        if op in codec.SINGLE_KEY_OPS:
             owner = self.shard_map.owner(req.args["ns"], req.args["key"])
             if owner == self.node_id:
                 replies.append(self._local(req))
@@ -301,8 +297,8 @@ class Router:
             else:
                 slot = _Reply(replies, len(replies), req.rid)
                 replies.append(None)
-                remote.append(_Job(op, req.args, slot=slot, owner=owner))
-        elif op in _MULTI_KEY_OPS:
+                remote.append(_Job(op, req.args, slot=slot))
+        elif op in codec.MULTI_KEY_OPS:
             self._place_multi(session, req, replies, remote)
         elif op == "members":
             members_slots.append(_Reply(replies, len(replies), req.rid))
@@ -389,32 +385,41 @@ class Router:
 
     # -- remote ------------------------------------------------------------------
 
-    async def _relay(self, job: _Job, payload: bytes) -> bytes | None:
-        """Forward a request that came alone in its frame as it came, and
-        return the owner's reply frame as it came, but for the rids.
-
-        Returns None once the reply is in the job's slot instead: when the
-        frame has an unusual shape, the owner is unreachable, or it bounced
-        the request as moved (then retried as :meth:`_run_remote` does).
-        """
+    async def _keyed_alone(self, payload: bytes, message: list[Any]) -> bytes:
+        """A keyed request that came alone in its frame (the usual case), the
+        short way: served here if this node owns the key, else forwarded as
+        it came, with the owner's reply frame returned as it came but for the
+        rids (see :func:`codec.split_single`)."""
+        try:
+            req = codec.parse_request(message, self.limits)
+        except WireError as exc:
+            return codec.encode_frame([self._invalid(exc)])
+        owner = self.shard_map.owner(req.args["ns"], req.args["key"])
+        if owner == self.node_id:
+            return codec.encode_frame([self._local(req)])
         split = codec.split_single(payload)
-        if split is None:
-            await self._run_remote([job])
-            return None
+        if split is None or self.peers is None:
+            return await self._forward_alone(req)
         rid, at = split
-        assert self.peers is not None
         self.forwarded += 1
         try:
-            rest = await self.peers.relay(job.owner, payload[at:])
+            rest = await self.peers.relay(owner, payload[at:])
         except PeerUnavailable as exc:
-            self._unavailable(job, exc)
-            return None
+            return codec.encode_frame([[rid, Status.ERROR, self._unavailable(req.op, exc)]])
         if rest[0] == Status.ERROR:
             _, body = codec.decode_rest(rest)
-            if body[0] == ErrorCode.MOVED:
-                await self._retry([job])
-                return None
+            if body[0] == ErrorCode.MOVED:  # the owner's view is newer: retry as any forward would
+                return await self._forward_alone(req, bounced=True)
         return codec.single_frame(rid, rest)
+
+    async def _forward_alone(self, req: Request, *, bounced: bool = False) -> bytes:
+        replies: list[Any] = [None]
+        job = _Job(req.op, req.args, slot=_Reply(replies, 0, req.rid))
+        if bounced:
+            await self._retry([job])
+        else:
+            await self._run_remote([job])
+        return codec.encode_frame(replies)
 
     async def _run_remote(self, jobs: list[_Job]) -> None:
         """Forward jobs to their owners; re-route those bounced as moved."""
@@ -486,7 +491,7 @@ class Router:
             results = await self.peers.forward(owner, [(job.op, _wire_args(job.op, job.args)) for job in jobs])
         except PeerUnavailable as exc:
             for job in jobs:
-                self._unavailable(job, exc)
+                job.deliver(Status.ERROR, self._unavailable(job.op, exc))
             return
         for job, (status, body) in zip(jobs, results):
             if status == Status.ERROR and body[0] == ErrorCode.MOVED:
@@ -494,9 +499,14 @@ class Router:
             else:
                 job.deliver(status, body)
 
-    def _unavailable(self, job: _Job, exc: PeerUnavailable) -> None:
-        self._count(job.op, "unavailable")
-        job.deliver(Status.ERROR, [ErrorCode.UNAVAILABLE.value, f"the owner of this key is unreachable: {exc}"])
+    def _invalid(self, exc: WireError) -> list[Any]:
+        self._count("invalid", "error")
+        return codec.error_from(exc)
+
+    def _unavailable(self, op: str, exc: PeerUnavailable) -> list[str]:
+        """Count an ``op`` whose owner is unreachable; the error body for it."""
+        self._count(op, "unavailable")
+        return [ErrorCode.UNAVAILABLE.value, f"the owner of this key is unreachable: {exc}"]
 
     # -- cluster-wide views -------------------------------------------------------
 

@@ -266,3 +266,4 @@ def test_a_malformed_rest_is_a_wire_error() -> None:
         codec.decode_rest(b"\x01\x82")  # an error whose body is cut short
     with pytest.raises(WireError):
         codec.decode_rest(codec.encode_rest(1, "not [code, message]"))
+

@@ -202,6 +202,10 @@ async def test_a_lone_request_is_relayed_and_its_reply_passed_back() -> None:
     [reply] = await call(a, [3, "get", {"key": kb, "bogus": 1}])  # refused before it travels
     assert reply[0] == 3 and reply[2][0] == ErrorCode.BAD_REQUEST
     assert wire.relayed == 2 and a.forwarded == 2
+    # A frame the relay cannot split (an array of indefinite length) is forwarded the long way.
+    odd = b"\x9f" + cbor2.dumps([5, "get", {"key": kb}]) + b"\xff"
+    assert cbor2.loads(await a.handle(Session(greeted=True), [odd])) == [[5, Status.OK, b"relayed"]]
+    assert wire.relayed == 2 and a.forwarded == 3
     wire.down.add("b:1")
     [reply] = await call(a, [4, "get", {"key": kb}])
     assert reply[0] == 4 and reply[2][0] == ErrorCode.UNAVAILABLE
