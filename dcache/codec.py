@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import cbor2
 
@@ -91,8 +91,7 @@ class WireError(Exception):
         self.rid = rid
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
+class Request(NamedTuple):  # a tuple: made for every request, at half a frozen dataclass's cost
     """A validated request. ``args`` holds normalized fields: keys are bytes,
     ``ns`` is always present for keyed ops, ``ttl_ms`` is 0 for "no TTL"."""
 

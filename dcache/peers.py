@@ -21,6 +21,7 @@ from .errors import ConnectionLost, DcacheError, PeerUnavailable, ProtocolError,
 from .mux import Channel
 
 log = logging.getLogger(__name__)
+A = TypeVar("A")
 T = TypeVar("T")
 
 CONNECT_TIMEOUT = 2.0
@@ -93,15 +94,15 @@ class PeerLinks:
         Raises PeerUnavailable if the link is down and does not come up
         within :data:`WAIT_FOR_LINK`, or breaks while the requests are out.
         """
-        return await self._send(node_id, len(requests), lambda channel: channel.request_many(requests))
+        return await self._send(node_id, len(requests), Channel.request_many, requests)
 
     async def relay(self, node_id: str, rest: bytes) -> bytes:
         """Send one request, encoded but for its rid, to ``node_id``; return
         its reply the same way (see :meth:`Channel.relay`). Raises as
         :meth:`forward` does."""
-        return await self._send(node_id, 1, lambda channel: channel.relay(rest))
+        return await self._send(node_id, 1, Channel.relay, rest)
 
-    async def _send(self, node_id: str, count: int, call: Callable[[Channel], Awaitable[T]]) -> T:
+    async def _send(self, node_id: str, count: int, call: Callable[[Channel, A], Awaitable[T]], arg: A) -> T:
         link = self._links.get(node_id)
         if link is None:
             raise PeerUnavailable(f"{node_id} is not a member")
@@ -121,7 +122,7 @@ class PeerLinks:
         link.in_flight += 1
         try:
             try:
-                result = await call(channel)
+                result = await call(channel, arg)
             except RequestTimeout as exc:
                 # A peer silent this long is gone; reconnect rather than wait on it.
                 channel.fail(ConnectionLost(str(exc)))

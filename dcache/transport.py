@@ -91,40 +91,22 @@ class BusyPoll:
     def spin(self, sock: socket.socket, until: float, flags: int = 0, watch: Any = None) -> bytes | object | None:
         """Data from ``sock`` before ``until``; :data:`GAVE_WAY` if another
         socket in ``watch`` got data first; None if nothing came. OSError as
-        ``recv`` raises it.
-
-        With ``watch``, the spin asks it rather than ``sock`` itself: a poll
-        that finds nothing costs a quarter of a ``recv`` that fails, so the
-        wait notices data sooner and takes less from the processes it waits
-        for. (Threads of the same process find the lock every Python thread
-        needs free less often during such a spin; the blocking client,
-        which may share its process with other threads, spins on ``recv``.)"""
+        ``recv`` raises it."""
         fd = sock.fileno()
         while True:
-            if watch is None:
-                try:
-                    data = sock.recv(RECEIVE_SIZE, flags)
-                except BlockingIOError:
-                    pass
-                else:
-                    self.penalty = 1
-                    return data
+            try:
+                data = sock.recv(RECEIVE_SIZE, flags)
+            except BlockingIOError:
+                if watch is not None:
+                    for ready, _ in watch.poll(0):
+                        if ready != fd:
+                            return GAVE_WAY
+                if time.perf_counter() >= until:
+                    return None
+                _yield_cpu()
             else:
-                ready = watch.poll(0)
-                if ready:
-                    for ready_fd, _ in ready:
-                        if ready_fd == fd:
-                            try:
-                                data = sock.recv(RECEIVE_SIZE, flags)
-                            except BlockingIOError:  # a spurious wake-up
-                                break
-                            self.penalty = 1
-                            return data
-                    else:
-                        return GAVE_WAY
-            if time.perf_counter() >= until:
-                return None
-            _yield_cpu()
+                self.penalty = 1
+                return data
 
     def missed(self) -> None:
         self.skip = self.penalty
