@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import multiprocessing
 import random
 import socket
+from typing import Any
 
 import cbor2
 import pytest
@@ -215,43 +217,50 @@ async def test_sync_client(node: tuple[Node, BoundAddresses]) -> None:
     assert result == (b"v", None, True, [None], 1)
 
 
-async def test_sync_client_spins_then_sleeps(node: tuple[Node, BoundAddresses], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(transport, "BUSY_POLL", 0.002)
-    serve = node[0].router.handle
-    slow = False
+def _serve_with_a_slow_key(addresses: Any) -> None:
+    """A node that takes 200 ms over requests naming the key "slow"."""
 
-    async def handle(session, payloads):  # type: ignore[no-untyped-def]
-        if slow:
-            await trio.sleep(0.05)  # far longer than the client's poll window
-        return await serve(session, payloads)
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            node, bound = await start_node(nursery)
+            serve = node.router.handle
 
-    monkeypatch.setattr(node[0].router, "handle", handle)
+            async def handle(session, payloads):  # type: ignore[no-untyped-def]
+                if any(b"slow" in payload for payload in payloads):
+                    await trio.sleep(0.2)  # far longer than the client's poll window
+                return await serve(session, payloads)
 
-    def use_it() -> tuple:
-        nonlocal slow
-        with dcache.SyncClient(node[1].client_address, timeout=TIMEOUT) as c:
+            node.router.handle = handle  # type: ignore[method-assign]
+            addresses.put(bound.client_address)
+
+    trio.run(main)
+
+
+def test_sync_client_spins_then_sleeps(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The node runs in a process of its own: in this one, its thread and the
+    # client's, both spinning, would take turns at the interpreter lock.
+    monkeypatch.setattr(transport, "BUSY_POLL", 0.02)  # ample, on a busy machine
+    context = multiprocessing.get_context("fork")
+    addresses = context.Queue()
+    server = context.Process(target=_serve_with_a_slow_key, args=(addresses,), daemon=True)
+    server.start()
+    try:
+        address = addresses.get(timeout=TIMEOUT)
+        with dcache.SyncClient(address, timeout=TIMEOUT) as c:
             c.set("k", "v")
-            slow = True
-            value = c.get("k")
-            after_slow = (c._poller.skip, c._poller.penalty)
-            slow = False
-            c.get("k")  # sleeps at once: backing off
-            c.get("k")  # spins again, and finds the reply
-            return value, after_slow, (c._poller.skip, c._poller.penalty)
-
-    def without_polling() -> tuple:
-        with dcache.SyncClient(node[1].client_address, timeout=TIMEOUT, busy_poll=0) as c:
-            for _ in range(3):
-                assert c.get("k") == b"v"
-            return c._poller.skip, c._poller.penalty
-
-    with trio.fail_after(TIMEOUT):
-        value, after_slow, after_fast = await trio.to_thread.run_sync(use_it)
-        slow = True
-        assert await trio.to_thread.run_sync(without_polling) == (0, 1)  # never polled, never missed
-    assert value == b"v"
-    assert after_slow == (1, 2)  # it spun for its window, then slept until the reply
-    assert after_fast == (0, 1)
+            assert (c._poller.skip, c._poller.penalty) == (0, 1)  # the reply came while it spun
+            assert c.get("slow") is None
+            assert (c._poller.skip, c._poller.penalty) == (1, 2)  # it spun for its window, then slept
+            assert c.get("k") == b"v"  # sleeps at once: backing off
+            assert c.get("k") == b"v"  # spins again, and finds the reply
+            assert (c._poller.skip, c._poller.penalty) == (0, 1)
+        with dcache.SyncClient(address, timeout=TIMEOUT, busy_poll=0) as c:
+            for _ in range(2):
+                assert c.get("slow") is None
+            assert (c._poller.skip, c._poller.penalty) == (0, 1)  # never polled, never missed
+    finally:
+        server.kill()
+        server.join(TIMEOUT)
 
 
 async def test_client_side_limits_come_from_the_node(nursery: trio.Nursery) -> None:
