@@ -4,7 +4,10 @@ A connection handler hands the router every frame it received in one read;
 the router answers them all in one reply frame. For each keyed request it
 asks the shard map who owns the key: this node runs it against the store,
 any other owner gets it over the peer link. A multi-key request is split by
-owner and its parts merged back in order.
+owner and its parts merged back in order. A keyed request that comes alone
+in its frame, the usual case, takes a short way: a forwarding node passes
+it on as it came and the owner's reply back as it came, rewriting only the
+rids, so a value it only carries is never decoded or encoded on the way.
 
 Requests that arrive over a peer link (their hello named a ``peer``) are
 never forwarded again: if this node does not own the key by its own view it
@@ -36,7 +39,6 @@ MOVED_RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4)
 MEMBER_STATS_TIMEOUT = 2.0
 # Request latency histogram bucket bounds, in seconds.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-
 
 
 class Forwarder(Protocol):
@@ -262,10 +264,10 @@ class Router:
             except WireError as exc:
                 replies.append(codec.error_from(exc))
                 continue
-            if len(messages) == 1 and len(payloads) == 1 and session.greeted and not session.peer_id:
+            if len(messages) == 1 and len(payloads) == 1 and session.greeted:
                 message = messages[0]
                 if type(message) is list and len(message) == 3 and message[1] in codec.SINGLE_KEY_OPS:
-                    frame = await self._keyed_alone(payload, message)
+                    frame = await self._keyed_alone(session, payload, message)
                     self.latency.observe(time.perf_counter() - started)
                     return frame
             for message in messages:
@@ -385,7 +387,7 @@ class Router:
 
     # -- remote ------------------------------------------------------------------
 
-    async def _keyed_alone(self, payload: bytes, message: list[Any]) -> bytes:
+    async def _keyed_alone(self, session: Session, payload: bytes, message: list[Any]) -> bytes:
         """A keyed request that came alone in its frame (the usual case), the
         short way: served here if this node owns the key, else forwarded as
         it came, with the owner's reply frame returned as it came but for the
@@ -397,6 +399,8 @@ class Router:
         owner = self.shard_map.owner(req.args["ns"], req.args["key"])
         if owner == self.node_id:
             return codec.encode_frame([self._local(req)])
+        if session.peer_id:
+            return codec.encode_frame([self._moved(req.rid, owner)])
         split = codec.split_single(payload)
         if split is None or self.peers is None:
             return await self._forward_alone(req)
