@@ -458,7 +458,8 @@ class SyncClient(Operations):
     While it waits for a reply it spins on the socket for up to
     ``busy_poll`` seconds before sleeping (``DCACHE_BUSY_POLL_US`` by
     default; 0 turns it off): about twice the requests per second, for a
-    busy CPU while they run.
+    busy CPU while they run. In a threaded program, 0 also spares the other
+    threads a longer wait for the interpreter lock while one spins.
     """
 
     def __init__(
