@@ -111,10 +111,7 @@ class Channel:
         self._pending[rid] = waiter
         self._outbox.append([rid, op, args] if rest is None else codec.message(rid, rest))
         try:
-            if self._watched:
-                await self._send_and_wait((waiter,))
-            else:
-                await self._exchange((waiter,), op)
+            await self._exchange((waiter,), op)
         finally:
             del self._pending[rid]
             if not self._reading and self._pending:

@@ -291,11 +291,9 @@ class Router:
             return
         op = req.op
         if op in codec.SINGLE_KEY_OPS:
-            owner = self.shard_map.owner(req.args["ns"], req.args["key"])
-            if owner == self.node_id:
-                replies.append(self._local(req))
-            elif session.peer_id:
-                replies.append(self._moved(req.rid, owner))
+            reply = self._answer_here(session, req, self.shard_map.owner(req.args["ns"], req.args["key"]))
+            if reply is not None:
+                replies.append(reply)
             else:
                 slot = _Reply(replies, len(replies), req.rid)
                 replies.append(None)
@@ -331,6 +329,15 @@ class Router:
                 remote.append(part)
 
     # -- local -------------------------------------------------------------------
+
+    def _answer_here(self, session: Session, req: Request, owner: str) -> list[Any] | None:
+        """The reply to a keyed request if this node gives it: it owns the
+        key, or the request came over a peer link (never forwarded twice)."""
+        if owner == self.node_id:
+            return self._local(req)
+        if session.peer_id:
+            return self._moved(req.rid, owner)
+        return None
 
     def _local(self, req: Request) -> list[Any]:
         if req.op == "stats":
@@ -397,10 +404,9 @@ class Router:
         except WireError as exc:
             return codec.encode_frame([self._invalid(exc)])
         owner = self.shard_map.owner(req.args["ns"], req.args["key"])
-        if owner == self.node_id:
-            return codec.encode_frame([self._local(req)])
-        if session.peer_id:
-            return codec.encode_frame([self._moved(req.rid, owner)])
+        reply = self._answer_here(session, req, owner)
+        if reply is not None:
+            return codec.encode_frame([reply])
         split = codec.split_single(payload)
         if split is None or self.peers is None:
             return await self._forward_alone(req)

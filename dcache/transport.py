@@ -88,14 +88,14 @@ class BusyPoll:
             return False
         return True
 
-    def spin(self, sock: socket.socket, until: float, flags: int = 0, watch: Any = None) -> bytes | object | None:
+    def spin(self, sock: socket.socket, until: float, watch: Any = None) -> bytes | object | None:
         """Data from ``sock`` before ``until``; :data:`GAVE_WAY` if another
         socket in ``watch`` got data first; None if nothing came. OSError as
         ``recv`` raises it."""
         fd = sock.fileno()
         while True:
             try:
-                data = sock.recv(RECEIVE_SIZE, flags)
+                data = sock.recv(RECEIVE_SIZE)
             except BlockingIOError:
                 if watch is not None:
                     for ready, _ in watch.poll(0):
@@ -362,7 +362,7 @@ class Connection:
                 if tasks_runnable():
                     return None  # a busy process: its other tasks come first
             try:
-                data = poller.spin(sock, min(until, time.perf_counter() + POLL_SLICE), 0, self._watch)
+                data = poller.spin(sock, min(until, time.perf_counter() + POLL_SLICE), self._watch)
             except OSError as exc:
                 raise trio.BrokenResourceError(str(exc)) from exc
             if data is GAVE_WAY:
