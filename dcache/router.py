@@ -266,7 +266,8 @@ class Router:
                 continue
             if len(messages) == 1 and len(payloads) == 1 and session.greeted:
                 message = messages[0]
-                if type(message) is list and len(message) == 3 and message[1] in codec.SINGLE_KEY_OPS:
+                op = message[1] if type(message) is list and len(message) == 3 else None
+                if type(op) is str and op in codec.SINGLE_KEY_OPS:
                     frame = await self._keyed_alone(session, payload, message)
                     self.latency.observe(time.perf_counter() - started)
                     return frame

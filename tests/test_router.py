@@ -230,6 +230,13 @@ async def test_members_gathers_every_nodes_stats() -> None:
     assert sum(m["shards"] for m in view["members"]) == 8192
 
 
+@pytest.mark.parametrize("op", [["get"], {"get": 1}, 7, None])
+async def test_a_lone_request_with_an_op_of_any_type_is_refused(op: Any) -> None:
+    wire = make_cluster()
+    reply = cbor2.loads(await wire.routers["a:1"].handle(Session(greeted=True), [cbor2.dumps([[1, op, {"key": b"k"}]])]))
+    assert reply[0][0] == 1 and reply[0][2][0] == ErrorCode.UNKNOWN_OP
+
+
 @pytest.mark.parametrize("op", ["get", "delete", "ttl"])
 async def test_hello_is_required_even_for_peers(op: str) -> None:
     wire = make_cluster()
