@@ -368,6 +368,7 @@ def cluster_up(
     console = Console(stderr=True)
     etcd_server: lc.EtcdServer | None = None
     procs: list[Any] = []
+    stopper = _Stopper(lambda: [*procs, *([etcd_server.proc] if etcd_server and etcd_server.proc else [])])
     try:
         plan = lc.plan_nodes(nodes, client_port=client_port, peer_port=peer_port, metrics_port=metrics_port or None)
         with console.status("starting etcd…"):
@@ -399,20 +400,41 @@ def cluster_up(
     except KeyboardInterrupt:
         pass
     finally:
-        with console.status("stopping…"):
+        stopper.stopping = True
+        with console.status("stopping… (Ctrl-C again kills at once)"):
             lc.stop_processes(procs)
             if etcd_server is not None:
                 etcd_server.close()
+        stopper.restore()
     console.print("cluster stopped")
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+class _Stopper:
+    """Ctrl-C and SIGTERM for `cluster up`: the first one stops the cluster
+    (KeyboardInterrupt ends the wait); another while it stops kills what is
+    left at once, so an impatient second Ctrl-C never leaves nodes or etcd
+    running."""
+
+    def __init__(self, processes: Callable[[], list[subprocess.Popen[bytes]]]) -> None:
+        self.processes = processes
+        self.stopping = False
+        self._previous = {signum: signal.signal(signum, self) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if not self.stopping:
+            self.stopping = True
+            raise KeyboardInterrupt
+        for proc in self.processes():
+            if proc.poll() is None:
+                proc.kill()
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 def _wait_for_stop(plan: list[Any], procs: list[Any], console: Console) -> None:
     """Block until Ctrl-C or SIGTERM; report nodes that exit meanwhile."""
-    signal.signal(signal.SIGTERM, _interrupt)
     reported: set[int] = set()
     while True:
         time.sleep(0.5)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -318,6 +320,69 @@ def test_cluster_up_runs_etcd_and_nodes_and_stops_them() -> None:
     # Every node it started is gone.
     for i in range(nodes):
         assert dcache_cli("ping", "--server", f"localhost:{client + i}", "--timeout", "1").returncode == 2
+
+
+def _children(pid: int) -> dict[int, bytes]:
+    """The live child processes of ``pid``, with their command lines."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmdline = f.read()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] not in "ZX":
+                found[int(entry)] = cmdline
+    return found
+
+
+def _alive(pid: int, cmdline: bytes) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return state not in "ZX" and f.read() == cmdline
+    except OSError:
+        return False
+
+
+def test_cluster_up_killed_at_once_by_a_second_ctrl_c() -> None:
+    nodes = 2
+    client, peer = _consecutive_free_ports(nodes), _consecutive_free_ports(nodes)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dcache", "cluster", "up", "--nodes", str(nodes), "--client-port", str(client),
+         "--peer-port", str(peer), "--metrics-port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    started: dict[int, bytes] = {}
+    try:
+        for i in range(nodes):
+            assert wait_until_serving(f"localhost:{client + i}", 30)
+        started = _children(proc.pid)
+        assert len(started) == nodes + 1  # and etcd
+        [stuck] = [pid for pid, cmdline in started.items() if f"localhost:{client}".encode() in cmdline.split(b"\0")]
+        # A node that ignores SIGTERM (stopped here) makes the graceful stop wait; the second Ctrl-C must not.
+        os.kill(stuck, signal.SIGSTOP)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+    finally:
+        try:
+            _, err = proc.communicate(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            left = [pid for pid, cmdline in started.items() if _alive(pid, cmdline)]
+            for pid in left:  # never leave a stopped node behind, even on failure
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == 0, err
+    assert b"cluster stopped" in err
+    # Nothing it started is left: neither the stuck node, nor the other, nor etcd.
+    assert left == []
 
 
 async def test_cluster_client_goes_straight_to_owners(cluster: list[InProcessNode]) -> None:
