@@ -443,7 +443,7 @@ def scaling(tasks: int, per_task: int, seconds: float, processes: int = 2, pairs
                     runs.setdefault(f"{name}_steal", []).append((steal_seconds() - steal0) / elapsed)
                     node_cpu = statistics.mean(cpu_seconds(n.proc.pid) - c for n, c in zip(nodes, cpu0)) / elapsed
                     runs.setdefault(f"{name}_node_cpu", []).append(node_cpu)
-                    runs.setdefault(f"{name}_per_cpu", []).append(rates[name] / len(nodes) / node_cpu)
+                    runs.setdefault(f"{name}_per_cpu", []).append(rates[name] / len(nodes) / node_cpu if node_cpu else 0.0)
                 ratios.append(rates["two"] / rates["one"])
             for _ in range(client_rounds):
                 for name, nodes in clusters.items():
