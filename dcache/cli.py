@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Callable, NoReturn, Optional
 
 import trio
 import typer
@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__, commands, transport
-from .client import DEFAULT_ADDRESS, DEFAULT_TIMEOUT, SyncClient
+from .client import DEFAULT_ADDRESS, DEFAULT_TIMEOUT, MAX_TIMEOUT, MAX_TTL, SyncClient
 from .commands import Outcome
 from .errors import DcacheError
 
@@ -48,7 +48,9 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object 
 NsOption = Annotated[str, typer.Option("--ns", metavar="NAME", help="Namespace of the key.")]
 TimeoutOption = Annotated[
     float,
-    typer.Option("--timeout", envvar="DCACHE_TIMEOUT", min=0.001, metavar="SECONDS", help="Give up after this long."),
+    typer.Option(
+        "--timeout", envvar="DCACHE_TIMEOUT", min=0.001, max=MAX_TIMEOUT, metavar="SECONDS", help="Give up after this long."
+    ),
 ]
 KeyArgument = Annotated[str, typer.Argument(metavar="KEY", help="The key.", show_default=False)]
 
@@ -114,6 +116,10 @@ def _run(ctx: typer.Context, server: str, timeout: float, as_json: bool, command
     runs the command on its open connection and prints it its own way.
     """
     if ctx.obj is not None:
+        given = [f"--{name}" for name in ("server", "timeout") if _from_command_line(ctx, name)]
+        if given:
+            message = f"{' and '.join(given)}: not in the shell, which keeps its connection; `dcache shell HOST:PORT --timeout S` sets both"
+            raise typer.Exit(ctx.obj.error(message))
         raise typer.Exit(ctx.obj.run(command, as_json=as_json, **args))
     try:
         with SyncClient(server, timeout=timeout) as client:
@@ -124,6 +130,11 @@ def _run(ctx: typer.Context, server: str, timeout: float, as_json: bool, command
         print(f"error: {exc}", file=sys.stderr)
         raise typer.Exit(commands.EXIT_UNAVAILABLE) from None
     raise typer.Exit(render(outcome, as_json=as_json))
+
+
+def _from_command_line(ctx: typer.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
 
 
 # -- one-shot commands ----------------------------------------------------------
@@ -170,7 +181,7 @@ def set_(
     ] = None,
     ttl: Annotated[
         Optional[float],
-        typer.Option("--ttl", min=0.001, metavar="SECONDS", help="Expire the entry after this many seconds."),
+        typer.Option("--ttl", min=0.001, max=MAX_TTL, metavar="SECONDS", help="Expire the entry after this many seconds."),
     ] = None,
     server: ServerOption = DEFAULT_ADDRESS,
     ns: NsOption = "",
@@ -269,7 +280,7 @@ def serve(
     ] = None,
     lease_ttl: Annotated[
         float,
-        typer.Option("--lease-ttl", min=1.0, metavar="SECONDS", help="How soon peers notice this node is gone."),
+        typer.Option("--lease-ttl", min=1.0, max=3600.0, metavar="SECONDS", help="How soon peers notice this node is gone."),
     ] = 5.0,
     log_level: Annotated[
         str, typer.Option("--log-level", metavar="LEVEL", help="debug, info, warning or error.")
@@ -295,6 +306,13 @@ def serve(
     if not isinstance(level, int):
         print(f"error: unknown --log-level {log_level!r}", file=sys.stderr)
         raise typer.Exit(commands.EXIT_UNAVAILABLE)
+    addresses = {"--client-listen": client_listen, "--listen": listen, "--advertise": advertise, "--metrics-listen": metrics_listen}
+    for flag, address in addresses.items():
+        if address is not None:
+            try:
+                transport.split_address(address, 0) if address else _exit_start_error(f"{flag}: give HOST:PORT")
+            except ValueError as exc:
+                _exit_start_error(f"{flag}: {exc}")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         config = NodeConfig(
@@ -316,13 +334,19 @@ def serve(
         _exit_start_error(_first_leaf(start_errors))
 
 
+def _only(group: BaseExceptionGroup, kind: type[BaseException]) -> BaseException | None:
+    """The group's first exception if all of them are ``kind``s, else None."""
+    match, rest = group.split(kind)
+    return None if match is None or rest is not None else _first_leaf(match)
+
+
 def _first_leaf(group: BaseException) -> BaseException:
     while isinstance(group, BaseExceptionGroup):
         group = group.exceptions[0]
     return group
 
 
-def _exit_start_error(exc: BaseException) -> None:
+def _exit_start_error(exc: BaseException | str) -> NoReturn:
     print(f"error: {exc}", file=sys.stderr)
     raise typer.Exit(commands.EXIT_UNAVAILABLE) from None
 
@@ -460,7 +484,7 @@ def bench(
     ratio: Annotated[str, typer.Option("--ratio", metavar="SETS:GETS", help="Mix of sets to gets.")] = "1:10",
     value_size: Annotated[int, typer.Option("--value-size", "-d", min=0, help="Bytes per value.")] = 100,
     keys: Annotated[int, typer.Option("--keys", min=1, help="Distinct keys (key:0 … key:N-1).")] = 100_000,
-    ttl: Annotated[float, typer.Option("--ttl", min=0, metavar="SECONDS", help="TTL of the entries set; 0 for none.")] = 0,
+    ttl: Annotated[float, typer.Option("--ttl", min=0, max=MAX_TTL, metavar="SECONDS", help="TTL of the entries set; 0 for none.")] = 0,
     mget: Annotated[int, typer.Option("--mget", min=0, help="Make each get an mget of this many keys.")] = 0,
     prefill: Annotated[bool, typer.Option("--prefill", help="Set every key once before measuring.")] = False,
     cluster: Annotated[
@@ -494,6 +518,11 @@ def bench(
         raise typer.Exit(commands.EXIT_UNAVAILABLE) from None
     except DcacheError as exc:
         raise typer.Exit(render(commands.failure(exc), as_json=as_json)) from None
+    except ExceptionGroup as group:  # from the client tasks: a lost node, say
+        error = _only(group, DcacheError)
+        if error is None:
+            raise
+        raise typer.Exit(render(commands.failure(error), as_json=as_json)) from None  # type: ignore[arg-type]
     if as_json:
         print(json.dumps(result.as_dict()))
         return
@@ -520,4 +549,8 @@ def main() -> None:
     try:
         app(prog_name="dcache")
     except KeyboardInterrupt:
+        sys.exit(130)
+    except BaseExceptionGroup as group:  # Ctrl-C inside trio's task groups
+        if _only(group, KeyboardInterrupt) is None:
+            raise
         sys.exit(130)

@@ -61,18 +61,32 @@ def _as_bytes(data: Key | Value, what: str) -> bytes:
     if type(data) is bytes:
         return data
     if isinstance(data, str):
-        return data.encode()
+        try:
+            return data.encode()
+        except UnicodeEncodeError:
+            raise ValueError(f"{what} {data!r} is not valid text; pass it as bytes") from None
     if isinstance(data, (bytes, bytearray, memoryview)):
         return bytes(data)
     raise TypeError(f"{what} must be str or bytes, not {type(data).__name__}")
 
 
+MAX_TTL = codec.MAX_TTL_MS // 1000  # seconds: 100 years
+MAX_TIMEOUT = 24 * 3600.0  # seconds
+
+
 def _ttl_ms(ttl: float | None) -> int:
     if ttl is None:
         return 0
-    if not isinstance(ttl, (int, float)) or math.isnan(ttl) or ttl <= 0:
-        raise ValueError(f"ttl must be a positive number of seconds, not {ttl!r}")
+    if not isinstance(ttl, (int, float)) or not 0 < ttl <= MAX_TTL:
+        raise ValueError(f"ttl must be a positive number of seconds up to {MAX_TTL} (100 years), not {ttl!r}")
     return max(1, math.ceil(ttl * 1000))
+
+
+def check_timeout(timeout: float) -> float:
+    """``timeout`` if it is a usable number of seconds, else ValueError."""
+    if not isinstance(timeout, (int, float)) or not 0 < timeout <= MAX_TIMEOUT:
+        raise ValueError(f"timeout must be a positive number of seconds up to {MAX_TIMEOUT:g} (a day), not {timeout!r}")
+    return timeout
 
 
 def _identity(body: Any) -> Any:
@@ -222,6 +236,7 @@ class Client(Operations):
 
     @classmethod
     async def connect(cls, address: str = DEFAULT_ADDRESS, *, timeout: float = DEFAULT_TIMEOUT) -> Client:
+        check_timeout(timeout)
         conn = await transport.connect(
             address, max_message=codec.DEFAULT_MAX_FRAME_BYTES, default_port=DEFAULT_PORT, timeout=timeout
         )
@@ -466,7 +481,7 @@ class SyncClient(Operations):
         self, address: str = DEFAULT_ADDRESS, *, timeout: float = DEFAULT_TIMEOUT, busy_poll: float | None = None
     ) -> None:
         self.address = address
-        self.timeout = timeout
+        self.timeout = check_timeout(timeout)
         self.limits = Limits()
         self._next_rid = 1
         self._ready: list[bytes] = []

@@ -141,7 +141,19 @@ class NodeAddresses:
 
 
 def plan_nodes(count: int, *, client_port: int, peer_port: int, metrics_port: int | None, host: str = "localhost") -> list[NodeAddresses]:
-    """Addresses for ``count`` nodes on consecutive ports; raise if any is taken."""
+    """Addresses for ``count`` nodes on consecutive ports; raise if any is
+    out of range, taken, or in two of the ranges."""
+    ranges = {"--client-port": client_port, "--peer-port": peer_port}
+    if metrics_port:
+        ranges["--metrics-port"] = metrics_port
+    claimed: dict[int, str] = {}
+    for flag, base in ranges.items():
+        if not (1 <= base and base + count - 1 <= 65535):
+            raise ClusterError(f"{flag} {base}: {count} node(s) need ports {base}-{base + count - 1}, within 1-65535")
+        for port in range(base, base + count):
+            if port in claimed:
+                raise ClusterError(f"{claimed[port]} and {flag} both give port {port} to the nodes; pick ranges apart")
+            claimed[port] = flag
     nodes = []
     for i in range(count):
         ports = [client_port + i, peer_port + i] + ([metrics_port + i] if metrics_port else [])

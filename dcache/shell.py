@@ -159,20 +159,20 @@ class ShellSession:
     def execute(self, line: str) -> object:
         """Run one line; return its exit status, None for a blank line, or EXIT."""
         try:
-            words = shlex.split(line, comments=True)
+            words = split_line(line)
         except ValueError as exc:
             return self._status(self.error(f"cannot parse the line: {exc}"))
         if not words:
             return None
-        name, args = ALIASES.get(words[0], words[0]), words[1:]
+        name, args = ALIASES.get(_literal(words[0]), _literal(words[0])), words[1:]
         if name == "exit":
             return EXIT
         if name == "help":
-            return self._status(self.help(args))
+            return self._status(self.help([_literal(word) for word in args]))
         if name == "where":
             return self._status(self.where(args))
         if name == "top":
-            return self._status(self.top(args))
+            return self._status(self.top([_literal(word) for word in args]))
         if name in NOT_IN_SHELL:
             return self._status(self.error(f"{name}: not in the shell; {NOT_IN_SHELL[name]}"))
         command = self.group.commands.get(name)  # type: ignore[attr-defined]
@@ -284,13 +284,13 @@ class ShellSession:
         words = iter(args)
         for word in words:
             if word == "--ns":
-                ns = next(words, "")
+                ns = _literal(next(words, ""))
                 if not ns:
                     return self.error("where: --ns needs a NAME")
-            elif word.startswith("ns="):
-                ns = word[3:]
+            elif word.startswith("ns" + _BARE_EQUALS):
+                ns = _literal(word[3:])
             else:
-                rest.append(word)
+                rest.append(_literal(word))
         args = rest
         if len(args) != 1:
             return self.error("where: give one KEY (usage: where KEY [--ns NAME])")
@@ -306,6 +306,8 @@ class ShellSession:
             return commands.EXIT_UNAVAILABLE
         except DcacheError as exc:
             return self.error(str(exc))
+        except ValueError as exc:  # an empty key, a key that is not text
+            return self.error(f"where: {exc}")
         members = {m["node"]: m for m in view["members"]}
         shard_map = ShardMap.build(view["epoch"], members)
         shard = shard_of(ns, key.encode())
@@ -439,16 +441,54 @@ class _KeyReader:
         return False
 
 
+# Stands for an "=" typed outside quotes while a line is split, so that
+# shorthand (ttl=60) can tell itself apart from a quoted value ("ttl=60").
+_BARE_EQUALS = "\ue000"
+
+
+def split_line(line: str) -> list[str]:
+    """Split ``line`` with shell rules, every ``=`` outside quotes and
+    escapes marked as :data:`_BARE_EQUALS` (see :func:`_literal`)."""
+    marked = []
+    quote = ""
+    escaped = False
+    for ch in line:
+        if escaped:
+            escaped = False
+        elif quote:
+            if ch == quote:
+                quote = ""
+            elif ch == "\\" and quote == '"':
+                escaped = True
+        elif ch == "\\":
+            escaped = True
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "=":
+            ch = _BARE_EQUALS
+        marked.append(ch)
+    return shlex.split("".join(marked), comments=True)
+
+
+def _literal(word: str) -> str:
+    """A word of :func:`split_line` as typed."""
+    return word.replace(_BARE_EQUALS, "=")
+
+
 def expand_shorthand(command: Any, args: list[str]) -> list[str]:
-    """``ttl=60`` → ``--ttl 60`` for the command's own options; other words stay."""
+    """Words of :func:`split_line` as the command takes them: ``ttl=60``
+    typed bare, before any ``--``, becomes ``--ttl 60`` for the command's own
+    options; every other word stays as typed."""
     options = {opt for param in command.params for opt in getattr(param, "opts", []) if opt.startswith("--")}
     out = []
-    for word in args:
-        name, sep, value = word.partition("=")
+    for i, word in enumerate(args):
+        if word == "--":
+            return out + [_literal(rest) for rest in args[i:]]
+        name, sep, value = word.partition(_BARE_EQUALS)
         if sep and not name.startswith("-") and f"--{name}" in options:
-            out += [f"--{name}", value]
+            out += [f"--{name}", _literal(value)]
         else:
-            out.append(word)
+            out.append(_literal(word))
     return out
 
 
@@ -522,8 +562,13 @@ def run_interactive(session: ShellSession, prompt_session: PromptSession[str] | 
             continue
         except EOFError:
             break
-        if session.execute(line) is EXIT:
-            break
+        try:
+            if session.execute(line) is EXIT:
+                break
+        except KeyboardInterrupt:
+            # The reply may still come: a fresh connection for the next command.
+            session.close()
+            session.error("cancelled")
     return 0
 
 

@@ -167,6 +167,57 @@ def test_user_mistakes_get_usage_errors_not_tracebacks(server: ServeProcess) -> 
     assert r.returncode == 1 and b"ignoring DCACHE_BUSY_POLL_US" in r.stderr and b"Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["set", "k", "v", "--ttl", "inf"],
+        ["set", "k", "v", "--ttl", "1e308"],
+        ["get", "k", "--timeout", "inf"],
+        ["shell", "--timeout", "1e308"],
+        ["bench", "--ttl", "nan", "--ops", "10"],
+        ["serve", "--lease-ttl", "inf"],
+        ["serve", "--client-listen", "localhost:99999"],
+        ["serve", "--listen", "localhost:x"],
+        ["serve", "--advertise", "localhost:x"],
+        ["serve", "--metrics-listen", ""],
+        ["cluster", "up", "--client-port", "70000"],
+        ["cluster", "up", "--nodes", "2", "--client-port", "38100", "--peer-port", "38101"],
+    ],
+)
+def test_out_of_range_numbers_and_addresses_are_usage_errors(args: list[str], server: ServeProcess) -> None:
+    r = dcache(*args, server=server)
+    assert r.returncode == 2, r.stderr
+    assert b"Traceback" not in r.stderr and r.stderr.strip(), args
+
+
+def test_bench_says_when_its_node_goes_away() -> None:
+    node = ServeProcess()
+    try:
+        bench = subprocess.Popen(
+            [*DCACHE, "bench", "--server", node.client_address, "--ops", "10000000", "--clients", "5", "--time-limit", "60"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        time.sleep(1)
+        node.proc.kill()
+        _, err = bench.communicate(timeout=30)
+    finally:
+        node.stop()
+    assert bench.returncode == 2, err
+    assert err.startswith(b"error: ") and b"Traceback" not in err
+
+
+def test_bench_stops_on_ctrl_c(server: ServeProcess) -> None:
+    bench = subprocess.Popen(
+        [*DCACHE, "bench", "--server", server.client_address, "--ops", "10000000", "--clients", "5", "--time-limit", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    time.sleep(1)
+    bench.send_signal(signal.SIGINT)
+    _, err = bench.communicate(timeout=30)
+    assert bench.returncode == 130
+    assert b"Traceback" not in err
+
+
 def test_too_large_value_is_refused_with_exit_3(server: ServeProcess) -> None:
     r = dcache("set", "big", server=server, stdin=b"x" * (16 * 1024 * 1024 + 1))
     assert r.returncode == 3

@@ -19,7 +19,7 @@ from rich.console import Console
 
 from dcache import completion
 from dcache.node import BoundAddresses, Node, NodeConfig
-from dcache.shell import EXIT, ShellCompleter, ShellSession, expand_shorthand, run_interactive, show_value
+from dcache.shell import EXIT, ShellCompleter, ShellSession, expand_shorthand, run_interactive, show_value, split_line
 
 TIMEOUT = 20
 REPO = Path(__file__).resolve().parent.parent
@@ -50,6 +50,8 @@ async def start_node(nursery: trio.Nursery) -> BoundAddresses:
         ("serve", "not in the shell"),
         ("where", "give one KEY"),
         ("top --interval zero", "usage: top"),
+        ("get k --server localhost:1", "--server: not in the shell"),
+        ("get k --timeout 3", "--timeout: not in the shell"),
     ],
 )
 def test_bad_input_is_one_clear_line(line: str, expected: str) -> None:
@@ -64,7 +66,14 @@ def test_bad_input_is_one_clear_line(line: str, expected: str) -> None:
 def test_shorthand_options_and_aliases() -> None:
     session, _ = session_for()
     set_command = session.group.commands["set"]
-    assert expand_shorthand(set_command, ["k", "a=b", "ttl=60", "ns=x"]) == ["k", "a=b", "--ttl", "60", "--ns", "x"]
+    assert expand_shorthand(set_command, split_line("k a=b ttl=60 ns=x")) == ["k", "a=b", "--ttl", "60", "--ns", "x"]
+    # Quoted, escaped or after --, a word is a value, whatever it looks like.
+    assert expand_shorthand(set_command, split_line('k "json=yes" ttl=5')) == ["k", "json=yes", "--ttl", "5"]
+    assert expand_shorthand(set_command, split_line("k 'ttl=5'")) == ["k", "ttl=5"]
+    assert expand_shorthand(set_command, split_line(r"k ttl\=5")) == ["k", "ttl=5"]
+    assert expand_shorthand(set_command, split_line('k "a \\"ttl=5\\""')) == ["k", 'a "ttl=5"']
+    assert expand_shorthand(set_command, split_line("k -- ttl=5")) == ["k", "--", "ttl=5"]
+    assert expand_shorthand(set_command, split_line("k v --ttl=5")) == ["k", "v", "--ttl=5"]
     assert session.execute("") is None
     assert session.execute("# a comment") is None
     assert session.execute("quit") is EXIT
@@ -150,6 +159,45 @@ async def test_repl_session(nursery: trio.Nursery) -> None:
     assert "Traceback" not in text
     assert session.failures == 1  # the get of a deleted key
     assert session.seen_keys >= {"user:1001", "session:abc"}
+
+
+async def test_quoted_values_are_stored_as_typed(nursery: trio.Nursery) -> None:
+    bound = await start_node(nursery)
+    session, out = session_for(bound.client_address)
+    with trio.fail_after(TIMEOUT):
+        assert await trio.to_thread.run_sync(session.connect)
+        for line in ('set cfg "json=yes"', "set ttl5 -- ttl=5", "set quoted 'ttl=5'"):
+            assert await trio.to_thread.run_sync(session.execute, line) == 0
+        client = session.client
+        assert client is not None
+        stored = await trio.to_thread.run_sync(lambda: [client.get(k) for k in ("cfg", "ttl5", "quoted")])
+        assert stored == [b"json=yes", b"ttl=5", b"ttl=5"]
+        assert await trio.to_thread.run_sync(client.ttl, "quoted") == float("inf")
+        # A key the node would refuse is one clear line, and the shell goes on.
+        for line in ("where ''", "where 'k\udcff'"):
+            assert await trio.to_thread.run_sync(session.execute, line) == 2
+        assert await trio.to_thread.run_sync(session.execute, "get cfg") == 0
+    assert "where: key must not be empty" in out.getvalue()
+    assert "where: key 'k\\udcff' is not valid text" in out.getvalue()
+
+
+def test_ctrl_c_during_a_command_returns_to_the_prompt() -> None:
+    session, out = session_for()
+    ran = []
+
+    def interrupted(line: str) -> object:
+        ran.append(line)
+        if line == "get slow":
+            raise KeyboardInterrupt
+        return 0
+
+    session.execute = interrupted  # type: ignore[method-assign]
+    with create_pipe_input() as pipe, create_app_session(input=pipe, output=DummyOutput()):
+        pipe.send_text("get slow\nget next\n")
+        pipe.close()
+        assert run_interactive(session, PromptSession(input=pipe, output=DummyOutput())) == 0
+    assert ran == ["get slow", "get next"]  # the session went on after the interrupted command
+    assert "cancelled" in out.getvalue()
 
 
 async def test_reconnects_to_another_member_when_its_node_goes(nursery: trio.Nursery) -> None:
