@@ -190,7 +190,12 @@ class EtcdMembership:
         _patch_etcd3_watcher()
         # One endpoint that is never benched: etcd3's default sits out a
         # failed endpoint for five minutes, far longer than an etcd restart.
-        endpoint = etcd3.Endpoint(self._host, self._port, secure=False, time_retry=0.0)
+        # And gRPC's own reconnect backoff (up to 2 minutes) capped at a
+        # second: after an etcd restart the lease must be refreshed within
+        # its TTL, or every node drops out of the view at once.
+        endpoint = etcd3.Endpoint(
+            self._host, self._port, secure=False, time_retry=0.0, opts=[("grpc.max_reconnect_backoff_ms", 1000)]  # type: ignore[arg-type]
+        )
         self._client = etcd3.MultiEndpointEtcd3Client(endpoints=[endpoint], timeout=self._connect_timeout)
         try:
             try:
@@ -288,6 +293,12 @@ class EtcdMembership:
                     if not responses or responses[0].TTL <= 0:
                         log.warning("our etcd lease expired; registering again")
                         self._lease = None
+                        await self._register()
+                        self._wake()
+                    elif all(m.node_id != self.node_id for m in self._view.members):
+                        # Our key went while our lease lived (deleted by hand, or by
+                        # another node that ran with our --advertise): put it back.
+                        log.warning("our entry is missing from etcd; registering again")
                         await self._register()
                         self._wake()
                 self._mark_healthy()

@@ -146,13 +146,16 @@ class Node:
         )
         membership: EtcdMembership | StandaloneMembership
         if config.etcd:
-            membership = EtcdMembership(
-                endpoint=config.etcd,
-                cluster=config.cluster,
-                node_id=self.node_id,
-                client_address=client_address,
-                lease_ttl=config.lease_ttl,
-            )
+            try:
+                membership = EtcdMembership(
+                    endpoint=config.etcd,
+                    cluster=config.cluster,
+                    node_id=self.node_id,
+                    client_address=client_address,
+                    lease_ttl=config.lease_ttl,
+                )
+            except MembershipError as exc:  # a malformed --etcd
+                raise NodeStartError(str(exc)) from None
         else:
             membership = StandaloneMembership(node_id=self.node_id, client_address=client_address)
 
@@ -192,6 +195,13 @@ class Node:
     # -- membership ---------------------------------------------------------------
 
     def _apply_view(self, view: View) -> None:
+        if not view.members:
+            # etcd holds no member at all, not even this node (its data was
+            # lost, or every lease lapsed at once): no key would have an
+            # owner. Keep the last view until registrations come back, as
+            # the keep-alive puts this node's back.
+            log.warning("etcd lists no member, not even this node; keeping the last view")
+            return
         old = self.router.shard_map
         shard_map = ShardMap.build(view.epoch, view.ids())
         self.router.shard_map = shard_map

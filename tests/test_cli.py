@@ -180,6 +180,8 @@ def test_user_mistakes_get_usage_errors_not_tracebacks(server: ServeProcess) -> 
         ["serve", "--listen", "localhost:x"],
         ["serve", "--advertise", "localhost:x"],
         ["serve", "--metrics-listen", ""],
+        ["serve", "--etcd", "foo://bar", "--client-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0"],
+        ["serve", "--etcd", "http://127.0.0.1:abc", "--client-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0"],
         ["cluster", "up", "--client-port", "70000"],
         ["cluster", "up", "--nodes", "2", "--client-port", "38100", "--peer-port", "38101"],
     ],

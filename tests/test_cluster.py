@@ -102,6 +102,30 @@ async def test_members_and_cluster_stats(cluster: list[InProcessNode]) -> None:
         assert view["epoch"] == cluster[0].node.router.shard_map.epoch > 0
 
 
+async def test_nodes_outlive_etcd_losing_their_entries(cluster: list[InProcessNode], etcd_server: EtcdServer) -> None:
+    """Entries deleted from etcd (by hand, or by a node that ran with another's
+    --advertise) come back, and no node crashes, not even on a view with no
+    member at all. (Entries of shards that moved meanwhile are dropped, as
+    on any membership change.)"""
+    import etcd3
+
+    from dcache.membership import members_prefix
+
+    with trio.fail_after(TIMEOUT):
+        async with dcache.connect(cluster[0].address) as client:
+            await client.mset({f"k{i}": "v" for i in range(300)})
+            etcd = etcd3.client("127.0.0.1", etcd_server.client_port)
+            # One node's entry, then every entry (the view is empty for a moment).
+            for prefix in (members_prefix("default") + cluster[1].node.node_id, members_prefix("default")):
+                deleted = await trio.to_thread.run_sync(etcd.delete_prefix, prefix)
+                assert deleted.deleted >= 1
+                await trio.sleep(0.5)
+                await wait_for_members(cluster, 3)
+            await client.mset({f"k{i}": "w" for i in range(300)})
+            assert await client.mget([f"k{i}" for i in range(300)]) == [b"w"] * 300
+            assert sum(len(n.node.store) for n in cluster) == 300
+
+
 async def test_a_node_leaving_moves_its_shards(cluster: list[InProcessNode]) -> None:
     with trio.fail_after(TIMEOUT):
         async with dcache.connect(cluster[0].address) as client:
