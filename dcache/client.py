@@ -375,29 +375,38 @@ class ClusterClient(Operations):
             client = await Client.connect(address, timeout=self.timeout)
         except ConnectError:
             return self._seed  # it forwards; the next refresh will tell more
-        if node_id in self._clients:  # another task connected meanwhile
+        existing = self._clients.get(node_id)
+        if existing is not None and existing._channel.broken is None:  # another task connected meanwhile
             await client.aclose()
-            return self._clients[node_id]
+            return existing
         self._clients[node_id] = client
+        if existing is not None:
+            await existing.aclose()  # broken: whatever was waiting on it has failed already
         return client
 
     async def _request(self, node_id: str, op: str, args: dict[str, Any]) -> tuple[int, Any]:
         client = await self._client_for(node_id)
         try:
             return await client._channel.request(op, args)
-        except (ConnectionLost, RequestTimeout):
+        except (ConnectionLost, RequestTimeout, ClosedError):
             if client is self._seed:
                 raise
-            # That node is gone or stuck: the seed forwards, and the map is redone.
+            # That node is gone or stuck, or a refresh closed its connection
+            # meanwhile: the seed forwards, and the map is redone.
             self._refreshed_at = -math.inf
             return await self._via_seed(op, args)
 
     async def _via_seed(self, op: str, args: dict[str, Any]) -> tuple[int, Any]:
+        seed = self._seed
         try:
-            return await self._seed._channel.request(op, args)
+            return await seed._channel.request(op, args)
+        except ClosedError:
+            if self._seed is seed:  # closed by our user
+                raise
         except (ConnectionLost, RequestTimeout):
-            await self._replace_seed()
-            return await self._seed._channel.request(op, args)
+            if self._seed is seed:  # else another task has replaced it already
+                await self._replace_seed()
+        return await self._seed._channel.request(op, args)
 
     async def _replace_seed(self) -> None:
         """The node this client first reached is gone: carry on through another member."""

@@ -438,6 +438,25 @@ async def test_cluster_client_survives_a_node_leaving(cluster: list[InProcessNod
             assert len(client.shard_map.members) == 2
 
 
+async def test_cluster_client_replaces_a_broken_connection(cluster: list[InProcessNode]) -> None:
+    from dcache.errors import ConnectionLost
+
+    with trio.fail_after(TIMEOUT):
+        async with await dcache.ClusterClient.connect(cluster[0].address) as client:
+            other = cluster[1].node.node_id
+            key = next(k for k in (f"k{i}" for i in range(1000)) if client.shard_map.owner("", k.encode()) == other)
+            await client.set(key, "v")
+            broken = client._clients[other]
+            broken._channel.fail(ConnectionLost("the link broke"))  # as when that node restarts
+            assert await client.get(key) == b"v"
+            # A fresh connection took its place: no more detours through the seed.
+            assert client._clients[other] is not broken and client._clients[other]._channel.broken is None
+            forwarded = cluster[0].node.router.forwarded
+            for _ in range(20):
+                assert await client.get(key) == b"v"
+            assert cluster[0].node.router.forwarded == forwarded
+
+
 async def test_cluster_client_outlives_the_node_it_first_reached(cluster: list[InProcessNode]) -> None:
     with trio.fail_after(TIMEOUT):
         async with await dcache.ClusterClient.connect(cluster[0].address) as client:
