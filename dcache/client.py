@@ -71,6 +71,7 @@ def _as_bytes(data: Key | Value, what: str) -> bytes:
 
 
 MAX_TTL = codec.MAX_TTL_MS // 1000  # seconds: 100 years
+IDLE_CHECK = 1.0  # seconds: a SyncClient unused this long checks its connection before a request
 MAX_TIMEOUT = 24 * 3600.0  # seconds
 
 
@@ -493,23 +494,45 @@ class SyncClient(Operations):
         self.timeout = check_timeout(timeout)
         self.limits = Limits()
         self._next_rid = 1
+        self._poller = transport.BusyPoll(transport.BUSY_POLL if busy_poll is None else busy_poll)
+        self._closed = False
+        self._connect()
+
+    def _connect(self) -> None:
         self._ready: list[bytes] = []
         self._parser = wsframe.FrameParser(expect_masked=False, max_message=codec.DEFAULT_MAX_FRAME_BYTES)
-        self._poller = transport.BusyPoll(transport.BUSY_POLL if busy_poll is None else busy_poll)
-        self._sock, leftover = self._open(address, timeout)
+        self._sock, leftover = self._open(self.address, self.timeout)
+        self._used_at = time.monotonic()
         # Non-blocking from here on, so that polling for a reply really
         # spins; waits that block go through select with ``timeout``.
         self._sock.setblocking(False)
         self._readable = _Readiness(self._sock, writable=False)
         self._writable = _Readiness(self._sock, writable=True)
-        if leftover:
-            self._absorb(leftover)
         try:
+            if leftover:
+                self._absorb(leftover)
             self.server_info = self._call("hello", _hello_args(), _identity)
             self.limits = _limits_from(self.server_info)
         except BaseException:
             self._sock.close()
             raise
+
+    def _revive(self) -> None:
+        """Before the first request after a pause: take in what the node sent
+        meanwhile (answering its pings), and if it has closed the connection,
+        as a node does with one idle too long, open a new one. Nothing of the
+        request is sent yet, so nothing can be lost or done twice."""
+        try:
+            while True:
+                data = self._sock.recv(transport.RECEIVE_SIZE)
+                if not data:
+                    raise ConnectionLost("closed")
+                self._absorb(data)
+        except BlockingIOError:
+            return
+        except (ConnectionLost, ProtocolError, OSError):
+            self._sock.close()
+            self._connect()
 
     def _open(self, address: str, timeout: float) -> tuple[socket.socket, bytes]:
         host, port = transport.split_address(address, DEFAULT_PORT)
@@ -536,6 +559,7 @@ class SyncClient(Operations):
         return sock, leftover
 
     def close(self) -> None:
+        self._closed = True
         try:
             self._send(wsframe.build_close(masked=True))
         except OSError:  # socket.timeout included
@@ -550,7 +574,13 @@ class SyncClient(Operations):
 
     def _call(self, op: str, args: dict[str, Any], decode: Callable[[Any], Any]) -> Any:
         if self._sock.fileno() < 0:
-            raise ClosedError("the client was closed")
+            if self._closed:
+                raise ClosedError("the client was closed")
+            self._connect()  # a reconnection failed last time: try again
+        now = time.monotonic()
+        if now - self._used_at > IDLE_CHECK:
+            self._revive()
+        self._used_at = now
         rid = self._next_rid
         self._next_rid = rid + 1
         frame = wsframe.build_frame(codec.encode_frame([[rid, op, args]]), masked=True)

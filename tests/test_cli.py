@@ -192,14 +192,27 @@ def test_out_of_range_numbers_and_addresses_are_usage_errors(args: list[str], se
     assert b"Traceback" not in r.stderr and r.stderr.strip(), args
 
 
+def start_bench(address: str) -> subprocess.Popen[bytes]:
+    """A long `dcache bench` against ``address``, returned once it is under way."""
+    import dcache
+
+    with dcache.SyncClient(address) as client:
+        before = client.stats()["misses"]
+        bench = subprocess.Popen(
+            [*DCACHE, "bench", "--server", address, "--ops", "10000000", "--clients", "5", "--ratio", "0:1", "--time-limit", "60"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        deadline = time.monotonic() + 20
+        while client.stats()["misses"] < before + 1000:
+            assert time.monotonic() < deadline and bench.poll() is None
+            time.sleep(0.05)
+    return bench
+
+
 def test_bench_says_when_its_node_goes_away() -> None:
     node = ServeProcess()
     try:
-        bench = subprocess.Popen(
-            [*DCACHE, "bench", "--server", node.client_address, "--ops", "10000000", "--clients", "5", "--time-limit", "60"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )  # fmt: skip
-        time.sleep(1)
+        bench = start_bench(node.client_address)
         node.proc.kill()
         _, err = bench.communicate(timeout=30)
     finally:
@@ -209,11 +222,7 @@ def test_bench_says_when_its_node_goes_away() -> None:
 
 
 def test_bench_stops_on_ctrl_c(server: ServeProcess) -> None:
-    bench = subprocess.Popen(
-        [*DCACHE, "bench", "--server", server.client_address, "--ops", "10000000", "--clients", "5", "--time-limit", "60"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    time.sleep(1)
+    bench = start_bench(server.client_address)
     bench.send_signal(signal.SIGINT)
     _, err = bench.communicate(timeout=30)
     assert bench.returncode == 130

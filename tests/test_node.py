@@ -6,6 +6,7 @@ import math
 import multiprocessing
 import random
 import socket
+import time
 from typing import Any
 
 import cbor2
@@ -426,3 +427,21 @@ async def test_idle_and_handshake_timeouts_close_dead_connections(mock_clock: tr
     mock_clock.jump(30)
     await trio.testing.wait_all_tasks_blocked()
     assert node.connections == 0
+
+
+async def test_a_sync_client_idle_past_the_nodes_patience_carries_on(nursery: trio.Nursery) -> None:
+    """A node closes a connection that stays idle and answers no ping; the
+    client finds that out before its next request and reconnects, rather
+    than failing a request it never got to send."""
+    node, bound = await start_node(nursery, idle_timeout=0.3)
+
+    def idle_then_use() -> list[bytes | None]:
+        with dcache.SyncClient(bound.client_address, timeout=TIMEOUT) as c:
+            c.set("k", "v")
+            time.sleep(1.5)  # pinged after 0.3 s idle, closed 0.3 s later
+            first = c.get("k")
+            time.sleep(0.45)  # pinged, not closed yet: the client answers, the connection lives on
+            return [first, c.get("k")]
+
+    with trio.fail_after(TIMEOUT):
+        assert await trio.to_thread.run_sync(idle_then_use) == [b"v", b"v"]
