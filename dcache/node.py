@@ -35,6 +35,7 @@ SWEEP_BATCH = 1000
 PURGE_BATCH = 2000
 IDLE_TIMEOUT = 30.0
 MAX_CONNECTIONS = 10_000
+MAX_UNFINISHED_BYTES = 256 * 1024 * 1024  # in messages still arriving, over all connections
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +53,7 @@ class NodeConfig:
     sweep_interval: float = SWEEP_INTERVAL
     idle_timeout: float = IDLE_TIMEOUT
     max_connections: int = MAX_CONNECTIONS
+    max_unfinished_bytes: int = MAX_UNFINISHED_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +101,7 @@ class Node:
         self.store = Store(clock=trio.current_time)
         self.node_id = ""
         self.connections = 0
+        self.unfinished = transport.Budget(config.max_unfinished_bytes)
         self.peers: PeerLinks
         self.router: Router
         self._started_at = 0.0
@@ -266,8 +269,9 @@ class Node:
             await trio.aclose_forcefully(stream)
             return
         self.connections += 1
+        conn = None
         try:
-            conn = await transport.accept(stream, max_message=config.limits.max_frame_bytes)
+            conn = await transport.accept(stream, max_message=config.limits.max_frame_bytes, budget=self.unfinished)
             if conn is not None:
                 await self._serve_messages(conn, Session(remote=_remote_name(stream)))
         except Exception:
@@ -275,6 +279,8 @@ class Node:
             log.exception("connection handler failed; closing that connection")
         finally:
             self.connections -= 1
+            if conn is not None:
+                conn.release()
             await trio.aclose_forcefully(stream)
 
     async def _serve_messages(self, conn: transport.Connection, session: Session) -> None:

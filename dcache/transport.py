@@ -169,6 +169,18 @@ class ConnectionClosed(Exception):
         self.reason = reason
 
 
+class Budget:
+    """Bytes of unfinished messages that all the connections sharing it may
+    hold together: each connection's frame limit alone would let a few
+    hundred slow or hostile senders exhaust a node's memory."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+
 class Connection:
     """An open WebSocket connection.
 
@@ -188,8 +200,11 @@ class Connection:
         leftover: bytes = b"",
         poll: float | None = None,
         mask_key: bytes | None = None,
+        budget: Budget | None = None,
     ) -> None:
         self.stream = stream
+        self._budget = budget
+        self._held = 0  # of the budget, in unfinished messages
         self.masked = client_side
         self._mask_key = mask_key
         self._parser = wsframe.FrameParser(expect_masked=not client_side, max_message=max_message)
@@ -381,7 +396,22 @@ class Connection:
                 self._ready.append(item)
             else:
                 controls.append(item)
+        budget = self._budget
+        if budget is not None and (held := self._parser.buffered) != self._held:
+            grew = held > self._held
+            budget.used += held - self._held
+            self._held = held
+            if grew and budget.used > budget.limit:
+                raise wsframe.FrameError(
+                    wsframe.CLOSE_TRY_AGAIN_LATER, "the node holds too much unfinished data from its clients; send again later"
+                )
         return controls
+
+    def release(self) -> None:
+        """Give back this connection's share of its budget, once it is closed."""
+        if self._budget is not None:
+            self._budget.used -= self._held
+            self._held = 0
 
     async def _on_control(self, control: wsframe.Control) -> None:
         if control.opcode == wsframe.OP_PING:
@@ -417,7 +447,9 @@ class Connection:
         await trio.aclose_forcefully(self.stream)
 
 
-async def accept(stream: trio.abc.Stream, *, max_message: int, timeout: float = HANDSHAKE_TIMEOUT) -> Connection | None:
+async def accept(
+    stream: trio.abc.Stream, *, max_message: int, timeout: float = HANDSHAKE_TIMEOUT, budget: Budget | None = None
+) -> Connection | None:
     """Run the server side of the handshake on ``stream``.
 
     Returns the connection, or None (after answering and closing the stream)
@@ -432,7 +464,7 @@ async def accept(stream: trio.abc.Stream, *, max_message: int, timeout: float = 
                 if done is not None:
                     response, leftover = done
                     await stream.send_all(response)
-                    return Connection(stream, client_side=False, max_message=max_message, leftover=leftover)
+                    return Connection(stream, client_side=False, max_message=max_message, leftover=leftover, budget=budget)
         except wsframe.HandshakeError as exc:
             log.debug("handshake failed: %s", exc.reason)
             if exc.response:

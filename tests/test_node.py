@@ -354,6 +354,33 @@ async def test_value_over_the_limit_is_refused_by_the_node(nursery: trio.Nursery
         assert [r[2][0] if r[1] else "ok" for r in replies] == [ErrorCode.VALUE_TOO_LARGE, ErrorCode.KEY_TOO_LARGE, "ok"]
 
 
+async def test_unfinished_messages_share_one_budget(nursery: trio.Nursery) -> None:
+    """Each connection stays under the frame limit, yet together they would
+    hold more than the node allows: the one that goes over is closed, its
+    share is given back, and the node serves on."""
+    node, bound = await start_node(nursery, limits=Limits(max_frame_bytes=1 << 20), max_unfinished_bytes=300_000)
+    with trio.fail_after(TIMEOUT):
+        frame = wsframe.build_frame(b"\x00" * 200_000, masked=True)
+        first = await raw_connection(bound.client_address)
+        await first.send_raw(frame[:150_000])  # unfinished: 150,000 bytes held
+        await trio.testing.wait_all_tasks_blocked()
+        assert node.unfinished.used == 150_000
+        second = await raw_connection(bound.client_address)
+        await second.send_raw(frame[:160_000])  # over the budget together
+        with pytest.raises(transport.ConnectionClosed) as closed:
+            await second.receive()
+        assert closed.value.code == wsframe.CLOSE_TRY_AGAIN_LATER
+        assert node.unfinished.used == 150_000
+        # The first finishes its message (the node answers it: not a request) and gives its share back.
+        await first.send_raw(frame[150_000:])
+        (reply,) = await first.receive()
+        assert cbor2.loads(reply)[0][:2] == [None, 1]  # "a frame must be a CBOR array"
+        assert node.unfinished.used == 0
+        async with dcache.connect(bound.client_address) as good:
+            await good.set("k", "v")
+            assert await good.get("k") == b"v"
+
+
 async def test_hostile_connections_leave_the_node_serving(nursery: trio.Nursery) -> None:
     _, bound = await start_node(nursery, limits=Limits(max_frame_bytes=4096))
     host, port = bound.client
