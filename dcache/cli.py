@@ -351,6 +351,9 @@ def _exit_start_error(exc: BaseException | str) -> NoReturn:
     raise typer.Exit(commands.EXIT_UNAVAILABLE) from None
 
 
+LEAVE_TIMEOUT = 0.6  # seconds: leaving the cluster must fit in the second a stop may take
+
+
 async def _serve_until_signalled(node: Any) -> None:
     log = logging.getLogger("dcache.node")
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -360,6 +363,18 @@ async def _serve_until_signalled(node: Any) -> None:
             async def stop_on_signal() -> None:
                 async for signum in signals:
                     log.info("%s received, shutting down", signal.Signals(signum).name)
+                    # Leave the cluster first, so that a rolling restart costs
+                    # no request an error; a second signal stops at once.
+                    with trio.move_on_after(LEAVE_TIMEOUT):
+                        async with trio.open_nursery() as leaving:
+
+                            async def on_second_signal() -> None:
+                                await signals.__anext__()
+                                leaving.cancel_scope.cancel()
+
+                            leaving.start_soon(on_second_signal)
+                            await node.leave()
+                            leaving.cancel_scope.cancel()
                     nursery.cancel_scope.cancel()
                     return
 

@@ -139,6 +139,9 @@ class StandaloneMembership:
         finally:
             self._subscribers.close()
 
+    async def withdraw(self) -> None:
+        """Nobody else to tell."""
+
 
 class EtcdMembership:
     """Membership through etcd; see the module docstring.
@@ -175,6 +178,7 @@ class EtcdMembership:
         self._changed: trio.Event | None = None
         self._limiter = trio.CapacityLimiter(4)
         self.healthy = False
+        self._withdrawn = False
 
     def current(self) -> View:
         return self._view
@@ -218,6 +222,19 @@ class EtcdMembership:
             with trio.CancelScope(shield=True):
                 await self._leave()
 
+    async def withdraw(self) -> None:
+        """Leave the view before stopping: revoke the lease, so that peers
+        place this node's shards elsewhere while it still answers what is
+        under way, and never register again. Bounded."""
+        self._withdrawn = True
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            with trio.move_on_after(REVOKE_TIMEOUT):
+                try:
+                    await self._call(self._client.revoke_lease, lease.id)
+                except self._etcd_errors():
+                    pass
+
     async def _leave(self) -> None:
         """Revoke the lease (peers see us go at once) and close the client; bounded."""
         client, lease = self._client, self._lease
@@ -249,6 +266,8 @@ class EtcdMembership:
 
     async def _register(self) -> None:
         """Put our key under a live lease (a new lease if the old one is gone)."""
+        if self._withdrawn:
+            return
         client = self._client
         if self._lease is not None:
             responses = await self._call(self._lease.refresh)
@@ -283,6 +302,8 @@ class EtcdMembership:
         """Refresh the lease every TTL/3; re-register when etcd comes back."""
         backoff = BACKOFF_INITIAL
         while True:
+            if self._withdrawn:
+                return
             try:
                 if self._lease is None or not self.healthy:
                     # Back from an outage: refresh or replace the lease, put our key again.

@@ -36,6 +36,7 @@ PURGE_BATCH = 2000
 IDLE_TIMEOUT = 30.0
 MAX_CONNECTIONS = 10_000
 MAX_UNFINISHED_BYTES = 256 * 1024 * 1024  # in messages still arriving, over all connections
+LEAVE_DRAIN = 0.3  # seconds a stopping node still answers after leaving the view
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +107,16 @@ class Node:
         self.router: Router
         self._started_at = 0.0
         self._purge_needed: trio.Event | None = None
+        self.membership: EtcdMembership | StandaloneMembership | None = None
+
+    async def leave(self, drain: float = LEAVE_DRAIN) -> None:
+        """Step out of the cluster before stopping: leave the membership view,
+        then keep answering for ``drain`` seconds while the other nodes move
+        this node's shards elsewhere and finish what they sent it."""
+        if self.membership is not None:
+            await self.membership.withdraw()
+            if isinstance(self.membership, EtcdMembership):
+                await trio.sleep(drain)
 
     def _node_info(self) -> dict[str, Any]:
         return {
@@ -168,6 +179,7 @@ class Node:
             # until the first view says what this node owns.
             try:
                 view = await nursery.start(membership.run)
+                self.membership = membership
             except MembershipError as exc:
                 raise NodeStartError(str(exc)) from None
             self._purge_needed = trio.Event()

@@ -416,6 +416,8 @@ class Router:
         try:
             rest = await self.peers.relay(owner, payload[at:])
         except PeerUnavailable as exc:
+            if owner not in self.shard_map.members:  # it left meanwhile: place it again
+                return await self._forward_alone(req, bounced=True)
             return codec.encode_frame([[rid, Status.ERROR, self._unavailable(req.op, exc)]])
         if rest[0] == Status.ERROR:
             _, body = codec.decode_rest(rest)
@@ -501,6 +503,9 @@ class Router:
         try:
             results = await self.peers.forward(owner, [(job.op, _wire_args(job.op, job.args)) for job in jobs])
         except PeerUnavailable as exc:
+            if owner not in self.shard_map.members:  # it left meanwhile: place them again
+                bounced.extend(jobs)
+                return
             for job in jobs:
                 job.deliver(Status.ERROR, self._unavailable(job.op, exc))
             return

@@ -200,7 +200,7 @@ def start_bench(address: str) -> subprocess.Popen[bytes]:
         before = client.stats()["misses"]
         bench = subprocess.Popen(
             [*DCACHE, "bench", "--server", address, "--ops", "10000000", "--clients", "5", "--ratio", "0:1", "--time-limit", "60"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONFAULTHANDLER": "1"},
         )  # fmt: skip
         deadline = time.monotonic() + 20
         while client.stats()["misses"] < before + 1000:
@@ -224,7 +224,11 @@ def test_bench_says_when_its_node_goes_away() -> None:
 def test_bench_stops_on_ctrl_c(server: ServeProcess) -> None:
     bench = start_bench(server.client_address)
     bench.send_signal(signal.SIGINT)
-    _, err = bench.communicate(timeout=30)
+    try:
+        _, err = bench.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        bench.send_signal(signal.SIGABRT)  # with PYTHONFAULTHANDLER: where it hangs
+        raise AssertionError(bench.communicate()[1].decode(errors="replace")[-5000:]) from None
     assert bench.returncode == 130
     assert b"Traceback" not in err
 

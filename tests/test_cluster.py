@@ -409,6 +409,34 @@ def test_cluster_up_killed_at_once_by_a_second_ctrl_c() -> None:
     assert left == []
 
 
+async def test_a_node_that_leaves_before_stopping_costs_no_request_an_error(cluster: list[InProcessNode]) -> None:
+    from dcache.errors import DcacheError
+
+    keys = [f"k{i}" for i in range(60)]
+    errors: list[Exception] = []
+    done = trio.Event()
+
+    async def hammer(client: dcache.Client) -> None:
+        while not done.is_set():
+            for key in keys:
+                try:
+                    await client.set(key, "v")
+                except DcacheError as exc:
+                    errors.append(exc)
+
+    with trio.fail_after(TIMEOUT):
+        async with dcache.connect(cluster[0].address) as client, trio.open_nursery() as load:
+            for _ in range(10):
+                load.start_soon(hammer, client)
+            await trio.sleep(0.3)
+            await cluster[2].node.leave()  # what SIGTERM does before stopping
+            cluster[2].stop()
+            await wait_for_members(cluster[:2], 2)
+            await trio.sleep(0.3)
+            done.set()
+    assert errors == []
+
+
 async def test_cluster_client_goes_straight_to_owners(cluster: list[InProcessNode]) -> None:
     with trio.fail_after(TIMEOUT):
         async with await dcache.ClusterClient.connect(cluster[0].address) as client:
