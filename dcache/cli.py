@@ -127,6 +127,8 @@ def _run(ctx: typer.Context, server: str, timeout: float, as_json: bool, command
     except DcacheError as exc:
         outcome = commands.failure(exc)
     except ValueError as exc:  # bad address, bad ttl
+        if as_json:
+            print(json.dumps({"error": "bad_input", "message": str(exc)}))
         print(f"error: {exc}", file=sys.stderr)
         raise typer.Exit(commands.EXIT_UNAVAILABLE) from None
     raise typer.Exit(render(outcome, as_json=as_json))
@@ -302,10 +304,7 @@ def serve(
 
     transport.BUSY_POLL = busy_poll_us / 1e6
 
-    level = logging.getLevelName(log_level.upper())
-    if not isinstance(level, int):
-        print(f"error: unknown --log-level {log_level!r}", file=sys.stderr)
-        raise typer.Exit(commands.EXIT_UNAVAILABLE)
+    level = _log_level(log_level)
     addresses = {"--client-listen": client_listen, "--listen": listen, "--advertise": advertise, "--metrics-listen": metrics_listen}
     for flag, address in addresses.items():
         if address is not None:
@@ -334,6 +333,13 @@ def serve(
         _exit_start_error(_first_leaf(start_errors))
 
 
+def _log_level(name: str) -> int:
+    level = logging.getLevelName(name.upper())
+    if not isinstance(level, int):
+        _exit_start_error(f"unknown --log-level {name!r}; use debug, info, warning or error")
+    return level
+
+
 def _only(group: BaseExceptionGroup, kind: type[BaseException]) -> BaseException | None:
     """The group's first exception if all of them are ``kind``s, else None."""
     match, rest = group.split(kind)
@@ -358,7 +364,6 @@ async def _serve_until_signalled(node: Any) -> None:
     log = logging.getLogger("dcache.node")
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(node.run)
 
             async def stop_on_signal() -> None:
                 async for signum in signals:
@@ -378,7 +383,8 @@ async def _serve_until_signalled(node: Any) -> None:
                     nursery.cancel_scope.cancel()
                     return
 
-            nursery.start_soon(stop_on_signal)
+            nursery.start_soon(stop_on_signal)  # first: a signal may come while etcd is slow to answer
+            await nursery.start(node.run)
     log.info("stopped")
 
 
@@ -403,6 +409,8 @@ def cluster_up(
 ) -> None:
     """Start etcd and NODES nodes on this machine; Ctrl-C stops them all."""
     from . import localcluster as lc
+
+    _log_level(log_level)  # the nodes would refuse it, one by one
 
     console = Console(stderr=True)
     etcd_server: lc.EtcdServer | None = None
@@ -569,3 +577,6 @@ def main() -> None:
         if _only(group, KeyboardInterrupt) is None:
             raise
         sys.exit(130)
+    except OSError as exc:  # writing the output failed: a full disk, say
+        print(f"error: {exc.strerror or exc}", file=sys.stderr)
+        sys.exit(commands.EXIT_UNAVAILABLE)

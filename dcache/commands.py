@@ -146,23 +146,28 @@ def cluster_stats(client: Operations) -> Outcome:
     nodes = []
     total = {name: 0 for name in CLUSTER_COUNTERS}
     for member in view["members"]:
-        row = _with_hit_ratio({name: member["stats"].get(name, 0) for name in CLUSTER_COUNTERS})
+        if member["state"] == "up":
+            row = _with_hit_ratio({name: member["stats"].get(name, 0) for name in CLUSTER_COUNTERS})
+            for name in CLUSTER_COUNTERS:
+                total[name] += row[name]
+        else:  # its counters are unknown, not zero
+            row = {name: None for name in (*CLUSTER_COUNTERS, "hit_ratio")}
         row.update(node=member["node"], state=member["state"])
         nodes.append(row)
-        for name in CLUSTER_COUNTERS:
-            total[name] += row[name]
     total = _with_hit_ratio(total)
     columns = ("node", "state", "keys", "hits", "misses", "hit ratio", "sets", "deletes", "expired", "memory")
 
     def cells(row: dict[str, Any]) -> tuple[str, ...]:
+        def count(name: str) -> str:
+            return "-" if row[name] is None else f"{row[name]:,}"
+
         ratio = "-" if row["hit_ratio"] is None else f"{row['hit_ratio']:.1%}"
-        counts = [f"{row[n]:,}" for n in ("keys", "hits", "misses")]
-        more = [f"{row[n]:,}" for n in ("sets", "deletes", "expired")]
-        return (row["node"], row["state"], *counts, ratio, *more, human_bytes(row["memory_bytes"]))
+        memory = "-" if row["memory_bytes"] is None else human_bytes(row["memory_bytes"])
+        return (row["node"], row["state"], *map(count, ("keys", "hits", "misses")), ratio, *map(count, ("sets", "deletes", "expired")), memory)
 
     rows = [cells(row) for row in nodes] + [cells({**total, "node": "total", "state": ""})]
     plain_columns = ("node", "state", *CLUSTER_COUNTERS)
-    plain_rows = [tuple(row[c] for c in plain_columns) for row in nodes]
+    plain_rows = [tuple("-" if row[c] is None else row[c] for c in plain_columns) for row in nodes]
     plain_rows.append(("total", "", *(total[c] for c in CLUSTER_COUNTERS)))
     down = [row["node"] for row in nodes if row["state"] != "up"]
     return Outcome(

@@ -72,7 +72,9 @@ def members_prefix(cluster: str) -> str:
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
     """``http://host:port`` or ``host:port`` → (host, port); default port 2379."""
     parts = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if parts.scheme == "https":
+        raise MembershipError(f"etcd endpoint {endpoint!r}: TLS to etcd is not supported yet; use http://")
+    if parts.scheme != "http" or not parts.hostname:
         raise MembershipError(f"bad etcd endpoint {endpoint!r}: expected http://HOST:PORT")
     try:
         port = parts.port or 2379

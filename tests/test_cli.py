@@ -183,6 +183,7 @@ def test_user_mistakes_get_usage_errors_not_tracebacks(server: ServeProcess) -> 
         ["serve", "--etcd", "foo://bar", "--client-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0"],
         ["serve", "--etcd", "http://127.0.0.1:abc", "--client-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0"],
         ["cluster", "up", "--client-port", "70000"],
+        ["cluster", "up", "--log-level", "bogus"],
         ["cluster", "up", "--nodes", "2", "--client-port", "38100", "--peer-port", "38101"],
     ],
 )
@@ -291,3 +292,69 @@ def test_bench_reports_what_it_did(server: ServeProcess) -> None:
     assert report["by_op"]["get"]["count"] == 200 and "set" not in report["by_op"]
     r = dcache("bench", "--ratio", "nonsense", server=server)
     assert r.returncode == 2 and b"--ratio" in r.stderr and b"Traceback" not in r.stderr
+
+
+def test_cluster_stats_shows_an_unreachable_node_as_unknown_not_zero() -> None:
+    from dcache import commands
+
+    class Client:
+        def members(self) -> dict:
+            up = {"keys": 5, "hits": 3, "misses": 1, "sets": 5, "deletes": 0, "expired": 0, "data_bytes": 50, "memory_bytes": 2048}
+            return {
+                "epoch": 7,
+                "members": [
+                    {"node": "a:1", "state": "up", "stats": up},
+                    {"node": "b:1", "state": "unreachable", "stats": {}},
+                ],
+            }
+
+    outcome = commands.cluster_stats(Client())  # type: ignore[arg-type]
+    down = outcome.data["nodes"][1]
+    assert down["keys"] is None and down["memory_bytes"] is None and down["hit_ratio"] is None
+    assert outcome.data["total"]["keys"] == 5
+    assert outcome.table is not None and outcome.table.rows[1][2:] == ("-",) * 8
+    assert outcome.stdout is not None and "b:1\tunreachable\t-\t-" in outcome.stdout
+    assert outcome.note == "unreachable: b:1"
+
+
+def test_etcd_endpoints_are_checked_at_start() -> None:
+    from dcache.membership import MembershipError, parse_endpoint
+
+    assert parse_endpoint("http://127.0.0.1:2379") == ("127.0.0.1", 2379)
+    assert parse_endpoint("etcd.local") == ("etcd.local", 2379)
+    for bad in ("https://127.0.0.1:2379", "foo://bar", "http://127.0.0.1:abc", "http://"):
+        with pytest.raises(MembershipError):
+            parse_endpoint(bad)
+
+
+def test_serve_stops_at_once_while_etcd_keeps_it_waiting() -> None:
+    import socket
+
+    with socket.socket() as hole:  # takes connections, never answers: a hung etcd
+        hole.bind(("127.0.0.1", 0))
+        hole.listen()
+        hole.settimeout(20)
+        node = subprocess.Popen(
+            [*DCACHE, "serve", "--client-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0", "--etcd", f"http://127.0.0.1:{hole.getsockname()[1]}"],
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            conn, _ = hole.accept()  # the node is asking etcd, and will wait 5 s for it
+            node.send_signal(signal.SIGINT)
+            assert node.wait(3) == 0
+            conn.close()
+        finally:
+            if node.poll() is None:
+                node.kill()
+            _, err = node.communicate()
+    assert b"shutting down" in err and b"Traceback" not in err
+
+
+def test_output_errors_are_one_line(server: ServeProcess) -> None:
+    r = dcache("get", "", "--json", server=server)
+    assert r.returncode == 2 and json.loads(r.stdout)["error"] == "bad_input"
+    assert dcache("set", "k", "v", server=server).returncode == 0
+    with open("/dev/full", "wb") as full:
+        r = subprocess.run([*DCACHE, "get", "k", "--server", server.client_address], stdout=full, stderr=subprocess.PIPE, timeout=20)
+    assert r.returncode == 2
+    assert r.stderr.startswith(b"error: ") and b"Traceback" not in r.stderr
