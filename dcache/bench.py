@@ -70,6 +70,7 @@ class OpRecord:
     latencies: array.array = field(default_factory=lambda: array.array("d"))
     errors: int = 0
     misses: int = 0
+    first_error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +84,7 @@ class OpSummary:
     p99_ms: float
     p999_ms: float
     max_ms: float
+    first_error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +123,7 @@ class BenchResult:
                     "p99_ms": round(s.p99_ms, 3),
                     "p99.9_ms": round(s.p999_ms, 3),
                     "max_ms": round(s.max_ms, 3),
+                    "first_error": s.first_error,
                 }
                 for s in self.summaries
             },
@@ -146,6 +149,7 @@ def summarize(op: str, record: OpRecord, elapsed: float) -> OpSummary:
         p99_ms=_percentile(values, 0.99) * 1000,
         p999_ms=_percentile(values, 0.999) * 1000,
         max_ms=(values[-1] if values else 0.0) * 1000,
+        first_error=record.first_error,
     )
 
 
@@ -159,6 +163,11 @@ async def run_bench(config: BenchConfig, *, on_progress: Callable[[int], None] |
                     clients.append(await ClusterClient.connect(server))
                 else:
                     clients.append(await Client.connect(server))
+        limits = clients[0].limits
+        if config.value_size > limits.max_value_bytes:
+            raise ValueError(f"--value-size {config.value_size:,} is over the node's limit of {limits.max_value_bytes:,} bytes")
+        if config.mget > limits.max_batch:
+            raise ValueError(f"--mget {config.mget:,} is over the node's limit of {limits.max_batch:,} keys per request")
         value = random.Random(config.seed).randbytes(config.value_size)
         if config.prefill:
             await _prefill(clients[0], config, value)
@@ -191,6 +200,8 @@ async def run_bench(config: BenchConfig, *, on_progress: Callable[[int], None] |
                     record.latencies.append(elapsed)
                     if isinstance(outcome, Exception):
                         record.errors += 1
+                        if record.first_error is None:
+                            record.first_error = str(outcome)
                     elif op == "get" and (outcome is None or (mget and None in outcome)):
                         record.misses += 1
                 done += batch
@@ -233,7 +244,7 @@ def _queue(p: Any, op: str, rng: random.Random, keyspace: int, value: bytes, ttl
 
 
 async def _prefill(client: Any, config: BenchConfig, value: bytes) -> None:
-    step = 1000
+    step = max(1, min(1000, client.limits.max_batch, client.limits.max_frame_bytes // 2 // (len(value) + 32)))
     for start in range(0, config.keys, step):
         end = min(config.keys, start + step)
         await client.mset({f"key:{i}": value for i in range(start, end)}, ttl=config.ttl)

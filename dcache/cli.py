@@ -566,6 +566,9 @@ def bench(
             f"{s.max_ms:.3f}", f"{s.misses:,}", f"{s.errors:,}",
         )  # fmt: skip
     Console().print(table)
+    for s in result.summaries:
+        if s.first_error:
+            print(f"{s.op}: {s.errors:,} errors; the first: {s.first_error}", file=sys.stderr)
 
 
 def main() -> None:

@@ -169,6 +169,7 @@ class Operations:
         """Store many entries in one round trip; returns their versions in order."""
         pairs = items.items() if isinstance(items, Mapping) else items
         args: dict[str, Any] = {"items": [[self._key(k), self._value(v)] for k, v in pairs]}
+        self._fits(sum(len(k) + len(v) + 16 for k, v in args["items"]))
         if ns:
             args["ns"] = ns
         if ttl is not None:
@@ -194,9 +195,20 @@ class Operations:
 
     def _multi(self, keys: Iterable[Key], ns: str) -> dict[str, Any]:
         args: dict[str, Any] = {"keys": [self._key(k) for k in keys]}
+        self._fits(sum(len(k) + 8 for k in args["keys"]))
         if ns:
             args["ns"] = ns
         return args
+
+    def _fits(self, size: int) -> None:
+        """Refuse a request of about ``size`` bytes the node would not take in
+        one frame, before sending it (the node could only close the connection)."""
+        limit = self.limits.max_frame_bytes
+        if size > limit:
+            raise RequestError(
+                codec.ErrorCode.FRAME_TOO_LARGE,
+                f"the request is about {size:,} bytes, over the node's limit of {limit:,} per frame; send it in parts",
+            )
 
 
 def _hello_args() -> dict[str, Any]:

@@ -113,3 +113,38 @@ async def test_the_c_lean_load_counts_replies_off_frame_headers(nursery, leanloa
     counted = int(result.stdout.split()[1])
     replied = 3 * (answered - 1)  # the first frame answered the hello
     assert 0 < counted <= replied <= counted + 3 * 2
+
+
+async def test_bench_says_what_went_wrong_and_refuses_what_cannot_work(nursery: trio.Nursery) -> None:
+    from dcache.bench import run_bench
+
+    node = Node(NodeConfig(client_listen="127.0.0.1:0", listen="127.0.0.1:0", limits=codec.Limits(max_key_bytes=6, max_batch=50)))
+    bound = await nursery.start(node.run)
+    with trio.fail_after(20):
+        # Keys key:0 … key:99 are up to 6 bytes, key:100 … are too long: those fail, and the report says why.
+        result = await run_bench(BenchConfig(servers=(bound.client_address,), ops=300, clients=3, keys=1000, sets=1, gets=0))
+        (sets,) = result.summaries
+        assert 0 < sets.errors < 300
+        assert sets.first_error is not None and "key_too_large" in sets.first_error
+        assert result.as_dict()["by_op"]["set"]["first_error"] == sets.first_error
+        # A workload the node cannot take at all is refused before it starts.
+        for config in (BenchConfig(servers=(bound.client_address,), ops=10, value_size=20 << 20),
+                       BenchConfig(servers=(bound.client_address,), ops=10, mget=51)):  # fmt: skip
+            with pytest.raises(ValueError, match="over the node's limit"):
+                await run_bench(config)
+
+
+async def test_a_batch_over_the_frame_limit_is_refused_before_it_is_sent(nursery: trio.Nursery) -> None:
+    from dcache.errors import RequestError
+
+    node = Node(NodeConfig(client_listen="127.0.0.1:0", listen="127.0.0.1:0", limits=codec.Limits(max_frame_bytes=100_000)))
+    bound = await nursery.start(node.run)
+    with trio.fail_after(20):
+        async with dcache.connect(bound.client_address) as client:
+            with pytest.raises(RequestError) as refused:
+                await client.mset({f"k{i}": b"x" * 1000 for i in range(200)})
+            assert refused.value.code == codec.ErrorCode.FRAME_TOO_LARGE
+            with pytest.raises(RequestError):
+                await client.mget([f"{i:0>1000}" for i in range(200)])
+            await client.set("k", "v")  # the connection is still good
+            assert await client.get("k") == b"v"
