@@ -16,12 +16,13 @@ interface for a node without etcd.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import urlsplit
 
 import cbor2
@@ -41,6 +42,7 @@ RESYNC_INTERVAL = 1.0
 BACKOFF_INITIAL = 0.1
 BACKOFF_MAX = 2.0
 REVOKE_TIMEOUT = 1.0
+DUPLICATE_GRACE = 1.0  # seconds past a lease's TTL before a registered id is taken as in use
 
 
 class MembershipError(Exception):
@@ -204,14 +206,13 @@ class EtcdMembership:
         )
         self._client = etcd3.MultiEndpointEtcd3Client(endpoints=[endpoint], timeout=self._connect_timeout)
         try:
-            try:
-                with trio.fail_after(self._connect_timeout + 1):
-                    await self._register()
-                    view = await self._read()
-            except (trio.TooSlowError, *self._etcd_errors()) as exc:
-                raise MembershipError(
-                    f"cannot reach etcd at {self.endpoint} within {self._connect_timeout:g} s ({_describe(exc)})"
-                ) from None
+            with self._starting():
+                taken = (await self._call(self._client.get, self._key))[0] is not None
+            if taken:
+                await self._wait_until_free()
+            with self._starting():
+                await self._register()
+                view = await self._read()
             self._client.timeout = REQUEST_TIMEOUT
             self.healthy = True
             self._set_view(view)
@@ -223,6 +224,35 @@ class EtcdMembership:
             self._subscribers.close()
             with trio.CancelScope(shield=True):
                 await self._leave()
+
+    @contextlib.contextmanager
+    def _starting(self) -> Iterator[None]:
+        """etcd's answer within the connect timeout, or MembershipError."""
+        try:
+            with trio.fail_after(self._connect_timeout + 1):
+                yield
+        except (trio.TooSlowError, *self._etcd_errors()) as exc:
+            raise MembershipError(
+                f"cannot reach etcd at {self.endpoint} within {self._connect_timeout:g} s ({_describe(exc)})"
+            ) from None
+
+    async def _wait_until_free(self) -> None:
+        """Our id is registered already: by a run of ours that died, whose
+        lease lapses within its TTL, or by a live node that advertises the
+        same address, which would split the shards of that id in two."""
+        log.info("%s is registered already; waiting for that entry to lapse (a previous run?)", self.node_id)
+        with trio.move_on_after(self._lease_ttl + DUPLICATE_GRACE):
+            while True:
+                await trio.sleep(0.25)
+                try:
+                    if (await self._call(self._client.get, self._key))[0] is None:
+                        return
+                except self._etcd_errors():
+                    pass
+        raise MembershipError(
+            f"another node is registered as {self.node_id} and keeps its entry alive; "
+            "give each node its own --advertise address"
+        )
 
     async def withdraw(self) -> None:
         """Leave the view before stopping: revoke the lease, so that peers

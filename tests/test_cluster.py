@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -407,6 +408,41 @@ def test_cluster_up_killed_at_once_by_a_second_ctrl_c() -> None:
     assert b"cluster stopped" in err
     # Nothing it started is left: neither the stuck node, nor the other, nor etcd.
     assert left == []
+
+
+async def test_a_second_node_with_the_same_advertise_address_is_refused(cluster: list[InProcessNode], etcd_server: EtcdServer) -> None:
+    taken = cluster[0].node.node_id
+    twin = Node(NodeConfig(client_listen="127.0.0.1:0", listen="127.0.0.1:0", advertise=taken, etcd=etcd_server.endpoint, lease_ttl=LEASE_TTL))
+    with trio.fail_after(TIMEOUT):
+        with pytest.raises(BaseException) as refused:  # noqa: PT011 (NodeStartError, as trio hands it on)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(twin.run)
+        assert "give each node its own --advertise address" in str(refused.value) + repr(refused.value)
+        # The first node with that address is untouched.
+        await wait_for_members(cluster, 3)
+        async with dcache.connect(cluster[0].address) as client:
+            await client.set("k", "v")
+            assert await client.get("k") == b"v"
+
+
+async def test_a_node_restarted_at_once_takes_over_its_lapsing_entry(
+    cluster: list[InProcessNode], etcd_server: EtcdServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node killed without leaving restarts under the same address before its lease lapses: it waits for it, then joins."""
+    caplog.set_level(logging.INFO, logger="dcache.membership")
+    gone = cluster[2]
+    address = gone.node.node_id
+    assert gone.node.membership is not None
+    gone.node.membership._lease = None  # as if killed: nobody revokes it; it lapses after its TTL, the key with it
+    gone.stop()
+    again = Node(NodeConfig(client_listen="127.0.0.1:0", listen=address, advertise=address, etcd=etcd_server.endpoint, lease_ttl=LEASE_TTL))
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(again.run)
+            await wait_for_members([cluster[0], cluster[1]], 3)
+            assert address in cluster[0].node.router.shard_map.members
+            nursery.cancel_scope.cancel()
+    assert "registered already; waiting for that entry to lapse" in caplog.text
 
 
 async def test_a_node_that_leaves_before_stopping_costs_no_request_an_error(cluster: list[InProcessNode]) -> None:
