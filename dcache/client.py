@@ -242,6 +242,8 @@ class Client(Operations):
         self.address = address
         self.limits = Limits()
         self.server_info: dict[str, Any] = {}
+        self._used_at = trio.current_time()
+        self._reviving = trio.Lock()
 
     @property
     def timeout(self) -> float:
@@ -250,17 +252,43 @@ class Client(Operations):
     @classmethod
     async def connect(cls, address: str = DEFAULT_ADDRESS, *, timeout: float = DEFAULT_TIMEOUT) -> Client:
         check_timeout(timeout)
+        client = cls(await cls._open(address, timeout), address=address)
+        await client._greet()
+        return client
+
+    @staticmethod
+    async def _open(address: str, timeout: float) -> Channel:
         conn = await transport.connect(
             address, max_message=codec.DEFAULT_MAX_FRAME_BYTES, default_port=DEFAULT_PORT, timeout=timeout
         )
-        client = cls(Channel(conn, name=address, timeout=timeout), address=address)
+        return Channel(conn, name=address, timeout=timeout)
+
+    async def _greet(self) -> None:
         try:
-            client.server_info = await client._call("hello", _hello_args(), _identity)
-            client.limits = _limits_from(client.server_info)
+            status, body = await self._channel.request("hello", _hello_args())
+            self.server_info = _outcome(status, body, _identity)
+            self.limits = _limits_from(self.server_info)
         except BaseException:
-            await conn.aclose()
+            await self._channel.aclose()
             raise
-        return client
+
+    async def _live_channel(self) -> Channel:
+        """The channel, checked first after a pause (see :meth:`SyncClient._revive`):
+        a node closes a connection idle too long, and a request must not
+        be lost to that."""
+        now = trio.current_time()
+        if now - self._used_at > IDLE_CHECK and not self._channel.in_flight:
+            async with self._reviving:
+                channel = self._channel
+                try:
+                    if not channel.in_flight:  # still: another task may have started meanwhile
+                        await channel.take_waiting()
+                except transport.ConnectionClosed:
+                    self._channel = await self._open(self.address, channel.timeout)
+                    await self._greet()
+                    await channel.aclose()
+        self._used_at = now
+        return self._channel
 
     async def aclose(self) -> None:
         await self._channel.aclose()
@@ -272,7 +300,7 @@ class Client(Operations):
         await self.aclose()
 
     async def _call(self, op: str, args: dict[str, Any], decode: Callable[[Any], Any]) -> Any:
-        status, body = await self._channel.request(op, args)
+        status, body = await (await self._live_channel()).request(op, args)
         return _outcome(status, body, decode)
 
     def pipeline(self) -> Pipeline:
@@ -308,7 +336,7 @@ class Pipeline(Operations):
         queued, self._queued = self._queued, []
         if not queued:
             return []
-        replies = await self._client._channel.request_many([(op, args) for op, args, _ in queued])
+        replies = await (await self._client._live_channel()).request_many([(op, args) for op, args, _ in queued])
         results: list[Any] = []
         for (_, _, decode), (status, body) in zip(queued, replies):
             try:
@@ -400,8 +428,8 @@ class ClusterClient(Operations):
     async def _request(self, node_id: str, op: str, args: dict[str, Any]) -> tuple[int, Any]:
         client = await self._client_for(node_id)
         try:
-            return await client._channel.request(op, args)
-        except (ConnectionLost, RequestTimeout, ClosedError):
+            return await (await client._live_channel()).request(op, args)
+        except (ConnectionLost, RequestTimeout, ClosedError, ConnectError):
             if client is self._seed:
                 raise
             # That node is gone or stuck, or a refresh closed its connection
@@ -412,11 +440,11 @@ class ClusterClient(Operations):
     async def _via_seed(self, op: str, args: dict[str, Any]) -> tuple[int, Any]:
         seed = self._seed
         try:
-            return await seed._channel.request(op, args)
+            return await (await seed._live_channel()).request(op, args)
         except ClosedError:
             if self._seed is seed:  # closed by our user
                 raise
-        except (ConnectionLost, RequestTimeout):
+        except (ConnectionLost, RequestTimeout, ConnectError):
             if self._seed is seed:  # else another task has replaced it already
                 await self._replace_seed()
         return await self._seed._channel.request(op, args)

@@ -185,6 +185,11 @@ class Channel:
                     return True
         return False
 
+    async def take_waiting(self) -> None:
+        """See :meth:`transport.Connection.take_waiting`; only while nothing is in flight."""
+        assert not self._pending
+        await self._conn.take_waiting()
+
     async def aclose(self) -> None:
         self.fail(ClosedError(f"the connection to {self.name} was closed"))
         await self._conn.aclose()

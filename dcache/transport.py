@@ -413,6 +413,30 @@ class Connection:
             self._budget.used -= self._held
             self._held = 0
 
+    async def take_waiting(self) -> None:
+        """Take in whatever has arrived, without waiting: answer pings, keep
+        messages for the next :meth:`receive`; raise ConnectionClosed if the
+        other side has closed the connection."""
+        if self._socket is None:
+            return
+        while True:
+            try:
+                data = self._socket.recv(RECEIVE_SIZE)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                raise ConnectionClosed(1006, f"the connection broke: {exc}") from None
+            if not data:
+                raise ConnectionClosed(1006, "the peer went away without a close frame")
+            self.reads += 1
+            try:
+                controls = self._absorb(data)
+            except wsframe.FrameError as exc:
+                await self.aclose(exc.code, exc.reason)
+                raise ConnectionClosed(exc.code, exc.reason) from None
+            for control in controls:
+                await self._on_control(control)
+
     async def _on_control(self, control: wsframe.Control) -> None:
         if control.opcode == wsframe.OP_PING:
             await self.send_raw(self.frame(control.payload, wsframe.OP_PONG))

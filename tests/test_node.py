@@ -472,3 +472,18 @@ async def test_a_sync_client_idle_past_the_nodes_patience_carries_on(nursery: tr
 
     with trio.fail_after(TIMEOUT):
         assert await trio.to_thread.run_sync(idle_then_use) == [b"v", b"v"]
+
+
+async def test_an_async_client_idle_past_the_nodes_patience_carries_on(nursery: trio.Nursery) -> None:
+    node, bound = await start_node(nursery, idle_timeout=0.3)
+    with trio.fail_after(TIMEOUT):
+        async with dcache.connect(bound.client_address) as client:
+            await client.set("k", "v")
+            await trio.sleep(1.5)  # pinged after 0.3 s idle, closed 0.3 s later
+            assert await client.get("k") == b"v"
+            await trio.sleep(1.5)
+            assert await client.pipeline().get("k").get("nope").execute() == [b"v", None]
+        async with await dcache.ClusterClient.connect(bound.client_address) as cluster_client:
+            assert await cluster_client.get("k") == b"v"
+            await trio.sleep(1.5)
+            assert await cluster_client.get("k") == b"v"
