@@ -319,12 +319,15 @@ class Connection:
             try:
                 controls = self._absorb(data)
             except wsframe.FrameError as exc:
-                await self.aclose(exc.code, exc.reason)
-                raise ConnectionClosed(exc.code, exc.reason) from None
+                await self._refuse(exc)
             for control in controls:
                 await self._on_control(control)
         ready, self._ready = self._ready, []
         return ready
+
+    async def _refuse(self, exc: wsframe.FrameError) -> NoReturn:
+        await self.aclose(exc.code, exc.reason)
+        raise ConnectionClosed(exc.code, exc.reason) from None
 
     async def _receive_some(self, poll: bool) -> bytes:
         """trio's receive_some, tuned for request/reply traffic on plain sockets.
@@ -432,8 +435,7 @@ class Connection:
             try:
                 controls = self._absorb(data)
             except wsframe.FrameError as exc:
-                await self.aclose(exc.code, exc.reason)
-                raise ConnectionClosed(exc.code, exc.reason) from None
+                await self._refuse(exc)
             for control in controls:
                 await self._on_control(control)
 
