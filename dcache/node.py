@@ -36,6 +36,7 @@ PURGE_BATCH = 2000
 IDLE_TIMEOUT = 30.0
 MAX_CONNECTIONS = 10_000
 MAX_UNFINISHED_BYTES = 256 * 1024 * 1024  # in messages still arriving, over all connections
+ADVERTISE_CHECK_TIMEOUT = 2.0
 LEAVE_DRAIN = 0.3  # seconds a stopping node still answers after leaving the view
 
 
@@ -185,6 +186,8 @@ class Node:
             self._purge_needed = trio.Event()
             self._apply_view(view)
             nursery.start_soon(self._follow_views, membership)
+            if config.etcd:
+                nursery.start_soon(self._check_advertised)
             nursery.start_soon(self._purge_unowned)
             nursery.start_soon(self._sweep)
             nursery.start_soon(trio.serve_listeners, self._serve_connection, client_listeners)
@@ -235,6 +238,22 @@ class Node:
                 log.warning("this node is not in the membership view; forwarding every request")
             assert self._purge_needed is not None
             self._purge_needed.set()
+
+    async def _check_advertised(self) -> None:
+        """Warn when this node's own --advertise address does not answer:
+        the other nodes dial it, and would find every key this node owns
+        unavailable."""
+        host, port = transport.split_address(self.node_id, DEFAULT_PEER_PORT)
+        problem = f"no answer within {ADVERTISE_CHECK_TIMEOUT:g} s"
+        with trio.move_on_after(ADVERTISE_CHECK_TIMEOUT):
+            try:
+                stream = await trio.open_tcp_stream(host, port)
+            except OSError as exc:
+                problem = str(exc)
+            else:
+                await stream.aclose()
+                return
+        log.warning("other nodes dial this node at %s (--advertise), which fails from here: %s", self.node_id, problem)
 
     async def _follow_views(self, membership: EtcdMembership | StandaloneMembership) -> None:
         async with membership.subscribe() as views:

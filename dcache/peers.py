@@ -108,6 +108,8 @@ class PeerLinks:
             raise PeerUnavailable(f"{node_id} is not a member")
         channel = link.channel
         if channel is None or channel.broken is not None:
+            if link.failures:  # it was tried since and did not answer: down, not reconnecting
+                raise PeerUnavailable(f"{node_id} does not answer")
             assert link.up is not None
             with trio.move_on_after(WAIT_FOR_LINK):
                 await link.up.wait()

@@ -445,6 +445,18 @@ async def test_a_node_restarted_at_once_takes_over_its_lapsing_entry(
     assert "registered already; waiting for that entry to lapse" in caplog.text
 
 
+async def test_a_node_whose_advertise_address_does_not_answer_says_so(
+    nursery: trio.Nursery, etcd_server: EtcdServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    nowhere = f"127.0.0.1:{free_port()}"
+    node = Node(NodeConfig(client_listen="127.0.0.1:0", listen="127.0.0.1:0", advertise=nowhere, etcd=etcd_server.endpoint))
+    with trio.fail_after(TIMEOUT):
+        await nursery.start(_scoped, node)
+        while "which fails from here" not in caplog.text:
+            await trio.sleep(0.05)
+    assert nowhere in caplog.text
+
+
 async def test_a_node_that_leaves_before_stopping_costs_no_request_an_error(cluster: list[InProcessNode]) -> None:
     from dcache.errors import DcacheError
 

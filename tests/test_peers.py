@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import cbor2
+import pytest
 import trio
 import trio.testing
 
 from dcache import codec, peers, transport, wsframe
 from dcache.mux import Channel
+from dcache.errors import PeerUnavailable
 from dcache.peers import PeerLinks, _Link
 
 
@@ -43,3 +45,17 @@ async def test_a_link_holds_at_most_max_in_flight_forwards(monkeypatch) -> None:
                 await trio.testing.wait_all_tasks_blocked()
     assert len(asked) == 5 and answers == [codec.encode_rest(0, b"v")] * 5
     assert link.in_flight == 0 and link.forwarded == 5
+
+
+async def test_a_forward_to_a_peer_known_down_fails_at_once(autojump_clock: trio.abc.Clock) -> None:
+    links = PeerLinks(node_id="a")
+    links._links["b"] = _Link("b", up=trio.Event(), queue=trio.lowlevel.ParkingLot(), state="down", failures=1)
+    links._links["c"] = _Link("c", up=trio.Event(), queue=trio.lowlevel.ParkingLot(), state="connecting")
+    started = trio.current_time()
+    with pytest.raises(PeerUnavailable, match="does not answer"):
+        await links.relay("b", b"")
+    assert trio.current_time() == started  # no wait for a link that is down
+    # One that is (re)connecting for the first time gets its grace period.
+    with pytest.raises(PeerUnavailable, match="no link"):
+        await links.relay("c", b"")
+    assert trio.current_time() - started == pytest.approx(peers.WAIT_FOR_LINK)
