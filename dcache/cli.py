@@ -307,11 +307,14 @@ def serve(
     level = _log_level(log_level)
     addresses = {"--client-listen": client_listen, "--listen": listen, "--advertise": advertise, "--metrics-listen": metrics_listen}
     for flag, address in addresses.items():
-        if address is not None:
-            try:
-                transport.split_address(address, 0) if address else _exit_start_error(f"{flag}: give HOST:PORT")
-            except ValueError as exc:
-                _exit_start_error(f"{flag}: {exc}")
+        if address is None:
+            continue
+        try:
+            if not address:
+                raise ValueError("give HOST:PORT")
+            transport.split_address(address, 0)
+        except ValueError as exc:
+            _exit_start_error(f"{flag}: {exc}")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         config = NodeConfig(
