@@ -22,7 +22,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
 import cbor2
@@ -164,8 +164,10 @@ class EtcdMembership:
         client_address: str,
         lease_ttl: float = DEFAULT_LEASE_TTL,
         connect_timeout: float = CONNECT_TIMEOUT,
+        on_lapse: Callable[[], None] | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self._on_lapse = on_lapse
         self._host, self._port = parse_endpoint(endpoint)
         self.prefix = members_prefix(cluster)
         self.node_id = node_id
@@ -304,10 +306,17 @@ class EtcdMembership:
         if self._lease is not None:
             responses = await self._call(self._lease.refresh)
             if not responses or responses[0].TTL <= 0:
-                self._lease = None
+                self._lapsed()
         if self._lease is None:
             self._lease = await self._call(client.lease, self._lease_ttl)
         await self._call(client.put, self._key, self._value, lease=self._lease)
+
+    def _lapsed(self) -> None:
+        """Our lease ran out: for a while we were out of the cluster, whether
+        or not we saw a view without us. Tell the node before registering again."""
+        self._lease = None
+        if self._on_lapse is not None:
+            self._on_lapse()
 
     async def _read(self) -> View:
         response = await self._call(self._client.get_prefix_response, self.prefix)
@@ -345,7 +354,7 @@ class EtcdMembership:
                     responses = await self._call(self._lease.refresh)
                     if not responses or responses[0].TTL <= 0:
                         log.warning("our etcd lease expired; registering again")
-                        self._lease = None
+                        self._lapsed()
                         await self._register()
                         self._wake()
                     elif all(m.node_id != self.node_id for m in self._view.members):

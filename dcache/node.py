@@ -168,6 +168,7 @@ class Node:
                     node_id=self.node_id,
                     client_address=client_address,
                     lease_ttl=config.lease_ttl,
+                    on_lapse=self._lapsed,
                 )
             except MembershipError as exc:  # a malformed --etcd
                 raise NodeStartError(str(exc)) from None
@@ -238,6 +239,15 @@ class Node:
                 log.warning("this node is not in the membership view; forwarding every request")
             assert self._purge_needed is not None
             self._purge_needed.set()
+
+    def _lapsed(self) -> None:
+        """This node's lease ran out, so it was out of the cluster for a while:
+        the others owned its shards and may have written its keys. Unless it
+        was alone, what it holds may be stale; drop it all before it joins
+        again (at once: a stale value must not be served meanwhile)."""
+        if set(self.router.shard_map.members) - {self.node_id}:
+            dropped = self.store.clear()
+            log.warning("this node's lease lapsed; dropped its %d entries, which others may have changed meanwhile", dropped)
 
     async def _check_advertised(self) -> None:
         """Warn when this node's own --advertise address does not answer:

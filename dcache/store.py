@@ -208,6 +208,15 @@ class Store:
         """A snapshot of the keys in ``ns`` (expired ones included)."""
         return list(self._spaces.get(ns, ()))
 
+    def clear(self) -> int:
+        """Drop every entry without counting deletes (they may be stale); how many there were.
+        Versions keep counting up."""
+        dropped = self._keys
+        self._spaces = {}
+        self._expiry_heap = []
+        self._ttl_entries = self._bytes = self._keys = 0
+        return dropped
+
     def discard(self, ns: str, key: bytes) -> bool:
         """Drop an entry without counting a delete (it moved to another node)."""
         entry = self._spaces.get(ns, {}).get(key)

@@ -410,6 +410,27 @@ def test_cluster_up_killed_at_once_by_a_second_ctrl_c() -> None:
     assert left == []
 
 
+async def test_a_node_whose_lease_lapsed_forgets_what_it_held(cluster: list[InProcessNode], etcd_server: EtcdServer) -> None:
+    """While its lease was gone the others owned its shards and may have
+    written its keys; it must not serve what it held before, even if it never
+    saw a view without itself (paused, its watch events came all at once)."""
+    import etcd3
+
+    node = cluster[1].node
+    with trio.fail_after(TIMEOUT):
+        async with dcache.connect(cluster[0].address) as client:
+            await client.mset({f"k{i}": "old" for i in range(200)})
+        assert len(node.store) > 0
+        apply = node._apply_view
+        node._apply_view = lambda view: apply(view) if any(m.node_id == node.node_id for m in view.members) else None  # type: ignore[method-assign]
+        assert node.membership is not None and node.membership._lease is not None
+        etcd = etcd3.client("127.0.0.1", etcd_server.client_port)
+        await trio.to_thread.run_sync(etcd.revoke_lease, node.membership._lease.id)
+        while len(node.store):
+            await trio.sleep(0.05)
+        await wait_for_members(cluster, 3)
+
+
 async def test_a_second_node_with_the_same_advertise_address_is_refused(cluster: list[InProcessNode], etcd_server: EtcdServer) -> None:
     taken = cluster[0].node.node_id
     twin = Node(NodeConfig(client_listen="127.0.0.1:0", listen="127.0.0.1:0", advertise=taken, etcd=etcd_server.endpoint, lease_ttl=LEASE_TTL))

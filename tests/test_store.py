@@ -130,3 +130,16 @@ def test_discard_and_keys_for_upkeep(store: Store) -> None:
     assert store.discard("", b"a") is True and store.discard("", b"a") is False
     s = store.stats()
     assert s["deletes"] == 0 and s["keys"] == 1
+
+
+def test_clear_forgets_everything_and_counts_on() -> None:
+    now = [0.0]
+    store = Store(clock=lambda: now[0])
+    store.set("", b"a", b"1")
+    store.set("ns", b"b", b"2", ttl_ms=1000)
+    before = store.set("", b"c", b"3")
+    assert store.clear() == 3
+    assert len(store) == 0 and store.get("", b"a") is None and store.get("ns", b"b") is None
+    assert store.namespaces() == [] and store.sweep(10) == 0
+    assert store.set("", b"a", b"4") > before  # versions never go back
+    assert len(store) == 1
