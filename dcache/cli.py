@@ -84,10 +84,15 @@ def render(outcome: Outcome, *, as_json: bool) -> int:
     if outcome.table is not None and sys.stdout.isatty():
         Console().print(rich_table(outcome.table))
     elif isinstance(outcome.stdout, bytes):
-        sys.stdout.buffer.write(outcome.stdout)
-        if sys.stdout.isatty() and not outcome.stdout.endswith(b"\n"):
-            sys.stdout.buffer.write(b"\n")
-        sys.stdout.flush()
+        shown = commands.show_value(outcome.stdout) if sys.stdout.isatty() else ""
+        if shown.startswith("b"):  # binary, on a terminal: escaped, not raw
+            print(shown)
+            print(f"({len(outcome.stdout):,} bytes, not text: redirect the output for the raw bytes)", file=sys.stderr)
+        else:
+            sys.stdout.buffer.write(outcome.stdout)
+            if sys.stdout.isatty() and not outcome.stdout.endswith(b"\n"):
+                sys.stdout.buffer.write(b"\n")
+            sys.stdout.flush()
     elif outcome.stdout is not None:
         print(outcome.stdout)
     if outcome.note:

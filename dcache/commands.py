@@ -9,6 +9,7 @@ both run commands through :func:`run`; only their rendering differs.
 from __future__ import annotations
 
 import base64
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -65,6 +66,17 @@ def human_seconds(seconds: float) -> str:
     if seconds >= 60:
         return f"{int(seconds // 60)} min {int(seconds % 60)} s"
     return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
+
+
+def show_value(value: bytes) -> str:
+    """A value as people should see it: quoted text, or a bytes literal when binary."""
+    try:
+        text = value.decode()
+    except UnicodeDecodeError:
+        return repr(value)
+    if text.isprintable() or all(c.isprintable() or c in "\n\t" for c in text):
+        return json.dumps(text, ensure_ascii=False)
+    return repr(value)
 
 
 def get(client: Operations, *, key: str, ns: str = "") -> Outcome:

@@ -34,7 +34,7 @@ from rich.text import Text
 
 from . import commands
 from .client import DEFAULT_TIMEOUT, SyncClient
-from .commands import Outcome
+from .commands import Outcome, show_value
 from .errors import ConnectError, ConnectionLost, DcacheError
 from .shard import ShardMap, rank, shard_of
 
@@ -60,17 +60,6 @@ NOT_IN_SHELL = {"serve": "run it from your terminal", "shell": "you are in it", 
 def history_path() -> Path:
     state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return Path(state) / "dcache" / "history"
-
-
-def show_value(value: bytes) -> str:
-    """A value as people should see it: quoted text, or a bytes literal when binary."""
-    try:
-        text = value.decode()
-    except UnicodeDecodeError:
-        return repr(value)
-    if text.isprintable() or all(c.isprintable() or c in "\n\t" for c in text):
-        return json.dumps(text, ensure_ascii=False)
-    return repr(value)
 
 
 class ShellSession:

@@ -358,3 +358,20 @@ def test_output_errors_are_one_line(server: ServeProcess) -> None:
         r = subprocess.run([*DCACHE, "get", "k", "--server", server.client_address], stdout=full, stderr=subprocess.PIPE, timeout=20)
     assert r.returncode == 2
     assert r.stderr.startswith(b"error: ") and b"Traceback" not in r.stderr
+
+
+def test_a_binary_value_is_shown_escaped_on_a_terminal(server: ServeProcess) -> None:
+    import pty
+
+    assert dcache("set", "bin", server=server, stdin=b"\x00\xffraw").returncode == 0
+    assert dcache("get", "bin", server=server).stdout == b"\x00\xffraw"  # piped: the raw bytes
+    leader, follower = pty.openpty()
+    try:
+        r = subprocess.run([*DCACHE, "get", "bin", "--server", server.client_address], stdout=follower, stderr=subprocess.PIPE, timeout=20)
+        shown = os.read(leader, 1000)
+    finally:
+        os.close(leader)
+        os.close(follower)
+    assert r.returncode == 0
+    assert shown.strip() == b"b'\\x00\\xffraw'"
+    assert b"not text" in r.stderr
