@@ -16,7 +16,7 @@ from typing import Any
 
 import trio
 
-from . import __version__, transport
+from . import __version__, transport, wsframe
 from .codec import Limits
 from .membership import EtcdMembership, MembershipError, StandaloneMembership, View
 from .peers import PeerLinks
@@ -318,6 +318,10 @@ class Node:
         except Exception:
             # A bug must cost one connection, never the node.
             log.exception("connection handler failed; closing that connection")
+        except trio.Cancelled:
+            if conn is not None:  # the node is stopping: say so, if it can be said at once
+                conn.close_now(wsframe.CLOSE_GOING_AWAY, "the node is shutting down")
+            raise
         finally:
             self.connections -= 1
             if conn is not None:

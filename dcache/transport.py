@@ -455,6 +455,17 @@ class Connection:
     async def ping(self, payload: bytes = b"") -> None:
         await self.send_raw(self.frame(payload, wsframe.OP_PING))
 
+    def close_now(self, code: int, reason: str) -> None:
+        """Send a close frame if it goes out without waiting (and no other
+        frame is half written); the caller closes the stream."""
+        if self._closed or self._sending or self._socket is None:
+            return
+        self._closed = True
+        try:
+            self._socket.send(wsframe.build_close(code, reason, masked=self.masked, key=self._mask_key))
+        except OSError:
+            pass
+
     async def aclose(self, code: int = wsframe.CLOSE_NORMAL, reason: str = "") -> None:
         """Send a close frame (best effort, briefly) and close the stream."""
         if self._closed:

@@ -487,3 +487,20 @@ async def test_an_async_client_idle_past_the_nodes_patience_carries_on(nursery: 
             assert await cluster_client.get("k") == b"v"
             await trio.sleep(1.5)
             assert await cluster_client.get("k") == b"v"
+
+
+async def test_a_stopping_node_tells_its_clients(nursery: trio.Nursery) -> None:
+    scope = trio.CancelScope()
+
+    async def run_node(task_status: trio.TaskStatus[BoundAddresses]) -> None:
+        with scope:
+            await Node(NodeConfig(client_listen="127.0.0.1:0", listen="127.0.0.1:0")).run(task_status=task_status)
+
+    bound = await nursery.start(run_node)
+    with trio.fail_after(TIMEOUT):
+        conn = await raw_connection(bound.client_address)
+        await raw_call(conn, [HELLO])
+        scope.cancel()
+        with pytest.raises(transport.ConnectionClosed) as closed:
+            await conn.receive()
+        assert (closed.value.code, closed.value.reason) == (wsframe.CLOSE_GOING_AWAY, "the node is shutting down")
