@@ -7,6 +7,7 @@ callers only ever see their own messages.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import os
@@ -518,8 +519,15 @@ async def accept(
 
 def split_address(address: str, default_port: int) -> tuple[str, int]:
     """Parse ``host:port`` (``[v6]:port``, or just ``host``) with a clear error."""
+    if "://" in address:
+        raise ValueError(f"bad address {address!r}: give HOST:PORT, without a scheme")
     host, sep, port = address.rpartition(":")
     if not sep or (host.count(":") and not host.startswith("[")):
+        try:
+            ipaddress.IPv6Address(address)
+        except ValueError:
+            if sep:
+                raise ValueError(f"bad address {address!r}: give HOST:PORT ([ADDRESS]:PORT for IPv6)") from None
         host, port = address, str(default_port)
     host = host.strip("[]") or "localhost"
     try:

@@ -280,3 +280,19 @@ async def test_a_relayed_reply_that_comes_alone_passes_through_as_encoded() -> N
     assert replies[0] == b"\x00" + loose_value
     assert replies[1] == codec.encode_rest(0, b"abc")
     assert codec.decode_rest(replies[2]) == (1, ["moved", "not here", {"epoch": 2}])
+
+
+def test_addresses_parse_or_say_what_is_wrong() -> None:
+    assert transport.split_address("localhost:48000", 1) == ("localhost", 48000)
+    assert transport.split_address("localhost", 1) == ("localhost", 1)
+    assert transport.split_address("[::1]:48000", 1) == ("::1", 48000)
+    assert transport.split_address("::1", 1) == ("::1", 1)
+    assert transport.split_address(":48000", 1) == ("localhost", 48000)
+    for bad, why in [
+        ("http://localhost:48000", "without a scheme"),
+        ("localhost:48000:1", "give HOST:PORT"),
+        ("localhost:x", "port must be a number"),
+        ("localhost:70000", "port must be 0-65535"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            transport.split_address(bad, 1)
