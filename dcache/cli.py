@@ -581,7 +581,10 @@ def bench(
 
 def main() -> None:
     try:
-        app(prog_name="dcache")
+        status = app(prog_name="dcache", standalone_mode=False)
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
     except KeyboardInterrupt:
         sys.exit(130)
     except BaseExceptionGroup as group:  # Ctrl-C inside trio's task groups
@@ -591,3 +594,13 @@ def main() -> None:
     except OSError as exc:  # writing the output failed: a full disk, say
         print(f"error: {exc.strerror or exc}", file=sys.stderr)
         sys.exit(commands.EXIT_UNAVAILABLE)
+    except Exception as exc:  # click's usage errors, in typer's vendored copy: one line, as ours
+        message = getattr(exc, "format_message", None)
+        if message is None:
+            raise
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        if text := message():  # empty after the help a bare `dcache` prints
+            print(f"error: {text}{hint}", file=sys.stderr)
+        sys.exit(getattr(exc, "exit_code", commands.EXIT_UNAVAILABLE))
+    sys.exit(status if isinstance(status, int) else 0)
