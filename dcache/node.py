@@ -109,11 +109,13 @@ class Node:
         self._started_at = 0.0
         self._purge_needed: trio.Event | None = None
         self.membership: EtcdMembership | StandaloneMembership | None = None
+        self._leaving = False
 
     async def leave(self, drain: float = LEAVE_DRAIN) -> None:
         """Step out of the cluster before stopping: leave the membership view,
         then keep answering for ``drain`` seconds while the other nodes move
         this node's shards elsewhere and finish what they sent it."""
+        self._leaving = True
         if self.membership is not None:
             await self.membership.withdraw()
             if isinstance(self.membership, EtcdMembership):
@@ -219,7 +221,8 @@ class Node:
             # lost, or every lease lapsed at once): no key would have an
             # owner. Keep the last view until registrations come back, as
             # the keep-alive puts this node's back.
-            log.warning("etcd lists no member, not even this node; keeping the last view")
+            if not self._leaving:
+                log.warning("etcd lists no member, not even this node; keeping the last view")
             return
         old = self.router.shard_map
         shard_map = ShardMap.build(view.epoch, view.ids())
@@ -235,7 +238,7 @@ class Node:
                 shard_map.shards_owned(self.node_id),
                 len(shard_map.shard_owners),
             )
-            if self.node_id not in shard_map.members:
+            if self.node_id not in shard_map.members and not self._leaving:
                 log.warning("this node is not in the membership view; forwarding every request")
             assert self._purge_needed is not None
             self._purge_needed.set()
