@@ -317,18 +317,19 @@ class Connection:
                 if not data:
                     raise ConnectionClosed(1006, "the peer went away without a close frame")
                 self.reads += 1
-            try:
-                controls = self._absorb(data)
-            except wsframe.FrameError as exc:
-                await self._refuse(exc)
-            for control in controls:
-                await self._on_control(control)
+            await self._take_in(data)
         ready, self._ready = self._ready, []
         return ready
 
-    async def _refuse(self, exc: wsframe.FrameError) -> NoReturn:
-        await self.aclose(exc.code, exc.reason)
-        raise ConnectionClosed(exc.code, exc.reason) from None
+    async def _take_in(self, data: bytes) -> None:
+        """Keep the messages in ``data``; answer or act on its control frames."""
+        try:
+            controls = self._absorb(data)
+        except wsframe.FrameError as exc:
+            await self.aclose(exc.code, exc.reason)
+            raise ConnectionClosed(exc.code, exc.reason) from None
+        for control in controls:
+            await self._on_control(control)
 
     async def _receive_some(self, poll: bool) -> bytes:
         """trio's receive_some, tuned for request/reply traffic on plain sockets.
@@ -433,12 +434,7 @@ class Connection:
             if not data:
                 raise ConnectionClosed(1006, "the peer went away without a close frame")
             self.reads += 1
-            try:
-                controls = self._absorb(data)
-            except wsframe.FrameError as exc:
-                await self._refuse(exc)
-            for control in controls:
-                await self._on_control(control)
+            await self._take_in(data)
 
     async def _on_control(self, control: wsframe.Control) -> None:
         if control.opcode == wsframe.OP_PING:
