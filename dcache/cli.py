@@ -16,9 +16,7 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
-import time
 from typing import Annotated, Any, Callable, NoReturn, Optional
 
 import trio
@@ -416,90 +414,15 @@ def cluster_up(
     log_level: Annotated[str, typer.Option("--log-level", metavar="LEVEL", help="The nodes' log level.")] = "warning",
 ) -> None:
     """Start etcd and NODES nodes on this machine; Ctrl-C stops them all."""
-    from . import localcluster as lc
+    from . import localcluster
 
     _log_level(log_level)  # the nodes would refuse it, one by one
-
-    console = Console(stderr=True)
-    etcd_server: lc.EtcdServer | None = None
-    procs: list[Any] = []
-    stopper = _Stopper(lambda: [*procs, *([etcd_server.proc] if etcd_server and etcd_server.proc else [])])
-    try:
-        plan = lc.plan_nodes(nodes, client_port=client_port, peer_port=peer_port, metrics_port=metrics_port or None)
-        with console.status("starting etcd…"):
-            if etcd is None:
-                etcd_server = lc.EtcdServer()
-                etcd_server.start()
-                etcd = etcd_server.endpoint
-        with console.status(f"starting {nodes} node(s)…"):
-            for node in plan:
-                command = lc.node_command(node, etcd=etcd, cluster=cluster, log_level=log_level)
-                # Own sessions: Ctrl-C reaches only us, and we stop nodes before etcd.
-                procs.append(subprocess.Popen(command, env=lc.inherit_env(), start_new_session=True))
-            for node, proc in zip(plan, procs):
-                if not lc.wait_until_serving(node.client, lc.NODE_START_TIMEOUT) or proc.poll() is not None:
-                    raise lc.ClusterError(f"node {node.peer} did not start; see its log above")
-        table = Table(title=f"dcache cluster {cluster!r}, etcd {etcd}", title_justify="left")
-        for column in ("node", "client address", "metrics"):
-            table.add_column(column)
-        for node in plan:
-            table.add_row(node.peer, node.client, f"http://{node.metrics}/metrics" if node.metrics else "-")
-        Console().print(table)
-        console.print(f"try:  dcache set k v --server {plan[0].client}")
-        console.print(f"      dcache members --server {plan[-1].client}")
-        console.print("Ctrl-C stops the cluster.")
-        _wait_for_stop(plan, procs, console)
-    except lc.ClusterError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise typer.Exit(commands.EXIT_UNAVAILABLE) from None
-    except KeyboardInterrupt:
-        pass
-    finally:
-        stopper.stopping = True
-        with console.status("stopping… (Ctrl-C again kills at once)"):
-            lc.stop_processes(procs)
-            if etcd_server is not None:
-                etcd_server.close()
-        stopper.restore()
-    console.print("cluster stopped")
-
-
-class _Stopper:
-    """Ctrl-C and SIGTERM for `cluster up`: the first one stops the cluster
-    (KeyboardInterrupt ends the wait); another while it stops kills what is
-    left at once, so an impatient second Ctrl-C never leaves nodes or etcd
-    running."""
-
-    def __init__(self, processes: Callable[[], list[subprocess.Popen[bytes]]]) -> None:
-        self.processes = processes
-        self.stopping = False
-        self._previous = {signum: signal.signal(signum, self) for signum in (signal.SIGINT, signal.SIGTERM)}
-
-    def __call__(self, signum: int, frame: object) -> None:
-        if not self.stopping:
-            self.stopping = True
-            raise KeyboardInterrupt
-        for proc in self.processes():
-            if proc.poll() is None:
-                proc.kill()
-
-    def restore(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
-def _wait_for_stop(plan: list[Any], procs: list[Any], console: Console) -> None:
-    """Block until Ctrl-C or SIGTERM; report nodes that exit meanwhile."""
-    reported: set[int] = set()
-    while True:
-        time.sleep(0.5)
-        for i, proc in enumerate(procs):
-            if i not in reported and proc.poll() is not None:
-                reported.add(i)
-                console.print(f"[yellow]node {plan[i].peer} exited with status {proc.returncode}[/]")
-        if len(reported) == len(procs):
-            console.print("[red]every node has exited[/]")
-            return
+    raise typer.Exit(
+        localcluster.up(
+            nodes, client_port=client_port, peer_port=peer_port, metrics_port=metrics_port or None,
+            etcd=etcd, cluster=cluster, log_level=log_level,
+        )  # fmt: skip
+    )
 
 
 # -- bench ------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 ETCD_START_TIMEOUT = 15.0
 NODE_START_TIMEOUT = 15.0
@@ -215,3 +216,106 @@ def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
 
 def inherit_env() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+# -- `dcache cluster up` ------------------------------------------------------------
+
+
+def up(
+    nodes: int,
+    *,
+    client_port: int,
+    peer_port: int,
+    metrics_port: int | None,
+    etcd: str | None,
+    cluster: str,
+    log_level: str,
+) -> int:
+    """Start etcd (unless ``etcd`` names one) and ``nodes`` nodes, print their
+    addresses, and stop them all on Ctrl-C or SIGTERM; the exit status."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=True)
+    etcd_server: EtcdServer | None = None
+    procs: list[subprocess.Popen[bytes]] = []
+    stopper = _Stopper(lambda: [*procs, *([etcd_server.proc] if etcd_server and etcd_server.proc else [])])
+    status = 0
+    try:
+        plan = plan_nodes(nodes, client_port=client_port, peer_port=peer_port, metrics_port=metrics_port)
+        with console.status("starting etcd…"):
+            if etcd is None:
+                etcd_server = EtcdServer()
+                etcd_server.start()
+                etcd = etcd_server.endpoint
+        with console.status(f"starting {nodes} node(s)…"):
+            for node in plan:
+                command = node_command(node, etcd=etcd, cluster=cluster, log_level=log_level)
+                # Own sessions: Ctrl-C reaches only us, and we stop nodes before etcd.
+                procs.append(subprocess.Popen(command, env=inherit_env(), start_new_session=True))
+            for node, proc in zip(plan, procs):
+                if not wait_until_serving(node.client, NODE_START_TIMEOUT) or proc.poll() is not None:
+                    raise ClusterError(f"node {node.peer} did not start; see its log above")
+        table = Table(title=f"dcache cluster {cluster!r}, etcd {etcd}", title_justify="left")
+        for column in ("node", "client address", "metrics"):
+            table.add_column(column)
+        for node in plan:
+            table.add_row(node.peer, node.client, f"http://{node.metrics}/metrics" if node.metrics else "-")
+        Console().print(table)
+        console.print(f"try:  dcache set k v --server {plan[0].client}")
+        console.print(f"      dcache members --server {plan[-1].client}")
+        console.print("Ctrl-C stops the cluster.")
+        _wait_for_stop(plan, procs, console)
+    except ClusterError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        status = 2
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stopper.stopping = True
+        with console.status("stopping… (Ctrl-C again kills at once)"):
+            stop_processes(procs)
+            if etcd_server is not None:
+                etcd_server.close()
+        stopper.restore()
+    if not status:
+        console.print("cluster stopped")
+    return status
+
+
+class _Stopper:
+    """Ctrl-C and SIGTERM for `cluster up`: the first one stops the cluster
+    (KeyboardInterrupt ends the wait); another while it stops kills what is
+    left at once, so an impatient second Ctrl-C never leaves nodes or etcd
+    running."""
+
+    def __init__(self, processes: Callable[[], list[subprocess.Popen[bytes]]]) -> None:
+        self.processes = processes
+        self.stopping = False
+        self._previous = {signum: signal.signal(signum, self) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if not self.stopping:
+            self.stopping = True
+            raise KeyboardInterrupt
+        for proc in self.processes():
+            if proc.poll() is None:
+                proc.kill()
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _wait_for_stop(plan: list[NodeAddresses], procs: list[subprocess.Popen[bytes]], console: Any) -> None:
+    """Block until Ctrl-C or SIGTERM; report nodes that exit meanwhile."""
+    reported: set[int] = set()
+    while True:
+        time.sleep(0.5)
+        for i, proc in enumerate(procs):
+            if i not in reported and proc.poll() is not None:
+                reported.add(i)
+                console.print(f"[yellow]node {plan[i].peer} exited with status {proc.returncode}[/]")
+        if len(reported) == len(procs):
+            console.print("[red]every node has exited[/]")
+            return
