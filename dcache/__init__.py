@@ -1,11 +1,14 @@
-"""dcache: a distributed in-memory key-value cache on trio."""
+"""dcache: a distributed in-memory key-value cache on trio.
+
+The names below load on first use: ``import dcache`` alone loads no event
+loop, and a script that only uses :class:`SyncClient` never imports trio.
+"""
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from typing import TYPE_CHECKING, Any
 
-from .client import Client, ClusterClient, Pipeline, SyncClient, connect  # noqa: E402
-from .errors import (  # noqa: E402
+from .errors import (
     ClosedError,
     ConnectError,
     ConnectionLost,
@@ -15,11 +18,39 @@ from .errors import (  # noqa: E402
     RequestTimeout,
 )
 
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Client": "aio",
+    "ClusterClient": "aio",
+    "Pipeline": "aio",
+    "connect": "aio",
+    "SyncClient": "client",
+    "SyncPipeline": "client",
+}
+
+if TYPE_CHECKING:
+    from .aio import Client, ClusterClient, Pipeline, connect
+    from .client import SyncClient, SyncPipeline
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dcache' has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
 __all__ = [
     "Client",
     "ClusterClient",
     "Pipeline",
     "SyncClient",
+    "SyncPipeline",
     "connect",
     "DcacheError",
     "ConnectError",

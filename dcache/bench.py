@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import trio
 
-from .client import Client, ClusterClient
+from .aio import Client, ClusterClient
 from .errors import RequestError
 
 MAX_OPS = 20_000_000

@@ -1,9 +1,11 @@
 """The ``dcache`` command line: ``serve``, the one-shot commands, ``shell``,
-``cluster up`` and ``bench``.
+``cluster up``, ``bench`` and ``completion``.
 
-This typer app is the one command table: ``dcache shell`` parses its lines
-with it too. Parsing is typer's; what a command does is in
-:mod:`dcache.commands`.
+The one-shot commands come from the command table in :mod:`dcache.commands`
+(the shell parses with it too) and run on the blocking client: a one-shot
+command never imports trio. Everything a command needs beyond that is
+imported when the command runs, so ``dcache get k`` starts quickly.
+
 Output rules: stdout carries only the result (raw values pipe cleanly),
 stderr carries notes and errors, ``--json`` prints one JSON object, and the
 exit status is 0 on success, 1 for "not found", 2 when the node cannot be
@@ -14,295 +16,134 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import sys
-from typing import Annotated, Any, Callable, NoReturn, Optional
+from typing import Any, NoReturn
 
-import trio
-import typer
-from rich.console import Console
-from rich.table import Table
+import click
 
-from . import __version__, commands, transport
-from .client import DEFAULT_ADDRESS, DEFAULT_TIMEOUT, MAX_TIMEOUT, MAX_TTL, SyncClient
-from .commands import Outcome
+from . import __version__, commands
+from .commands import CONTEXT_SETTINGS, EXIT_UNAVAILABLE, Command, Outcome, printable
 from .errors import DcacheError
-
-app = typer.Typer(
-    name="dcache",
-    help="dcache: a distributed in-memory key-value cache.",
-    no_args_is_help=True,
-    add_completion=True,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-
-ServerOption = Annotated[
-    str,
-    typer.Option("--server", "-s", envvar="DCACHE_SERVER", metavar="HOST:PORT", help="Node to talk to."),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object (for scripts).")]
-NsOption = Annotated[str, typer.Option("--ns", metavar="NAME", help="Namespace of the key.")]
-TimeoutOption = Annotated[
-    float,
-    typer.Option(
-        "--timeout", envvar="DCACHE_TIMEOUT", min=0.001, max=MAX_TIMEOUT, metavar="SECONDS", help="Give up after this long."
-    ),
-]
-KeyArgument = Annotated[str, typer.Argument(metavar="KEY", help="The key.", show_default=False)]
+from .net import DEFAULT_BUSY_POLL_US, MAX_BUSY_POLL_US, split_address
 
 
-def _version_callback(value: bool) -> None:
-    if value:
+def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
         print(f"dcache {__version__}")
-        raise typer.Exit()
+        ctx.exit()
 
 
-@app.callback()
-def _main(
-    version: Annotated[
-        bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Show the version and exit.")
-    ] = False,
-) -> None:
-    """dcache: a distributed in-memory key-value cache.
-
-    Run a node with `dcache serve`, then use `dcache set/get/delete/stats`.
-    """
-
-
-# -- output -------------------------------------------------------------------
+@click.group(
+    name="dcache",
+    context_settings=CONTEXT_SETTINGS,
+    no_args_is_help=True,
+    epilog="Run a node with `dcache serve`, then use `dcache set/get/delete/stats`. "
+    "`dcache COMMAND --help` tells more.",
+)
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version, help="Show the version and exit.")
+def app() -> None:
+    """dcache: a distributed in-memory key-value cache."""
 
 
-def render(outcome: Outcome, *, as_json: bool) -> int:
-    """Print an outcome the way scripts and people expect; return the exit status."""
+# -- one-shot commands ------------------------------------------------------------
+
+
+def _error(message: str, *, as_json: bool = False, kind: str = "bad_input") -> NoReturn:
+    """A one-line error on stderr (and one JSON object with --json); exit 2."""
     if as_json:
-        print(json.dumps(outcome.data, default=str))
-        return outcome.exit_code
-    if outcome.table is not None and sys.stdout.isatty():
-        Console().print(rich_table(outcome.table))
-    elif isinstance(outcome.stdout, bytes):
-        shown = commands.show_value(outcome.stdout) if sys.stdout.isatty() else ""
-        if shown.startswith("b"):  # binary, on a terminal: escaped, not raw
-            print(shown)
-            print(f"({len(outcome.stdout):,} bytes, not text: redirect the output for the raw bytes)", file=sys.stderr)
-        else:
-            sys.stdout.buffer.write(outcome.stdout)
-            if sys.stdout.isatty() and not outcome.stdout.endswith(b"\n"):
-                sys.stdout.buffer.write(b"\n")
-            sys.stdout.flush()
-    elif outcome.stdout is not None:
-        print(outcome.stdout)
-    if outcome.note:
-        print(outcome.note, file=sys.stderr)
-    return outcome.exit_code
+        print(json.dumps({"error": kind, "message": message}))
+    print(f"error: {printable(message)}", file=sys.stderr)
+    sys.exit(EXIT_UNAVAILABLE)
 
 
-def rich_table(data: commands.TableData) -> Table:
-    if not data.columns:
-        table = Table(show_header=False, box=None, pad_edge=False, title=data.title)
-        table.add_column(style="bold cyan")
-        table.add_column(justify="right")
-    else:
-        table = Table(title=data.title, title_justify="left")
-        for i, column in enumerate(data.columns):
-            table.add_column(column, style="bold cyan" if i == 0 else None, justify="left" if i < 3 else "right")
-    for row in data.rows:
-        table.add_row(*row)
-    return table
+def _one_shot(command: Command) -> click.Command:
+    def run(*, server: str, timeout: float, as_json: bool, **args: Any) -> NoReturn:
+        if command.stdin is not None and args[command.stdin] in (None, b"-"):
+            if sys.stdin.isatty():
+                _error(f"give a {command.stdin.upper()}, or pipe it on stdin", as_json=as_json)
+            args[command.stdin] = sys.stdin.buffer.read()
+        from .client import SyncClient
+
+        assert command.action is not None
+        try:
+            with SyncClient(server, timeout=timeout) as client:
+                outcome: Outcome = command.action(client, **args)
+        except DcacheError as exc:
+            outcome = commands.failure(exc)
+        except ValueError as exc:  # a bad address, an empty key
+            outcome = commands.bad_input(exc)
+        sys.exit(commands.render(outcome, as_json=as_json))
+
+    return commands.click_command(command, for_shell=False, callback=run)
 
 
-def _run(ctx: typer.Context, server: str, timeout: float, as_json: bool, command: Callable[..., Outcome], **args: Any) -> None:
-    """Run a command against ``server`` and exit with its status.
-
-    Inside ``dcache shell`` the context carries the shell's session, which
-    runs the command on its open connection and prints it its own way.
-    """
-    if ctx.obj is not None:
-        given = [f"--{name}" for name in ("server", "timeout") if _from_command_line(ctx, name)]
-        if given:
-            message = f"{' and '.join(given)}: not in the shell, which keeps its connection; `dcache shell HOST:PORT --timeout S` sets both"
-            raise typer.Exit(ctx.obj.error(message))
-        raise typer.Exit(ctx.obj.run(command, as_json=as_json, **args))
-    try:
-        with SyncClient(server, timeout=timeout) as client:
-            outcome = command(client, **args)
-    except DcacheError as exc:
-        outcome = commands.failure(exc)
-    except ValueError as exc:  # bad address, bad ttl
-        if as_json:
-            print(json.dumps({"error": "bad_input", "message": str(exc)}))
-        print(f"error: {exc}", file=sys.stderr)
-        raise typer.Exit(commands.EXIT_UNAVAILABLE) from None
-    raise typer.Exit(render(outcome, as_json=as_json))
+for _command in commands.COMMANDS.values():
+    if not _command.shell_only:
+        app.add_command(_one_shot(_command))
 
 
-def _from_command_line(ctx: typer.Context, name: str) -> bool:
-    source = ctx.get_parameter_source(name)
-    return source is not None and source.name == "COMMANDLINE"
-
-
-# -- one-shot commands ----------------------------------------------------------
-
-
-def _keyed_command(name: str, command: Callable[..., Outcome], doc: str) -> None:
-    def run(
-        ctx: typer.Context,
-        key: KeyArgument,
-        server: ServerOption = DEFAULT_ADDRESS,
-        ns: NsOption = "",
-        as_json: JsonOption = False,
-        timeout: TimeoutOption = DEFAULT_TIMEOUT,
-    ) -> None:
-        _run(ctx, server, timeout, as_json, command, key=key, ns=ns)
-
-    run.__doc__ = doc
-    app.command(name)(run)
-
-
-def _node_command(name: str, command: Callable[..., Outcome], doc: str) -> None:
-    def run(
-        ctx: typer.Context,
-        server: ServerOption = DEFAULT_ADDRESS,
-        as_json: JsonOption = False,
-        timeout: TimeoutOption = DEFAULT_TIMEOUT,
-    ) -> None:
-        _run(ctx, server, timeout, as_json, command)
-
-    run.__doc__ = doc
-    app.command(name)(run)
-
-
-_keyed_command("get", commands.get, "Print the value of KEY (raw bytes, so it pipes); exit 1 if it is missing.")
-
-
-@app.command("set")
-def set_(
-    ctx: typer.Context,
-    key: KeyArgument,
-    value: Annotated[
-        Optional[str],
-        typer.Argument(metavar="[VALUE]", help="The value; '-' or omitted reads it from stdin.", show_default=False),
-    ] = None,
-    ttl: Annotated[
-        Optional[float],
-        typer.Option("--ttl", min=0.001, max=MAX_TTL, metavar="SECONDS", help="Expire the entry after this many seconds."),
-    ] = None,
-    server: ServerOption = DEFAULT_ADDRESS,
-    ns: NsOption = "",
-    as_json: JsonOption = False,
-    timeout: TimeoutOption = DEFAULT_TIMEOUT,
-) -> None:
-    """Store VALUE under KEY, optionally with a TTL."""
-    if ctx.obj is not None:  # in the shell, stdin carries commands, not values
-        if value is None:
-            raise typer.BadParameter("give a VALUE", param_hint="VALUE")
-        data = os.fsencode(value)
-    elif value is None or value == "-":
-        if sys.stdin.isatty():
-            print("error: give a VALUE, or pipe it on stdin", file=sys.stderr)
-            raise typer.Exit(commands.EXIT_UNAVAILABLE)
-        data = sys.stdin.buffer.read()
-    else:
-        data = os.fsencode(value)
-    _run(ctx, server, timeout, as_json, commands.set_, key=key, value=data, ttl=ttl, ns=ns)
-
-
-@app.command()
-def delete(
-    ctx: typer.Context,
-    keys: Annotated[list[str], typer.Argument(metavar="KEY...", help="Keys to delete.", show_default=False)],
-    server: ServerOption = DEFAULT_ADDRESS,
-    ns: NsOption = "",
-    as_json: JsonOption = False,
-    timeout: TimeoutOption = DEFAULT_TIMEOUT,
-) -> None:
-    """Delete keys; exit 1 if none of them existed."""
-    _run(ctx, server, timeout, as_json, commands.delete, keys=keys, ns=ns)
-
-
-_keyed_command("ttl", commands.ttl, "Show how long KEY has left to live; exit 1 if it is missing.")
-
-
-@app.command()
-def stats(
-    ctx: typer.Context,
-    cluster: Annotated[bool, typer.Option("--cluster", help="One row per node and a cluster total.")] = False,
-    server: ServerOption = DEFAULT_ADDRESS,
-    as_json: JsonOption = False,
-    timeout: TimeoutOption = DEFAULT_TIMEOUT,
-) -> None:
-    """Show the node's counters: hits, misses, keys, sets, deletes, expired, memory."""
-    _run(ctx, server, timeout, as_json, commands.cluster_stats if cluster else commands.stats)
-
-
-_node_command("members", commands.members, "List the cluster's nodes: address, state, shards owned, keys, uptime.")
-_node_command("ping", commands.ping, "Check that the node answers.")
-
-
-@app.command()
-def shell(
-    address: Annotated[
-        Optional[str],
-        typer.Argument(metavar="[HOST:PORT]", help="Node to connect to (default: --server).", show_default=False),
-    ] = None,
-    server: ServerOption = DEFAULT_ADDRESS,
-    timeout: TimeoutOption = DEFAULT_TIMEOUT,
-) -> None:
+@app.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("address", metavar="[HOST:PORT]", required=False)
+@click.option("--server", "-s", envvar="DCACHE_SERVER", default="localhost:48000", metavar="HOST:PORT", show_default=True, help="Node to connect to, when no HOST:PORT is given.")
+@click.option("--timeout", envvar="DCACHE_TIMEOUT", type=commands.TIMEOUT, default=10.0, metavar="SECONDS", show_default=True, help="Give up on a request after this long.")
+def shell(address: str | None, server: str, timeout: float) -> NoReturn:
     """Open an interactive shell on a node; with commands on stdin, run them as a script."""
     from .shell import main as shell_main
 
-    raise typer.Exit(shell_main(address or server, timeout=timeout))
+    sys.exit(shell_main(address or server, timeout=timeout))
 
 
-# -- serve ----------------------------------------------------------------------
+@app.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("shell_name", metavar="[bash|zsh|fish]", required=False, type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell_name: str | None) -> None:
+    """Print the completion script for your shell (default: from $SHELL).
+
+    Load it with `eval "$(dcache completion bash)"` in ~/.bashrc, or source
+    the file for your shell from the completions/ folder.
+    """
+    import os
+
+    from .completion import script
+
+    name = shell_name or os.path.basename(os.environ.get("SHELL", "")) or "bash"
+    if name not in ("bash", "zsh", "fish"):
+        _error(f"no completion for the shell {name!r}; name one of bash, zsh, fish")
+    print(script(name), end="")
 
 
-@app.command()
+# -- serve ------------------------------------------------------------------------
+
+
+@app.command(context_settings=CONTEXT_SETTINGS)
+@click.option("--client-listen", default="localhost:48000", metavar="HOST:PORT", show_default=True, help="Where clients connect.")
+@click.option("--listen", default="localhost:47000", metavar="HOST:PORT", show_default=True, help="Where peer nodes connect.")
+@click.option("--advertise", metavar="HOST:PORT", help="Peer address other nodes dial, and the node id (default: the --listen address).")
+@click.option("--etcd", envvar="DCACHE_ETCD", metavar="URL", help="etcd endpoint to join a cluster through (also DCACHE_ETCD; default: run standalone).")
+@click.option("--cluster", envvar="DCACHE_CLUSTER", default="default", metavar="NAME", show_default=True, help="Cluster name, to share one etcd.")
+@click.option("--metrics-listen", metavar="HOST:PORT", help="Serve Prometheus metrics at /metrics here.")
+@click.option("--lease-ttl", type=click.FloatRange(1.0, 3600.0), default=5.0, metavar="SECONDS", show_default=True, help="How soon peers notice this node is gone.")
+@click.option("--log-level", default="info", metavar="LEVEL", show_default=True, help="debug, info, warning or error.")
+@click.option(
+    "--busy-poll-us", envvar="DCACHE_BUSY_POLL_US", type=click.IntRange(0, MAX_BUSY_POLL_US), default=int(DEFAULT_BUSY_POLL_US),
+    metavar="MICROSECONDS", show_default=True,
+    help="Longest spin on a socket before sleeping: lower latency for CPU time; 0 turns it off.",
+)  # fmt: skip
 def serve(
-    client_listen: Annotated[
-        str, typer.Option("--client-listen", metavar="HOST:PORT", help="Where clients connect.")
-    ] = "localhost:48000",
-    listen: Annotated[
-        str, typer.Option("--listen", metavar="HOST:PORT", help="Where peer nodes connect.")
-    ] = "localhost:47000",
-    advertise: Annotated[
-        Optional[str],
-        typer.Option("--advertise", metavar="HOST:PORT", help="Peer address other nodes dial, and the node id (default: the --listen address)."),
-    ] = None,
-    etcd: Annotated[
-        Optional[str],
-        typer.Option(
-            "--etcd", envvar="DCACHE_ETCD", metavar="URL", help="etcd endpoint to join a cluster through (default: run standalone)."
-        ),
-    ] = None,
-    cluster: Annotated[
-        str, typer.Option("--cluster", envvar="DCACHE_CLUSTER", metavar="NAME", help="Cluster name, to share one etcd.")
-    ] = "default",
-    metrics_listen: Annotated[
-        Optional[str],
-        typer.Option("--metrics-listen", metavar="HOST:PORT", help="Serve Prometheus metrics at /metrics here."),
-    ] = None,
-    lease_ttl: Annotated[
-        float,
-        typer.Option("--lease-ttl", min=1.0, max=3600.0, metavar="SECONDS", help="How soon peers notice this node is gone."),
-    ] = 5.0,
-    log_level: Annotated[
-        str, typer.Option("--log-level", metavar="LEVEL", help="debug, info, warning or error.")
-    ] = "info",
-    busy_poll_us: Annotated[
-        float,
-        typer.Option(
-            "--busy-poll-us",
-            envvar="DCACHE_BUSY_POLL_US",
-            min=0,
-            max=transport.MAX_BUSY_POLL_US,
-            metavar="MICROSECONDS",
-            help="Longest spin on a socket before sleeping: lower latency for CPU time; 0 turns it off.",
-        ),
-    ] = transport.DEFAULT_BUSY_POLL_US,
+    client_listen: str,
+    listen: str,
+    advertise: str | None,
+    etcd: str | None,
+    cluster: str,
+    metrics_listen: str | None,
+    lease_ttl: float,
+    log_level: str,
+    busy_poll_us: int,
 ) -> None:
     """Run a node: standalone by default, or part of a cluster with --etcd."""
+    import trio
+
+    from . import transport
     from .node import Node, NodeConfig, NodeStartError
 
     transport.BUSY_POLL = busy_poll_us / 1e6
@@ -315,9 +156,9 @@ def serve(
         try:
             if not address:
                 raise ValueError("give HOST:PORT")
-            transport.split_address(address, 0)
+            split_address(address, 0)
         except ValueError as exc:
-            _exit_start_error(f"{flag}: {exc}")
+            _error(f"{flag}: {exc}")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         config = NodeConfig(
@@ -331,18 +172,18 @@ def serve(
         )
         trio.run(_serve_until_signalled, Node(config))
     except (NodeStartError, ValueError) as exc:
-        _exit_start_error(exc)
+        _error(str(exc))
     except BaseExceptionGroup as group:
         start_errors = group.subgroup(lambda e: isinstance(e, NodeStartError))
         if start_errors is None:
             raise
-        _exit_start_error(_first_leaf(start_errors))
+        _error(str(_first_leaf(start_errors)))
 
 
 def _log_level(name: str) -> int:
     level = logging.getLevelName(name.upper())
     if not isinstance(level, int):
-        _exit_start_error(f"unknown --log-level {name!r}; use debug, info, warning or error")
+        _error(f"unknown --log-level {name!r}; use debug, info, warning or error")
     return level
 
 
@@ -358,15 +199,12 @@ def _first_leaf(group: BaseException) -> BaseException:
     return group
 
 
-def _exit_start_error(exc: BaseException | str) -> NoReturn:
-    print(f"error: {exc}", file=sys.stderr)
-    raise typer.Exit(commands.EXIT_UNAVAILABLE) from None
-
-
 LEAVE_TIMEOUT = 0.6  # seconds: leaving the cluster must fit in the second a stop may take
 
 
 async def _serve_until_signalled(node: Any) -> None:
+    import trio
+
     log = logging.getLogger("dcache.node")
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
@@ -396,31 +234,29 @@ async def _serve_until_signalled(node: Any) -> None:
 
 # -- cluster up -------------------------------------------------------------------
 
-cluster_app = typer.Typer(help="Run a local cluster to try dcache out.", no_args_is_help=True)
-app.add_typer(cluster_app, name="cluster")
+
+@app.group(context_settings=CONTEXT_SETTINGS, no_args_is_help=True)
+def cluster() -> None:
+    """Run a local cluster to try dcache out."""
 
 
-@cluster_app.command("up")
-def cluster_up(
-    nodes: Annotated[int, typer.Option("--nodes", "-n", min=1, max=64, help="How many nodes.")] = 3,
-    client_port: Annotated[int, typer.Option("--client-port", help="First node's client port; the others count up.")] = 48000,
-    peer_port: Annotated[int, typer.Option("--peer-port", help="First node's peer port.")] = 47000,
-    metrics_port: Annotated[int, typer.Option("--metrics-port", help="First node's metrics port; 0 for none.")] = 9100,
-    etcd: Annotated[
-        Optional[str],
-        typer.Option("--etcd", envvar="DCACHE_ETCD", metavar="URL", help="Use this etcd instead of starting one."),
-    ] = None,
-    cluster: Annotated[str, typer.Option("--cluster", metavar="NAME", help="Cluster name.")] = "default",
-    log_level: Annotated[str, typer.Option("--log-level", metavar="LEVEL", help="The nodes' log level.")] = "warning",
-) -> None:
-    """Start etcd and NODES nodes on this machine; Ctrl-C stops them all."""
+@cluster.command("up", context_settings=CONTEXT_SETTINGS)
+@click.option("--nodes", "-n", type=click.IntRange(1, 64), default=3, metavar="N", show_default=True, help="How many nodes.")
+@click.option("--client-port", type=int, default=48000, metavar="PORT", show_default=True, help="First node's client port; the others count up.")
+@click.option("--peer-port", type=int, default=47000, metavar="PORT", show_default=True, help="First node's peer port.")
+@click.option("--metrics-port", type=int, default=9100, metavar="PORT", show_default=True, help="First node's metrics port; 0 for none.")
+@click.option("--etcd", envvar="DCACHE_ETCD", metavar="URL", help="Use this etcd instead of starting one (also DCACHE_ETCD).")
+@click.option("--cluster", "cluster_name", default="default", metavar="NAME", show_default=True, help="Cluster name.")
+@click.option("--log-level", default="warning", metavar="LEVEL", show_default=True, help="The nodes' log level.")
+def cluster_up(nodes: int, client_port: int, peer_port: int, metrics_port: int, etcd: str | None, cluster_name: str, log_level: str) -> NoReturn:
+    """Start etcd and N nodes on this machine; Ctrl-C stops them all."""
     from . import localcluster
 
     _log_level(log_level)  # the nodes would refuse it, one by one
-    raise typer.Exit(
+    sys.exit(
         localcluster.up(
             nodes, client_port=client_port, peer_port=peer_port, metrics_port=metrics_port or None,
-            etcd=etcd, cluster=cluster, log_level=log_level,
+            etcd=etcd, cluster=cluster_name, log_level=log_level,
         )  # fmt: skip
     )
 
@@ -428,27 +264,36 @@ def cluster_up(
 # -- bench ------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(context_settings=CONTEXT_SETTINGS)
+@click.option("--server", "-s", envvar="DCACHE_SERVER", default="localhost:48000", metavar="HOST:PORT", show_default=True, help="Node to load (also DCACHE_SERVER).")
+@click.option("--clients", "-c", type=click.IntRange(1, 10_000), default=50, metavar="N", show_default=True, help="Concurrent client tasks.")
+@click.option("--connections", type=click.IntRange(1, 1000), default=1, metavar="N", show_default=True, help="Connections per node, shared by the tasks.")
+@click.option("--pipeline", "-P", type=click.IntRange(1, 10_000), default=1, metavar="N", show_default=True, help="Requests each task sends per round trip.")
+@click.option("--ops", "-n", type=click.IntRange(min=1), default=100_000, metavar="N", show_default=True, help="Total operations.")
+@click.option("--ratio", default="1:10", metavar="SETS:GETS", show_default=True, help="Mix of sets to gets.")
+@click.option("--value-size", "-d", type=click.IntRange(min=0), default=100, metavar="BYTES", show_default=True, help="Bytes per value.")
+@click.option("--keys", type=click.IntRange(min=1), default=100_000, metavar="N", show_default=True, help="Distinct keys (key:0 … key:N-1).")
+@click.option("--ttl", type=commands.Seconds(commands.MAX_TTL, "100 years", zero="none"), default=0, metavar="SECONDS", help="TTL of the entries set; 0 for none.")
+@click.option("--mget", type=click.IntRange(min=0), default=0, metavar="N", help="Make each get an mget of this many keys.")
+@click.option("--prefill", is_flag=True, help="Set every key once before measuring.")
+@click.option("--cluster", is_flag=True, help="Use the cluster-aware client: each key goes straight to its owner.")
+@click.option("--time-limit", type=click.FloatRange(min=0.1), default=300.0, metavar="SECONDS", show_default=True, help="Stop after this long.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for scripts).")
 def bench(
-    server: ServerOption = DEFAULT_ADDRESS,
-    clients: Annotated[int, typer.Option("--clients", "-c", min=1, max=10_000, help="Concurrent client tasks.")] = 50,
-    connections: Annotated[int, typer.Option("--connections", min=1, max=1000, help="Connections per node, shared by the tasks.")] = 1,
-    pipeline: Annotated[int, typer.Option("--pipeline", "-P", min=1, max=10_000, help="Requests each task sends per round trip.")] = 1,
-    ops: Annotated[int, typer.Option("--ops", "-n", min=1, help="Total operations.")] = 100_000,
-    ratio: Annotated[str, typer.Option("--ratio", metavar="SETS:GETS", help="Mix of sets to gets.")] = "1:10",
-    value_size: Annotated[int, typer.Option("--value-size", "-d", min=0, help="Bytes per value.")] = 100,
-    keys: Annotated[int, typer.Option("--keys", min=1, help="Distinct keys (key:0 … key:N-1).")] = 100_000,
-    ttl: Annotated[float, typer.Option("--ttl", min=0, max=MAX_TTL, metavar="SECONDS", help="TTL of the entries set; 0 for none.")] = 0,
-    mget: Annotated[int, typer.Option("--mget", min=0, help="Make each get an mget of this many keys.")] = 0,
-    prefill: Annotated[bool, typer.Option("--prefill", help="Set every key once before measuring.")] = False,
-    cluster: Annotated[
-        bool, typer.Option("--cluster", help="Use the cluster-aware client: each key goes straight to its owner.")
-    ] = False,
-    time_limit: Annotated[float, typer.Option("--time-limit", min=0.1, metavar="SECONDS", help="Stop after this long.")] = 300.0,
-    as_json: JsonOption = False,
-) -> None:
+    server: str, clients: int, connections: int, pipeline: int, ops: int, ratio: str, value_size: int, keys: int,
+    ttl: float, mget: int, prefill: bool, cluster: bool, time_limit: float, as_json: bool,
+) -> None:  # fmt: skip
     """Load-test a node or a cluster and report ops/s and latency percentiles."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    import trio
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+    from rich.table import Table
 
     from .bench import BenchConfig, parse_ratio, run_bench
 
@@ -468,15 +313,14 @@ def bench(
             task = progress.add_task("ops", total=ops)
             result = trio.run(lambda: run_bench(config, on_progress=lambda done: progress.update(task, completed=done)))
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise typer.Exit(commands.EXIT_UNAVAILABLE) from None
+        _error(str(exc), as_json=as_json)
     except DcacheError as exc:
-        raise typer.Exit(render(commands.failure(exc), as_json=as_json)) from None
+        sys.exit(commands.render(commands.failure(exc), as_json=as_json))
     except ExceptionGroup as group:  # from the client tasks: a lost node, say
         error = _only(group, DcacheError)
         if error is None:
             raise
-        raise typer.Exit(render(commands.failure(error), as_json=as_json)) from None  # type: ignore[arg-type]
+        sys.exit(commands.render(commands.failure(error), as_json=as_json))  # type: ignore[arg-type]
     if as_json:
         print(json.dumps(result.as_dict()))
         return
@@ -499,15 +343,22 @@ def bench(
     Console().print(table)
     for s in result.summaries:
         if s.first_error:
-            print(f"{s.op}: {s.errors:,} errors; the first: {s.first_error}", file=sys.stderr)
+            print(printable(f"{s.op}: {s.errors:,} errors; the first: {s.first_error}"), file=sys.stderr)
 
 
 def main() -> None:
     try:
-        status = app(prog_name="dcache", standalone_mode=False)
-    except typer.Abort:
+        status = app.main(prog_name="dcache", standalone_mode=False)
+    except click.exceptions.Exit as exc:  # --help, --version
+        sys.exit(exc.exit_code)
+    except click.Abort:
         print("aborted", file=sys.stderr)
         sys.exit(130)
+    except click.ClickException as exc:  # usage errors: one line, as ours
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        print(f"error: {printable(exc.format_message())}{hint}", file=sys.stderr)
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
     except BaseExceptionGroup as group:  # Ctrl-C inside trio's task groups
@@ -516,14 +367,5 @@ def main() -> None:
         sys.exit(130)
     except OSError as exc:  # writing the output failed: a full disk, say
         print(f"error: {exc.strerror or exc}", file=sys.stderr)
-        sys.exit(commands.EXIT_UNAVAILABLE)
-    except Exception as exc:  # click's usage errors, in typer's vendored copy: one line, as ours
-        message = getattr(exc, "format_message", None)
-        if message is None:
-            raise
-        ctx = getattr(exc, "ctx", None)
-        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
-        if text := message():  # empty after the help a bare `dcache` prints
-            print(f"error: {text}{hint}", file=sys.stderr)
-        sys.exit(getattr(exc, "exit_code", commands.EXIT_UNAVAILABLE))
+        sys.exit(EXIT_UNAVAILABLE)
     sys.exit(status if isinstance(status, int) else 0)

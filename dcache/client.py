@@ -1,13 +1,12 @@
-"""The Python API: an async :class:`Client` on trio and a blocking :class:`SyncClient`.
+"""The Python API's common part and its blocking client, :class:`SyncClient`.
 
-Both speak the same operations, defined once in :class:`Operations`; each
-operation builds a request and a reply decoder and hands them to the
-client's ``_call``, which is a coroutine in :class:`Client` and a plain
-blocking call in :class:`SyncClient`.
+Both clients speak the same operations, defined once in :class:`Operations`;
+each operation builds a request and a reply decoder and hands them to the
+client's ``_call``, a plain blocking call in :class:`SyncClient` and a
+coroutine in the async :class:`dcache.aio.Client`.
 
-:class:`Client` is pipelined: any number of tasks may share one connection.
-It has no background tasks; see :mod:`dcache.mux` for how callers share
-the connection.
+This module imports no trio: a one-shot command or a plain script that uses
+:class:`SyncClient` never loads an event loop.
 """
 
 from __future__ import annotations
@@ -16,16 +15,20 @@ import math
 import select
 import socket
 import time
-from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
-import trio
-
-from . import __version__, codec, transport, wsframe
+from . import __version__, codec, wsframe
 from .codec import Limits, Status
-from .errors import ClosedError, ConnectError, ConnectionLost, ProtocolError, RequestError, RequestTimeout
-from .mux import Channel, parse_replies
-from .shard import ShardMap
+from .errors import (
+    ClosedError,
+    ConnectError,
+    ConnectionLost,
+    ProtocolError,
+    RequestError,
+    RequestTimeout,
+)
+from .net import RECEIVE_SIZE, BusyPoll, busy_poll_from_env, split_address
 
 DEFAULT_ADDRESS = "localhost:48000"
 DEFAULT_PORT = 48000
@@ -229,114 +232,40 @@ def _outcome(status: int, body: Any, decode: Callable[[Any], Any]) -> Any:
     return decode(body)
 
 
-class Client(Operations):
-    """An async client for one node; share it between tasks freely.
-
-    Open it with ``async with dcache.connect(address) as client`` or
-    ``await Client.connect(address)`` and ``await client.aclose()``. Every
-    operation times out after ``timeout`` seconds with :class:`RequestTimeout`.
-    """
-
-    def __init__(self, channel: Channel, *, address: str) -> None:
-        self._channel = channel
-        self.address = address
-        self.limits = Limits()
-        self.server_info: dict[str, Any] = {}
-        self._used_at = trio.current_time()
-        self._reviving = trio.Lock()
-
-    @property
-    def timeout(self) -> float:
-        return self._channel.timeout
-
-    @classmethod
-    async def connect(cls, address: str = DEFAULT_ADDRESS, *, timeout: float = DEFAULT_TIMEOUT) -> Client:
-        check_timeout(timeout)
-        client = cls(await cls._open(address, timeout), address=address)
-        await client._greet()
-        return client
-
-    @staticmethod
-    async def _open(address: str, timeout: float) -> Channel:
-        conn = await transport.connect(
-            address, max_message=codec.DEFAULT_MAX_FRAME_BYTES, default_port=DEFAULT_PORT, timeout=timeout
-        )
-        return Channel(conn, name=address, timeout=timeout)
-
-    async def _greet(self) -> None:
-        try:
-            status, body = await self._channel.request("hello", _hello_args())
-            self.server_info = _outcome(status, body, _identity)
-            self.limits = _limits_from(self.server_info)
-        except BaseException:
-            await self._channel.aclose()
-            raise
-
-    async def _live_channel(self) -> Channel:
-        """The channel, checked first after a pause (see :meth:`SyncClient._revive`):
-        a node closes a connection idle too long, and a request must not
-        be lost to that."""
-        now = trio.current_time()
-        if now - self._used_at > IDLE_CHECK and not self._channel.in_flight:
-            async with self._reviving:
-                channel = self._channel
-                try:
-                    if not channel.in_flight:  # still: another task may have started meanwhile
-                        await channel.take_waiting()
-                except transport.ConnectionClosed:
-                    self._channel = await self._open(self.address, channel.timeout)
-                    await self._greet()
-                    await channel.aclose()
-        self._used_at = now
-        return self._channel
-
-    async def aclose(self) -> None:
-        await self._channel.aclose()
-
-    async def __aenter__(self) -> Client:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-    async def _call(self, op: str, args: dict[str, Any], decode: Callable[[Any], Any]) -> Any:
-        status, body = await (await self._live_channel()).request(op, args)
-        return _outcome(status, body, decode)
-
-    def pipeline(self) -> Pipeline:
-        """Queue operations and send them in one frame: ``p = client.pipeline();
-        p.get("a"); p.set("b", "x"); results = await p.execute()``."""
-        return Pipeline(self)
+def parse_replies(payload: bytes) -> list[tuple[int | None, int, Any]]:
+    """Decode a reply frame; raise ProtocolError if it is not one."""
+    try:
+        return codec.decode_replies(payload)
+    except codec.WireError as exc:
+        raise ProtocolError(f"bad reply: {exc.message}") from None
 
 
-class Pipeline(Operations):
-    """Operations queued on a :class:`Client`, sent together by :meth:`execute`.
+class QueuedOperations(Operations):
+    """Operations queued to go out together; each queued method returns the
+    queue, so calls can be chained. The async and the blocking pipeline
+    differ only in how they send."""
 
-    Each queued method returns the pipeline, so calls can be chained.
-    """
-
-    def __init__(self, client: Client) -> None:
-        self._client = client
-        self.limits = client.limits
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
         self._queued: list[tuple[str, dict[str, Any], Callable[[Any], Any]]] = []
 
     def __len__(self) -> int:
         return len(self._queued)
 
-    def _call(self, op: str, args: dict[str, Any], decode: Callable[[Any], Any]) -> Pipeline:
+    def _call(self, op: str, args: dict[str, Any], decode: Callable[[Any], Any]) -> Any:
         self._queued.append((op, args, decode))
         return self
 
-    async def execute(self, *, raise_on_error: bool = True) -> list[Any]:
-        """Send everything queued; return the results in order.
-
-        With ``raise_on_error=False`` a refused operation's place holds its
-        :class:`RequestError` instead of raising the first one.
-        """
+    def _take(self) -> list[tuple[str, dict[str, Any], Callable[[Any], Any]]]:
         queued, self._queued = self._queued, []
-        if not queued:
-            return []
-        replies = await (await self._client._live_channel()).request_many([(op, args) for op, args, _ in queued])
+        return queued
+
+    @staticmethod
+    def _results(
+        queued: list[tuple[str, dict[str, Any], Callable[[Any], Any]]],
+        replies: list[tuple[int, Any]],
+        raise_on_error: bool,
+    ) -> list[Any]:
         results: list[Any] = []
         for (_, _, decode), (status, body) in zip(queued, replies):
             try:
@@ -348,171 +277,24 @@ class Pipeline(Operations):
         return results
 
 
-CLUSTER_REFRESH_INTERVAL = 5.0
+class SyncPipeline(QueuedOperations):
+    """Operations queued on a :class:`SyncClient`, sent in one frame by :meth:`execute`."""
 
+    def __init__(self, client: SyncClient) -> None:
+        super().__init__(client.limits)
+        self._client = client
 
-class ClusterClient(Operations):
-    """An async client that sends each request straight to the node owning its key.
+    def execute(self, *, raise_on_error: bool = True) -> list[Any]:
+        """Send everything queued; return the results in order.
 
-    It learns the members from any node (``members``) and places keys with
-    the same shard module the nodes use. A stale map costs nothing worse
-    than a hop, as any node forwards what it does not own; the map is
-    refreshed every :data:`CLUSTER_REFRESH_INTERVAL` seconds and whenever a
-    member cannot be reached. Multi-key requests are split by owner and
-    sent concurrently.
-    """
-
-    def __init__(self, seed: Client, *, timeout: float) -> None:
-        self._seed = seed
-        self.timeout = timeout
-        self.limits = seed.limits
-        self.server_info = seed.server_info
-        self.shard_map = ShardMap.build(0, ())
-        self._addresses: dict[str, str] = {}
-        self._clients: dict[str, Client] = {}
-        self._refreshed_at = -math.inf
-
-    @classmethod
-    async def connect(cls, address: str = DEFAULT_ADDRESS, *, timeout: float = DEFAULT_TIMEOUT) -> ClusterClient:
-        client = cls(await Client.connect(address, timeout=timeout), timeout=timeout)
-        try:
-            await client.refresh()
-        except BaseException:
-            await client.aclose()
-            raise
-        return client
-
-    async def __aenter__(self) -> ClusterClient:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        for client in [self._seed, *self._clients.values()]:
-            await client.aclose()
-        self._clients.clear()
-
-    async def refresh(self) -> None:
-        """Fetch the members and their addresses again."""
-        self._refreshed_at = trio.current_time()
-        status, view = await self._via_seed("members", {})
-        view = _outcome(status, view, _identity)
-        up = {m["node"]: m["client"] for m in view["members"] if m["state"] == "up" and m["client"]}
-        self.shard_map = ShardMap.build(view["epoch"], up)
-        self._addresses = up
-        for node_id in list(self._clients):
-            if node_id not in up:
-                await self._clients.pop(node_id).aclose()
-
-    async def _client_for(self, node_id: str) -> Client:
-        client = self._clients.get(node_id)
-        if client is not None and client._channel.broken is None:
-            return client
-        address = self._addresses.get(node_id)
-        if address is None:
-            return self._seed
-        try:
-            client = await Client.connect(address, timeout=self.timeout)
-        except ConnectError:
-            return self._seed  # it forwards; the next refresh will tell more
-        existing = self._clients.get(node_id)
-        if existing is not None and existing._channel.broken is None:  # another task connected meanwhile
-            await client.aclose()
-            return existing
-        self._clients[node_id] = client
-        if existing is not None:
-            await existing.aclose()  # broken: whatever was waiting on it has failed already
-        return client
-
-    async def _request(self, node_id: str, op: str, args: dict[str, Any]) -> tuple[int, Any]:
-        client = await self._client_for(node_id)
-        try:
-            return await (await client._live_channel()).request(op, args)
-        except (ConnectionLost, RequestTimeout, ClosedError, ConnectError):
-            if client is self._seed:
-                raise
-            # That node is gone or stuck, or a refresh closed its connection
-            # meanwhile: the seed forwards, and the map is redone.
-            self._refreshed_at = -math.inf
-            return await self._via_seed(op, args)
-
-    async def _via_seed(self, op: str, args: dict[str, Any]) -> tuple[int, Any]:
-        seed = self._seed
-        try:
-            return await (await seed._live_channel()).request(op, args)
-        except ClosedError:
-            if self._seed is seed:  # closed by our user
-                raise
-        except (ConnectionLost, RequestTimeout, ConnectError):
-            if self._seed is seed:  # else another task has replaced it already
-                await self._replace_seed()
-        return await self._seed._channel.request(op, args)
-
-    async def _replace_seed(self) -> None:
-        """The node this client first reached is gone: carry on through another member."""
-        for address in self._addresses.values():
-            if address == self._seed.address:
-                continue
-            try:
-                client = await Client.connect(address, timeout=self.timeout)
-            except ConnectError:
-                continue
-            old, self._seed = self._seed, client
-            self._refreshed_at = -math.inf
-            await old.aclose()
-            return
-        raise ConnectionLost("no member of the cluster answers")
-
-    async def _call(self, op: str, args: dict[str, Any], decode: Callable[[Any], Any]) -> Any:
-        if trio.current_time() - self._refreshed_at > CLUSTER_REFRESH_INTERVAL:
-            await self.refresh()
-        field = codec.MULTI_KEY_OPS.get(op)
-        if not self.shard_map.members or (field is None and op not in codec.SINGLE_KEY_OPS):
-            return _outcome(*await self._via_seed(op, args), decode)
-        if field is None:
-            owner = self.shard_map.owner(args.get("ns", ""), args["key"])
-            return _outcome(*await self._request(owner, op, args), decode)
-        elements = args[field]
-        keys = (e[0] for e in elements) if op == "mset" else elements
-        groups = self.shard_map.group_by_owner(args.get("ns", ""), keys)
-        if len(groups) <= 1:
-            owner = next(iter(groups), "")
-            return _outcome(*await self._request(owner, op, args), decode)
-        results: list[Any] = [None] * len(elements)
-        total = 0
-        errors: list[Exception] = []
-
-        async def part(owner: str, positions: list[int]) -> None:
-            nonlocal total
-            try:
-                reply = await self._request(owner, op, {**args, field: [elements[i] for i in positions]})
-                body = _outcome(*reply, _identity)
-            except (RequestError, ConnectionLost, RequestTimeout, ProtocolError) as exc:
-                errors.append(exc)
-                return
-            if op == "mdelete":
-                total += body
-            else:
-                for i, value in zip(positions, body):
-                    results[i] = value
-
-        async with trio.open_nursery() as nursery:
-            for owner, positions in groups.items():
-                nursery.start_soon(part, owner, positions)
-        if errors:
-            raise errors[0]
-        return decode(total if op == "mdelete" else results)
-
-
-@asynccontextmanager
-async def connect(address: str = DEFAULT_ADDRESS, *, timeout: float = DEFAULT_TIMEOUT) -> AsyncIterator[Client]:
-    """``async with dcache.connect("localhost:48000") as client: ...``"""
-    client = await Client.connect(address, timeout=timeout)
-    try:
-        yield client
-    finally:
-        await client.aclose()
+        With ``raise_on_error=False`` a refused operation's place holds its
+        :class:`RequestError` instead of raising the first one.
+        """
+        queued = self._take()
+        if not queued:
+            return []
+        replies = self._client._exchange([(op, args) for op, args, _ in queued])
+        return self._results(queued, replies, raise_on_error)
 
 
 class SyncClient(Operations):
@@ -534,7 +316,7 @@ class SyncClient(Operations):
         self.timeout = check_timeout(timeout)
         self.limits = Limits()
         self._next_rid = 1
-        self._poller = transport.BusyPoll(transport.BUSY_POLL if busy_poll is None else busy_poll)
+        self._poller = BusyPoll(busy_poll_from_env() if busy_poll is None else busy_poll)
         self._closed = False
         self._connect()
 
@@ -564,7 +346,7 @@ class SyncClient(Operations):
         request is sent yet, so nothing can be lost or done twice."""
         try:
             while True:
-                data = self._sock.recv(transport.RECEIVE_SIZE)
+                data = self._sock.recv(RECEIVE_SIZE)
                 if not data:
                     raise ConnectionLost("closed")
                 self._absorb(data)
@@ -575,7 +357,7 @@ class SyncClient(Operations):
             self._connect()
 
     def _open(self, address: str, timeout: float) -> tuple[socket.socket, bytes]:
-        host, port = transport.split_address(address, DEFAULT_PORT)
+        host, port = split_address(address, DEFAULT_PORT)
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
         except socket.timeout:
@@ -587,7 +369,7 @@ class SyncClient(Operations):
         try:
             sock.sendall(handshake.request)
             while True:
-                leftover = handshake.feed(sock.recv(transport.RECEIVE_SIZE))
+                leftover = handshake.feed(sock.recv(RECEIVE_SIZE))
                 if leftover is not None:
                     break
         except wsframe.HandshakeError as exc:
@@ -613,6 +395,16 @@ class SyncClient(Operations):
         self.close()
 
     def _call(self, op: str, args: dict[str, Any], decode: Callable[[Any], Any]) -> Any:
+        [(status, body)] = self._exchange([(op, args)])
+        return _outcome(status, body, decode)
+
+    def pipeline(self) -> SyncPipeline:
+        """Queue operations and send them in one frame: ``p = client.pipeline();
+        p.get("a"); p.set("b", "x"); results = p.execute()``."""
+        return SyncPipeline(self)
+
+    def _exchange(self, requests: list[tuple[str, dict[str, Any]]]) -> list[tuple[int, Any]]:
+        """Send ``requests`` in one frame; their (status, body) replies in order."""
         if self._sock.fileno() < 0:
             if self._closed:
                 raise ClosedError("the client was closed")
@@ -621,29 +413,35 @@ class SyncClient(Operations):
         if now - self._used_at > IDLE_CHECK:
             self._revive()
         self._used_at = now
-        rid = self._next_rid
-        self._next_rid = rid + 1
-        frame = wsframe.build_frame(codec.encode_frame([[rid, op, args]]), masked=True)
+        first = self._next_rid
+        self._next_rid = first + len(requests)
+        replies: dict[int, tuple[int, Any]] = {}
+        frame = wsframe.build_frame(
+            codec.encode_frame([[first + i, op, args] for i, (op, args) in enumerate(requests)]), masked=True
+        )
+        what = requests[0][0] if len(requests) == 1 else f"{len(requests)} requests"
         try:
             self._send(frame)
             while True:
                 for payload in self._take_ready():
-                    for reply_rid, status, body in parse_replies(payload):
-                        if reply_rid is None:
+                    for rid, status, body in parse_replies(payload):
+                        if rid is None:
                             raise ProtocolError(f"the node rejected a frame: {body[1] if status else body}")
-                        if reply_rid == rid and status != Status.MORE:
-                            return _outcome(status, body, decode)
+                        if first <= rid < first + len(requests) and status != Status.MORE:
+                            replies[rid] = (status, body)
+                    if len(replies) == len(requests):
+                        return [replies[first + i] for i in range(len(requests))]
                 data = self._receive()
                 if not data:
                     raise ConnectionLost(f"{self.address} closed the connection")
                 self._absorb(data)
         except socket.timeout:
-            raise RequestTimeout(f"{op}: no reply from {self.address} within {self.timeout:g} s") from None
+            raise RequestTimeout(f"{what}: no reply from {self.address} within {self.timeout:g} s") from None
         except OSError as exc:
             raise ConnectionLost(f"lost the connection to {self.address}: {exc}") from None
 
     def _receive(self) -> bytes:
-        """Poll briefly for a quick reply before blocking (see transport.BusyPoll)."""
+        """Poll briefly for a quick reply before blocking (see net.BusyPoll)."""
         poller = self._poller
         if poller.wanted():
             data = poller.spin(self._sock, time.perf_counter() + poller.window)
@@ -653,7 +451,7 @@ class SyncClient(Operations):
         while True:
             self._readable.wait(self.timeout)
             try:
-                return self._sock.recv(transport.RECEIVE_SIZE)
+                return self._sock.recv(RECEIVE_SIZE)
             except BlockingIOError:
                 continue
 

@@ -249,6 +249,15 @@ def parse_request(message: Any, limits: Limits) -> Request:
         raise
 
 
+# The transport bounds message size; a reply frame may carry any number of replies.
+_REPLY_LIMITS = Limits(max_frame_bytes=2**62, max_batch=2**62)
+
+
+def decode_replies(payload: bytes) -> list[tuple[int | None, int, Any]]:
+    """Decode a reply frame into (rid, status, body) triples, or raise WireError."""
+    return [parse_reply(m) for m in decode_frame(payload, _REPLY_LIMITS)]
+
+
 def parse_reply(message: Any) -> tuple[int | None, int, Any]:
     """Check a reply's shape; return (rid, status, body)."""
     if type(message) is not list or len(message) != 3:

@@ -1,9 +1,15 @@
-"""What each user command does, independent of how it was typed or is shown.
+"""The commands users type, declared once: their arguments and options, what
+they do, and how their outcome is shown.
 
-A command takes a connected client and its parsed arguments and returns an
-:class:`Outcome`: the data (JSON-ready), the plain text for stdout, an
-optional note for stderr and the exit status. The one-shot CLI and the shell
-both run commands through :func:`run`; only their rendering differs.
+The one-shot CLI (``dcache get k``) and the shell (``get k``) both parse with
+these declarations (:func:`click_command` builds each one's click command)
+and run these actions. An action takes a connected client and its parsed
+arguments and returns an :class:`Outcome`: the data (JSON-ready), the plain
+text for stdout, an optional note for stderr and the exit status; only the
+rendering differs between the CLI and the shell.
+
+Importing this module loads neither trio nor rich (rich loads when a table
+is shown on a terminal), so one-shot commands start quickly.
 """
 
 from __future__ import annotations
@@ -11,25 +17,47 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
-from .client import Operations
-from .errors import ConnectError, ConnectionLost, DcacheError, RequestError, RequestTimeout
+import click
+
+from .client import DEFAULT_ADDRESS, DEFAULT_TIMEOUT, MAX_TIMEOUT, MAX_TTL, Operations
+from .errors import (
+    ConnectError,
+    ConnectionLost,
+    DcacheError,
+    RequestError,
+    RequestTimeout,
+)
+from .shard import NUM_SHARDS, ShardMap, shard_of
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1  # a get or delete that found nothing; scripts test for it
 EXIT_UNAVAILABLE = 2  # the node could not be reached (also click's usage errors)
 EXIT_REFUSED = 3  # the node answered with an error
 
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
+
+
+# -- outcomes -----------------------------------------------------------------
+
 
 @dataclass(frozen=True, slots=True)
 class TableData:
-    """A table for people; ``columns`` empty means a two-column label/value list."""
+    """A table for people; ``columns`` empty means a two-column label/value list.
+    ``numeric`` are the columns aligned right."""
 
     rows: list[tuple[str, ...]]
     columns: tuple[str, ...] = ()
     title: str | None = None
+    numeric: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +96,15 @@ def human_seconds(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
 
 
+def printable(text: str) -> str:
+    """``text`` on one line with every control character escaped (``\\n``,
+    ``\\x1b``, ``\\u202e``), so that a key or a message shown in a note or an
+    error can neither break the line nor drive the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def show_value(value: bytes) -> str:
     """A value as people should see it: quoted text, or a bytes literal when binary."""
     try:
@@ -77,6 +114,9 @@ def show_value(value: bytes) -> str:
     if text.isprintable() or all(c.isprintable() or c in "\n\t" for c in text):
         return json.dumps(text, ensure_ascii=False)
     return repr(value)
+
+
+# -- actions ------------------------------------------------------------------
 
 
 def get(client: Operations, *, key: str, ns: str = "") -> Outcome:
@@ -91,7 +131,8 @@ def set_(client: Operations, *, key: str, value: bytes, ttl: float | None = None
     return Outcome({"key": key, "ok": True, "version": version, "ttl": ttl}, stdout="OK")
 
 
-def delete(client: Operations, *, keys: list[str], ns: str = "") -> Outcome:
+def delete(client: Operations, *, keys: tuple[str, ...] | list[str], ns: str = "") -> Outcome:
+    keys = list(keys)
     if len(keys) == 1:
         deleted = 1 if client.delete(keys[0], ns=ns) else 0
     else:
@@ -136,13 +177,15 @@ def _with_hit_ratio(stats: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def stats(client: Operations) -> Outcome:
+def stats(client: Operations, *, cluster: bool = False) -> Outcome:
+    if cluster:
+        return cluster_stats(client)
     data = _with_hit_ratio(client.stats())
     rows = [(label, fmt(data[name])) for name, label, fmt in STAT_ROWS if name in data]
     plain = "\n".join(f"{name}\t{data[name]}" for name, _, _ in STAT_ROWS if name in data)
     members = data.get("members", 1)
     note = f"this node only; `stats --cluster` shows all {members} members" if members > 1 else None
-    return Outcome(data, stdout=plain, table=TableData(rows), note=note)
+    return Outcome(data, stdout=plain, table=TableData(rows, numeric=(1,)), note=note)
 
 
 CLUSTER_COUNTERS = ("keys", "hits", "misses", "sets", "deletes", "expired", "data_bytes", "memory_bytes")
@@ -186,7 +229,7 @@ def cluster_stats(client: Operations) -> Outcome:
         {"epoch": view["epoch"], "nodes": nodes, "total": total},
         stdout=_plain_table(plain_columns, plain_rows),
         note=f"unreachable: {', '.join(down)}" if down else None,
-        table=TableData(rows, columns, title=f"cluster at epoch {view['epoch']}"),
+        table=TableData(rows, columns, title=f"cluster at epoch {view['epoch']}", numeric=tuple(range(2, len(columns)))),
     )
 
 
@@ -223,7 +266,7 @@ def members(client: Operations) -> Outcome:
     return Outcome(
         {"epoch": view["epoch"], "members": data},
         stdout=plain,
-        table=TableData(rows, columns, title=f"{len(rows)} member(s) at epoch {view['epoch']}"),
+        table=TableData(rows, columns, title=f"{len(rows)} member(s) at epoch {view['epoch']}", numeric=(3, 4, 5)),
     )
 
 
@@ -232,9 +275,247 @@ def ping(client: Operations) -> Outcome:
     return Outcome({"ok": True, "node": client.server_info.get("node")}, stdout="PONG")  # type: ignore[attr-defined]
 
 
+def where(client: Operations, *, key: str, ns: str = "") -> Outcome:
+    """Which node owns KEY, by the connected node's view, and its time to live."""
+    view = client.members()
+    seconds = client.ttl(key, ns=ns)
+    by_id = {m["node"]: m for m in view["members"]}
+    shard = shard_of(ns, key.encode())
+    owner = ShardMap.build(view["epoch"], by_id).owner_of_shard(shard)
+    client_address = by_id[owner]["client"]
+    data = {
+        "key": key,
+        "ns": ns,
+        "shard": shard,
+        "owner": owner,
+        "owner_client": client_address,
+        "found": seconds is not None,
+        "ttl": None if seconds is None or seconds == math.inf else seconds,
+        "epoch": view["epoch"],
+    }
+    rows = [
+        ("key", show_value(key.encode()) + (f" in namespace {ns!r}" if ns else "")),
+        ("shard", f"{shard} of {NUM_SHARDS}"),
+        ("owner", f"{owner} (clients: {client_address})"),
+        ("time to live", "missing" if seconds is None else human_seconds(seconds)),
+        ("epoch", str(view["epoch"])),
+    ]
+    plain = "\n".join(f"{name}\t{'' if value is None else value}" for name, value in data.items())
+    return Outcome(data, stdout=plain, table=TableData(rows))
+
+
 def failure(exc: DcacheError) -> Outcome:
     """The outcome of a command that raised: one line for stderr and its exit status."""
     if isinstance(exc, RequestError):
-        return Outcome({"error": exc.code, "message": exc.message}, note=f"error: {exc.message}", exit_code=EXIT_REFUSED)
+        return Outcome(
+            {"error": exc.code, "message": exc.message}, note=f"error: {exc.code}: {exc.message}", exit_code=EXIT_REFUSED
+        )
     kind = "unavailable" if isinstance(exc, (ConnectError, ConnectionLost, RequestTimeout)) else "error"
     return Outcome({"error": kind, "message": str(exc)}, note=f"error: {exc}", exit_code=EXIT_UNAVAILABLE)
+
+
+def bad_input(exc: ValueError) -> Outcome:
+    """The outcome of a command the client refused before sending it (an empty key, say)."""
+    return Outcome({"error": "bad_input", "message": str(exc)}, note=f"error: {exc}", exit_code=EXIT_UNAVAILABLE)
+
+
+# -- the command table ----------------------------------------------------------
+
+
+class Seconds(click.ParamType):
+    """A positive, finite number of seconds up to ``limit``, with an error that says so."""
+
+    name = "seconds"
+
+    def __init__(self, limit: float, what: str, *, zero: str = "") -> None:
+        self.limit = limit
+        self.what = what
+        self.zero = zero  # what 0 means, if it is allowed
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        else:
+            try:
+                number = float(value)
+            except ValueError:
+                number = math.nan
+        if number == 0 and self.zero:
+            return number
+        if not 0 < number <= self.limit:
+            zero = f", or 0 for {self.zero}" if self.zero else ""
+            self.fail(f"{value!r} is not a positive number of seconds of at most {self.what}{zero}", param, ctx)
+        return number
+
+
+class ValueBytes(click.ParamType):
+    """A value from the command line, as the bytes the user typed."""
+
+    name = "value"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> bytes:
+        return value if isinstance(value, bytes) else os.fsencode(value)
+
+
+TTL = Seconds(MAX_TTL, "100 years")
+TIMEOUT = Seconds(MAX_TIMEOUT, "a day")
+
+
+def _key() -> click.Argument:
+    return click.Argument(["key"], metavar="KEY")
+
+
+def _ns() -> click.Option:
+    return click.Option(["--ns"], metavar="NAME", default="", help="Namespace of the key.")
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """One command: its name and help, a factory of its own parameters
+    (called with ``for_shell``, since a few words differ), and its action.
+
+    ``stdin`` names the parameter that the one-shot CLI reads from stdin when
+    it is omitted or ``-``; the shell, whose stdin carries commands, requires
+    it. A command without an action (``top``) is run by the shell itself.
+    """
+
+    name: str
+    help: str
+    params: Callable[[bool], list[click.Parameter]]
+    action: Callable[..., Outcome] | None
+    stdin: str | None = None
+    shell_only: bool = False
+    cli_help: str = ""  # more help, for the one-shot command only
+
+
+def _set_params(for_shell: bool) -> list[click.Parameter]:
+    return [
+        _key(),
+        click.Argument(["value"], metavar="VALUE" if for_shell else "[VALUE]", required=for_shell, type=ValueBytes()),
+        click.Option(["--ttl"], type=TTL, metavar="SECONDS", help="Expire the entry after this many seconds."),
+        _ns(),
+    ]
+
+
+COMMANDS: dict[str, Command] = {
+    command.name: command
+    for command in (
+        Command(
+            "get",
+            "Print the value of KEY (raw bytes, so it pipes); exit 1 if it is missing.",
+            lambda for_shell: [_key(), _ns()],
+            get,
+        ),
+        Command(
+            "set",
+            "Store VALUE under KEY, optionally with a TTL.",
+            _set_params,
+            set_,
+            stdin="value",
+            cli_help="With no VALUE, or '-', the value is read from stdin (dcache set logo < logo.png). "
+            "A value that starts with '-' goes after '--' (dcache set temp -- -5).",
+        ),
+        Command(
+            "delete",
+            "Delete keys; exit 1 if none of them existed.",
+            lambda for_shell: [click.Argument(["keys"], metavar="KEY...", nargs=-1, required=True), _ns()],
+            delete,
+        ),
+        Command("ttl", "Show how long KEY has left to live; exit 1 if it is missing.", lambda for_shell: [_key(), _ns()], ttl),
+        Command(
+            "stats",
+            "Show the node's counters: hits, misses, keys, sets, deletes, expired, memory.",
+            lambda for_shell: [click.Option(["--cluster"], is_flag=True, help="One row per node and a cluster total.")],
+            stats,
+        ),
+        Command("members", "List the cluster's nodes: address, state, shards owned, keys, uptime.", lambda for_shell: [], members),
+        Command("ping", "Check that the node answers.", lambda for_shell: [], ping),
+        Command("where", "Show which node owns KEY: its shard, owner and time to live.", lambda for_shell: [_key(), _ns()], where),
+        Command(
+            "top",
+            "A live table of every member; q or Ctrl-C leaves.",
+            lambda for_shell: [
+                click.Option(["--interval"], type=Seconds(3600, "an hour"), default=1.0, metavar="SECONDS", help="Time between refreshes."),
+                click.Option(["--iterations"], type=click.IntRange(min=1), metavar="N", help="Stop after N refreshes."),
+            ],
+            None,
+            shell_only=True,
+        ),
+    )
+}
+
+
+def connection_params() -> list[click.Parameter]:
+    """The options a one-shot command takes to reach its node; the shell keeps its own connection."""
+    return [
+        click.Option(
+            ["--server", "-s"], envvar="DCACHE_SERVER", default=DEFAULT_ADDRESS, metavar="HOST:PORT", show_default=True,
+            help="Node to talk to (also DCACHE_SERVER).",
+        ),
+        click.Option(
+            ["--timeout"], envvar="DCACHE_TIMEOUT", type=TIMEOUT, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+            show_default=True, help="Give up after this long (also DCACHE_TIMEOUT).",
+        ),
+    ]  # fmt: skip
+
+
+def json_param() -> click.Option:
+    return click.Option(["--json", "as_json"], is_flag=True, help="Print one JSON object (for scripts).")
+
+
+def click_command(command: Command, *, for_shell: bool, callback: Callable[..., Any] | None = None) -> click.Command:
+    """``command`` as a click command: the shell's variant has no connection
+    options, and speaks of no stdin."""
+    params = command.params(for_shell)
+    if not for_shell:
+        params += connection_params()
+    params.append(json_param())
+    text = command.help if for_shell or not command.cli_help else f"{command.help}\n\n{command.cli_help}"
+    return click.Command(command.name, params=params, callback=callback, help=text, context_settings=CONTEXT_SETTINGS)
+
+
+# -- rendering for the one-shot CLI ------------------------------------------------
+
+
+def rich_table(data: TableData) -> Table:
+    from rich.table import Table
+    from rich.text import Text
+
+    if not data.columns:
+        table = Table(show_header=False, box=None, pad_edge=False, title=data.title)
+        table.add_column(style="bold cyan")
+        table.add_column(justify="right" if 1 in data.numeric else "left")
+    else:
+        table = Table(title=data.title, title_justify="left")
+        for i, column in enumerate(data.columns):
+            table.add_column(column, style="bold cyan" if i == 0 else None, justify="right" if i in data.numeric else "left")
+    for row in data.rows:
+        table.add_row(*(Text(printable(cell)) for cell in row))  # Text: a key's brackets are not rich markup
+    return table
+
+
+def render(outcome: Outcome, *, as_json: bool) -> int:
+    """Print an outcome the way scripts and people expect; return the exit status."""
+    if as_json:
+        print(json.dumps(outcome.data, default=str))
+        return outcome.exit_code
+    tty = sys.stdout.isatty()
+    if outcome.table is not None and tty:
+        from rich.console import Console
+
+        Console().print(rich_table(outcome.table))
+    elif isinstance(outcome.stdout, bytes):
+        shown = show_value(outcome.stdout) if tty else ""
+        if shown.startswith("b"):  # binary, on a terminal: escaped, not raw
+            print(shown)
+            print(f"({len(outcome.stdout):,} bytes, not text: redirect the output for the raw bytes)", file=sys.stderr)
+        else:
+            sys.stdout.buffer.write(outcome.stdout)
+            if tty and not outcome.stdout.endswith(b"\n"):
+                sys.stdout.buffer.write(b"\n")
+            sys.stdout.flush()
+    elif outcome.stdout is not None:
+        print(outcome.stdout)
+    if outcome.note:
+        print(printable(outcome.note), file=sys.stderr)
+    return outcome.exit_code

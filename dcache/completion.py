@@ -2,13 +2,13 @@
 
 Regenerate them with ``python -m dcache.completion completions/``; a test
 fails when the checked-in copies are stale. The scripts ask `dcache` itself
-for candidates (typer's completion protocol), so commands and options come
-from the same typer app that parses them.
+for candidates (click's completion protocol, through ``_DCACHE_COMPLETE``),
+so commands and options come from the same command table that parses them.
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
 PROG = "dcache"
@@ -17,9 +17,14 @@ FILES = {"bash": "dcache.bash", "zsh": "_dcache", "fish": "dcache.fish"}
 
 
 def script(shell: str) -> str:
-    from typer._completion_shared import get_completion_script
+    from click.shell_completion import get_completion_class
 
-    return get_completion_script(prog_name=PROG, complete_var=COMPLETE_VAR, shell=shell).rstrip("\n") + "\n"
+    from .cli import app
+
+    cls = get_completion_class(shell)
+    if cls is None:
+        raise ValueError(f"no completion for the shell {shell!r}")
+    return cls(app, {}, PROG, COMPLETE_VAR).source().rstrip("\n") + "\n"
 
 
 def write_all(directory: Path) -> list[Path]:
@@ -32,6 +37,12 @@ def write_all(directory: Path) -> list[Path]:
     return written
 
 
-if __name__ == "__main__":
-    for path in write_all(Path(sys.argv[1] if len(sys.argv) > 1 else "completions")):
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dcache.completion", description="Write the completion scripts for bash, zsh and fish.")
+    parser.add_argument("directory", nargs="?", default="completions", help="where to write them (default: completions)")
+    for path in write_all(Path(parser.parse_args(argv).directory)):
         print(path)
+
+
+if __name__ == "__main__":
+    main()

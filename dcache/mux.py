@@ -18,7 +18,7 @@ from typing import Any
 import trio
 
 from . import codec, transport
-from .codec import Limits, Status
+from .codec import Status
 from .errors import ClosedError, ConnectionLost, ProtocolError, RequestTimeout
 
 
@@ -41,18 +41,6 @@ _FAILED = -1  # waiter.status when the channel broke; body is the exception
 _OK = Status.OK.value
 FLUSH_PASSES = 3
 
-
-# The transport bounds message size; a reply frame may carry any number of replies.
-_REPLY_LIMITS = Limits(max_frame_bytes=2**62, max_batch=2**62)
-
-
-def parse_replies(payload: bytes) -> list[tuple[int | None, int, Any]]:
-    """Decode a reply frame; raise ProtocolError if it is not one."""
-    try:
-        messages = codec.decode_frame(payload, _REPLY_LIMITS)
-        return [codec.parse_reply(m) for m in messages]
-    except codec.WireError as exc:
-        raise ProtocolError(f"bad reply: {exc.message}") from None
 
 
 class Channel:
@@ -253,9 +241,9 @@ class Channel:
                     waiter.wake()
                     continue
             try:
-                replies = parse_replies(payload)
-            except ProtocolError as exc:
-                self.fail(ProtocolError(f"{self.name}: {exc}"))
+                replies = codec.decode_replies(payload)
+            except codec.WireError as exc:
+                self.fail(ProtocolError(f"{self.name}: bad reply: {exc.message}"))
                 raise self.broken from None  # type: ignore[misc]
             for rid, status, body in replies:
                 if rid is None:

@@ -17,7 +17,13 @@ from typing import Any, Awaitable, Callable, TypeVar
 import trio
 
 from . import __version__, codec, transport, wsframe
-from .errors import ConnectionLost, DcacheError, PeerUnavailable, ProtocolError, RequestTimeout
+from .errors import (
+    ConnectionLost,
+    DcacheError,
+    PeerUnavailable,
+    ProtocolError,
+    RequestTimeout,
+)
 from .mux import Channel
 
 log = logging.getLogger(__name__)

@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import typer
-import typer.main
+import click
 from prompt_toolkit import PromptSession
 from prompt_toolkit.completion import Completer, Completion
 from prompt_toolkit.document import Document
@@ -36,7 +35,6 @@ from . import commands
 from .client import DEFAULT_TIMEOUT, SyncClient
 from .commands import Outcome, show_value
 from .errors import ConnectError, ConnectionLost, DcacheError
-from .shard import ShardMap, rank, shard_of
 
 EXIT = object()  # what a line returns to end the session
 
@@ -49,12 +47,28 @@ class ShellCommand:
 
 SHELL_COMMANDS = {
     "help": ShellCommand("help [COMMAND]", "List the commands, or show one command's options."),
-    "where": ShellCommand("where KEY [--ns NAME]", "Which node owns KEY: shard, owner, replicas, time to live."),
-    "top": ShellCommand("top [--interval S] [--iterations N]", "A live table of every member; q or Ctrl-C leaves."),
     "exit": ShellCommand("exit", "Leave the shell (also quit or Ctrl-D)."),
 }
 ALIASES = {"del": "delete", "quit": "exit", "?": "help"}
-NOT_IN_SHELL = {"serve": "run it from your terminal", "shell": "you are in it", "cluster": "run it from your terminal"}
+NOT_IN_SHELL = {
+    "serve": "run it from your terminal",
+    "shell": "you are in it",
+    "cluster": "run it from your terminal",
+    "bench": "run it from your terminal",
+    "completion": "run it from your terminal",
+}
+
+
+CONNECTION_OPTIONS = ("--server", "-s", "--timeout")
+
+
+def command_group() -> click.Group:
+    """The shell's commands, parsed as the one-shot CLI parses them, without
+    the connection options (the shell keeps its own connection)."""
+    group = click.Group("dcache", context_settings=commands.CONTEXT_SETTINGS)
+    for command in commands.COMMANDS.values():
+        group.add_command(commands.click_command(command, for_shell=True))
+    return group
 
 
 def history_path() -> Path:
@@ -73,7 +87,7 @@ class ShellSession:
         self.client: SyncClient | None = None
         self.known_addresses: list[str] = [address]
         self.seen_keys: set[str] = set()
-        self.group = typer.main.get_command(_cli_app())
+        self.group = command_group()
         self.failures = 0
         self.worst_status = 0
 
@@ -141,7 +155,7 @@ class ShellSession:
         except DcacheError as exc:
             outcome = commands.failure(exc)
         except ValueError as exc:
-            outcome = Outcome({"error": "bad_input", "message": str(exc)}, note=f"error: {exc}", exit_code=2)
+            outcome = commands.bad_input(exc)
         self.show(command, outcome, as_json=as_json)
         return outcome.exit_code
 
@@ -158,32 +172,34 @@ class ShellSession:
             return EXIT
         if name == "help":
             return self._status(self.help([_literal(word) for word in args]))
-        if name == "where":
-            return self._status(self.where(args))
-        if name == "top":
-            return self._status(self.top([_literal(word) for word in args]))
         if name in NOT_IN_SHELL:
             return self._status(self.error(f"{name}: not in the shell; {NOT_IN_SHELL[name]}"))
-        command = self.group.commands.get(name)  # type: ignore[attr-defined]
+        command = self.group.commands.get(name)
         if command is None:
             return self._status(self.error(f"unknown command {name!r}; `help` lists them"))
         return self._status(self._invoke(command, name, expand_shorthand(command, args)))
 
-    def _invoke(self, command: Any, name: str, args: list[str]) -> int:
+    def _invoke(self, command: click.Command, name: str, args: list[str]) -> int:
+        """Parse ``args`` as the command table says, then run the command here."""
         try:
-            ctx = command.make_context(name, args, obj=self)
-            with ctx:
-                command.invoke(ctx)
-        except typer.Exit as exc:
+            with command.make_context(name, args) as ctx:
+                params = dict(ctx.params)
+        except click.exceptions.Exit as exc:  # --help printed
             return exc.exit_code
-        except Exception as exc:  # click's usage errors, in typer's vendored copy
-            message = getattr(exc, "format_message", None)
-            if message is None:
-                raise
-            if getattr(exc, "exit_code", 1) == 0:  # --help printed
-                return 0
-            return self.error(f"{name}: {message()}")
-        return 0
+        except click.NoSuchOption as exc:
+            if exc.option_name in CONNECTION_OPTIONS:
+                return self.error(
+                    f"{exc.option_name}: not in the shell, which keeps its connection; "
+                    "`dcache shell HOST:PORT --timeout S` sets both"
+                )
+            return self.error(f"{name}: {exc.format_message()}")
+        except click.ClickException as exc:
+            return self.error(f"{name}: {exc.format_message()}")
+        as_json = params.pop("as_json", False)
+        action = commands.COMMANDS[name].action
+        if action is None:  # run by the shell itself
+            return self.top(**params)
+        return self.run(action, as_json=as_json, **params)
 
     def _status(self, status: int) -> int:
         if status:
@@ -204,9 +220,7 @@ class ShellSession:
             if outcome.stdout is not None:
                 self._plain(outcome.stdout)
         elif outcome.table is not None:
-            from .cli import rich_table
-
-            self.console.print(rich_table(outcome.table))
+            self.console.print(commands.rich_table(outcome.table))
         elif command is commands.get and isinstance(outcome.stdout, bytes):
             self.console.print(show_value(outcome.stdout), markup=False, highlight=False)
         elif command is commands.delete and outcome.exit_code == 0:
@@ -247,16 +261,15 @@ class ShellSession:
                 spec = SHELL_COMMANDS[name]
                 self.console.print(f"{spec.usage}\n\n  {spec.summary}", markup=False, highlight=False)
                 return 0
-            command = self.group.commands.get(name)  # type: ignore[attr-defined]
+            command = self.group.commands.get(name)
             if command is None or name in NOT_IN_SHELL:
                 return self.error(f"no command {args[0]!r}; `help` lists them")
             return self._invoke(command, name, ["--help"])
         table = Table(show_header=False, box=None, pad_edge=False)
         table.add_column(style="bold cyan")
         table.add_column()
-        for name, command in sorted(self.group.commands.items()):  # type: ignore[attr-defined]
-            if name not in NOT_IN_SHELL:
-                table.add_row(name, (command.get_short_help_str(70) if hasattr(command, "get_short_help_str") else ""))
+        for name, command in sorted(self.group.commands.items()):
+            table.add_row(name, command.get_short_help_str(70))
         for name, spec in SHELL_COMMANDS.items():
             table.add_row(name, spec.summary)
         self.console.print(table)
@@ -267,82 +280,7 @@ class ShellSession:
         )
         return 0
 
-    def where(self, args: list[str]) -> int:
-        ns = ""
-        rest = []
-        words = iter(args)
-        for word in words:
-            if word == "--ns":
-                ns = _literal(next(words, ""))
-                if not ns:
-                    return self.error("where: --ns needs a NAME")
-            elif word.startswith("ns" + _BARE_EQUALS):
-                ns = _literal(word[3:])
-            else:
-                rest.append(_literal(word))
-        args = rest
-        if len(args) != 1:
-            return self.error("where: give one KEY (usage: where KEY [--ns NAME])")
-        key = args[0]
-        if self.client is None and not self.connect():
-            return commands.EXIT_UNAVAILABLE
-        assert self.client is not None
-        try:
-            view = self.client.members()
-            ttl = self.client.ttl(key, ns=ns)
-        except (ConnectionLost, ConnectError) as exc:
-            self._lost(exc)
-            return commands.EXIT_UNAVAILABLE
-        except DcacheError as exc:
-            return self.error(str(exc))
-        except ValueError as exc:  # an empty key, a key that is not text
-            return self.error(f"where: {exc}")
-        members = {m["node"]: m for m in view["members"]}
-        shard_map = ShardMap.build(view["epoch"], members)
-        shard = shard_of(ns, key.encode())
-        owner = shard_map.owner_of_shard(shard)
-        ranking = rank(shard, members)
-        data = {
-            "key": key,
-            "ns": ns,
-            "shard": shard,
-            "owner": owner,
-            "owner_client": members[owner]["client"],
-            "replicas": [],
-            "next_owners": ranking[1:3],
-            "ttl": None if ttl is None or ttl == float("inf") else ttl,
-            "found": ttl is not None,
-            "epoch": view["epoch"],
-        }
-        rows = [
-            ("key", show_value(key.encode()) + (f" in namespace {ns!r}" if ns else "")),
-            ("shard", f"{shard} of 8192"),
-            ("owner", f"{owner} (clients: {members[owner]['client']})"),
-            ("replicas", "none"),
-            ("time to live", "missing" if ttl is None else commands.human_seconds(ttl)),
-            ("epoch", str(view["epoch"])),
-        ]
-        if not self.interactive:
-            self._plain("\t".join(f"{k}={v}" for k, v in data.items() if k != "next_owners"))
-        else:
-            from .cli import rich_table
-
-            self.console.print(rich_table(commands.TableData(rows)))
-        self.seen_keys.add(key)
-        return 0
-
-    def top(self, args: list[str]) -> int:
-        interval, iterations = 1.0, None
-        try:
-            options = dict(zip(args[::2], args[1::2]))
-            if len(args) % 2 or set(options) - {"--interval", "--iterations"}:
-                raise ValueError
-            interval = float(options.get("--interval", interval))
-            iterations = int(options["--iterations"]) if "--iterations" in options else None
-            if interval <= 0 or (iterations is not None and iterations < 1):
-                raise ValueError
-        except ValueError:
-            return self.error("top: usage: top [--interval SECONDS] [--iterations N]")
+    def top(self, *, interval: float, iterations: int | None) -> int:
         if self.client is None and not self.connect():
             return commands.EXIT_UNAVAILABLE
         previous: dict[str, tuple[float, int]] = {}
@@ -518,12 +456,6 @@ class ShellCompleter(Completer):
         for key in sorted(self.session.seen_keys):
             if key.startswith(current):
                 yield Completion(shlex.quote(key), start_position=-len(current))
-
-
-def _cli_app() -> typer.Typer:
-    from .cli import app
-
-    return app
 
 
 def _history() -> History:

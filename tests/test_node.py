@@ -240,7 +240,7 @@ def _serve_with_a_slow_key(addresses: Any) -> None:
 def test_sync_client_spins_then_sleeps(monkeypatch: pytest.MonkeyPatch) -> None:
     # The node runs in a process of its own: in this one, its thread and the
     # client's, both spinning, would take turns at the interpreter lock.
-    monkeypatch.setattr(transport, "BUSY_POLL", 0.02)  # ample, on a busy machine
+    monkeypatch.setenv("DCACHE_BUSY_POLL_US", "20000")  # ample, on a busy machine
     context = multiprocessing.get_context("fork")
     addresses = context.Queue()
     server = context.Process(target=_serve_with_a_slow_key, args=(addresses,), daemon=True)

@@ -8,8 +8,8 @@ import trio
 import trio.testing
 
 from dcache import codec, peers, transport, wsframe
-from dcache.mux import Channel
 from dcache.errors import PeerUnavailable
+from dcache.mux import Channel
 from dcache.peers import PeerLinks, _Link
 
 

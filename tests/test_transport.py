@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import time
 from typing import Any
 
 import cbor2
@@ -20,38 +18,6 @@ async def pair(poll: float | None = None) -> tuple[transport.Connection, trio.So
     a, b = trio.socket.socketpair()
     ours = transport.Connection(trio.SocketStream(a), client_side=True, max_message=1 << 20, poll=poll)
     return ours, trio.SocketStream(b)
-
-
-@pytest.mark.parametrize(
-    ("raw", "seconds"),
-    [(None, 0.001), ("", 0.001), ("250", 0.00025), (" 0 ", 0.0), ("fast", 0.001), ("-5", 0.001), ("nan", 0.001), ("1e9", 0.001)],
-)
-def test_busy_poll_setting_from_the_environment(raw: str | None, seconds: float) -> None:
-    environ = {} if raw is None else {"DCACHE_BUSY_POLL_US": raw}
-    assert transport.busy_poll_from_env(environ) == pytest.approx(seconds)
-
-
-def test_misses_back_off_and_a_hit_resets() -> None:
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    with a, b:
-        poller = transport.BusyPoll(0.001)
-        penalties = []
-        for _ in range(10):
-            while not poller.wanted():
-                pass
-            assert poller.spin(a, time.perf_counter() + poller.window) is None
-            poller.missed()
-            penalties.append(poller.penalty)
-        assert penalties == [2, 4, 8, 16, 32, 64, 64, 64, 64, 64]
-        assert poller.skip == transport.POLL_BACKOFF_MAX
-        skipped = 0
-        while not poller.wanted():
-            skipped += 1
-        assert skipped == transport.POLL_BACKOFF_MAX
-        b.send(b"data")
-        assert poller.spin(a, time.perf_counter() + poller.window) == b"data"
-        assert poller.penalty == 1 and poller.skip == 0
 
 
 async def test_a_missed_poll_makes_the_next_wait_sleep() -> None:
@@ -280,19 +246,3 @@ async def test_a_relayed_reply_that_comes_alone_passes_through_as_encoded() -> N
     assert replies[0] == b"\x00" + loose_value
     assert replies[1] == codec.encode_rest(0, b"abc")
     assert codec.decode_rest(replies[2]) == (1, ["moved", "not here", {"epoch": 2}])
-
-
-def test_addresses_parse_or_say_what_is_wrong() -> None:
-    assert transport.split_address("localhost:48000", 1) == ("localhost", 48000)
-    assert transport.split_address("localhost", 1) == ("localhost", 1)
-    assert transport.split_address("[::1]:48000", 1) == ("::1", 48000)
-    assert transport.split_address("::1", 1) == ("::1", 1)
-    assert transport.split_address(":48000", 1) == ("localhost", 48000)
-    for bad, why in [
-        ("http://localhost:48000", "without a scheme"),
-        ("localhost:48000:1", "give HOST:PORT"),
-        ("localhost:x", "port must be a number"),
-        ("localhost:70000", "port must be 0-65535"),
-    ]:
-        with pytest.raises(ValueError, match=why):
-            transport.split_address(bad, 1)

@@ -10,7 +10,14 @@ from hypothesis import strategies as st
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
 from dcache import wsframe
-from dcache.wsframe import CLOSE_PROTOCOL_ERROR, CLOSE_TOO_BIG, Control, FrameError, FrameParser, build_frame
+from dcache.wsframe import (
+    CLOSE_PROTOCOL_ERROR,
+    CLOSE_TOO_BIG,
+    Control,
+    FrameError,
+    FrameParser,
+    build_frame,
+)
 
 SIZES = [0, 1, 125, 126, 127, 65535, 65536, 1 << 20]
 

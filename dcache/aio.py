@@ -1,0 +1,319 @@
+"""The async Python API on trio: :class:`Client`, :class:`Pipeline` and :class:`ClusterClient`.
+
+:class:`Client` is pipelined: any number of tasks may share one connection.
+It has no background tasks; see :mod:`dcache.mux` for how callers share
+the connection. The operations are :class:`dcache.client.Operations`, the
+same as the blocking client's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from . import codec, transport
+from .client import (
+    DEFAULT_ADDRESS,
+    DEFAULT_PORT,
+    DEFAULT_TIMEOUT,
+    IDLE_CHECK,
+    Operations,
+    QueuedOperations,
+    _hello_args,
+    _identity,
+    _limits_from,
+    _outcome,
+    check_timeout,
+)
+from .codec import Limits
+from .errors import (
+    ClosedError,
+    ConnectError,
+    ConnectionLost,
+    ProtocolError,
+    RequestError,
+    RequestTimeout,
+)
+from .mux import Channel
+from .shard import ShardMap
+
+
+class Client(Operations):
+    """An async client for one node; share it between tasks freely.
+
+    Open it with ``async with dcache.connect(address) as client`` or
+    ``await Client.connect(address)`` and ``await client.aclose()``. Every
+    operation times out after ``timeout`` seconds with :class:`RequestTimeout`.
+    """
+
+    def __init__(self, channel: Channel, *, address: str) -> None:
+        self._channel = channel
+        self.address = address
+        self.limits = Limits()
+        self.server_info: dict[str, Any] = {}
+        self._used_at = trio.current_time()
+        self._reviving = trio.Lock()
+
+    @property
+    def timeout(self) -> float:
+        return self._channel.timeout
+
+    @classmethod
+    async def connect(cls, address: str = DEFAULT_ADDRESS, *, timeout: float = DEFAULT_TIMEOUT) -> Client:
+        check_timeout(timeout)
+        client = cls(await cls._open(address, timeout), address=address)
+        await client._greet()
+        return client
+
+    @staticmethod
+    async def _open(address: str, timeout: float) -> Channel:
+        conn = await transport.connect(
+            address, max_message=codec.DEFAULT_MAX_FRAME_BYTES, default_port=DEFAULT_PORT, timeout=timeout
+        )
+        return Channel(conn, name=address, timeout=timeout)
+
+    async def _greet(self) -> None:
+        try:
+            status, body = await self._channel.request("hello", _hello_args())
+            self.server_info = _outcome(status, body, _identity)
+            self.limits = _limits_from(self.server_info)
+        except BaseException:
+            await self._channel.aclose()
+            raise
+
+    async def _live_channel(self) -> Channel:
+        """The channel, checked first after a pause (see :meth:`SyncClient._revive`):
+        a node closes a connection idle too long, and a request must not
+        be lost to that."""
+        now = trio.current_time()
+        if now - self._used_at > IDLE_CHECK and not self._channel.in_flight:
+            async with self._reviving:
+                channel = self._channel
+                try:
+                    if not channel.in_flight:  # still: another task may have started meanwhile
+                        await channel.take_waiting()
+                except transport.ConnectionClosed:
+                    self._channel = await self._open(self.address, channel.timeout)
+                    await self._greet()
+                    await channel.aclose()
+        self._used_at = now
+        return self._channel
+
+    async def aclose(self) -> None:
+        await self._channel.aclose()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def _call(self, op: str, args: dict[str, Any], decode: Callable[[Any], Any]) -> Any:
+        status, body = await (await self._live_channel()).request(op, args)
+        return _outcome(status, body, decode)
+
+    def pipeline(self) -> Pipeline:
+        """Queue operations and send them in one frame: ``p = client.pipeline();
+        p.get("a"); p.set("b", "x"); results = await p.execute()``."""
+        return Pipeline(self)
+
+
+class Pipeline(QueuedOperations):
+    """Operations queued on a :class:`Client`, sent in one frame by :meth:`execute`."""
+
+    def __init__(self, client: Client) -> None:
+        super().__init__(client.limits)
+        self._client = client
+
+    async def execute(self, *, raise_on_error: bool = True) -> list[Any]:
+        """Send everything queued; return the results in order.
+
+        With ``raise_on_error=False`` a refused operation's place holds its
+        :class:`RequestError` instead of raising the first one.
+        """
+        queued = self._take()
+        if not queued:
+            return []
+        replies = await (await self._client._live_channel()).request_many([(op, args) for op, args, _ in queued])
+        return self._results(queued, replies, raise_on_error)
+
+
+CLUSTER_REFRESH_INTERVAL = 5.0
+SEED_ATTEMPTS = 3  # tries through a seed that keeps being replaced, before giving up
+
+
+class ClusterClient(Operations):
+    """An async client that sends each request straight to the node owning its key.
+
+    It learns the members from any node (``members``) and places keys with
+    the same shard module the nodes use. A stale map costs nothing worse
+    than a hop, as any node forwards what it does not own; the map is
+    refreshed every :data:`CLUSTER_REFRESH_INTERVAL` seconds and whenever a
+    member cannot be reached. Multi-key requests are split by owner and
+    sent concurrently.
+    """
+
+    def __init__(self, seed: Client, *, timeout: float) -> None:
+        self._seed = seed
+        self.timeout = timeout
+        self.limits = seed.limits
+        self.server_info = seed.server_info
+        self.shard_map = ShardMap.build(0, ())
+        self._addresses: dict[str, str] = {}
+        self._clients: dict[str, Client] = {}
+        self._refreshed_at = -math.inf
+        self._replacing = trio.Lock()  # one seed replacement at a time
+        self._closed = False
+
+    @classmethod
+    async def connect(cls, address: str = DEFAULT_ADDRESS, *, timeout: float = DEFAULT_TIMEOUT) -> ClusterClient:
+        client = cls(await Client.connect(address, timeout=timeout), timeout=timeout)
+        try:
+            await client.refresh()
+        except BaseException:
+            await client.aclose()
+            raise
+        return client
+
+    async def __aenter__(self) -> ClusterClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for client in [self._seed, *self._clients.values()]:
+            await client.aclose()
+        self._clients.clear()
+
+    async def refresh(self) -> None:
+        """Fetch the members and their addresses again."""
+        self._refreshed_at = trio.current_time()
+        status, view = await self._via_seed("members", {})
+        view = _outcome(status, view, _identity)
+        up = {m["node"]: m["client"] for m in view["members"] if m["state"] == "up" and m["client"]}
+        self.shard_map = ShardMap.build(view["epoch"], up)
+        self._addresses = up
+        for node_id in list(self._clients):
+            if node_id not in up:
+                await self._clients.pop(node_id).aclose()
+
+    async def _client_for(self, node_id: str) -> Client:
+        client = self._clients.get(node_id)
+        if client is not None and client._channel.broken is None:
+            return client
+        address = self._addresses.get(node_id)
+        if address is None:
+            return self._seed
+        try:
+            client = await Client.connect(address, timeout=self.timeout)
+        except ConnectError:
+            return self._seed  # it forwards; the next refresh will tell more
+        existing = self._clients.get(node_id)
+        if existing is not None and existing._channel.broken is None:  # another task connected meanwhile
+            await client.aclose()
+            return existing
+        self._clients[node_id] = client
+        if existing is not None:
+            await existing.aclose()  # broken: whatever was waiting on it has failed already
+        return client
+
+    async def _request(self, node_id: str, op: str, args: dict[str, Any]) -> tuple[int, Any]:
+        client = await self._client_for(node_id)
+        if client is self._seed:
+            return await self._via_seed(op, args)
+        try:
+            return await (await client._live_channel()).request(op, args)
+        except (ConnectionLost, RequestTimeout, ClosedError, ConnectError):
+            # That node is gone or stuck, or a refresh closed its connection
+            # meanwhile: the seed forwards, and the map is redone.
+            self._refreshed_at = -math.inf
+            return await self._via_seed(op, args)
+
+    async def _via_seed(self, op: str, args: dict[str, Any]) -> tuple[int, Any]:
+        """Send through the seed; if it is gone, through the member that
+        replaces it (one replacement, shared by every task that saw it fail)."""
+        for _ in range(SEED_ATTEMPTS):
+            seed = self._seed
+            try:
+                return await (await seed._live_channel()).request(op, args)
+            except ClosedError:
+                if self._closed:  # closed by our user
+                    raise
+                # Another task replaced the seed and closed this one: use the new one.
+            except (ConnectionLost, RequestTimeout, ConnectError):
+                await self._replace_seed(seed)
+        raise ConnectionLost("the cluster's members keep going away; no request got through")
+
+    async def _replace_seed(self, broken: Client) -> None:
+        """The node this client first reached is gone: carry on through another member."""
+        async with self._replacing:
+            if self._seed is not broken or self._closed:  # replaced while we waited
+                return
+            for address in self._addresses.values():
+                if address == broken.address:
+                    continue
+                try:
+                    client = await Client.connect(address, timeout=self.timeout)
+                except ConnectError:
+                    continue
+                self._seed = client
+                self._refreshed_at = -math.inf
+                await broken.aclose()
+                return
+        raise ConnectionLost("no member of the cluster answers")
+
+    async def _call(self, op: str, args: dict[str, Any], decode: Callable[[Any], Any]) -> Any:
+        if trio.current_time() - self._refreshed_at > CLUSTER_REFRESH_INTERVAL:
+            await self.refresh()
+        field = codec.MULTI_KEY_OPS.get(op)
+        if not self.shard_map.members or (field is None and op not in codec.SINGLE_KEY_OPS):
+            return _outcome(*await self._via_seed(op, args), decode)
+        if field is None:
+            owner = self.shard_map.owner(args.get("ns", ""), args["key"])
+            return _outcome(*await self._request(owner, op, args), decode)
+        elements = args[field]
+        keys = (e[0] for e in elements) if op == "mset" else elements
+        groups = self.shard_map.group_by_owner(args.get("ns", ""), keys)
+        if len(groups) <= 1:
+            owner = next(iter(groups), "")
+            return _outcome(*await self._request(owner, op, args), decode)
+        results: list[Any] = [None] * len(elements)
+        total = 0
+        errors: list[Exception] = []
+
+        async def part(owner: str, positions: list[int]) -> None:
+            nonlocal total
+            try:
+                reply = await self._request(owner, op, {**args, field: [elements[i] for i in positions]})
+                body = _outcome(*reply, _identity)
+            except (RequestError, ConnectionLost, RequestTimeout, ProtocolError) as exc:
+                errors.append(exc)
+                return
+            if op == "mdelete":
+                total += body
+            else:
+                for i, value in zip(positions, body):
+                    results[i] = value
+
+        async with trio.open_nursery() as nursery:
+            for owner, positions in groups.items():
+                nursery.start_soon(part, owner, positions)
+        if errors:
+            raise errors[0]
+        return decode(total if op == "mdelete" else results)
+
+
+@asynccontextmanager
+async def connect(address: str = DEFAULT_ADDRESS, *, timeout: float = DEFAULT_TIMEOUT) -> AsyncIterator[Client]:
+    """``async with dcache.connect("localhost:48000") as client: ...``"""
+    client = await Client.connect(address, timeout=timeout)
+    try:
+        yield client
+    finally:
+        await client.aclose()
