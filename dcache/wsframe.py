@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from wsproto.connection import ConnectionType
 from wsproto.events import AcceptConnection, RejectConnection, RejectData, Request
-from wsproto.handshake import H11Handshake
+from wsproto.handshake import WEBSOCKET_VERSION, H11Handshake
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 OP_CONTINUATION = 0x0
@@ -33,9 +34,15 @@ CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_UNSUPPORTED_DATA = 1003
+CLOSE_INVALID_DATA = 1007
 CLOSE_TOO_BIG = 1009
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_INTERNAL_ERROR = 1011
+# Codes a peer may put in a close frame (RFC 6455 §7.4.1 and the IANA
+# registry): 1004 is reserved, 1005, 1006 and 1015 are only ever reported
+# locally, never sent; 1016-2999 are unassigned; 3000-4999 are for applications.
+_PEER_CLOSE_CODES = frozenset((*range(1000, 1004), *range(1007, 1015)))
+_APPLICATION_CLOSE_CODES = range(3000, 5000)
 
 _HEADER_SHORT = struct.Struct("!BB")
 _HEADER_MEDIUM = struct.Struct("!BBH")
@@ -116,7 +123,9 @@ def _masking_key() -> bytes:
 
 
 def build_close(code: int = CLOSE_NORMAL, reason: str = "", *, masked: bool, key: bytes | None = None) -> bytes:
-    payload = code.to_bytes(2, "big") + reason.encode()[:120]
+    """A close frame; a ``reason`` too long for a control frame is cut short,
+    between characters (the peer refuses a reason that is not UTF-8)."""
+    payload = code.to_bytes(2, "big") + reason.encode()[:123].decode("utf-8", "ignore").encode()
     return build_frame(payload, opcode=OP_CLOSE, masked=masked, key=key)
 
 
@@ -191,6 +200,8 @@ class FrameParser:
                 if opcode == OP_BINARY:
                     out.append(payload)
                 elif opcode >= OP_CLOSE:
+                    if opcode == OP_CLOSE:
+                        _check_close(payload)
                     out.append(Control(opcode, payload))
                 else:
                     message = self._finish(opcode, payload)
@@ -243,6 +254,21 @@ class FrameParser:
         self._fragments.clear()
         self._fragments_size = 0
         return message
+
+
+def _check_close(payload: bytes) -> None:
+    """RFC 6455 §5.5.1: a close body is empty, or a valid code and a UTF-8 reason."""
+    if not payload:
+        return
+    if len(payload) == 1:
+        raise FrameError(CLOSE_PROTOCOL_ERROR, "close frame with a 1-byte body")
+    code = int.from_bytes(payload[:2], "big")
+    if code not in _PEER_CLOSE_CODES and code not in _APPLICATION_CLOSE_CODES:
+        raise FrameError(CLOSE_PROTOCOL_ERROR, f"close frame with invalid code {code}")
+    try:
+        payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise FrameError(CLOSE_INVALID_DATA, "close reason is not valid UTF-8") from None
 
 
 # -- opening handshake (wsproto) ----------------------------------------------
@@ -299,10 +325,15 @@ class ServerHandshake:
                     return response, _trailing(self._hs)
         except RemoteProtocolError as exc:
             response = b""
-            if exc.event_hint is not None and isinstance(exc.event_hint, RejectConnection):
-                response = _plain_response(
-                    400, "This is a dcache port: it speaks WebSocket. Use the dcache CLI or client.\n"
-                )
+            hint = exc.event_hint
+            if isinstance(hint, RejectConnection):
+                # wsproto's hint carries the status and headers RFC 6455 asks
+                # for, e.g. 426 and Sec-WebSocket-Version for another version.
+                if hint.status_code == 426:
+                    text = f"dcache speaks WebSocket version {WEBSOCKET_VERSION.decode()} only.\n"
+                else:
+                    text = "This is a dcache port: it speaks WebSocket. Use the dcache CLI or client.\n"
+                response = _plain_response(hint.status_code, text, hint.headers)
             raise HandshakeError(f"bad opening handshake: {exc}", response) from None
         except LocalProtocolError as exc:
             raise HandshakeError(f"bad opening handshake: {exc}") from None
@@ -317,11 +348,12 @@ def _trailing(hs: H11Handshake) -> bytes:
     return bytes(hs._h11_connection.trailing_data[0])
 
 
-def _plain_response(status: int, text: str) -> bytes:
+def _plain_response(status: int, text: str, headers: Sequence[tuple[bytes, bytes]] = ()) -> bytes:
     body = text.encode()
-    reason = {400: "Bad Request"}.get(status, "Error")
+    reason = {400: "Bad Request", 426: "Upgrade Required"}.get(status, "Error")
+    extra = "".join(f"{name.decode()}: {value.decode()}\r\n" for name, value in headers)
     head = (
-        f"HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain\r\n"
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain\r\n{extra}"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
     )
     return head.encode() + body

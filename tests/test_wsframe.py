@@ -11,6 +11,7 @@ from wsproto.frame_protocol import FrameProtocol, Opcode
 
 from dcache import wsframe
 from dcache.wsframe import (
+    CLOSE_INVALID_DATA,
     CLOSE_PROTOCOL_ERROR,
     CLOSE_TOO_BIG,
     Control,
@@ -139,6 +140,77 @@ def test_oversize_message_is_refused_before_it_arrives() -> None:
         server_parser(max_message=1000).feed(fragment(b"x" * 1500, wsframe.OP_BINARY, 3, masked=True))
 
 
+def close_frame(body: bytes, *, masked: bool = True) -> bytes:
+    return build_frame(body, opcode=wsframe.OP_CLOSE, masked=masked)
+
+
+VALID_CLOSE_CODES = [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 4000, 4999]
+INVALID_CLOSE_CODES = [0, 1, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535]
+
+
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("code", VALID_CLOSE_CODES)
+def test_close_frames_with_a_valid_code_are_taken(code: int, masked: bool) -> None:
+    parser = server_parser() if masked else client_parser()
+    [got] = parser.feed(close_frame(code.to_bytes(2, "big") + "fin ✓".encode(), masked=masked))
+    assert isinstance(got, Control) and got.close_info() == (code, "fin ✓")
+    [empty] = (server_parser() if masked else client_parser()).feed(close_frame(b"", masked=masked))
+    assert isinstance(empty, Control) and empty.close_info() == (1005, "")
+
+
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("code", INVALID_CLOSE_CODES)
+def test_close_frames_with_an_invalid_code_are_refused(code: int, masked: bool) -> None:
+    parser = server_parser() if masked else client_parser()
+    with pytest.raises(FrameError) as info:
+        parser.feed(close_frame(code.to_bytes(2, "big"), masked=masked))
+    assert info.value.code == CLOSE_PROTOCOL_ERROR
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_a_close_frame_with_a_one_byte_body_is_refused(masked: bool) -> None:
+    parser = server_parser() if masked else client_parser()
+    with pytest.raises(FrameError) as info:
+        parser.feed(close_frame(b"\x03", masked=masked))
+    assert info.value.code == CLOSE_PROTOCOL_ERROR
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [
+        b"\xff",  # never valid
+        b"ok \xc3",  # cut inside a character
+        b"\xc0\xaf",  # overlong encoding of "/"
+        b"\xed\xa0\x80",  # a UTF-16 surrogate
+        b"\xf4\x90\x80\x80",  # past U+10FFFF
+    ],
+)
+@pytest.mark.parametrize("masked", [True, False])
+def test_a_close_reason_that_is_not_utf8_is_refused(reason: bytes, masked: bool) -> None:
+    parser = server_parser() if masked else client_parser()
+    with pytest.raises(FrameError) as info:
+        parser.feed(close_frame(b"\x03\xe8" + reason, masked=masked))
+    assert info.value.code == CLOSE_INVALID_DATA == 1007
+
+
+def test_a_bad_close_frame_is_refused_after_the_messages_before_it_and_in_pieces() -> None:
+    parser = server_parser()
+    stream = build_frame(b"first", masked=True) + close_frame(b"\x03\xe8\xff")
+    assert parser.feed(stream[:11]) == [b"first"]
+    with pytest.raises(FrameError) as info:
+        for i in range(11, len(stream)):
+            parser.feed(stream[i : i + 1])
+    assert info.value.code == CLOSE_INVALID_DATA
+
+
+def test_build_close_cuts_a_long_reason_between_characters() -> None:
+    reason = "a" + "é" * 100  # 201 bytes; a close frame holds at most 123
+    [got] = client_parser().feed(wsframe.build_close(1000, reason, masked=False))
+    assert isinstance(got, Control)
+    code, kept = got.close_info()
+    assert code == 1000 and reason.startswith(kept) and len(kept.encode()) > 110
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.binary(max_size=300), min_size=1, max_size=6), st.lists(st.integers(min_value=1, max_value=50), max_size=40))
 def test_any_split_gives_the_same_messages(payloads: list[bytes], cuts: list[int]) -> None:
@@ -202,6 +274,37 @@ def test_plain_http_gets_a_400() -> None:
         server.feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert info.value.response.startswith(b"HTTP/1.1 400 ")
     assert b"dcache" in info.value.response
+
+
+def upgrade_request(version: bytes | None) -> bytes:
+    lines = [
+        b"GET / HTTP/1.1",
+        b"Host: localhost",
+        b"Connection: Upgrade",
+        b"Upgrade: websocket",
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+    ]
+    if version is not None:
+        lines.append(b"Sec-WebSocket-Version: " + version)
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+@pytest.mark.parametrize("version", [b"8", b"12", b"14", b"13, 8"])
+def test_another_websocket_version_gets_426_naming_13(version: bytes) -> None:
+    with pytest.raises(wsframe.HandshakeError) as info:
+        wsframe.ServerHandshake().feed(upgrade_request(version))
+    head = info.value.response.split(b"\r\n\r\n")[0].split(b"\r\n")
+    assert head[0] == b"HTTP/1.1 426 Upgrade Required"
+    assert b"Sec-WebSocket-Version: 13" in head[1:]
+    assert b"connection: close" in head[1:]
+
+
+def test_a_missing_websocket_version_gets_400_naming_13() -> None:
+    with pytest.raises(wsframe.HandshakeError) as info:
+        wsframe.ServerHandshake().feed(upgrade_request(None))
+    assert info.value.response.startswith(b"HTTP/1.1 400 ")
+    assert b"\r\nSec-WebSocket-Version: 13\r\n" in info.value.response
+    assert wsframe.ServerHandshake().feed(upgrade_request(b"13")) is not None
 
 
 def test_client_refuses_a_non_websocket_answer() -> None:
