@@ -122,7 +122,7 @@ def completion(shell_name: str | None) -> None:
 @click.option("--etcd", envvar="DCACHE_ETCD", metavar="URL", help="etcd endpoint to join a cluster through (also DCACHE_ETCD; default: run standalone).")
 @click.option("--cluster", envvar="DCACHE_CLUSTER", default="default", metavar="NAME", show_default=True, help="Cluster name, to share one etcd.")
 @click.option("--metrics-listen", metavar="HOST:PORT", help="Serve Prometheus metrics at /metrics here.")
-@click.option("--lease-ttl", type=click.FloatRange(1.0, 3600.0), default=5.0, metavar="SECONDS", show_default=True, help="How soon peers notice this node is gone.")
+@click.option("--lease-ttl", type=commands.Seconds(3600, "an hour", minimum=1), default=5.0, metavar="SECONDS", show_default=True, help="How soon peers notice this node is gone.")
 @click.option("--log-level", default="info", metavar="LEVEL", show_default=True, help="debug, info, warning or error.")
 @click.option(
     "--busy-poll-us", envvar="DCACHE_BUSY_POLL_US", type=click.IntRange(0, MAX_BUSY_POLL_US), default=int(DEFAULT_BUSY_POLL_US),
@@ -277,7 +277,7 @@ def cluster_up(nodes: int, client_port: int, peer_port: int, metrics_port: int, 
 @click.option("--mget", type=click.IntRange(min=0), default=0, metavar="N", help="Make each get an mget of this many keys.")
 @click.option("--prefill", is_flag=True, help="Set every key once before measuring.")
 @click.option("--cluster", is_flag=True, help="Use the cluster-aware client: each key goes straight to its owner.")
-@click.option("--time-limit", type=click.FloatRange(min=0.1), default=300.0, metavar="SECONDS", show_default=True, help="Stop after this long.")
+@click.option("--time-limit", type=commands.Seconds(30 * 86400, "30 days", minimum=0.1), default=300.0, metavar="SECONDS", show_default=True, help="Stop after this long.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for scripts).")
 def bench(
     server: str, clients: int, connections: int, pipeline: int, ops: int, ratio: str, value_size: int, keys: int,

@@ -28,7 +28,7 @@ from .errors import (
     RequestError,
     RequestTimeout,
 )
-from .net import RECEIVE_SIZE, BusyPoll, busy_poll_from_env, split_address
+from .net import RECEIVE_SIZE, BusyPoll, busy_poll_from_env, connect_error_text, split_address
 
 DEFAULT_ADDRESS = "localhost:48000"
 DEFAULT_PORT = 48000
@@ -54,7 +54,7 @@ class _Readiness:
             fds = [self._fd]
             ready = any(select.select([] if self._writable else fds, fds if self._writable else [], [], timeout)[:2])
         if not ready:
-            raise socket.timeout("timed out")
+            raise TimeoutError("timed out")
 
 Key = str | bytes
 Value = str | bytes
@@ -360,10 +360,10 @@ class SyncClient(Operations):
         host, port = split_address(address, DEFAULT_PORT)
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
-        except socket.timeout:
+        except TimeoutError:
             raise ConnectError(f"cannot connect to {host}:{port}: timed out after {timeout:g} s") from None
         except OSError as exc:
-            raise ConnectError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+            raise ConnectError(f"cannot connect to {host}:{port}: {connect_error_text(exc)}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         handshake = wsframe.ClientHandshake(f"{host}:{port}")
         try:
@@ -435,7 +435,7 @@ class SyncClient(Operations):
                 if not data:
                     raise ConnectionLost(f"{self.address} closed the connection")
                 self._absorb(data)
-        except socket.timeout:
+        except TimeoutError:
             raise RequestTimeout(f"{what}: no reply from {self.address} within {self.timeout:g} s") from None
         except OSError as exc:
             raise ConnectionLost(f"lost the connection to {self.address}: {exc}") from None

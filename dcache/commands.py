@@ -323,28 +323,29 @@ def bad_input(exc: ValueError) -> Outcome:
 
 
 class Seconds(click.ParamType):
-    """A positive, finite number of seconds up to ``limit``, with an error that says so."""
+    """A finite number of seconds above ``minimum`` (or from it, when it is
+    not 0) up to ``limit``, called ``what`` in errors; click's own ranges
+    let nan through."""
 
     name = "seconds"
 
-    def __init__(self, limit: float, what: str, *, zero: str = "") -> None:
+    def __init__(self, limit: float, what: str, *, minimum: float = 0, zero: str = "") -> None:
         self.limit = limit
         self.what = what
+        self.minimum = minimum
         self.zero = zero  # what 0 means, if it is allowed
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
             number = float(value)
-        else:
-            try:
-                number = float(value)
-            except ValueError:
-                number = math.nan
+        except (TypeError, ValueError):
+            number = math.nan
         if number == 0 and self.zero:
             return number
-        if not 0 < number <= self.limit:
+        if not (self.minimum <= number if self.minimum else 0 < number) or not number <= self.limit:
+            low = f"from {self.minimum:g} s" if self.minimum else "above 0"
             zero = f", or 0 for {self.zero}" if self.zero else ""
-            self.fail(f"{value!r} is not a positive number of seconds of at most {self.what}{zero}", param, ctx)
+            self.fail(f"{value!r} is not a number of seconds {low} up to {self.what}{zero}", param, ctx)
         return number
 
 

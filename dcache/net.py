@@ -104,6 +104,20 @@ class BusyPoll:
 GAVE_WAY = object()
 
 
+def connect_error_text(exc: OSError) -> str:
+    """Why a connection failed, in the system's words ("Connection refused"),
+    whether the error came from the socket module or from trio (which wraps
+    one error per address it tried in a group)."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno is not None and cause.errno > 0:
+            return os.strerror(cause.errno)  # trio puts the address into strerror
+        if isinstance(cause, OSError) and cause.strerror:  # name lookups (negative codes)
+            return cause.strerror
+        cause = cause.exceptions[0] if isinstance(cause, BaseExceptionGroup) else cause.__cause__
+    return str(exc)
+
+
 def split_address(address: str, default_port: int) -> tuple[str, int]:
     """Parse ``host:port`` (``[v6]:port``, or just ``host``) with a clear error."""
     if "://" in address:

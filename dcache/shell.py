@@ -107,7 +107,7 @@ class ShellSession:
             self._learn_members()
             return True
         self.client = None
-        self.error(f"cannot connect: {last_error}")
+        self.error(str(last_error))  # ConnectError says "cannot connect to HOST:PORT: why"
         return False
 
     def _learn_members(self) -> None:

@@ -23,6 +23,7 @@ from .net import (
     RECEIVE_SIZE,
     BusyPoll,
     busy_poll_from_env,
+    connect_error_text,
     split_address,
 )
 
@@ -468,7 +469,7 @@ async def connect(
         try:
             stream = await trio.open_tcp_stream(host, port)
         except OSError as exc:
-            raise ConnectError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+            raise ConnectError(f"cannot connect to {host}:{port}: {connect_error_text(exc)}") from None
         try:
             handshake = wsframe.ClientHandshake(f"{host}:{port}")
             await stream.send_all(handshake.request)

@@ -281,10 +281,12 @@ async def test_connect_errors_are_typed() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with trio.fail_after(TIMEOUT):
-        with pytest.raises(dcache.ConnectError, match="cannot connect"):
+        with pytest.raises(dcache.ConnectError) as refused_async:
             await dcache.Client.connect(f"127.0.0.1:{port}")
-    with pytest.raises(dcache.ConnectError):
+    with pytest.raises(dcache.ConnectError) as refused_sync:
         await trio.to_thread.run_sync(lambda: dcache.SyncClient(f"127.0.0.1:{port}"))
+    # Both clients say it in the same words.
+    assert str(refused_async.value) == str(refused_sync.value) == f"cannot connect to 127.0.0.1:{port}: Connection refused"
 
 
 async def test_request_timeout_when_node_never_answers(nursery: trio.Nursery) -> None:
@@ -504,3 +506,26 @@ async def test_a_stopping_node_tells_its_clients(nursery: trio.Nursery) -> None:
         with pytest.raises(transport.ConnectionClosed) as closed:
             await conn.receive()
         assert (closed.value.code, closed.value.reason) == (wsframe.CLOSE_GOING_AWAY, "the node is shutting down")
+
+
+async def test_sync_client_pipeline(nursery: trio.Nursery) -> None:
+    _, bound = await start_node(nursery, limits=Limits(max_batch=8))
+
+    def use_it() -> tuple[list, list]:
+        with dcache.SyncClient(bound.client_address, timeout=TIMEOUT) as c:
+            p = c.pipeline()
+            p.set("a", "1").get("a").get("nope").ttl("a").delete("a")
+            assert len(p) == 5
+            done = p.execute()
+            p.set("b", "2").mget([f"k{i}" for i in range(9)]).get("b")  # the mget is over the node's batch limit
+            with pytest.raises(dcache.RequestError, match="batch_too_large"):
+                p.execute()
+            p.set("b", "3").mget([f"k{i}" for i in range(9)]).get("b")
+            return done, p.execute(raise_on_error=False)
+
+    with trio.fail_after(TIMEOUT):
+        done, kept_going = await trio.to_thread.run_sync(use_it)
+    version, value, missing, ttl, deleted = done
+    assert (value, missing, ttl, deleted) == (b"1", None, float("inf"), True) and version > 0
+    assert kept_going[0] > 0 and kept_going[2] == b"3"
+    assert isinstance(kept_going[1], dcache.RequestError) and kept_going[1].code == "batch_too_large"

@@ -246,3 +246,16 @@ async def test_a_relayed_reply_that_comes_alone_passes_through_as_encoded() -> N
     assert replies[0] == b"\x00" + loose_value
     assert replies[1] == codec.encode_rest(0, b"abc")
     assert codec.decode_rest(replies[2]) == (1, ["moved", "not here", {"epoch": 2}])
+
+
+async def test_a_connection_another_task_closed_is_closed_not_a_value_error() -> None:
+    """A task that starts to read or write after another closed the
+    connection gets ConnectionClosed, not trio's ValueError about a
+    descriptor of -1 (ClusterClient's tasks close each other's connections)."""
+    conn, peer = await pair(poll=0)
+    with trio.fail_after(5):
+        await conn.stream.aclose()
+        with pytest.raises(transport.ConnectionClosed):
+            await conn.receive()
+        with pytest.raises(transport.ConnectionClosed):
+            await conn.send(b"x" * (8 << 20))  # more than the socket takes at once
