@@ -2,6 +2,9 @@
 
 Bounded by a number of operations and a time limit. Every request's latency
 is recorded (8 bytes each), so percentiles are exact.
+
+It writes ``key:0`` … ``key:N-1`` in a namespace of its own (``BenchConfig.ns``)
+and deletes them all when it ends, however it ends, unless told to keep them.
 """
 
 from __future__ import annotations
@@ -16,10 +19,20 @@ from typing import Any, Callable
 import trio
 
 from .aio import Client, ClusterClient
-from .errors import RequestError
+from .codec import MAX_NAMESPACE_BYTES, Limits
+from .errors import DcacheError, RequestError
 
 MAX_OPS = 20_000_000
 DEFAULT_TIME_LIMIT = 300.0
+# A namespace of the bench's own, named after it so no application uses it by
+# chance: its key:0 … key:N-1 then never overwrite (nor, when it cleans up,
+# delete) a user's keys of those names, which live in the default namespace "".
+DEFAULT_NS = "dcache-bench"
+# Keys per request when prefilling or cleaning up (within the node's limits too).
+BATCH_KEYS = 1000
+# How long a run that ends early (time is up for the caller, Ctrl-C, an error)
+# may go on deleting its keys: ~10M keys at a local node's ~350k deletes/s.
+CLEANUP_TIME_LIMIT = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +52,8 @@ class BenchConfig:
     time_limit: float = DEFAULT_TIME_LIMIT
     seed: int = 0
     cluster: bool = False  # a ClusterClient per connection: keys go straight to their owners
+    ns: str = DEFAULT_NS  # "" is the default namespace: the bench then overwrites and deletes users' key:N
+    keep: bool = False  # leave the keys written rather than delete them at the end
 
     def __post_init__(self) -> None:
         if not self.servers:
@@ -54,6 +69,8 @@ class BenchConfig:
             raise ValueError("--value-size and --mget cannot be negative")
         if self.cluster and self.pipeline > 1:
             raise ValueError("--pipeline above 1 is not available with --cluster yet")
+        if len(self.ns.encode()) > MAX_NAMESPACE_BYTES:
+            raise ValueError(f"--ns must be at most {MAX_NAMESPACE_BYTES} bytes")
 
 
 def parse_ratio(text: str) -> tuple[int, int]:
@@ -93,6 +110,8 @@ class BenchResult:
     elapsed_s: float
     ops: int
     summaries: tuple[OpSummary, ...]
+    removed_keys: int = 0  # deleted at the end (the keys that existed of key:0 … key:N-1)
+    cleanup_error: str | None = None  # why the cleanup stopped short, leaving keys behind
 
     @property
     def ops_per_s(self) -> float:
@@ -110,6 +129,8 @@ class BenchResult:
             "keys": c.keys,
             "mget": c.mget,
             "cluster": c.cluster,
+            "ns": c.ns,
+            "keep": c.keep,
             "elapsed_s": round(self.elapsed_s, 3),
             "ops": self.ops,
             "ops_per_s": round(self.ops_per_s, 1),
@@ -127,6 +148,8 @@ class BenchResult:
                 }
                 for s in self.summaries
             },
+            "removed_keys": self.removed_keys,
+            "cleanup_error": self.cleanup_error,
         }
 
 
@@ -153,9 +176,26 @@ def summarize(op: str, record: OpRecord, elapsed: float) -> OpSummary:
     )
 
 
-async def run_bench(config: BenchConfig, *, on_progress: Callable[[int], None] | None = None) -> BenchResult:
-    """Run the workload; ``on_progress(done)`` is called about ten times a second."""
+async def run_bench(
+    config: BenchConfig,
+    *,
+    on_progress: Callable[[int], None] | None = None,
+    on_cleanup_progress: Callable[[int, int], None] | None = None,
+) -> BenchResult:
+    """Run the workload; ``on_progress(done)`` is called about ten times a second.
+
+    Then, unless ``config.keep``, delete every key the run may have written,
+    calling ``on_cleanup_progress(swept, total)`` as it goes; prefill and
+    cleanup are outside the timing. A cleanup that fails (a lost node, say)
+    stops at once and is reported in ``BenchResult.cleanup_error``.
+
+    A run that ends early (the caller cancels it, Ctrl-C, an error) cleans up
+    too, shielded from the cancellation but for at most ``CLEANUP_TIME_LIMIT``
+    seconds; a failure of that cleanup is not raised, so the error that ended
+    the run is the one raised. Another Ctrl-C stops it at once.
+    """
     clients: list[Any] = []
+    cleanup: _Cleanup | None = None
     try:
         for server in config.servers:
             for _ in range(config.connections):
@@ -169,6 +209,8 @@ async def run_bench(config: BenchConfig, *, on_progress: Callable[[int], None] |
         if config.mget > limits.max_batch:
             raise ValueError(f"--mget {config.mget:,} is over the node's limit of {limits.max_batch:,} keys per request")
         value = random.Random(config.seed).randbytes(config.value_size)
+        if not config.keep and (config.prefill or config.sets):
+            cleanup = _Cleanup(clients[0], config.ns, config.keys, on_cleanup_progress)
         if config.prefill:
             await _prefill(clients[0], config, value)
         records = {"set": OpRecord(), "get": OpRecord()}
@@ -181,18 +223,18 @@ async def run_bench(config: BenchConfig, *, on_progress: Callable[[int], None] |
             client = clients[n % len(clients)]
             rng = random.Random(config.seed * 1_000_003 + n)
             keyspace, pipeline, mget = config.keys, config.pipeline, config.mget
-            ttl = config.ttl
+            ttl, ns = config.ttl, config.ns
             while claimed < config.ops:
                 batch = min(pipeline, config.ops - claimed)
                 claimed += batch
                 ops = ["set" if rng.random() < set_share else "get" for _ in range(batch)]
                 started = time.perf_counter()
                 if batch == 1:
-                    outcomes = [await _one(client, ops[0], rng, keyspace, value, ttl, mget)]
+                    outcomes = [await _one(client, ops[0], rng, keyspace, value, ttl, mget, ns)]
                 else:
                     p = client.pipeline()
                     for op in ops:
-                        _queue(p, op, rng, keyspace, value, ttl, mget)
+                        _queue(p, op, rng, keyspace, value, ttl, mget, ns)
                     outcomes = await p.execute(raise_on_error=False)
                 elapsed = time.perf_counter() - started
                 for op, outcome in zip(ops, outcomes):
@@ -217,37 +259,94 @@ async def run_bench(config: BenchConfig, *, on_progress: Callable[[int], None] |
                 nursery.cancel_scope.cancel()
         elapsed = time.perf_counter() - started
         summaries = tuple(summarize(op, rec, elapsed) for op, rec in records.items() if rec.latencies)
-        return BenchResult(config, elapsed, done, summaries)
+        if cleanup is None:
+            return BenchResult(config, elapsed, done, summaries)
+        try:
+            await cleanup.run()
+        except DcacheError as exc:  # the figures stand; say what is left behind
+            return BenchResult(config, elapsed, done, summaries, cleanup.removed, str(exc))
+        return BenchResult(config, elapsed, done, summaries, cleanup.removed)
+    except BaseException:
+        if cleanup is not None and not cleanup.finished:
+            with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_TIME_LIMIT):
+                try:
+                    await cleanup.run()
+                except Exception:
+                    pass  # the error that ended the run is the one to raise
+        raise
     finally:
         for client in clients:
             await client.aclose()
 
 
-async def _one(client: Any, op: str, rng: random.Random, keyspace: int, value: bytes, ttl: float | None, mget: int) -> Any:
+class _Cleanup:
+    """Deletes ``key:0`` … ``key:N-1`` of namespace ``ns`` in batches the node
+    takes; run again after an interruption, it goes on from the batch it was at."""
+
+    def __init__(self, client: Any, ns: str, keys: int, on_progress: Callable[[int, int], None] | None) -> None:
+        self.client = client
+        self.ns = ns
+        self.total = _keys_that_fit(keys, client.limits.max_key_bytes)  # the others could not be written
+        self.step = _batch_size(client.limits, len(f"key:{keys}") + 16)
+        self.on_progress = on_progress
+        self.swept = 0
+        self.removed = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.swept >= self.total
+
+    async def run(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress(self.swept, self.total)
+        while self.swept < self.total:
+            end = min(self.total, self.swept + self.step)
+            self.removed += await self.client.mdelete([f"key:{i}" for i in range(self.swept, end)], ns=self.ns)
+            self.swept = end
+            if self.on_progress is not None:
+                self.on_progress(end, self.total)
+
+
+def _keys_that_fit(keys: int, max_key_bytes: int) -> int:
+    """How many of ``key:0`` … ``key:N-1`` are within the node's key size limit."""
+    digits = max_key_bytes - len("key:")
+    if digits < 1:
+        return 0
+    return keys if digits >= len(str(keys)) else min(keys, 10**digits)
+
+
+def _batch_size(limits: Limits, item_bytes: int) -> int:
+    """Items per request: at most BATCH_KEYS, the node's batch limit, and half its frame limit."""
+    return max(1, min(BATCH_KEYS, limits.max_batch, limits.max_frame_bytes // 2 // item_bytes))
+
+
+async def _one(
+    client: Any, op: str, rng: random.Random, keyspace: int, value: bytes, ttl: float | None, mget: int, ns: str
+) -> Any:
     try:
         if op == "set":
-            return await client.set(f"key:{rng.randrange(keyspace)}", value, ttl=ttl)
+            return await client.set(f"key:{rng.randrange(keyspace)}", value, ttl=ttl, ns=ns)
         if mget:
-            return await client.mget([f"key:{rng.randrange(keyspace)}" for _ in range(mget)])
-        return await client.get(f"key:{rng.randrange(keyspace)}")
+            return await client.mget([f"key:{rng.randrange(keyspace)}" for _ in range(mget)], ns=ns)
+        return await client.get(f"key:{rng.randrange(keyspace)}", ns=ns)
     except RequestError as exc:
         return exc
 
 
-def _queue(p: Any, op: str, rng: random.Random, keyspace: int, value: bytes, ttl: float | None, mget: int) -> None:
+def _queue(p: Any, op: str, rng: random.Random, keyspace: int, value: bytes, ttl: float | None, mget: int, ns: str) -> None:
     if op == "set":
-        p.set(f"key:{rng.randrange(keyspace)}", value, ttl=ttl)
+        p.set(f"key:{rng.randrange(keyspace)}", value, ttl=ttl, ns=ns)
     elif mget:
-        p.mget([f"key:{rng.randrange(keyspace)}" for _ in range(mget)])
+        p.mget([f"key:{rng.randrange(keyspace)}" for _ in range(mget)], ns=ns)
     else:
-        p.get(f"key:{rng.randrange(keyspace)}")
+        p.get(f"key:{rng.randrange(keyspace)}", ns=ns)
 
 
 async def _prefill(client: Any, config: BenchConfig, value: bytes) -> None:
-    step = max(1, min(1000, client.limits.max_batch, client.limits.max_frame_bytes // 2 // (len(value) + 32)))
+    step = _batch_size(client.limits, len(value) + 32)
     for start in range(0, config.keys, step):
         end = min(config.keys, start + step)
-        await client.mset({f"key:{i}": value for i in range(start, end)}, ttl=config.ttl)
+        await client.mset({f"key:{i}": value for i in range(start, end)}, ttl=config.ttl, ns=config.ns)
 
 
 async def _report_progress(done: Callable[[], int], on_progress: Callable[[int], None]) -> None:

@@ -14,7 +14,7 @@ import trio
 import dcache
 from dcache import codec, wsframe
 from dcache.bench import BenchConfig, OpRecord, parse_ratio, summarize
-from dcache.node import Node, NodeConfig
+from dcache.node import BoundAddresses, Node, NodeConfig
 
 
 def test_parse_ratio() -> None:
@@ -148,3 +148,134 @@ async def test_a_batch_over_the_frame_limit_is_refused_before_it_is_sent(nursery
                 await client.mget([f"{i:0>1000}" for i in range(200)])
             await client.set("k", "v")  # the connection is still good
             assert await client.get("k") == b"v"
+
+
+# -- the bench and users' data ----------------------------------------------------
+
+
+async def _node(nursery: trio.Nursery, **limits: int) -> str:
+    node = Node(NodeConfig(client_listen="127.0.0.1:0", listen="127.0.0.1:0", limits=codec.Limits(**limits)))
+    return (await nursery.start(node.run)).client_address
+
+
+async def test_bench_leaves_a_users_keys_of_the_same_names_alone(nursery: trio.Nursery) -> None:
+    from dcache.bench import run_bench
+
+    address = await _node(nursery)
+    with trio.fail_after(20):
+        async with dcache.connect(address) as client:
+            await client.set("key:1", "the user's")
+            await run_bench(BenchConfig(servers=(address,), clients=4, ops=500, keys=100, sets=1, gets=1, prefill=True))
+            assert await client.get("key:1") == b"the user's"
+            assert (await client.stats())["keys"] == 1
+
+
+async def test_bench_deletes_its_keys_in_batches_the_node_takes(nursery: trio.Nursery) -> None:
+    from dcache.bench import DEFAULT_NS, run_bench
+
+    # 500 keys of up to 7 bytes: a 2000-byte frame takes fewer than 100 of them, so cleanup needs many requests.
+    address = await _node(nursery, max_frame_bytes=2000, max_batch=80)
+    progress: list[tuple[int, int]] = []
+    with trio.fail_after(20):
+        result = await run_bench(
+            BenchConfig(servers=(address,), clients=4, ops=500, keys=500, sets=1, gets=1, value_size=10, prefill=True),
+            on_cleanup_progress=lambda swept, total: progress.append((swept, total)),
+        )
+        async with dcache.connect(address) as client:
+            assert (await client.stats())["keys"] == 0
+    assert not any(s.errors for s in result.summaries)
+    assert result.removed_keys == 500 and result.cleanup_error is None
+    assert result.as_dict()["removed_keys"] == 500 and result.as_dict()["ns"] == DEFAULT_NS
+    assert progress[0] == (0, 500) and progress[-1] == (500, 500) and len(progress) > 5
+    assert [swept for swept, _ in progress] == sorted(swept for swept, _ in progress)
+
+
+async def test_bench_keeps_its_keys_when_asked_in_the_namespace_asked(nursery: trio.Nursery) -> None:
+    from dcache.bench import run_bench
+
+    address = await _node(nursery)
+    with trio.fail_after(20):
+        result = await run_bench(BenchConfig(servers=(address,), clients=4, ops=200, keys=50, prefill=True, keep=True, ns="mine"))
+        async with dcache.connect(address) as client:
+            assert (await client.stats())["keys"] == 50
+            assert None not in await client.mget([f"key:{i}" for i in range(50)], ns="mine")
+            assert await client.get("key:1") is None
+    assert result.removed_keys == 0
+
+
+async def test_a_run_cut_short_by_its_time_limit_still_cleans_up(nursery: trio.Nursery) -> None:
+    from dcache.bench import MAX_OPS, run_bench
+
+    address = await _node(nursery)
+    with trio.fail_after(30):
+        result = await run_bench(BenchConfig(servers=(address,), clients=4, ops=MAX_OPS, keys=300, prefill=True, time_limit=0.3))
+        async with dcache.connect(address) as client:
+            assert (await client.stats())["keys"] == 0
+    assert result.ops < MAX_OPS
+    assert result.removed_keys == 300
+
+
+async def test_a_run_cancelled_or_failing_midway_still_cleans_up(nursery: trio.Nursery) -> None:
+    from dcache.bench import run_bench
+
+    address = await _node(nursery)
+    # Several cleanup requests: a cleanup not shielded from the cancellation would send at most the first.
+    config = BenchConfig(servers=(address,), clients=4, ops=20_000_000, keys=3500, prefill=True)
+    with trio.fail_after(30):
+        async with dcache.connect(address) as client:
+            with trio.CancelScope() as caller:  # as Ctrl-C in the CLI, or a caller's deadline
+
+                def cancel_once_running(done: int) -> None:
+                    if done:
+                        caller.cancel()
+
+                await run_bench(config, on_progress=cancel_once_running)
+            assert caller.cancelled_caught
+            assert (await client.stats())["keys"] == 0
+
+            def fail_once_running(done: int) -> None:
+                if done:
+                    raise RuntimeError("the caller's own error")
+
+            with pytest.RaisesGroup(pytest.RaisesExc(RuntimeError, match="the caller's own error"), flatten_subgroups=True):
+                await run_bench(config, on_progress=fail_once_running)
+            assert (await client.stats())["keys"] == 0
+
+
+async def _node_to_lose(nursery: trio.Nursery) -> tuple[str, trio.CancelScope]:
+    """A node, and the scope whose cancellation stops it dead (its connections closed)."""
+    node = Node(NodeConfig(client_listen="127.0.0.1:0", listen="127.0.0.1:0"))
+    scope = trio.CancelScope()
+
+    async def run(task_status: trio.TaskStatus[BoundAddresses] = trio.TASK_STATUS_IGNORED) -> None:
+        with scope:
+            await node.run(task_status=task_status)
+
+    return (await nursery.start(run)).client_address, scope
+
+
+async def test_a_lost_node_neither_hangs_the_cleanup_nor_hides_the_error(nursery: trio.Nursery) -> None:
+    from dcache.bench import run_bench
+
+    # The run went well, the node is lost as cleanup starts: the figures stand, and the result says what happened.
+    address, node = await _node_to_lose(nursery)
+    with trio.fail_after(20):
+        result = await run_bench(
+            BenchConfig(servers=(address,), clients=4, ops=300, keys=100, prefill=True),
+            on_cleanup_progress=lambda swept, total: node.cancel(),
+        )
+    assert result.ops == 300 and result.removed_keys == 0
+    assert result.cleanup_error is not None and "lost the connection" in result.cleanup_error
+    assert result.as_dict()["cleanup_error"] == result.cleanup_error
+
+    # The run fails and the node is lost with it: its error is the one raised, not the cleanup's.
+    address, node = await _node_to_lose(nursery)
+
+    def fail_and_lose_the_node(done: int) -> None:
+        if done:
+            node.cancel()
+            raise RuntimeError("the caller's own error")
+
+    failed = pytest.RaisesGroup(pytest.RaisesExc(RuntimeError, match="the caller's own error"), flatten_subgroups=True)
+    with trio.fail_after(20), failed:
+        await run_bench(BenchConfig(servers=(address,), clients=4, ops=20_000_000, keys=100), on_progress=fail_and_lose_the_node)
