@@ -199,6 +199,7 @@ def _first_leaf(group: BaseException) -> BaseException:
     return group
 
 
+MAX_BENCH_KEYS = 10_000_000  # the cleanup sweeps them all: about 30 s at this size
 LEAVE_TIMEOUT = 0.6  # seconds: leaving the cluster must fit in the second a stop may take
 
 
@@ -272,7 +273,9 @@ def cluster_up(nodes: int, client_port: int, peer_port: int, metrics_port: int, 
 @click.option("--ops", "-n", type=click.IntRange(min=1), default=100_000, metavar="N", show_default=True, help="Total operations.")
 @click.option("--ratio", default="1:10", metavar="SETS:GETS", show_default=True, help="Mix of sets to gets.")
 @click.option("--value-size", "-d", type=click.IntRange(min=0), default=100, metavar="BYTES", show_default=True, help="Bytes per value.")
-@click.option("--keys", type=click.IntRange(min=1), default=100_000, metavar="N", show_default=True, help="Distinct keys (key:0 … key:N-1).")
+@click.option("--keys", type=click.IntRange(1, MAX_BENCH_KEYS), default=100_000, metavar="N", show_default=True, help="Distinct keys (key:0 … key:N-1).")
+@click.option("--ns", default="dcache-bench", metavar="NAME", show_default=True, help="Namespace to write the keys in, apart from your own.")
+@click.option("--keep", is_flag=True, help="Leave the keys written, instead of deleting them at the end.")
 @click.option("--ttl", type=commands.Seconds(commands.MAX_TTL, "100 years", zero="none"), default=0, metavar="SECONDS", help="TTL of the entries set; 0 for none.")
 @click.option("--mget", type=click.IntRange(min=0), default=0, metavar="N", help="Make each get an mget of this many keys.")
 @click.option("--prefill", is_flag=True, help="Set every key once before measuring.")
@@ -281,7 +284,7 @@ def cluster_up(nodes: int, client_port: int, peer_port: int, metrics_port: int, 
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for scripts).")
 def bench(
     server: str, clients: int, connections: int, pipeline: int, ops: int, ratio: str, value_size: int, keys: int,
-    ttl: float, mget: int, prefill: bool, cluster: bool, time_limit: float, as_json: bool,
+    ns: str, keep: bool, ttl: float, mget: int, prefill: bool, cluster: bool, time_limit: float, as_json: bool,
 ) -> None:  # fmt: skip
     """Load-test a node or a cluster and report ops/s and latency percentiles."""
     import trio
@@ -303,15 +306,22 @@ def bench(
             servers=(server,),
             cluster=cluster, clients=clients, connections=connections, pipeline=pipeline, ops=ops, sets=sets,
             gets=gets, value_size=value_size, keys=keys, ttl=ttl or None, prefill=prefill, mget=mget,
-            time_limit=time_limit,
+            time_limit=time_limit, ns=ns, keep=keep,
         )  # fmt: skip
         console = Console(stderr=True)
         with Progress(
-            TextColumn("bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             console=console, transient=True, disable=as_json or not console.is_terminal,
         ) as progress:  # fmt: skip
-            task = progress.add_task("ops", total=ops)
-            result = trio.run(lambda: run_bench(config, on_progress=lambda done: progress.update(task, completed=done)))
+            task = progress.add_task("bench", total=ops)
+            cleanup = progress.add_task("cleaning up", total=None, visible=False)
+            result = trio.run(
+                lambda: run_bench(
+                    config,
+                    on_progress=lambda done: progress.update(task, completed=done),
+                    on_cleanup_progress=lambda swept, total: progress.update(cleanup, completed=swept, total=total, visible=True),
+                )
+            )
     except ValueError as exc:
         _error(str(exc), as_json=as_json)
     except DcacheError as exc:
@@ -321,8 +331,11 @@ def bench(
         if error is None:
             raise
         sys.exit(commands.render(commands.failure(error), as_json=as_json))  # type: ignore[arg-type]
+    left = f"cleanup stopped: {result.cleanup_error}; keys may be left in namespace {ns!r}" if result.cleanup_error else None
     if as_json:
         print(json.dumps(result.as_dict()))
+        if left:
+            print(f"warning: {printable(left)}", file=sys.stderr)
         return
     c = result.config
     table = Table(
@@ -344,6 +357,10 @@ def bench(
     for s in result.summaries:
         if s.first_error:
             print(printable(f"{s.op}: {s.errors:,} errors; the first: {s.first_error}"), file=sys.stderr)
+    if left:
+        print(f"warning: {printable(left)}", file=sys.stderr)
+    elif not c.keep and result.removed_keys:
+        print(f"removed the {result.removed_keys:,} keys it wrote in namespace {c.ns!r} (--keep leaves them)", file=sys.stderr)
 
 
 def main() -> None:

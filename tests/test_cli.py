@@ -430,3 +430,16 @@ def test_completion_scripts_come_from_the_command(tmp_path: pytest.TempPathFacto
     assert r.returncode == 2 and r.stderr.count(b"\n") == 1
     r = subprocess.run([sys.executable, "-m", "dcache.completion", "--help"], capture_output=True, timeout=20, cwd=tmp_path)
     assert r.returncode == 0 and b"usage:" in r.stdout and not list(tmp_path.iterdir())  # no folder named --help
+
+
+def test_bench_leaves_your_keys_alone_and_nothing_behind(server: ServeProcess) -> None:
+    assert dcache("set", "key:1", "mine", server=server).returncode == 0
+    keys_before = json.loads(dcache("stats", "--json", server=server).stdout)["keys"]
+    r = dcache("bench", "--ops", "300", "--clients", "3", "--keys", "20", "--ratio", "1:1", server=server)
+    assert r.returncode == 0, r.stderr
+    assert b"removed the" in r.stderr and b"'dcache-bench'" in r.stderr
+    assert dcache("get", "key:1", server=server).stdout == b"mine"
+    assert json.loads(dcache("stats", "--json", server=server).stdout)["keys"] == keys_before
+    r = dcache("bench", "--ops", "50", "--keys", "5", "--ratio", "1:0", "--ns", "kept", "--keep", "--json", server=server)
+    assert r.returncode == 0 and json.loads(r.stdout)["removed_keys"] == 0
+    assert json.loads(dcache("stats", "--json", server=server).stdout)["keys"] > keys_before
