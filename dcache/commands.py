@@ -495,6 +495,9 @@ def rich_table(data: TableData) -> Table:
     return table
 
 
+SHOWN_BINARY_BYTES = 1024  # of a value that is not text, shown escaped on a terminal
+
+
 def render(outcome: Outcome, *, as_json: bool) -> int:
     """Print an outcome the way scripts and people expect; return the exit status."""
     if as_json:
@@ -506,10 +509,11 @@ def render(outcome: Outcome, *, as_json: bool) -> int:
 
         Console().print(rich_table(outcome.table))
     elif isinstance(outcome.stdout, bytes):
-        shown = show_value(outcome.stdout) if tty else ""
-        if shown.startswith("b"):  # binary, on a terminal: escaped, not raw
-            print(shown)
-            print(f"({len(outcome.stdout):,} bytes, not text: redirect the output for the raw bytes)", file=sys.stderr)
+        value = outcome.stdout
+        shown = show_value(value[:SHOWN_BINARY_BYTES]) if tty else ""
+        if shown.startswith("b"):  # binary, on a terminal: escaped, not raw, and not all of a big one
+            print(shown + (" …" if len(value) > SHOWN_BINARY_BYTES else ""))
+            print(f"({len(value):,} bytes, not text: redirect the output for the raw bytes)", file=sys.stderr)
         else:
             sys.stdout.buffer.write(outcome.stdout)
             if tty and not outcome.stdout.endswith(b"\n"):

@@ -381,6 +381,19 @@ def test_a_binary_value_is_shown_escaped_on_a_terminal(server: ServeProcess) -> 
     assert r.returncode == 0
     assert shown.strip() == b"b'\\x00\\xffraw'"
     assert b"not text" in r.stderr
+    # A big one shows its first KiB, escaped, and says how big it is.
+    assert dcache("set", "big", server=server, stdin=b"\xff" * 100_000).returncode == 0
+    leader, follower = pty.openpty()
+    try:
+        r = subprocess.run([*DCACHE, "get", "big", "--server", server.client_address], stdout=follower, stderr=subprocess.PIPE, timeout=20)
+        shown = b""
+        while not shown.endswith(b"\n"):
+            shown += os.read(leader, 65536)
+    finally:
+        os.close(leader)
+        os.close(follower)
+    assert shown.startswith(b"b'\\xff") and shown.rstrip().endswith(b"' \xe2\x80\xa6") and len(shown) < 5000
+    assert b"100,000 bytes, not text" in r.stderr
 
 
 def test_one_shot_commands_load_no_event_loop(server: ServeProcess) -> None:
