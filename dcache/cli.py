@@ -15,7 +15,6 @@ reached (or the command line is wrong), 3 when the node refused the request.
 from __future__ import annotations
 
 import json
-import logging
 import signal
 import sys
 from typing import Any, NoReturn
@@ -141,6 +140,8 @@ def serve(
     busy_poll_us: int,
 ) -> None:
     """Run a node: standalone by default, or part of a cluster with --etcd."""
+    import logging
+
     import trio
 
     from . import transport
@@ -181,6 +182,8 @@ def serve(
 
 
 def _log_level(name: str) -> int:
+    import logging
+
     level = logging.getLevelName(name.upper())
     if not isinstance(level, int):
         _error(f"unknown --log-level {name!r}; use debug, info, warning or error")
@@ -204,6 +207,8 @@ LEAVE_TIMEOUT = 0.6  # seconds: leaving the cluster must fit in the second a sto
 
 
 async def _serve_until_signalled(node: Any) -> None:
+    import logging
+
     import trio
 
     log = logging.getLogger("dcache.node")

@@ -359,7 +359,8 @@ class SyncClient(Operations):
     def _open(self, address: str, timeout: float) -> tuple[socket.socket, bytes]:
         host, port = split_address(address, DEFAULT_PORT)
         try:
-            sock = socket.create_connection((host, port), timeout=timeout)
+            # An ASCII name as bytes: the socket module would load the IDNA codec for text.
+            sock = socket.create_connection((host.encode() if host.isascii() else host, port), timeout=timeout)
         except TimeoutError:
             raise ConnectError(f"cannot connect to {host}:{port}: timed out after {timeout:g} s") from None
         except OSError as exc:

@@ -7,15 +7,12 @@ Importing this module loads no event loop, so one-shot commands stay quick.
 from __future__ import annotations
 
 import ipaddress
-import logging
 import math
 import os
 import socket
 import time
 from collections.abc import Mapping
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 RECEIVE_SIZE = 64 * 1024
 DEFAULT_BUSY_POLL_US = 1000.0
@@ -32,7 +29,11 @@ def busy_poll_from_env(environ: Mapping[str, str] = os.environ) -> float:
     except ValueError:
         us = math.nan
     if not 0 <= us <= MAX_BUSY_POLL_US:
-        log.warning("ignoring DCACHE_BUSY_POLL_US=%r: expected microseconds from 0 to %d", raw, MAX_BUSY_POLL_US)
+        import logging  # only now: a one-shot command never loads it otherwise
+
+        logging.getLogger(__name__).warning(
+            "ignoring DCACHE_BUSY_POLL_US=%r: expected microseconds from 0 to %d", raw, MAX_BUSY_POLL_US
+        )
         return DEFAULT_BUSY_POLL_US / 1e6
     return us / 1e6
 

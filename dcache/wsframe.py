@@ -1,7 +1,8 @@
 """WebSocket framing (RFC 6455) without I/O, tuned for many small binary messages.
 
-wsproto does the opening handshake (see :func:`client_handshake` and
-:func:`server_handshake`); after it, this module parses and builds frames. It
+The opening handshake is wsproto's on the server side and a few lines of
+ours on the client side (see :class:`ClientHandshake`, :class:`ServerHandshake`);
+after it, this module parses and builds frames. It
 is small on purpose: per-message cost decides dcache's speed, and a general
 WebSocket library spends most of its time in layers we do not need (no
 extensions are negotiated, so RSV bits are always zero).
@@ -16,11 +17,6 @@ import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-from wsproto.connection import ConnectionType
-from wsproto.events import AcceptConnection, RejectConnection, RejectData, Request
-from wsproto.handshake import WEBSOCKET_VERSION, H11Handshake
-from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 OP_CONTINUATION = 0x0
 OP_TEXT = 0x1
@@ -271,7 +267,15 @@ def _check_close(payload: bytes) -> None:
         raise FrameError(CLOSE_INVALID_DATA, "close reason is not valid UTF-8") from None
 
 
-# -- opening handshake (wsproto) ----------------------------------------------
+# -- opening handshake ----------------------------------------------------------
+#
+# The server side is wsproto's. The client side is the few lines below: it
+# sends one fixed request and checks one reply, and importing wsproto (with
+# h11) is a quarter of a one-shot command's start-up. Tests check each side
+# against the other implementation.
+
+MAX_HANDSHAKE_BYTES = 16 * 1024  # an HTTP head larger than this is not a handshake we answer
+_ACCEPT_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
 
 
 class HandshakeError(Exception):
@@ -283,46 +287,103 @@ class HandshakeError(Exception):
         self.response = response
 
 
+def accept_token(key: bytes) -> bytes:
+    """The Sec-WebSocket-Accept a server answers to ``key`` with."""
+    import base64
+    import hashlib
+
+    return base64.b64encode(hashlib.sha1(key + _ACCEPT_GUID).digest())
+
+
 class ClientHandshake:
     """Client side of the opening handshake: ``request`` bytes out, then feed replies."""
 
     def __init__(self, host: str, path: str = "/") -> None:
-        self._hs = H11Handshake(ConnectionType.CLIENT)
-        self.request = self._hs.send(Request(host=host, target=path))
+        import base64
+
+        self._key = base64.b64encode(os.urandom(16))
+        self.request = (
+            f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {self._key.decode()}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+        self._received = bytearray()
 
     def feed(self, data: bytes) -> bytes | None:
-        """Feed response bytes; return bytes received past the handshake once it is accepted."""
-        try:
-            self._hs.receive_data(data or None)
-            for event in self._hs.events():
-                if isinstance(event, AcceptConnection):
-                    return _trailing(self._hs)
-                if isinstance(event, (RejectConnection, RejectData)):
-                    status = getattr(event, "status_code", None)
-                    raise HandshakeError(f"the server rejected the WebSocket upgrade (HTTP {status})")
-        except (LocalProtocolError, RemoteProtocolError) as exc:
-            raise HandshakeError(f"not a dcache node: {exc}") from None
+        """Feed response bytes; once the upgrade is accepted, return the bytes
+        received past it (b"" if none). Raise HandshakeError for anything else."""
         if not data:
             raise HandshakeError("the server closed the connection during the handshake")
-        return None
+        self._received += data
+        end = self._received.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._received) > MAX_HANDSHAKE_BYTES or not b"HTTP/".startswith(bytes(self._received[:5])):
+                raise HandshakeError("not a dcache node: its reply is not HTTP")
+            return None
+        head = bytes(self._received[:end]).decode("latin-1")
+        status_line, *lines = head.split("\r\n")
+        version, _, rest = status_line.partition(" ")
+        status = rest[:3]
+        if not version.startswith("HTTP/1.") or not status.isdigit():
+            raise HandshakeError("not a dcache node: its reply is not HTTP")
+        if status != "101":
+            raise HandshakeError(f"the server rejected the WebSocket upgrade (HTTP {status})")
+        headers: dict[str, str] = {}
+        for line in lines:
+            name, colon, value = line.partition(":")
+            if not colon or not name or name != name.strip():
+                raise HandshakeError("not a dcache node: a malformed header in its reply")
+            name = name.lower()
+            headers[name] = f"{headers[name]}, {value.strip()}" if name in headers else value.strip()
+        if headers.get("upgrade", "").lower() != "websocket" or "upgrade" not in _tokens(headers.get("connection", "")):
+            raise HandshakeError("not a dcache node: it did not upgrade the connection to WebSocket")
+        if headers.get("sec-websocket-accept", "").encode() != accept_token(self._key):
+            raise HandshakeError("not a dcache node: a wrong Sec-WebSocket-Accept in its reply")
+        if "sec-websocket-extensions" in headers or "sec-websocket-protocol" in headers:
+            raise HandshakeError("not a dcache node: it chose an extension or subprotocol nobody asked for")
+        return bytes(self._received[end + 4 :])
+
+
+def _tokens(value: str) -> set[str]:
+    return {token.strip().lower() for token in value.split(",")}
+
+
+_NOT_HTTP = "This is a dcache port: it speaks WebSocket. Use the dcache CLI or client.\n"
 
 
 class ServerHandshake:
-    """Server side of the opening handshake: feed request bytes, get the response."""
+    """Server side of the opening handshake (wsproto's): feed request bytes, get the response."""
 
     def __init__(self) -> None:
+        from wsproto.connection import ConnectionType
+        from wsproto.handshake import H11Handshake
+
         self._hs = H11Handshake(ConnectionType.SERVER)
+        self._received = bytearray()
 
     def feed(self, data: bytes) -> tuple[bytes, bytes] | None:
         """Feed request bytes. Once a valid upgrade request is complete, return
         (response bytes to send, bytes received past the request). Raise
         HandshakeError (with a response to send) for anything else."""
+        from wsproto.events import AcceptConnection, RejectConnection, Request
+        from wsproto.handshake import WEBSOCKET_VERSION
+        from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+
+        if not data:
+            raise HandshakeError("the peer closed the connection during the handshake")
+        # wsproto gets the request's head only: what follows it is WebSocket
+        # data, ours to parse (wsproto would keep it for a frame layer we do not use).
+        self._received += data
+        end = self._received.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._received) > MAX_HANDSHAKE_BYTES:
+                raise HandshakeError("bad opening handshake: no end to the request's head", _plain_response(400, _NOT_HTTP))
+            return None
+        head, leftover = bytes(self._received[: end + 4]), bytes(self._received[end + 4 :])
         try:
-            self._hs.receive_data(data or None)
+            self._hs.receive_data(head)
             for event in self._hs.events():
                 if isinstance(event, Request):
-                    response = self._hs.send(AcceptConnection())
-                    return response, _trailing(self._hs)
+                    return self._hs.send(AcceptConnection()), leftover
         except RemoteProtocolError as exc:
             response = b""
             hint = exc.event_hint
@@ -332,20 +393,12 @@ class ServerHandshake:
                 if hint.status_code == 426:
                     text = f"dcache speaks WebSocket version {WEBSOCKET_VERSION.decode()} only.\n"
                 else:
-                    text = "This is a dcache port: it speaks WebSocket. Use the dcache CLI or client.\n"
+                    text = _NOT_HTTP
                 response = _plain_response(hint.status_code, text, hint.headers)
             raise HandshakeError(f"bad opening handshake: {exc}", response) from None
         except LocalProtocolError as exc:
             raise HandshakeError(f"bad opening handshake: {exc}") from None
-        if not data:
-            raise HandshakeError("the peer closed the connection during the handshake")
         return None
-
-
-def _trailing(hs: H11Handshake) -> bytes:
-    # wsproto hands bytes that followed the handshake to its own frame layer;
-    # we read them from the h11 connection underneath instead.
-    return bytes(hs._h11_connection.trailing_data[0])
 
 
 def _plain_response(status: int, text: str, headers: Sequence[tuple[bytes, bytes]] = ()) -> bytes:

@@ -128,3 +128,62 @@ def test_sync_client_refuses_a_close_frame_with_an_invalid_code() -> None:
         server.join(TIMEOUT)
         listener.close()
     assert not server.is_alive()
+
+
+# -- against the independent `websockets` implementation ---------------------------
+
+
+async def test_a_websockets_client_talks_to_the_node(nursery: trio.Nursery) -> None:
+    """Handshake and framing of the node, as another implementation of RFC 6455 sees them."""
+    import cbor2
+    from websockets.sync.client import connect
+
+    from dcache import codec
+
+    bound = await start_node(nursery)
+
+    def talk() -> list:
+        with connect(f"ws://{bound.client_address}", compression=None, open_timeout=TIMEOUT) as ws:
+            ws.send(cbor2.dumps([[1, "hello", {"version": codec.PROTOCOL_VERSION}], [2, "set", {"key": b"k", "value": b"v" * 70_000}]]))
+            first = cbor2.loads(ws.recv(timeout=TIMEOUT))
+            ws.send(cbor2.dumps([[3, "get", {"key": b"k"}]]))
+            return first + cbor2.loads(ws.recv(timeout=TIMEOUT))
+
+    with trio.fail_after(TIMEOUT):
+        replies = await trio.to_thread.run_sync(talk)
+    assert [r[:2] for r in replies] == [[1, 0], [2, 0], [3, 0]]
+    assert replies[2][2] == b"v" * 70_000
+
+
+async def test_sync_client_talks_to_a_websockets_server() -> None:
+    """SyncClient's own client handshake and framing, against a server of
+    another implementation that answers the way a node does."""
+    import cbor2
+    from websockets.sync.server import serve
+
+    from dcache import codec
+
+    def handler(ws) -> None:  # type: ignore[no-untyped-def]
+        for message in ws:
+            replies = []
+            for rid, op, args in cbor2.loads(message):
+                body = {"version": codec.PROTOCOL_VERSION, "node": "ws", "limits": codec.Limits().as_dict()} if op == "hello" else args.get("value")
+                replies.append([rid, 0, body])
+            ws.send(cbor2.dumps(replies))
+
+    with serve(handler, "127.0.0.1", 0, compression=None) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        port = server.socket.getsockname()[1]
+        try:
+            with trio.fail_after(TIMEOUT):
+
+                def use_it() -> bytes:
+                    with dcache.SyncClient(f"127.0.0.1:{port}", timeout=TIMEOUT) as client:
+                        return client.set("k", b"x" * 100_000)  # type: ignore[no-any-return]
+
+                echoed = await trio.to_thread.run_sync(use_it)
+        finally:
+            server.shutdown()
+            thread.join(TIMEOUT)
+    assert echoed == b"x" * 100_000  # the server sent back the value it received

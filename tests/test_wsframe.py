@@ -313,3 +313,73 @@ def test_client_refuses_a_non_websocket_answer() -> None:
         client.feed(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
     with pytest.raises(wsframe.HandshakeError):
         wsframe.ClientHandshake("x").feed(b"")
+
+
+def test_client_handshake_against_wsproto_in_pieces_of_any_size() -> None:
+    """Our client side of the handshake, against wsproto's server, whatever
+    the pieces its reply arrives in; the bytes after the reply are kept."""
+    from wsproto.connection import ConnectionType
+    from wsproto.events import AcceptConnection, Request
+    from wsproto.handshake import H11Handshake
+
+    for piece in (1, 2, 7, 1000):
+        client = wsframe.ClientHandshake("localhost:48000")
+        server = H11Handshake(ConnectionType.SERVER)
+        server.receive_data(client.request)
+        assert isinstance(next(server.events()), Request)
+        response = server.send(AcceptConnection())
+        data = response + build_frame(b"first", masked=False)
+        pieces = [data[i : i + piece] for i in range(0, len(data), piece)]
+        for n, chunk in enumerate(pieces):
+            past = client.feed(chunk)
+            if past is not None:
+                assert past + b"".join(pieces[n + 1 :]) == data[len(response) :]
+                break
+        else:
+            raise AssertionError("the handshake never completed")
+
+
+def test_server_handshake_keeps_what_follows_a_head_split_anywhere() -> None:
+    request = wsframe.ClientHandshake("localhost:48000").request
+    first_frame = build_frame(b"hello", masked=True)
+    data = request + first_frame
+    for cut in range(1, len(data)):
+        server = wsframe.ServerHandshake()
+        result = server.feed(data[:cut])
+        if cut < len(request):
+            assert result is None
+            result = server.feed(data[cut:])
+            assert result is not None and result[1] == first_frame
+        else:
+            assert result is not None and result[1] + data[cut:] == first_frame
+
+
+@pytest.mark.parametrize(
+    ("reply", "why"),
+    [
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", r"rejected the WebSocket upgrade \(HTTP 200\)"),
+        (b"SSH-2.0-OpenSSH_9.2\r\n", "not HTTP"),
+        (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: bm9wZQ==\r\n\r\n", "wrong Sec-WebSocket-Accept"),
+        (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n", "did not upgrade"),
+        (b"HTTP/1.1 101 Switching Protocols\r\nbroken header\r\n\r\n", "malformed header"),
+        (b"HTTP/1.1 101 Switching Protocols\r\n" + b"X-Padding: " + b"x" * 20000, "not HTTP"),
+    ],
+)
+def test_client_handshake_refuses_what_is_not_an_upgrade(reply: bytes, why: str) -> None:
+    with pytest.raises(wsframe.HandshakeError, match=why):
+        wsframe.ClientHandshake("localhost:48000").feed(reply)
+
+
+def test_client_handshake_refuses_an_extension_nobody_asked_for() -> None:
+    client = wsframe.ClientHandshake("localhost:48000")
+    key = client.request.split(b"Sec-WebSocket-Key: ")[1].split(b"\r\n")[0]
+    reply = (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + wsframe.accept_token(key) + b"\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n"
+    )
+    with pytest.raises(wsframe.HandshakeError, match="extension"):
+        client.feed(reply)
+
+
+def test_accept_token_is_rfc_6455s_example() -> None:
+    assert wsframe.accept_token(b"dGhlIHNhbXBsZSBub25jZQ==") == b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
