@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import select
-import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -32,11 +31,13 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from . import commands
+from . import commands, shellwords
 from .client import DEFAULT_TIMEOUT, SyncClient
+from .codec import Limits
 from .commands import Outcome, show_value
 from .errors import ConnectError, ConnectionLost, DcacheError
 from .shard import ShardMap, rank, shard_of
+from .shellwords import Word
 
 EXIT = object()  # what a line returns to end the session
 
@@ -147,21 +148,22 @@ class ShellSession:
 
     def execute(self, line: str) -> object:
         """Run one line; return its exit status, None for a blank line, or EXIT."""
+        limits = self.client.limits if self.client is not None else Limits()
         try:
-            words = split_line(line)
+            words = split_line(line, max_word=max(limits.max_key_bytes, limits.max_value_bytes))
         except ValueError as exc:
             return self._status(self.error(f"cannot parse the line: {exc}"))
         if not words:
             return None
-        name, args = ALIASES.get(_literal(words[0]), _literal(words[0])), words[1:]
+        name, args = ALIASES.get(words[0].text, words[0].text), words[1:]
         if name == "exit":
             return EXIT
         if name == "help":
-            return self._status(self.help([_literal(word) for word in args]))
+            return self._status(self.help([word.text for word in args]))
         if name == "where":
             return self._status(self.where(args))
         if name == "top":
-            return self._status(self.top([_literal(word) for word in args]))
+            return self._status(self.top([word.text for word in args]))
         if name in NOT_IN_SHELL:
             return self._status(self.error(f"{name}: not in the shell; {NOT_IN_SHELL[name]}"))
         command = self.group.commands.get(name)  # type: ignore[attr-defined]
@@ -267,20 +269,19 @@ class ShellSession:
         )
         return 0
 
-    def where(self, args: list[str]) -> int:
+    def where(self, words: list[Word]) -> int:
         ns = ""
-        rest = []
-        words = iter(args)
-        for word in words:
-            if word == "--ns":
-                ns = _literal(next(words, ""))
+        args = []
+        given = iter(words)
+        for word in given:
+            if word.text == "--ns":
+                ns = next(given, Word("")).text
                 if not ns:
                     return self.error("where: --ns needs a NAME")
-            elif word.startswith("ns" + _BARE_EQUALS):
-                ns = _literal(word[3:])
+            elif not word.quoted and word.text.startswith("ns="):
+                ns = word.text[3:]
             else:
-                rest.append(_literal(word))
-        args = rest
+                args.append(word.text)
         if len(args) != 1:
             return self.error("where: give one KEY (usage: where KEY [--ns NAME])")
         key = args[0]
@@ -430,54 +431,26 @@ class _KeyReader:
         return False
 
 
-# Stands for an "=" typed outside quotes while a line is split, so that
-# shorthand (ttl=60) can tell itself apart from a quoted value ("ttl=60").
-_BARE_EQUALS = "\ue000"
+def split_line(line: str, *, max_word: int | None = None) -> list[Word]:
+    """Split ``line`` with shell rules (see :mod:`dcache.shellwords`)."""
+    return shellwords.split(line, max_word=max_word)
 
 
-def split_line(line: str) -> list[str]:
-    """Split ``line`` with shell rules, every ``=`` outside quotes and
-    escapes marked as :data:`_BARE_EQUALS` (see :func:`_literal`)."""
-    marked = []
-    quote = ""
-    escaped = False
-    for ch in line:
-        if escaped:
-            escaped = False
-        elif quote:
-            if ch == quote:
-                quote = ""
-            elif ch == "\\" and quote == '"':
-                escaped = True
-        elif ch == "\\":
-            escaped = True
-        elif ch in "'\"":
-            quote = ch
-        elif ch == "=":
-            ch = _BARE_EQUALS
-        marked.append(ch)
-    return shlex.split("".join(marked), comments=True)
-
-
-def _literal(word: str) -> str:
-    """A word of :func:`split_line` as typed."""
-    return word.replace(_BARE_EQUALS, "=")
-
-
-def expand_shorthand(command: Any, args: list[str]) -> list[str]:
+def expand_shorthand(command: Any, args: list[Word]) -> list[str]:
     """Words of :func:`split_line` as the command takes them: ``ttl=60``
-    typed bare, before any ``--``, becomes ``--ttl 60`` for the command's own
-    options; every other word stays as typed."""
+    typed bare (no part quoted or escaped), before any ``--``, becomes
+    ``--ttl 60`` for the command's own options; every other word stays as
+    typed."""
     options = {opt for param in command.params for opt in getattr(param, "opts", []) if opt.startswith("--")}
-    out = []
+    out: list[str] = []
     for i, word in enumerate(args):
-        if word == "--":
-            return out + [_literal(rest) for rest in args[i:]]
-        name, sep, value = word.partition(_BARE_EQUALS)
-        if sep and not name.startswith("-") and f"--{name}" in options:
-            out += [f"--{name}", _literal(value)]
+        if word.text == "--":  # quoted or not, click ends its options there
+            return out + [rest.text for rest in args[i:]]
+        name, sep, value = word.text.partition("=")
+        if sep and not word.quoted and not name.startswith("-") and f"--{name}" in options:
+            out += [f"--{name}", value]
         else:
-            out.append(_literal(word))
+            out.append(word.text)
     return out
 
 
@@ -517,7 +490,7 @@ class ShellCompleter(Completer):
             return
         for key in sorted(self.session.seen_keys):
             if key.startswith(current):
-                yield Completion(shlex.quote(key), start_position=-len(current))
+                yield Completion(shellwords.quote(key), start_position=-len(current))
 
 
 def _cli_app() -> typer.Typer:
