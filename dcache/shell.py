@@ -23,9 +23,19 @@ from typing import Any, Callable, Iterable
 import typer
 import typer.main
 from prompt_toolkit import PromptSession
-from prompt_toolkit.completion import Completer, Completion
+from prompt_toolkit.buffer import Buffer, CompletionState
+from prompt_toolkit.completion import (
+    CompleteEvent,
+    Completer,
+    Completion,
+    get_common_complete_suffix,
+)
 from prompt_toolkit.document import Document
+from prompt_toolkit.filters import emacs_insert_mode, vi_insert_mode
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
+from prompt_toolkit.input import Input
+from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
+from prompt_toolkit.output import Output
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -509,9 +519,57 @@ def _history() -> History:
         return InMemoryHistory()
 
 
+def make_prompt_session(
+    session: ShellSession, *, history: History | None = None, input: Input | None = None, output: Output | None = None
+) -> PromptSession[str]:
+    """The shell's prompt: history, completion while typing, and a Tab that completes at once."""
+    bindings = KeyBindings()
+
+    @bindings.add("tab", filter=vi_insert_mode | emacs_insert_mode)
+    def _(event: KeyPressEvent) -> None:
+        _complete_now(event.current_buffer)
+
+    return PromptSession(
+        history=history, completer=ShellCompleter(session), key_bindings=bindings, input=input, output=output
+    )
+
+
+def _complete_now(buffer: Buffer) -> None:
+    """Tab: complete from the text as it stands, before the key returns.
+
+    prompt_toolkit's own Tab starts a completion as a background task, and
+    a completion gives up if the buffer already has some. When keys arrive
+    in one read (a paste, a fast typist: ``ge`` and Tab), Tab's handler
+    runs before the completion that typing ``g`` started, so it starts its
+    own; that one then finds the typing's completions in place and gives
+    up, leaving ``ge`` and a menu. Our completer is quick and synchronous:
+    Tab calls it itself. One candidate is inserted; several insert their
+    common part and open the menu; a second Tab moves through it.
+    """
+    state = buffer.complete_state
+    if state is not None and state.complete_index is not None:
+        buffer.complete_next()
+        return
+    if buffer.completer is None:
+        return
+    completions = list(buffer.completer.get_completions(buffer.document, CompleteEvent(completion_requested=True)))
+    if len(completions) == 1:
+        buffer.apply_completion(completions[0])
+    elif completions:
+        common = get_common_complete_suffix(buffer.document, completions)
+        if common:
+            buffer.insert_text(common, fire_event=False)
+            completions = [c.new_completion_from_position(len(common)) for c in completions]
+        elif state is not None:
+            buffer.complete_next()
+            return
+        buffer.complete_state = CompletionState(buffer.document, completions)
+        buffer.on_completions_changed.fire()
+
+
 def run_interactive(session: ShellSession, prompt_session: PromptSession[str] | None = None) -> int:
     """The REPL: prompt, run, repeat until exit or Ctrl-D. Returns 0."""
-    prompt_session = prompt_session or PromptSession(history=_history(), completer=ShellCompleter(session))
+    prompt_session = prompt_session or make_prompt_session(session, history=_history())
     session.console.print(
         f"dcache shell, connected to {session.address}. `help` lists the commands, Ctrl-D leaves.",
         markup=False,

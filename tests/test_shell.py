@@ -26,6 +26,7 @@ from dcache.shell import (
     ShellCompleter,
     ShellSession,
     expand_shorthand,
+    make_prompt_session,
     run_interactive,
     show_value,
     split_line,
@@ -150,6 +151,22 @@ def test_completion_of_commands_options_and_seen_keys() -> None:
     session.seen_keys.update({"ns=x", "it's"})
     assert complete("get ns") == ["'ns=x'"]  # bare, it would be read as --ns x
     assert complete("get it") == ["'it'\"'\"'s'"]
+
+
+def test_tab_completes_at_once_when_keys_arrive_together() -> None:
+    session, _ = session_for()
+    lines: list[str] = []
+    session.execute = lines.append  # type: ignore[method-assign,assignment]
+    with create_pipe_input() as pipe, create_app_session(input=pipe, output=DummyOutput()):
+        pipe.send_text("ge\t")  # in one write, as a paste or a fast typist sends it
+        pipe.send_text("\r")
+        pipe.send_text("de\t\r")  # two candidates: their common part
+        pipe.send_text("de\t\t\t\r")  # the second Tab selects the first, the third the next
+        pipe.close()
+        prompt = make_prompt_session(session, input=pipe, output=DummyOutput())
+        assert prompt.default_buffer.complete_while_typing()
+        assert run_interactive(session, prompt) == 0
+    assert lines == ["get", "del", "delete"]
 
 
 # -- the REPL against a real node ---------------------------------------------------
