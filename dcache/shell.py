@@ -14,27 +14,39 @@ from __future__ import annotations
 import json
 import os
 import select
-import shlex
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import click
 from prompt_toolkit import PromptSession
-from prompt_toolkit.completion import Completer, Completion
+from prompt_toolkit.buffer import Buffer, CompletionState
+from prompt_toolkit.completion import (
+    CompleteEvent,
+    Completer,
+    Completion,
+    get_common_complete_suffix,
+)
 from prompt_toolkit.document import Document
+from prompt_toolkit.filters import emacs_insert_mode, vi_insert_mode
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
+from prompt_toolkit.input import Input
+from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
+from prompt_toolkit.output import Output
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from . import commands
+from . import commands, shellwords
 from .client import DEFAULT_TIMEOUT, SyncClient
+from .codec import Limits
 from .commands import Outcome, show_value
 from .errors import ConnectError, ConnectionLost, DcacheError
+from .shellwords import Word
 
 EXIT = object()  # what a line returns to end the session
 
@@ -161,17 +173,18 @@ class ShellSession:
 
     def execute(self, line: str) -> object:
         """Run one line; return its exit status, None for a blank line, or EXIT."""
+        limits = self.client.limits if self.client is not None else Limits()
         try:
-            words = split_line(line)
+            words = split_line(line, max_word=max(limits.max_key_bytes, limits.max_value_bytes))
         except ValueError as exc:
             return self._status(self.error(f"cannot parse the line: {exc}"))
         if not words:
             return None
-        name, args = ALIASES.get(_literal(words[0]), _literal(words[0])), words[1:]
+        name, args = ALIASES.get(words[0].text, words[0].text), words[1:]
         if name == "exit":
             return EXIT
         if name == "help":
-            return self._status(self.help([_literal(word) for word in args]))
+            return self._status(self.help([word.text for word in args]))
         if name in NOT_IN_SHELL:
             return self._status(self.error(f"{name}: not in the shell; {NOT_IN_SHELL[name]}"))
         command = self.group.commands.get(name)
@@ -368,54 +381,26 @@ class _KeyReader:
         return False
 
 
-# Stands for an "=" typed outside quotes while a line is split, so that
-# shorthand (ttl=60) can tell itself apart from a quoted value ("ttl=60").
-_BARE_EQUALS = "\ue000"
+def split_line(line: str, *, max_word: int | None = None) -> list[Word]:
+    """Split ``line`` with shell rules (see :mod:`dcache.shellwords`)."""
+    return shellwords.split(line, max_word=max_word)
 
 
-def split_line(line: str) -> list[str]:
-    """Split ``line`` with shell rules, every ``=`` outside quotes and
-    escapes marked as :data:`_BARE_EQUALS` (see :func:`_literal`)."""
-    marked = []
-    quote = ""
-    escaped = False
-    for ch in line:
-        if escaped:
-            escaped = False
-        elif quote:
-            if ch == quote:
-                quote = ""
-            elif ch == "\\" and quote == '"':
-                escaped = True
-        elif ch == "\\":
-            escaped = True
-        elif ch in "'\"":
-            quote = ch
-        elif ch == "=":
-            ch = _BARE_EQUALS
-        marked.append(ch)
-    return shlex.split("".join(marked), comments=True)
-
-
-def _literal(word: str) -> str:
-    """A word of :func:`split_line` as typed."""
-    return word.replace(_BARE_EQUALS, "=")
-
-
-def expand_shorthand(command: Any, args: list[str]) -> list[str]:
+def expand_shorthand(command: Any, args: list[Word]) -> list[str]:
     """Words of :func:`split_line` as the command takes them: ``ttl=60``
-    typed bare, before any ``--``, becomes ``--ttl 60`` for the command's own
-    options; every other word stays as typed."""
+    typed bare (no part quoted or escaped), before any ``--``, becomes
+    ``--ttl 60`` for the command's own options; every other word stays as
+    typed."""
     options = {opt for param in command.params for opt in getattr(param, "opts", []) if opt.startswith("--")}
-    out = []
+    out: list[str] = []
     for i, word in enumerate(args):
-        if word == "--":
-            return out + [_literal(rest) for rest in args[i:]]
-        name, sep, value = word.partition(_BARE_EQUALS)
-        if sep and not name.startswith("-") and f"--{name}" in options:
-            out += [f"--{name}", _literal(value)]
+        if word.text == "--":  # quoted or not, click ends its options there
+            return out + [rest.text for rest in args[i:]]
+        name, sep, value = word.text.partition("=")
+        if sep and not word.quoted and not name.startswith("-") and f"--{name}" in options:
+            out += [f"--{name}", value]
         else:
-            out.append(_literal(word))
+            out.append(word.text)
     return out
 
 
@@ -455,7 +440,7 @@ class ShellCompleter(Completer):
             return
         for key in sorted(self.session.seen_keys):
             if key.startswith(current):
-                yield Completion(shlex.quote(key), start_position=-len(current))
+                yield Completion(shellwords.quote(key), start_position=-len(current))
 
 
 def _history() -> History:
@@ -468,9 +453,57 @@ def _history() -> History:
         return InMemoryHistory()
 
 
+def make_prompt_session(
+    session: ShellSession, *, history: History | None = None, input: Input | None = None, output: Output | None = None
+) -> PromptSession[str]:
+    """The shell's prompt: history, completion while typing, and a Tab that completes at once."""
+    bindings = KeyBindings()
+
+    @bindings.add("tab", filter=vi_insert_mode | emacs_insert_mode)
+    def _(event: KeyPressEvent) -> None:
+        _complete_now(event.current_buffer)
+
+    return PromptSession(
+        history=history, completer=ShellCompleter(session), key_bindings=bindings, input=input, output=output
+    )
+
+
+def _complete_now(buffer: Buffer) -> None:
+    """Tab: complete from the text as it stands, before the key returns.
+
+    prompt_toolkit's own Tab starts a completion as a background task, and
+    a completion gives up if the buffer already has some. When keys arrive
+    in one read (a paste, a fast typist: ``ge`` and Tab), Tab's handler
+    runs before the completion that typing ``g`` started, so it starts its
+    own; that one then finds the typing's completions in place and gives
+    up, leaving ``ge`` and a menu. Our completer is quick and synchronous:
+    Tab calls it itself. One candidate is inserted; several insert their
+    common part and open the menu; a second Tab moves through it.
+    """
+    state = buffer.complete_state
+    if state is not None and state.complete_index is not None:
+        buffer.complete_next()
+        return
+    if buffer.completer is None:
+        return
+    completions = list(buffer.completer.get_completions(buffer.document, CompleteEvent(completion_requested=True)))
+    if len(completions) == 1:
+        buffer.apply_completion(completions[0])
+    elif completions:
+        common = get_common_complete_suffix(buffer.document, completions)
+        if common:
+            buffer.insert_text(common, fire_event=False)
+            completions = [c.new_completion_from_position(len(common)) for c in completions]
+        elif state is not None:
+            buffer.complete_next()
+            return
+        buffer.complete_state = CompletionState(buffer.document, completions)
+        buffer.on_completions_changed.fire()
+
+
 def run_interactive(session: ShellSession, prompt_session: PromptSession[str] | None = None) -> int:
     """The REPL: prompt, run, repeat until exit or Ctrl-D. Returns 0."""
-    prompt_session = prompt_session or PromptSession(history=_history(), completer=ShellCompleter(session))
+    prompt_session = prompt_session or make_prompt_session(session, history=_history())
     session.console.print(
         f"dcache shell, connected to {session.address}. `help` lists the commands, Ctrl-D leaves.",
         markup=False,

@@ -6,6 +6,7 @@ import io
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,12 +19,14 @@ from prompt_toolkit.output import DummyOutput
 from rich.console import Console
 
 from dcache import completion
+from dcache.codec import Limits
 from dcache.node import BoundAddresses, Node, NodeConfig
 from dcache.shell import (
     EXIT,
     ShellCompleter,
     ShellSession,
     expand_shorthand,
+    make_prompt_session,
     run_interactive,
     show_value,
     split_line,
@@ -39,8 +42,9 @@ def session_for(address: str = "127.0.0.1:1", *, interactive: bool = True) -> tu
     return ShellSession(address, console=console, interactive=interactive, timeout=5), out
 
 
-async def start_node(nursery: trio.Nursery) -> BoundAddresses:
-    return await nursery.start(Node(NodeConfig(client_listen="127.0.0.1:0", listen="127.0.0.1:0")).run)
+async def start_node(nursery: trio.Nursery, *, limits: Limits | None = None) -> BoundAddresses:
+    config = NodeConfig(client_listen="127.0.0.1:0", listen="127.0.0.1:0", limits=limits or Limits())
+    return await nursery.start(Node(config).run)
 
 
 # -- parsing and bad input: one clear line each, no node needed ------------------------
@@ -87,6 +91,31 @@ def test_shorthand_options_and_aliases() -> None:
     assert session.execute("quit") is EXIT
 
 
+def test_a_word_quoted_anywhere_is_a_value_and_a_hash_inside_a_word_is_kept() -> None:
+    session, _ = session_for()
+    set_command = session.group.commands["set"]  # type: ignore[attr-defined]
+    assert expand_shorthand(set_command, split_line("k tt'l'=5")) == ["k", "ttl=5"]
+    assert expand_shorthand(set_command, split_line('k v "ttl"=5 ns=x')) == ["k", "v", "ttl=5", "--ns", "x"]
+    assert expand_shorthand(set_command, split_line("user#1 v#2 #3 ttl=5")) == ["user#1", "v#2"]
+    assert expand_shorthand(set_command, split_line("k '--' ttl=5")) == ["k", "--", "ttl=5"]
+
+
+def test_a_long_word_splits_in_linear_time() -> None:
+    # Splitting with shlex took 2.7 s of CPU for a 400 KB word and grew with the
+    # square of its length (minutes for 4 MiB); linear splitting takes well under 0.1 s.
+    word = "a" * (4 << 20)
+    for line, expected in [
+        (f"get {word}", word),
+        (f"set k '{word}'", word),
+        (f'set k "{word}\\\\"', word + "\\"),
+        (f"set k {word}\\ x", word + " x"),
+    ]:
+        started = time.process_time()
+        words = split_line(line)
+        assert time.process_time() - started < 5
+        assert words[-1].text == expected
+
+
 def test_help_comes_from_the_command_table(capsys: pytest.CaptureFixture[str]) -> None:
     session, out = session_for()
     assert session.execute("help") == 0
@@ -119,6 +148,25 @@ def test_completion_of_commands_options_and_seen_keys() -> None:
     session.seen_keys.update({"user:1001", "user:1002", "session:abc"})
     assert complete("get us") == ["user:1001", "user:1002"]
     assert "stats" in complete("help st")
+    session.seen_keys.update({"ns=x", "it's"})
+    assert complete("get ns") == ["'ns=x'"]  # bare, it would be read as --ns x
+    assert complete("get it") == ["'it'\"'\"'s'"]
+
+
+def test_tab_completes_at_once_when_keys_arrive_together() -> None:
+    session, _ = session_for()
+    lines: list[str] = []
+    session.execute = lines.append  # type: ignore[method-assign,assignment]
+    with create_pipe_input() as pipe, create_app_session(input=pipe, output=DummyOutput()):
+        pipe.send_text("ge\t")  # in one write, as a paste or a fast typist sends it
+        pipe.send_text("\r")
+        pipe.send_text("de\t\r")  # two candidates: their common part
+        pipe.send_text("de\t\t\t\r")  # the second Tab selects the first, the third the next
+        pipe.close()
+        prompt = make_prompt_session(session, input=pipe, output=DummyOutput())
+        assert prompt.default_buffer.complete_while_typing()
+        assert run_interactive(session, prompt) == 0
+    assert lines == ["get", "del", "delete"]
 
 
 # -- the REPL against a real node ---------------------------------------------------
@@ -187,6 +235,33 @@ async def test_quoted_values_are_stored_as_typed(nursery: trio.Nursery) -> None:
         assert await trio.to_thread.run_sync(session.execute, "get cfg") == 0
     assert "error: key must not be empty" in out.getvalue()
     assert "error: key 'k\\udcff' is not valid text" in out.getvalue()
+
+
+async def test_a_word_no_node_would_take_is_refused_before_sending(nursery: trio.Nursery) -> None:
+    bound = await start_node(nursery, limits=Limits(max_key_bytes=100, max_value_bytes=1000))
+    session, out = session_for(bound.client_address)
+    with trio.fail_after(TIMEOUT):
+        assert await trio.to_thread.run_sync(session.connect)
+        assert await trio.to_thread.run_sync(session.execute, "set k " + "v" * 1000) == 0
+        assert await trio.to_thread.run_sync(session.execute, "set k " + "v" * 1001) == 2
+    assert "error: cannot parse the line: a word of 1,001 characters is longer than any key or value a node takes" in out.getvalue()
+
+
+async def test_a_key_too_large_piped_to_the_shell_is_refused_at_once(nursery: trio.Nursery) -> None:
+    bound = await start_node(nursery)
+    script = f"get {'a' * (1 << 20)}\nset small ok\n".encode()
+    # Before splitting was linear, this line alone took about 60 s of CPU.
+    with trio.fail_after(30):
+        r = await trio.run_process(
+            [sys.executable, "-m", "dcache", "shell", bound.client_address],
+            stdin=script,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    assert r.returncode == 3  # the worst status: a refused request
+    assert r.stdout.decode().splitlines() == ["OK"]  # the shell went on
+    assert r.stderr.decode().splitlines() == ["error: key_too_large: key of 1048576 bytes exceeds the limit of 65536"]
 
 
 def test_ctrl_c_during_a_command_returns_to_the_prompt() -> None:
