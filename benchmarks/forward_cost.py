@@ -20,7 +20,7 @@ import time
 
 import trio
 
-from dcache import codec, transport, wsframe
+from dcache import codec, protocol, transport, wsframe
 from dcache.mux import Channel
 from dcache.peers import PeerLinks, _Link
 from dcache.router import Router, Session
@@ -36,8 +36,8 @@ async def main(rounds: int) -> None:
     owned = {shard_map.owner("", k): k for k in keys}
     ours, owner_end = socket.socketpair()
     owner_end.setblocking(False)
-    conn = transport.Connection(trio.SocketStream(trio.socket.from_stdlib_socket(ours)), client_side=True,
-                                max_message=1 << 20, mask_key=wsframe.NULL_MASK)  # fmt: skip
+    proto = protocol.ClientConnection(max_message=1 << 20, mask_key=wsframe.NULL_MASK, upgraded=True)
+    conn = transport.Connection(trio.SocketStream(trio.socket.from_stdlib_socket(ours)), proto)
     channel = Channel(conn, name="there", timeout=5.0, watched=True)
     links = PeerLinks(node_id="here")
     links._links["there"] = _Link("there", channel=channel, up=trio.Event(), queue=trio.lowlevel.ParkingLot())

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import bisect
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time

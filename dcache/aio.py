@@ -17,15 +17,14 @@ import trio
 
 from . import codec, transport
 from .client import (
+    CLIENT_NAME,
     DEFAULT_ADDRESS,
     DEFAULT_PORT,
     DEFAULT_TIMEOUT,
     IDLE_CHECK,
     Operations,
     QueuedOperations,
-    _hello_args,
     _identity,
-    _limits_from,
     _outcome,
     check_timeout,
 )
@@ -39,6 +38,8 @@ from .errors import (
     RequestTimeout,
 )
 from .mux import Channel
+from .ops import OPS, Keys
+from .protocol import hello_args, limits_from
 from .shard import ShardMap
 
 
@@ -78,9 +79,9 @@ class Client(Operations):
 
     async def _greet(self) -> None:
         try:
-            status, body = await self._channel.request("hello", _hello_args())
+            status, body = await self._channel.request("hello", hello_args(CLIENT_NAME))
             self.server_info = _outcome(status, body, _identity)
-            self.limits = _limits_from(self.server_info)
+            self.limits = limits_from(self.server_info)
         except BaseException:
             await self._channel.aclose()
             raise
@@ -271,42 +272,33 @@ class ClusterClient(Operations):
     async def _call(self, op: str, args: dict[str, Any], decode: Callable[[Any], Any]) -> Any:
         if trio.current_time() - self._refreshed_at > CLUSTER_REFRESH_INTERVAL:
             await self.refresh()
-        field = codec.MULTI_KEY_OPS.get(op)
-        if not self.shard_map.members or (field is None and op not in codec.SINGLE_KEY_OPS):
+        spec = OPS[op]
+        ns = args.get("ns", "")
+        if not self.shard_map.members or spec.keys is Keys.NONE:
             return _outcome(*await self._via_seed(op, args), decode)
-        if field is None:
-            owner = self.shard_map.owner(args.get("ns", ""), args["key"])
-            return _outcome(*await self._request(owner, op, args), decode)
-        elements = args[field]
-        keys = (e[0] for e in elements) if op == "mset" else elements
-        groups = self.shard_map.group_by_owner(args.get("ns", ""), keys)
+        if spec.keys is Keys.ONE:
+            return _outcome(*await self._request(self.shard_map.owner(ns, args["key"]), op, args), decode)
+        elements = spec.elements(args)
+        groups = self.shard_map.group_by_owner(ns, spec.keys_of(args))
         if len(groups) <= 1:
             owner = next(iter(groups), "")
             return _outcome(*await self._request(owner, op, args), decode)
-        results: list[Any] = [None] * len(elements)
-        total = 0
+        parts: list[tuple[list[int], Any]] = []
         errors: list[Exception] = []
 
         async def part(owner: str, positions: list[int]) -> None:
-            nonlocal total
             try:
-                reply = await self._request(owner, op, {**args, field: [elements[i] for i in positions]})
-                body = _outcome(*reply, _identity)
+                reply = await self._request(owner, op, spec.part(args, [elements[i] for i in positions]))
+                parts.append((positions, _outcome(*reply, _identity)))
             except (RequestError, ConnectionLost, RequestTimeout, ProtocolError) as exc:
                 errors.append(exc)
-                return
-            if op == "mdelete":
-                total += body
-            else:
-                for i, value in zip(positions, body):
-                    results[i] = value
 
         async with trio.open_nursery() as nursery:
             for owner, positions in groups.items():
                 nursery.start_soon(part, owner, positions)
         if errors:
             raise errors[0]
-        return decode(total if op == "mdelete" else results)
+        return decode(spec.merged(len(elements), parts))
 
 
 @asynccontextmanager

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from . import __version__, codec, wsframe
+from . import __version__, codec, protocol
 from .codec import Limits, Status
 from .errors import (
     ClosedError,
@@ -29,6 +29,7 @@ from .errors import (
     RequestTimeout,
 )
 from .net import RECEIVE_SIZE, BusyPoll, busy_poll_from_env, connect_error_text, split_address
+from .protocol import hello_args, limits_from
 
 DEFAULT_ADDRESS = "localhost:48000"
 DEFAULT_PORT = 48000
@@ -214,30 +215,10 @@ class Operations:
             )
 
 
-def _hello_args() -> dict[str, Any]:
-    return {"version": codec.PROTOCOL_VERSION, "client": CLIENT_NAME}
-
-
-def _limits_from(hello: Any) -> Limits:
-    try:
-        fields = {k: int(v) for k, v in hello["limits"].items() if k in Limits.__dataclass_fields__}
-        return Limits(**fields)
-    except (TypeError, KeyError, ValueError, AttributeError):
-        raise ProtocolError("the node's hello reply has no usable limits") from None
-
-
 def _outcome(status: int, body: Any, decode: Callable[[Any], Any]) -> Any:
     if status == Status.ERROR:
         raise RequestError(*body)
     return decode(body)
-
-
-def parse_replies(payload: bytes) -> list[tuple[int | None, int, Any]]:
-    """Decode a reply frame; raise ProtocolError if it is not one."""
-    try:
-        return codec.decode_replies(payload)
-    except codec.WireError as exc:
-        raise ProtocolError(f"bad reply: {exc.message}") from None
 
 
 class QueuedOperations(Operations):
@@ -315,26 +296,17 @@ class SyncClient(Operations):
         self.address = address
         self.timeout = check_timeout(timeout)
         self.limits = Limits()
-        self._next_rid = 1
         self._poller = BusyPoll(busy_poll_from_env() if busy_poll is None else busy_poll)
         self._closed = False
         self._connect()
 
     def _connect(self) -> None:
         self._ready: list[bytes] = []
-        self._parser = wsframe.FrameParser(expect_masked=False, max_message=codec.DEFAULT_MAX_FRAME_BYTES)
-        self._sock, leftover = self._open(self.address, self.timeout)
+        self._sock, self._proto = self._open(self.address, self.timeout)
         self._used_at = time.monotonic()
-        # Non-blocking from here on, so that polling for a reply really
-        # spins; waits that block go through select with ``timeout``.
-        self._sock.setblocking(False)
-        self._readable = _Readiness(self._sock, writable=False)
-        self._writable = _Readiness(self._sock, writable=True)
         try:
-            if leftover:
-                self._absorb(leftover)
-            self.server_info = self._call("hello", _hello_args(), _identity)
-            self.limits = _limits_from(self.server_info)
+            self.server_info = self._call("hello", hello_args(CLIENT_NAME), _identity)
+            self.limits = limits_from(self.server_info)
         except BaseException:
             self._sock.close()
             raise
@@ -346,45 +318,47 @@ class SyncClient(Operations):
         request is sent yet, so nothing can be lost or done twice."""
         try:
             while True:
-                data = self._sock.recv(RECEIVE_SIZE)
-                if not data:
-                    raise ConnectionLost("closed")
-                self._absorb(data)
+                self._absorb(self._sock.recv(RECEIVE_SIZE))
         except BlockingIOError:
             return
         except (ConnectionLost, ProtocolError, OSError):
             self._sock.close()
             self._connect()
 
-    def _open(self, address: str, timeout: float) -> tuple[socket.socket, bytes]:
+    def _open(self, address: str, timeout: float) -> tuple[socket.socket, protocol.ClientConnection]:
         host, port = split_address(address, DEFAULT_PORT)
         try:
             # An ASCII name as bytes: the socket module would load the IDNA codec for text.
-            sock = socket.create_connection((host.encode() if host.isascii() else host, port), timeout=timeout)
+            sock = socket.create_connection((host.encode() if host.isascii() else host, port), timeout=timeout)  # type: ignore[arg-type]
         except TimeoutError:
             raise ConnectError(f"cannot connect to {host}:{port}: timed out after {timeout:g} s") from None
         except OSError as exc:
             raise ConnectError(f"cannot connect to {host}:{port}: {connect_error_text(exc)}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        handshake = wsframe.ClientHandshake(f"{host}:{port}")
+        proto = protocol.ClientConnection(host=f"{host}:{port}", max_message=codec.DEFAULT_MAX_FRAME_BYTES)
         try:
-            sock.sendall(handshake.request)
-            while True:
-                leftover = handshake.feed(sock.recv(RECEIVE_SIZE))
-                if leftover is not None:
-                    break
-        except wsframe.HandshakeError as exc:
+            sock.sendall(proto.data_to_send())
+            while proto.state is protocol.State.HANDSHAKE:
+                self._ready += proto.receive_data(sock.recv(RECEIVE_SIZE))
+            # Non-blocking from here on, so that polling for a reply really
+            # spins; waits that block go through poll with ``timeout``.
+            sock.setblocking(False)
+            self._readable = _Readiness(sock, writable=False)
+            self._writable = _Readiness(sock, writable=True)
+            self._sock = sock
+            self._send(proto.data_to_send())  # pongs to pings that came with the upgrade
+        except (protocol.HandshakeFailed, protocol.ConnectionClosed) as exc:
             sock.close()
-            raise ConnectError(f"{host}:{port}: {exc.reason}") from None
+            raise ConnectError(f"{host}:{port}: {exc}") from None
         except OSError as exc:
             sock.close()
             raise ConnectError(f"{host}:{port}: handshake failed: {exc}") from None
-        return sock, leftover
+        return sock, proto
 
     def close(self) -> None:
         self._closed = True
         try:
-            self._send(wsframe.build_close(masked=True))
+            self._send(self._proto.close())
         except OSError:  # socket.timeout included
             pass
         self._sock.close()
@@ -414,28 +388,21 @@ class SyncClient(Operations):
         if now - self._used_at > IDLE_CHECK:
             self._revive()
         self._used_at = now
-        first = self._next_rid
-        self._next_rid = first + len(requests)
+        proto = self._proto
+        first = proto.new_rids(len(requests))
         replies: dict[int, tuple[int, Any]] = {}
-        frame = wsframe.build_frame(
-            codec.encode_frame([[first + i, op, args] for i, (op, args) in enumerate(requests)]), masked=True
-        )
+        frame = proto.request_frame([[first + i, op, args] for i, (op, args) in enumerate(requests)])
         what = requests[0][0] if len(requests) == 1 else f"{len(requests)} requests"
         try:
             self._send(frame)
             while True:
                 for payload in self._take_ready():
-                    for rid, status, body in parse_replies(payload):
-                        if rid is None:
-                            raise ProtocolError(f"the node rejected a frame: {body[1] if status else body}")
-                        if first <= rid < first + len(requests) and status != Status.MORE:
+                    for rid, status, body in proto.replies(payload, self.address):
+                        if first <= rid < first + len(requests):
                             replies[rid] = (status, body)
                     if len(replies) == len(requests):
                         return [replies[first + i] for i in range(len(requests))]
-                data = self._receive()
-                if not data:
-                    raise ConnectionLost(f"{self.address} closed the connection")
-                self._absorb(data)
+                self._absorb(self._receive())
         except TimeoutError:
             raise RequestTimeout(f"{what}: no reply from {self.address} within {self.timeout:g} s") from None
         except OSError as exc:
@@ -469,15 +436,22 @@ class SyncClient(Operations):
         return ready
 
     def _absorb(self, data: bytes) -> None:
+        """Take in received bytes: keep the messages, send the protocol's answers (pongs, a close)."""
         try:
-            items = self._parser.feed(data)
-        except wsframe.FrameError as exc:
+            messages = self._proto.receive_data(data)
+        except protocol.ProtocolViolation as exc:
+            self._send_quietly(self._proto.data_to_send())
             raise ProtocolError(f"bad WebSocket data from {self.address}: {exc.reason}") from None
-        for item in items:
-            if type(item) is bytes:
-                self._ready.append(item)
-            elif item.opcode == wsframe.OP_PING:
-                self._send(wsframe.build_frame(item.payload, opcode=wsframe.OP_PONG, masked=True))
-            elif item.opcode == wsframe.OP_CLOSE:
-                code, reason = item.close_info()
-                raise ConnectionLost(f"{self.address} closed the connection ({code} {reason})".strip())
+        except protocol.ConnectionClosed as exc:
+            self._send_quietly(self._proto.data_to_send())
+            raise ConnectionLost(f"{self.address} closed the connection ({exc.code} {exc.reason})".strip()) from None
+        self._ready += messages
+        answer = self._proto.data_to_send()
+        if answer:
+            self._send(answer)
+
+    def _send_quietly(self, data: bytes) -> None:
+        try:
+            self._send(data)
+        except OSError:
+            pass

@@ -3,15 +3,15 @@
 One WebSocket binary message carries one *frame*: a CBOR array of messages.
 
 * request: ``[rid, op, args]``: ``rid`` an unsigned int chosen by the sender,
-  ``op`` a name from :data:`OPS`, ``args`` a map whose fields the op defines.
+  ``op`` a name from :data:`dcache.ops.OPS`, ``args`` a map whose fields the
+  op defines (the op table checks them).
 * reply: ``[rid, status, body]``: ``status`` is :class:`Status`; an error's body
   is ``[code, message]`` or ``[code, message, details]``, ``code`` from
   :class:`ErrorCode` and ``details`` a map (``moved`` carries ``epoch``).
 
 Replies may arrive in any order and in other frames than their requests; the
 rid pairs them. The first request on a connection must be ``hello``, which
-carries the protocol version. ``Status.MORE`` marks one part of a streamed
-reply; the stream ends with an ``OK`` or ``ERROR`` for the same rid.
+carries the protocol version.
 
 This module is sans-IO: plain functions over bytes and Python values.
 """
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any
 
 import cbor2
 
@@ -37,15 +37,9 @@ MAX_RID = 2**63 - 1
 MAX_DEPTH = 16
 
 
-SINGLE_KEY_OPS = frozenset({"get", "set", "delete", "ttl"})
-# Ops on many keys, by the field holding them.
-MULTI_KEY_OPS = {"mget": "keys", "mdelete": "keys", "mset": "items"}
-
-
 class Status(enum.IntEnum):
     OK = 0
     ERROR = 1
-    MORE = 2
 
 
 class ErrorCode(enum.StrEnum):
@@ -89,15 +83,6 @@ class WireError(Exception):
         self.code = code
         self.message = message
         self.rid = rid
-
-
-class Request(NamedTuple):  # a tuple: made for every request, at half a frozen dataclass's cost
-    """A validated request. ``args`` holds normalized fields: keys are bytes,
-    ``ns`` is always present for keyed ops, ``ttl_ms`` is 0 for "no TTL"."""
-
-    rid: int
-    op: str
-    args: dict[str, Any]
 
 
 # -- encoding -----------------------------------------------------------------
@@ -179,16 +164,8 @@ def _array_head(n: int) -> bytes:
     return bytes(head)
 
 
-def request(rid: int, op: str, args: dict[str, Any] | None = None) -> list[Any]:
-    return [rid, op, args or {}]
-
-
 def ok(rid: int | None, body: Any = None) -> list[Any]:
     return [rid, Status.OK.value, body]
-
-
-def more(rid: int, body: Any) -> list[Any]:
-    return [rid, Status.MORE.value, body]
 
 
 def error(rid: int | None, code: ErrorCode | str, message: str, details: dict[str, Any] | None = None) -> list[Any]:
@@ -230,25 +207,6 @@ def _decode_any(payload: bytes) -> Any:
         raise WireError(ErrorCode.BAD_FRAME, f"not a CBOR frame: {exc}") from None
 
 
-def parse_request(message: Any, limits: Limits) -> Request:
-    """Validate one raw request message; raise WireError with its rid if it is bad."""
-    if type(message) is not list or len(message) != 3:
-        raise WireError(ErrorCode.BAD_REQUEST, "a request is [rid, op, args]")
-    rid, op, args = message
-    if type(rid) is not int or not 0 <= rid <= MAX_RID:
-        raise WireError(ErrorCode.BAD_REQUEST, "rid must be an unsigned 63-bit integer")
-    spec = OPS.get(op) if type(op) is str else None
-    if spec is None:
-        raise WireError(ErrorCode.UNKNOWN_OP, f"unknown op {op!r}", rid)
-    if type(args) is not dict:
-        raise WireError(ErrorCode.BAD_REQUEST, f"{op}: args must be a map", rid)
-    try:
-        return Request(rid, op, spec(args, limits))
-    except WireError as exc:
-        exc.rid = rid
-        raise
-
-
 # The transport bounds message size; a reply frame may carry any number of replies.
 _REPLY_LIMITS = Limits(max_frame_bytes=2**62, max_batch=2**62)
 
@@ -265,7 +223,7 @@ def parse_reply(message: Any) -> tuple[int | None, int, Any]:
     rid, status, body = message
     if rid is not None and type(rid) is not int:
         raise WireError(ErrorCode.BAD_FRAME, "reply rid must be an integer or null")
-    if status not in (0, 1, 2):
+    if status not in (0, 1):
         raise WireError(ErrorCode.BAD_FRAME, f"unknown reply status {status!r}")
     if status == Status.ERROR and not (
         type(body) is list
@@ -276,159 +234,3 @@ def parse_reply(message: Any) -> tuple[int | None, int, Any]:
     ):
         raise WireError(ErrorCode.BAD_FRAME, "an error body is [code, message] or [code, message, details]")
     return rid, status, body
-
-
-# -- per-op argument validation ----------------------------------------------
-
-
-def _fields(args: dict[str, Any], allowed: frozenset[str], op: str) -> None:
-    if not allowed.issuperset(args):
-        extra = args.keys() - allowed
-        raise WireError(ErrorCode.BAD_REQUEST, f"{op}: unknown field(s) {sorted(map(str, extra))}")
-
-
-def _sized(value: Any, limit: int, code: ErrorCode, what: str) -> bytes:
-    """Bytes (text is taken as UTF-8) of at most ``limit`` bytes."""
-    if type(value) is str:
-        value = value.encode()
-    elif type(value) is not bytes:
-        raise WireError(ErrorCode.BAD_REQUEST, f"{what} must be bytes or text")
-    if len(value) > limit:
-        raise WireError(code, f"{what} of {len(value)} bytes exceeds the limit of {limit}")
-    return value
-
-
-def _key(value: Any, limits: Limits) -> bytes:
-    key = _sized(value, limits.max_key_bytes, ErrorCode.KEY_TOO_LARGE, "key")
-    if not key:
-        raise WireError(ErrorCode.BAD_REQUEST, "key must not be empty")
-    return key
-
-
-def _value(value: Any, limits: Limits) -> bytes:
-    return _sized(value, limits.max_value_bytes, ErrorCode.VALUE_TOO_LARGE, "value")
-
-
-def _ns(args: dict[str, Any]) -> str:
-    ns = args.get("ns", "")
-    if type(ns) is not str or len(ns.encode()) > MAX_NAMESPACE_BYTES:
-        raise WireError(ErrorCode.BAD_REQUEST, f"ns must be text of at most {MAX_NAMESPACE_BYTES} bytes")
-    return ns
-
-
-def _ttl(args: dict[str, Any]) -> int:
-    ttl = args.get("ttl_ms", 0)
-    if ttl is None:
-        return 0
-    if type(ttl) is not int or not 0 <= ttl <= MAX_TTL_MS:
-        raise WireError(ErrorCode.BAD_REQUEST, f"ttl_ms must be an integer from 0 (none) to {MAX_TTL_MS}")
-    return ttl
-
-
-def _batch(items: Any, limits: Limits, what: str) -> list[Any]:
-    if type(items) is not list:
-        raise WireError(ErrorCode.BAD_REQUEST, f"{what} must be an array")
-    if len(items) > limits.max_batch:
-        raise WireError(
-            ErrorCode.BATCH_TOO_LARGE,
-            f"{len(items)} {what} exceeds the limit of {limits.max_batch}",
-        )
-    return items
-
-
-def _no_args(op: str) -> Callable[[dict[str, Any], Limits], dict[str, Any]]:
-    def check(args: dict[str, Any], limits: Limits) -> dict[str, Any]:
-        _fields(args, frozenset(), op)
-        return {}
-
-    return check
-
-
-_HELLO = frozenset({"version", "client", "peer"})
-_KEYED = frozenset({"ns", "key"})
-_SET = frozenset({"ns", "key", "value", "ttl_ms"})
-_MULTI = frozenset({"ns", "keys"})
-_MSET = frozenset({"ns", "items", "ttl_ms"})
-
-
-def _hello(args: dict[str, Any], limits: Limits) -> dict[str, Any]:
-    _fields(args, _HELLO, "hello")
-    version = args.get("version")
-    if type(version) is not int:
-        raise WireError(ErrorCode.BAD_REQUEST, "hello: version must be an integer")
-    client = args.get("client", "")
-    if type(client) is not str or len(client) > 256:
-        raise WireError(ErrorCode.BAD_REQUEST, "hello: client must be short text")
-    peer = args.get("peer", "")
-    if type(peer) is not str or len(peer) > 256:
-        raise WireError(ErrorCode.BAD_REQUEST, "hello: peer must be a node id")
-    return {"version": version, "client": client, "peer": peer}
-
-
-def _keyed(op: str) -> Callable[[dict[str, Any], Limits], dict[str, Any]]:
-    def check(args: dict[str, Any], limits: Limits) -> dict[str, Any]:
-        _fields(args, _KEYED, op)
-        if "key" not in args:
-            raise WireError(ErrorCode.BAD_REQUEST, f"{op}: key is required")
-        return {"ns": _ns(args), "key": _key(args["key"], limits)}
-
-    return check
-
-
-def _set(args: dict[str, Any], limits: Limits) -> dict[str, Any]:
-    _fields(args, _SET, "set")
-    if "key" not in args or "value" not in args:
-        raise WireError(ErrorCode.BAD_REQUEST, "set: key and value are required")
-    return {
-        "ns": _ns(args),
-        "key": _key(args["key"], limits),
-        "value": _value(args["value"], limits),
-        "ttl_ms": _ttl(args),
-    }
-
-
-def _multi(op: str) -> Callable[[dict[str, Any], Limits], dict[str, Any]]:
-    def check(args: dict[str, Any], limits: Limits) -> dict[str, Any]:
-        _fields(args, _MULTI, op)
-        keys = _batch(args.get("keys"), limits, "keys")
-        return {"ns": _ns(args), "keys": [_key(k, limits) for k in keys]}
-
-    return check
-
-
-def _mset(args: dict[str, Any], limits: Limits) -> dict[str, Any]:
-    _fields(args, _MSET, "mset")
-    items = _batch(args.get("items"), limits, "items")
-    pairs = []
-    for item in items:
-        if type(item) is not list or len(item) != 2:
-            raise WireError(ErrorCode.BAD_REQUEST, "mset: each item is [key, value]")
-        pairs.append((_key(item[0], limits), _value(item[1], limits)))
-    return {"ns": _ns(args), "items": pairs, "ttl_ms": _ttl(args)}
-
-
-OPS: dict[str, Callable[[dict[str, Any], Limits], dict[str, Any]]] = {
-    "hello": _hello,
-    "ping": _no_args("ping"),
-    "get": _keyed("get"),
-    "set": _set,
-    "delete": _keyed("delete"),
-    "ttl": _keyed("ttl"),
-    "mget": _multi("mget"),
-    "mset": _mset,
-    "mdelete": _multi("mdelete"),
-    "stats": _no_args("stats"),
-    "members": _no_args("members"),
-}
-"""Every op and the validator of its args. Replies:
-
-hello → {"version", "server", "node", "limits"}; ping → null;
-get → value or null; set → the entry's new version; delete → true if it existed;
-ttl → remaining ms, -1 for no TTL, null if missing; mget → [value or null, ...];
-mset → [version, ...]; mdelete → number deleted; stats → map of counters;
-members → {"epoch", "members": [{"node", "client", "state", "stats"}, ...]}.
-
-A hello with ``peer`` (the sender's node id) opens a node-to-node link: its
-keyed requests are served only if this node owns the key, else answered
-``moved``, so a request is never forwarded twice.
-"""

@@ -19,7 +19,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -54,7 +54,7 @@ class TableData:
     """A table for people; ``columns`` empty means a two-column label/value list.
     ``numeric`` are the columns aligned right."""
 
-    rows: list[tuple[str, ...]]
+    rows: Sequence[tuple[str, ...]]
     columns: tuple[str, ...] = ()
     title: str | None = None
     numeric: tuple[int, ...] = ()
@@ -300,7 +300,7 @@ def where(client: Operations, *, key: str, ns: str = "") -> Outcome:
         ("time to live", "missing" if seconds is None else human_seconds(seconds)),
         ("epoch", str(view["epoch"])),
     ]
-    plain = "\n".join(f"{name}\t{'' if value is None else value}" for name, value in data.items())
+    plain = "\t".join(f"{name}={'' if value is None else value}" for name, value in data.items())  # one line, as the shell's scripts expect
     return Outcome(data, stdout=plain, table=TableData(rows))
 
 

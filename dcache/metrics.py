@@ -8,7 +8,8 @@ asks. Each node has its own registry, so several nodes can share a process.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import h11
 import trio

@@ -1,6 +1,7 @@
 """Many concurrent requests over one WebSocket connection, without background tasks.
 
-A :class:`Channel` pairs replies with requests by rid. It is what both the
+A :class:`Channel` pairs replies with requests by rid (the rids and the
+frames are its :class:`protocol.ClientConnection`'s). It is what both the
 public :class:`dcache.Client` and the node-to-node peer links are made of.
 
 There is no reader task and no writer task: a caller appends its request to
@@ -17,9 +18,8 @@ from typing import Any
 
 import trio
 
-from . import codec, transport
-from .codec import Status
-from .errors import ClosedError, ConnectionLost, ProtocolError, RequestTimeout
+from . import codec, protocol, transport
+from .errors import ClosedError, ConnectionLost, DcacheError, ProtocolError, RequestTimeout
 
 
 class _Waiter:
@@ -38,7 +38,7 @@ class _Waiter:
 
 
 _FAILED = -1  # waiter.status when the channel broke; body is the exception
-_OK = Status.OK.value
+_OK = codec.Status.OK.value
 FLUSH_PASSES = 3
 
 
@@ -60,15 +60,16 @@ class Channel:
 
     def __init__(self, conn: transport.Connection, *, name: str, timeout: float, watched: bool = False) -> None:
         self._conn = conn
+        assert isinstance(conn.proto, protocol.ClientConnection), "a channel is the client side of its connection"
+        self._proto = conn.proto
         self.name = name
         self.timeout = timeout
         self._watched = watched
         self._pending: dict[int, _Waiter] = {}
-        self._next_rid = 1
-        self._outbox: list[list[Any]] = []
+        self._outbox: list[list[Any] | bytes] = []  # messages, or messages encoded already (relayed)
         self._flushing = False
         self._reading = False
-        self.broken: Exception | None = None
+        self.broken: DcacheError | None = None
 
     @property
     def in_flight(self) -> int:
@@ -92,9 +93,8 @@ class Channel:
 
     async def _call(self, op: str, args: dict[str, Any] | None, rest: bytes | None) -> _Waiter:
         if self.broken is not None:
-            raise self.broken
-        rid = self._next_rid
-        self._next_rid = rid + 1
+            raise self._broken_error()
+        rid = self._proto.new_rids()
         waiter = _Waiter(rest is not None)
         self._pending[rid] = waiter
         self._outbox.append([rid, op, args] if rest is None else codec.message(rid, rest))
@@ -105,15 +105,14 @@ class Channel:
             if not self._reading and self._pending:
                 self._hand_over_reading()
         if waiter.status == _FAILED:
-            raise waiter.body
+            raise self._broken_error()
         return waiter
 
     async def request_many(self, requests: list[tuple[str, dict[str, Any]]]) -> list[tuple[int, Any]]:
         """Send several requests in one frame; their replies in the same order."""
         if self.broken is not None:
-            raise self.broken
-        rid = self._next_rid
-        self._next_rid = rid + len(requests)
+            raise self._broken_error()
+        rid = self._proto.new_rids(len(requests))
         waiters = []
         for i, (op, args) in enumerate(requests):
             waiter = _Waiter()
@@ -127,11 +126,11 @@ class Channel:
                 del self._pending[rid + i]
             if not self._reading and self._pending:
                 self._hand_over_reading()
-        results = []
+        results: list[tuple[int, Any]] = []
         for waiter in waiters:
             if waiter.status == _FAILED:
-                raise waiter.body
-            results.append((waiter.status, waiter.body))
+                raise self._broken_error()
+            results.append((waiter.status, waiter.body))  # type: ignore[arg-type]
         return results
 
     async def _exchange(self, waiters: tuple[_Waiter, ...] | list[_Waiter], what: str) -> None:
@@ -182,7 +181,16 @@ class Channel:
         self.fail(ClosedError(f"the connection to {self.name} was closed"))
         await self._conn.aclose()
 
-    def fail(self, exc: Exception) -> None:
+    def _broken_error(self) -> DcacheError:
+        """A fresh error saying why the channel broke, chained to the first one:
+        one exception object is never raised in several tasks at once."""
+        broken = self.broken
+        assert broken is not None
+        fresh = type(broken)(str(broken))
+        fresh.__cause__ = broken
+        return fresh
+
+    def fail(self, exc: DcacheError) -> None:
         """Mark the channel broken and wake every waiter with ``exc``."""
         if self.broken is None:
             self.broken = exc
@@ -202,11 +210,10 @@ class Channel:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             while self._outbox:
                 batch, self._outbox = self._outbox, []
-                frame = self._conn.frame(codec.encode_frame(batch))
-                await self._conn.send_raw(frame, shield=True)
+                await self._conn.send_raw(self._proto.request_frame(batch), shield=True)
         except transport.ConnectionClosed as exc:
             self.fail(ConnectionLost(f"lost the connection to {self.name}: {exc}"))
-            raise self.broken from None  # type: ignore[misc]
+            raise self._broken_error() from None
         finally:
             self._flushing = False
 
@@ -226,7 +233,7 @@ class Channel:
             payloads = await self._conn.receive(poll=not self._flushing)
         except transport.ConnectionClosed as exc:
             self.fail(ConnectionLost(f"lost the connection to {self.name}: {exc}"))
-            raise self.broken from None  # type: ignore[misc]
+            raise self._broken_error() from None
         finally:
             self._reading = False
         pending = self._pending
@@ -241,16 +248,13 @@ class Channel:
                     waiter.wake()
                     continue
             try:
-                replies = codec.decode_replies(payload)
-            except codec.WireError as exc:
-                self.fail(ProtocolError(f"{self.name}: bad reply: {exc.message}"))
-                raise self.broken from None  # type: ignore[misc]
+                replies = self._proto.replies(payload, self.name)
+            except ProtocolError as exc:
+                self.fail(exc)
+                raise self._broken_error() from None
             for rid, status, body in replies:
-                if rid is None:
-                    self.fail(ProtocolError(f"{self.name} rejected a frame: {body[1] if status else body}"))
-                    raise self.broken  # type: ignore[misc]
                 waiter = pending.get(rid)
-                if waiter is not None and status != Status.MORE:
+                if waiter is not None:
                     waiter.status = status
                     waiter.body = codec.encode_rest(status, body) if waiter.raw else body
                     waiter.wake()

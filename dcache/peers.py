@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, TypeVar
 
 import trio
 
@@ -25,6 +26,7 @@ from .errors import (
     RequestTimeout,
 )
 from .mux import Channel
+from .protocol import hello_args
 
 log = logging.getLogger(__name__)
 A = TypeVar("A")
@@ -188,7 +190,7 @@ class PeerLinks:
         )
         # The link's keep-alive task times requests out (see _keep_alive).
         channel = Channel(conn, name=f"peer {node_id}", timeout=REQUEST_TIMEOUT, watched=True)
-        hello = {"version": codec.PROTOCOL_VERSION, "client": f"dcache-node/{__version__}", "peer": self.node_id}
+        hello = hello_args(f"dcache-node/{__version__}", peer=self.node_id)
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
                 status, body = await channel.request("hello", hello)

@@ -20,14 +20,16 @@ from __future__ import annotations
 import logging
 import time
 from bisect import bisect_left
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import trio
 
 from . import codec
-from .codec import ErrorCode, Limits, Request, Status, WireError
+from .codec import ErrorCode, Limits, Status, WireError
 from .errors import PeerUnavailable
+from .ops import KEYED, OPS, Keys, Request, parse_request
 from .shard import ShardMap
 from .store import Store
 
@@ -198,7 +200,7 @@ class _Job:
 
 
 def _elements(op: str, args: dict[str, Any]) -> list[Any]:
-    return args[codec.MULTI_KEY_OPS[op]]
+    return args[OPS[op].field]
 
 
 def _element_key(op: str, element: Any) -> bytes:
@@ -207,7 +209,7 @@ def _element_key(op: str, element: Any) -> bytes:
 
 def _part_args(op: str, args: dict[str, Any], elements: list[Any]) -> dict[str, Any]:
     part = dict(args)
-    part[codec.MULTI_KEY_OPS[op]] = elements
+    part[OPS[op].field] = elements
     return part
 
 
@@ -267,7 +269,7 @@ class Router:
             if len(messages) == 1 and len(payloads) == 1 and session.greeted:
                 message = messages[0]
                 op = message[1] if type(message) is list and len(message) == 3 else None
-                if type(op) is str and op in codec.SINGLE_KEY_OPS:
+                if type(op) is str and op in KEYED:
                     frame = await self._keyed_alone(session, payload, message)
                     self.latency.observe(time.perf_counter() - started)
                     return frame
@@ -283,7 +285,7 @@ class Router:
     def _place(self, session: Session, message: Any, replies: list[Any], remote: list[_Job], members_slots: list[_Reply]) -> None:
         """Answer ``message`` now if it can be, else queue its jobs in ``remote``."""
         try:
-            req = codec.parse_request(message, self.limits)
+            req = parse_request(message, self.limits)
         except WireError as exc:
             replies.append(self._invalid(exc))
             return
@@ -291,7 +293,7 @@ class Router:
             replies.append(self._hello(session, req))
             return
         op = req.op
-        if op in codec.SINGLE_KEY_OPS:
+        if op in KEYED:
             reply = self._answer_here(session, req, self.shard_map.owner(req.args["ns"], req.args["key"]))
             if reply is not None:
                 replies.append(reply)
@@ -299,7 +301,7 @@ class Router:
                 slot = _Reply(replies, len(replies), req.rid)
                 replies.append(None)
                 remote.append(_Job(op, req.args, slot=slot))
-        elif op in codec.MULTI_KEY_OPS:
+        elif OPS[op].keys is Keys.MANY:
             self._place_multi(session, req, replies, remote)
         elif op == "members":
             members_slots.append(_Reply(replies, len(replies), req.rid))
@@ -401,7 +403,7 @@ class Router:
         it came, with the owner's reply frame returned as it came but for the
         rids (see :func:`codec.split_single`)."""
         try:
-            req = codec.parse_request(message, self.limits)
+            req = parse_request(message, self.limits)
         except WireError as exc:
             return codec.encode_frame([self._invalid(exc)])
         owner = self.shard_map.owner(req.args["ns"], req.args["key"])

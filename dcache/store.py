@@ -11,8 +11,8 @@ expired entries per call, so keys nobody reads again do not hold memory).
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 # Rebuild the expiry heap when stale items outnumber live TTL entries by this
 # factor (an entry whose TTL changed leaves its old heap item behind).

@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 import trio
 
-from . import wsframe
+from . import protocol, wsframe
 from .errors import ConnectError
 from .net import (
     GAVE_WAY,
@@ -26,6 +26,7 @@ from .net import (
     connect_error_text,
     split_address,
 )
+from .protocol import Budget, ConnectionClosed
 
 log = logging.getLogger(__name__)
 
@@ -98,55 +99,19 @@ async def _wait_writable(sock: socket.socket) -> None:
         raise trio.ClosedResourceError("the connection was closed") from None
 
 
-class ConnectionClosed(Exception):
-    """The peer closed the connection (cleanly or not); ``code`` as in RFC 6455."""
-
-    def __init__(self, code: int, reason: str = "") -> None:
-        super().__init__(f"connection closed ({code}) {reason}".strip())
-        self.code = code
-        self.reason = reason
-
-
-class Budget:
-    """Bytes of unfinished messages that all the connections sharing it may
-    hold together: each connection's frame limit alone would let a few
-    hundred slow or hostile senders exhaust a node's memory."""
-
-    __slots__ = ("limit", "used")
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-
-
 class Connection:
-    """An open WebSocket connection.
+    """An open WebSocket connection: a :class:`protocol.Connection` driven over a trio stream.
 
-    ``send`` may be called from several tasks (a lock keeps frames whole);
-    ``receive`` from one task at a time. ``poll`` is the busy-poll window
-    (see :class:`BusyPoll`), :data:`BUSY_POLL` by default. ``mask_key``
-    fixes the client side's masking key (:data:`wsframe.NULL_MASK` between
-    nodes); by default each frame gets a random one.
+    ``send`` may be called from several tasks (frames are written whole, one
+    writer at a time); ``receive`` from one task at a time. ``ready`` holds
+    messages that came with the handshake. ``poll`` is the busy-poll window
+    (see :class:`BusyPoll`), :data:`BUSY_POLL` by default.
     """
 
-    def __init__(
-        self,
-        stream: trio.abc.Stream,
-        *,
-        client_side: bool,
-        max_message: int,
-        leftover: bytes = b"",
-        poll: float | None = None,
-        mask_key: bytes | None = None,
-        budget: Budget | None = None,
-    ) -> None:
+    def __init__(self, stream: trio.abc.Stream, proto: protocol.Connection, *, ready: list[bytes] | None = None, poll: float | None = None) -> None:
         self.stream = stream
-        self._budget = budget
-        self._held = 0  # of the budget, in unfinished messages
-        self.masked = client_side
-        self._mask_key = mask_key
-        self._parser = wsframe.FrameParser(expect_masked=not client_side, max_message=max_message)
-        self._ready: list[bytes] = []
+        self.proto = proto
+        self._ready: list[bytes] = ready or []
         # Whole frames, one writer at a time, first come first served: a flag
         # and a parking lot cost less than trio's locks on every write.
         self._sending = False
@@ -165,14 +130,15 @@ class Connection:
                 except OSError:
                     self._watch = None
         self._closed = False
-        self.reads = 0  # how many reads brought data: tells a silent peer from a quiet one
-        # Bytes that came in with the handshake; parsed by the first receive,
-        # which can answer their pings and refuse their errors.
-        self._leftover = leftover
+
+    @property
+    def reads(self) -> int:
+        """How many reads brought data: tells a silent peer from a quiet one."""
+        return self.proto.reads
 
     def frame(self, payload: bytes, opcode: int = wsframe.OP_BINARY) -> bytes:
         """``payload`` as a frame this side may send."""
-        return wsframe.build_frame(payload, opcode=opcode, masked=self.masked, key=self._mask_key)
+        return self.proto.frame(payload, opcode)
 
     async def send(self, payload: bytes) -> None:
         await self.send_raw(self.frame(payload))
@@ -244,29 +210,27 @@ class Connection:
         """Wait for at least one message; return every complete message received so far.
         ``poll=False`` sleeps at once rather than busy-polling."""
         while not self._ready:
-            if self._leftover:
-                data, self._leftover = self._leftover, b""
-            else:
-                try:
-                    data = await self._receive_some(poll)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    raise ConnectionClosed(1006, "the connection broke") from exc
-                if not data:
-                    raise ConnectionClosed(1006, "the peer went away without a close frame")
-                self.reads += 1
+            try:
+                data = await self._receive_some(poll)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise ConnectionClosed(1006, "the connection broke") from exc
             await self._take_in(data)
         ready, self._ready = self._ready, []
         return ready
 
     async def _take_in(self, data: bytes) -> None:
-        """Keep the messages in ``data``; answer or act on its control frames."""
+        """Keep the messages in ``data``; send what the protocol answers (pongs,
+        a close); on a close or broken framing, finish the connection and raise."""
         try:
-            controls = self._absorb(data)
-        except wsframe.FrameError as exc:
-            await self.aclose(exc.code, exc.reason)
-            raise ConnectionClosed(exc.code, exc.reason) from None
-        for control in controls:
-            await self._on_control(control)
+            messages = self.proto.receive_data(data)
+        except ConnectionClosed:
+            await self._finish(self.proto.data_to_send())
+            raise
+        if messages:
+            self._ready += messages
+        answer = self.proto.data_to_send()
+        if answer:
+            await self.send_raw(answer)
 
     async def _receive_some(self, poll: bool) -> bytes:
         """trio's receive_some, tuned for request/reply traffic on plain sockets.
@@ -331,29 +295,9 @@ class Connection:
                 return None
             await trio.lowlevel.checkpoint()
 
-    def _absorb(self, data: bytes) -> list[wsframe.Control]:
-        controls = []
-        for item in self._parser.feed(data):
-            if type(item) is bytes:
-                self._ready.append(item)
-            else:
-                controls.append(item)
-        budget = self._budget
-        if budget is not None and (held := self._parser.buffered) != self._held:
-            grew = held > self._held
-            budget.used += held - self._held
-            self._held = held
-            if grew and budget.used > budget.limit:
-                raise wsframe.FrameError(
-                    wsframe.CLOSE_TRY_AGAIN_LATER, "the node holds too much unfinished data from its clients; send again later"
-                )
-        return controls
-
     def release(self) -> None:
         """Give back this connection's share of its budget, once it is closed."""
-        if self._budget is not None:
-            self._budget.used -= self._held
-            self._held = 0
+        self.proto.release()
 
     async def take_waiting(self) -> None:
         """Take in whatever has arrived, without waiting: answer pings, keep
@@ -368,26 +312,10 @@ class Connection:
                 return
             except OSError as exc:
                 raise ConnectionClosed(1006, f"the connection broke: {exc}") from None
-            if not data:
-                raise ConnectionClosed(1006, "the peer went away without a close frame")
-            self.reads += 1
             await self._take_in(data)
 
-    async def _on_control(self, control: wsframe.Control) -> None:
-        if control.opcode == wsframe.OP_PING:
-            await self.send_raw(self.frame(control.payload, wsframe.OP_PONG))
-        elif control.opcode == wsframe.OP_CLOSE:
-            code, reason = control.close_info()
-            await self.aclose(wsframe.CLOSE_NORMAL)
-            raise ConnectionClosed(code, reason)
-        elif control.opcode == wsframe.OP_TEXT:
-            reason = "dcache speaks binary CBOR messages, not text"
-            await self.aclose(wsframe.CLOSE_UNSUPPORTED_DATA, reason)
-            raise ConnectionClosed(wsframe.CLOSE_UNSUPPORTED_DATA, reason)
-        # Pongs need nothing.
-
     async def ping(self, payload: bytes = b"") -> None:
-        await self.send_raw(self.frame(payload, wsframe.OP_PING))
+        await self.send_raw(self.proto.ping(payload))
 
     def close_now(self, code: int, reason: str) -> None:
         """Send a close frame if it goes out without waiting (and no other
@@ -396,25 +324,30 @@ class Connection:
             return
         self._closed = True
         try:
-            self._socket.send(wsframe.build_close(code, reason, masked=self.masked, key=self._mask_key))
+            self._socket.send(self.proto.close(code, reason))
         except OSError:
             pass
 
     async def aclose(self, code: int = wsframe.CLOSE_NORMAL, reason: str = "") -> None:
         """Send a close frame (best effort, briefly) and close the stream."""
+        await self._finish(self.proto.close(code, reason))
+
+    async def _finish(self, last: bytes) -> None:
+        """Send ``last`` (a close frame; best effort, briefly) and close the stream."""
         if self._closed:
             return
         self._closed = True
-        with trio.move_on_after(CLOSE_TIMEOUT) as scope:
-            scope.shield = True
-            try:
-                await self._start_sending()
+        if last:
+            with trio.move_on_after(CLOSE_TIMEOUT) as scope:
+                scope.shield = True
                 try:
-                    await self.stream.send_all(wsframe.build_close(code, reason, masked=self.masked, key=self._mask_key))
-                finally:
-                    self._done_sending()
-            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
-                pass
+                    await self._start_sending()
+                    try:
+                        await self.stream.send_all(last)
+                    finally:
+                        self._done_sending()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+                    pass
         await trio.aclose_forcefully(self.stream)
 
 
@@ -426,31 +359,28 @@ async def accept(
     Returns the connection, or None (after answering and closing the stream)
     if the peer does not complete a WebSocket handshake within ``timeout``.
     """
-    handshake = wsframe.ServerHandshake()
+    proto = protocol.Connection(client_side=False, max_message=max_message, budget=budget)
     with trio.move_on_after(timeout):
         try:
             while True:
-                data = await stream.receive_some(RECEIVE_SIZE)
-                done = handshake.feed(data)
-                if done is not None:
-                    response, leftover = done
-                    await stream.send_all(response)
-                    return Connection(stream, client_side=False, max_message=max_message, leftover=leftover, budget=budget)
-        except wsframe.HandshakeError as exc:
-            log.debug("handshake failed: %s", exc.reason)
-            if exc.response:
+                messages = proto.receive_data(await stream.receive_some(RECEIVE_SIZE))
+                if proto.state is protocol.State.OPEN:
+                    await stream.send_all(proto.data_to_send())
+                    return Connection(stream, proto, ready=messages)
+        except (protocol.HandshakeFailed, ConnectionClosed) as exc:
+            log.debug("handshake failed: %s", exc)
+            answer = proto.data_to_send()  # an HTTP error, or the upgrade and a close frame
+            if answer:
                 with trio.move_on_after(CLOSE_TIMEOUT):
                     try:
-                        await stream.send_all(exc.response)
+                        await stream.send_all(answer)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         pass
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+    proto.release()
     await trio.aclose_forcefully(stream)
     return None
-
-
-
 
 
 async def connect(
@@ -462,7 +392,7 @@ async def connect(
     mask_key: bytes | None = None,
 ) -> Connection:
     """Open a client connection to ``host:port``; raise ConnectError on any failure.
-    ``mask_key`` as for :class:`Connection`."""
+    ``mask_key`` as for :class:`protocol.Connection`."""
     host, port = split_address(address, default_port)
     stream = None
     with trio.move_on_after(timeout):
@@ -470,19 +400,20 @@ async def connect(
             stream = await trio.open_tcp_stream(host, port)
         except OSError as exc:
             raise ConnectError(f"cannot connect to {host}:{port}: {connect_error_text(exc)}") from None
+        proto = protocol.ClientConnection(host=f"{host}:{port}", max_message=max_message, mask_key=mask_key)
         try:
-            handshake = wsframe.ClientHandshake(f"{host}:{port}")
-            await stream.send_all(handshake.request)
+            await stream.send_all(proto.data_to_send())
             while True:
-                data = await stream.receive_some(RECEIVE_SIZE)
-                leftover = handshake.feed(data)
-                if leftover is not None:
-                    return Connection(
-                        stream, client_side=True, max_message=max_message, leftover=leftover, mask_key=mask_key
-                    )
-        except wsframe.HandshakeError as exc:
+                messages = proto.receive_data(await stream.receive_some(RECEIVE_SIZE))
+                if proto.state is protocol.State.OPEN:
+                    conn = Connection(stream, proto, ready=messages)
+                    answer = proto.data_to_send()  # pongs to pings that came with the upgrade
+                    if answer:
+                        await conn.send_raw(answer)
+                    return conn
+        except (protocol.HandshakeFailed, ConnectionClosed) as exc:
             await trio.aclose_forcefully(stream)
-            raise ConnectError(f"{host}:{port}: {exc.reason}") from None
+            raise ConnectError(f"{host}:{port}: {exc}") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             await trio.aclose_forcefully(stream)
             raise ConnectError(f"{host}:{port}: connection lost during the handshake") from None

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import trio

@@ -11,10 +11,10 @@ from collections.abc import Iterator
 
 import pytest
 import trio
+from test_cluster import serve
 
 import dcache
 from dcache.localcluster import EtcdServer, wait_until_serving
-from test_cluster import serve
 
 TIMEOUT = 60
 

@@ -9,14 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dcache import codec
+from dcache import codec, ops
 from dcache.codec import ErrorCode, Limits, WireError
 
 LIMITS = Limits(max_key_bytes=16, max_value_bytes=64, max_batch=8, max_frame_bytes=4096)
 
 
-def parse(message: Any, limits: Limits = LIMITS) -> codec.Request:
-    return codec.parse_request(message, limits)
+def parse(message: Any, limits: Limits = LIMITS) -> ops.Request:
+    return ops.parse_request(message, limits)
 
 
 def rejects(message: Any, code: ErrorCode, limits: Limits = LIMITS) -> WireError:
@@ -52,23 +52,22 @@ def test_every_op_round_trips_through_a_frame(message: list[Any], args: dict[str
 
 
 def test_every_op_is_covered() -> None:
-    assert {m[1] for m, _ in VALID} == set(codec.OPS)
+    assert {m[1] for m, _ in VALID} == set(ops.OPS)
 
 
 def test_replies_round_trip() -> None:
-    replies = [codec.ok(1, b"v"), codec.ok(2), codec.error(3, ErrorCode.MOVED, "elsewhere", {"epoch": 9}), codec.more(4, [1])]
+    replies = [codec.ok(1, b"v"), codec.ok(2), codec.error(3, ErrorCode.MOVED, "elsewhere", {"epoch": 9})]
     decoded = codec.decode_frame(codec.encode_frame(replies), LIMITS)
     assert [codec.parse_reply(r) for r in decoded] == [
         (1, 0, b"v"),
         (2, 0, None),
         (3, 1, ["moved", "elsewhere", {"epoch": 9}]),
-        (4, 2, [1]),
     ]
 
 
 @pytest.mark.parametrize(
     "reply",
-    [[1, 0], "x", [1, 7, None], [1, 1, "oops"], [1, 1, ["code"]], [1, 1, ["code", 5]], [1, 1, ["c", "m", "d"]], ["1", 0, None]],
+    [[1, 0], "x", [1, 7, None], [1, 2, None], [1, 1, "oops"], [1, 1, ["code"]], [1, 1, ["code", 5]], [1, 1, ["c", "m", "d"]], ["1", 0, None]],
 )
 def test_malformed_replies_are_refused(reply: Any) -> None:
     with pytest.raises(WireError) as info:
@@ -181,8 +180,8 @@ cbor_values = st.recursive(
     lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5),
     max_leaves=30,
 )
-ops = st.sampled_from([*codec.OPS, "nope"])
-messages = st.tuples(st.integers(min_value=-2, max_value=2**64), ops, cbor_values | st.dictionaries(
+op_names = st.sampled_from([*ops.OPS, "nope"])
+messages = st.tuples(st.integers(min_value=-2, max_value=2**64), op_names, cbor_values | st.dictionaries(
     st.sampled_from(["key", "keys", "value", "items", "ns", "ttl_ms", "version", "client", "peer", "x"]), cbor_values, max_size=4
 )).map(list)
 
@@ -194,7 +193,7 @@ def serve(payload: bytes) -> None:
         return
     for message in frame:
         try:
-            codec.parse_request(message, LIMITS)
+            ops.parse_request(message, LIMITS)
         except WireError as exc:
             assert isinstance(exc.code, ErrorCode)
 
@@ -226,7 +225,7 @@ def test_fuzz_mutated_valid_frames(frame: list[Any], position: int, garbage: byt
 @settings(max_examples=200, deadline=None)
 @given(
     st.integers(min_value=0, max_value=codec.MAX_RID),
-    st.tuples(st.sampled_from([0, 2]), cbor_values) | st.just((1, ["moved", "elsewhere", {"epoch": 3}])),
+    st.tuples(st.just(0), cbor_values) | st.just((1, ["moved", "elsewhere", {"epoch": 3}])),
 )
 def test_a_single_message_splits_at_its_rid_and_rejoins(rid: int, reply: tuple[int, Any]) -> None:
     status, body = reply

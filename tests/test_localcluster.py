@@ -14,8 +14,8 @@ import tempfile
 import termios
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from test_cluster import _alive, _children, _consecutive_free_ports

@@ -7,7 +7,7 @@ import pytest
 import trio
 import trio.testing
 
-from dcache import codec, peers, transport, wsframe
+from dcache import codec, peers, protocol, transport, wsframe
 from dcache.errors import PeerUnavailable
 from dcache.mux import Channel
 from dcache.peers import PeerLinks, _Link
@@ -16,7 +16,7 @@ from dcache.peers import PeerLinks, _Link
 async def test_a_link_holds_at_most_max_in_flight_forwards(monkeypatch) -> None:
     monkeypatch.setattr(peers, "MAX_IN_FLIGHT", 2)
     a, b = trio.socket.socketpair()
-    conn = transport.Connection(trio.SocketStream(a), client_side=True, max_message=1 << 20, poll=0, mask_key=wsframe.NULL_MASK)
+    conn = transport.Connection(trio.SocketStream(a), protocol.ClientConnection(max_message=1 << 20, upgraded=True, mask_key=wsframe.NULL_MASK), poll=0)
     owner = trio.SocketStream(b)
     links = PeerLinks(node_id="a")
     link = _Link("b", channel=Channel(conn, name="b", timeout=5.0, watched=True), up=trio.Event(), queue=trio.lowlevel.ParkingLot())

@@ -9,14 +9,14 @@ import pytest
 import trio
 import trio.testing
 
-from dcache import codec, transport, wsframe
+from dcache import codec, protocol, transport, wsframe
 from dcache.errors import RequestTimeout
 from dcache.mux import Channel
 
 
 async def pair(poll: float | None = None) -> tuple[transport.Connection, trio.SocketStream]:
     a, b = trio.socket.socketpair()
-    ours = transport.Connection(trio.SocketStream(a), client_side=True, max_message=1 << 20, poll=poll)
+    ours = transport.Connection(trio.SocketStream(a), protocol.ClientConnection(max_message=1 << 20, upgraded=True), poll=poll)
     return ours, trio.SocketStream(b)
 
 
@@ -115,8 +115,8 @@ async def test_polling_never_holds_up_tasks_of_the_same_process() -> None:
     # still in the outbox, a task trio has not counted as ready yet) would
     # blow the deadline.
     a, b = trio.socket.socketpair()
-    client = transport.Connection(trio.SocketStream(a), client_side=True, max_message=1 << 20, poll=30.0)
-    server = transport.Connection(trio.SocketStream(b), client_side=False, max_message=1 << 20, poll=30.0)
+    client = transport.Connection(trio.SocketStream(a), protocol.ClientConnection(max_message=1 << 20, upgraded=True), poll=30.0)
+    server = transport.Connection(trio.SocketStream(b), protocol.Connection(client_side=False, max_message=1 << 20, upgraded=True), poll=30.0)
     channel = Channel(client, name="test", timeout=10.0)
 
     async def serve() -> None:
@@ -151,7 +151,7 @@ async def test_a_poll_lets_other_tasks_run_between_slices(monkeypatch) -> None:
 
 async def test_concurrent_writers_send_whole_frames_in_turn() -> None:
     a, b = trio.socket.socketpair()
-    conn = transport.Connection(trio.SocketStream(a), client_side=True, max_message=1 << 24, poll=0)
+    conn = transport.Connection(trio.SocketStream(a), protocol.ClientConnection(max_message=1 << 24, upgraded=True), poll=0)
     peer = trio.SocketStream(b)
     messages = [bytes([i]) * (1 << 20) for i in range(4)]  # far more than a socket buffer holds
     parser = wsframe.FrameParser(expect_masked=True, max_message=1 << 24)
@@ -167,28 +167,51 @@ async def test_concurrent_writers_send_whole_frames_in_turn() -> None:
     assert not conn._sending and not conn._send_queue
 
 
-async def test_bytes_that_arrive_with_the_handshake_are_served_like_any_other() -> None:
-    a, b = trio.socket.socketpair()
+async def test_bytes_that_arrive_with_the_handshake_are_served_like_any_other(nursery: trio.Nursery) -> None:
+    """A client that sends its first frames in the same packet as its upgrade
+    request: a ping among them is answered, a message kept for the first receive."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    accepted: list[transport.Connection | None] = []
+
+    async def serve(stream: trio.SocketStream) -> None:
+        accepted.append(await transport.accept(stream, max_message=1 << 20))
+
+    nursery.start_soon(trio.serve_listeners, serve, listeners)
+    port = listeners[0].socket.getsockname()[1]
+    request = wsframe.ClientHandshake(f"127.0.0.1:{port}").request
     leftover = wsframe.build_frame(b"ping me", opcode=wsframe.OP_PING, masked=True) + wsframe.build_frame(b"hi", masked=True)
-    conn = transport.Connection(trio.SocketStream(a), client_side=False, max_message=1 << 20, leftover=leftover)
-    peer = trio.SocketStream(b)
     with trio.fail_after(5):
-        assert await conn.receive() == [b"hi"]
-        pong = wsframe.FrameParser(expect_masked=False, max_message=1 << 20).feed(await peer.receive_some(1024))
+        peer = await trio.open_tcp_stream("127.0.0.1", port)
+        await peer.send_all(request + leftover)
+        received = b""
+        while b"ping me" not in received:
+            received += await peer.receive_some(4096)
+        assert received.startswith(b"HTTP/1.1 101 ")
+        pong = wsframe.FrameParser(expect_masked=False, max_message=1 << 20).feed(received.split(b"\r\n\r\n", 1)[1])
         assert [(c.opcode, c.payload) for c in pong] == [(wsframe.OP_PONG, b"ping me")]
-    # Garbage in the same packet as the handshake is refused like garbage later.
-    a, b = trio.socket.socketpair()
-    conn = transport.Connection(trio.SocketStream(a), client_side=False, max_message=1 << 20, leftover=b"\x82\x05hello")
-    with trio.fail_after(5), pytest.raises(transport.ConnectionClosed) as closed:
-        await conn.receive()
-    assert closed.value.code == wsframe.CLOSE_PROTOCOL_ERROR  # clients must mask
+        while not accepted:
+            await trio.sleep(0.01)
+        conn = accepted[0]
+        assert conn is not None and await conn.receive() == [b"hi"]
+
+
+def test_garbage_that_arrives_with_the_handshake_is_refused_like_garbage_later() -> None:
+    proto = protocol.Connection(client_side=False, max_message=1 << 20)
+    request = wsframe.ClientHandshake("localhost").request
+    with pytest.raises(protocol.ConnectionClosed) as closed:
+        proto.receive_data(request + b"\x82\x05hello")  # clients must mask
+    assert closed.value.code == wsframe.CLOSE_PROTOCOL_ERROR
+    answer = proto.data_to_send()
+    assert answer.startswith(b"HTTP/1.1 101 ")
+    [close] = wsframe.FrameParser(expect_masked=False, max_message=1 << 20).feed(answer.split(b"\r\n\r\n", 1)[1])
+    assert close.close_info()[0] == wsframe.CLOSE_PROTOCOL_ERROR
 
 
 async def test_a_shielded_write_keeps_its_turn_when_its_caller_is_cancelled() -> None:
     # A channel's flush writes other callers' requests too: cancelling the
     # caller that happens to flush must not drop them while it waits its turn.
     a, b = trio.socket.socketpair()
-    conn = transport.Connection(trio.SocketStream(a), client_side=True, max_message=1 << 24, poll=0)
+    conn = transport.Connection(trio.SocketStream(a), protocol.ClientConnection(max_message=1 << 24, upgraded=True), poll=0)
     peer = trio.SocketStream(b)
     big, small = b"b" * (8 << 20), b"everyone's requests"
     parser = wsframe.FrameParser(expect_masked=True, max_message=1 << 24)

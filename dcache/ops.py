@@ -1,0 +1,306 @@
+"""The op table: every request a node understands, declared once.
+
+Each :class:`Op` says how its arguments are checked, which field holds its
+key or keys, whether it writes, what it does to the owning node's store, and
+how a request on many keys splits by owner and merges back. Codec
+validation (:func:`parse_request`), the router and the cluster-aware client
+all read it: adding an op is one entry here, one store method and one
+command in :mod:`dcache.commands`.
+
+Replies: hello → {"version", "server", "node", "epoch", "limits"}; ping → null;
+get → value or null; set → the entry's new version; delete → true if it
+existed; ttl → remaining ms, -1 for no TTL, null if missing; mget → [value or
+null, ...]; mset → [version, ...]; mdelete → number deleted; stats → map of
+counters; members → {"epoch", "members": [{"node", "client", "state",
+"stats"}, ...]}.
+
+A hello with ``peer`` (the sender's node id) opens a node-to-node link: its
+keyed requests are served only if the receiving node owns the key, else
+answered ``moved``, so a request is never forwarded twice.
+
+Sans-IO: no trio, no sockets; the store is whatever object has the methods
+an op's ``apply`` calls.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from .codec import MAX_NAMESPACE_BYTES, MAX_RID, MAX_TTL_MS, ErrorCode, Limits, WireError
+
+
+class Request(NamedTuple):  # a tuple: made for every request, at half a frozen dataclass's cost
+    """A validated request. ``args`` holds normalized fields: keys are bytes,
+    ``ns`` is always present for keyed ops, ``ttl_ms`` is 0 for "no TTL"."""
+
+    rid: int
+    op: str
+    args: dict[str, Any]
+
+
+class Keys(enum.Enum):
+    """Which keys an op names, which decides where it runs."""
+
+    NONE = "none"  # answered by the node it reaches (hello, ping, stats, members)
+    ONE = "one"  # ``args["key"]``: runs on the key's owner
+    MANY = "many"  # a list in ``args[op.field]``: split by owner, merged back
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """One op. ``check`` validates and normalizes its args (raising WireError);
+    ``apply`` runs it on the owning node's store (None: the node answers it
+    itself); for many keys, ``field`` holds them (or ``[key, value]`` pairs
+    when ``pairs``) and ``merge`` says how the owners' answers join:
+    ``"positional"`` (one result per key, in order) or ``"sum"``."""
+
+    name: str
+    check: Callable[[dict[str, Any], Limits], dict[str, Any]]
+    keys: Keys = Keys.NONE
+    write: bool = False
+    apply: Callable[[Any, dict[str, Any]], Any] | None = None
+    field: str = ""
+    pairs: bool = False
+    merge: str = "positional"
+
+    def elements(self, args: dict[str, Any]) -> list[Any]:
+        """A many-key request's keys (or pairs), in order."""
+        return args[self.field]  # type: ignore[no-any-return]
+
+    def key_of(self, element: Any) -> bytes:
+        return element[0] if self.pairs else element  # type: ignore[no-any-return]
+
+    def keys_of(self, args: dict[str, Any]) -> Iterable[bytes]:
+        elements = args[self.field]
+        return (e[0] for e in elements) if self.pairs else elements  # type: ignore[no-any-return]
+
+    def part(self, args: dict[str, Any], elements: list[Any]) -> dict[str, Any]:
+        """The args of the part of a many-key request that holds ``elements``."""
+        part = dict(args)
+        part[self.field] = elements
+        return part
+
+    def wire(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Validated args back in wire form (pairs as [key, value] lists), to forward."""
+        if self.pairs:
+            return {**args, self.field: [list(item) for item in args[self.field]]}
+        return args
+
+    def merged(self, size: int, parts: Iterable[tuple[list[int], Any]]) -> Any:
+        """The answer to the whole request from its parts' answers, each with
+        the positions of its elements in the original request."""
+        if self.merge == "sum":
+            return sum(body for _, body in parts)
+        results: list[Any] = [None] * size
+        for positions, body in parts:
+            for i, value in zip(positions, body):
+                results[i] = value
+        return results
+
+
+def parse_request(message: Any, limits: Limits) -> Request:
+    """Validate one raw request message; raise WireError with its rid if it is bad."""
+    if type(message) is not list or len(message) != 3:
+        raise WireError(ErrorCode.BAD_REQUEST, "a request is [rid, op, args]")
+    rid, name, args = message
+    if type(rid) is not int or not 0 <= rid <= MAX_RID:
+        raise WireError(ErrorCode.BAD_REQUEST, "rid must be an unsigned 63-bit integer")
+    op = OPS.get(name) if type(name) is str else None
+    if op is None:
+        raise WireError(ErrorCode.UNKNOWN_OP, f"unknown op {name!r}", rid)
+    if type(args) is not dict:
+        raise WireError(ErrorCode.BAD_REQUEST, f"{name}: args must be a map", rid)
+    try:
+        return Request(rid, name, op.check(args, limits))
+    except WireError as exc:
+        exc.rid = rid
+        raise
+
+
+# -- argument checks ------------------------------------------------------------------
+
+
+def _fields(args: dict[str, Any], allowed: frozenset[str], op: str) -> None:
+    if not allowed.issuperset(args):
+        extra = args.keys() - allowed
+        raise WireError(ErrorCode.BAD_REQUEST, f"{op}: unknown field(s) {sorted(map(str, extra))}")
+
+
+def _sized(value: Any, limit: int, code: ErrorCode, what: str) -> bytes:
+    """Bytes (text is taken as UTF-8) of at most ``limit`` bytes."""
+    if type(value) is str:
+        value = value.encode()
+    elif type(value) is not bytes:
+        raise WireError(ErrorCode.BAD_REQUEST, f"{what} must be bytes or text")
+    if len(value) > limit:
+        raise WireError(code, f"{what} of {len(value)} bytes exceeds the limit of {limit}")
+    return value
+
+
+def _key(value: Any, limits: Limits) -> bytes:
+    key = _sized(value, limits.max_key_bytes, ErrorCode.KEY_TOO_LARGE, "key")
+    if not key:
+        raise WireError(ErrorCode.BAD_REQUEST, "key must not be empty")
+    return key
+
+
+def _value(value: Any, limits: Limits) -> bytes:
+    return _sized(value, limits.max_value_bytes, ErrorCode.VALUE_TOO_LARGE, "value")
+
+
+def _ns(args: dict[str, Any]) -> str:
+    ns = args.get("ns", "")
+    if type(ns) is not str or len(ns.encode()) > MAX_NAMESPACE_BYTES:
+        raise WireError(ErrorCode.BAD_REQUEST, f"ns must be text of at most {MAX_NAMESPACE_BYTES} bytes")
+    return ns
+
+
+def _ttl(args: dict[str, Any]) -> int:
+    ttl = args.get("ttl_ms", 0)
+    if ttl is None:
+        return 0
+    if type(ttl) is not int or not 0 <= ttl <= MAX_TTL_MS:
+        raise WireError(ErrorCode.BAD_REQUEST, f"ttl_ms must be an integer from 0 (none) to {MAX_TTL_MS}")
+    return ttl
+
+
+def _batch(items: Any, limits: Limits, what: str) -> list[Any]:
+    if type(items) is not list:
+        raise WireError(ErrorCode.BAD_REQUEST, f"{what} must be an array")
+    if len(items) > limits.max_batch:
+        raise WireError(
+            ErrorCode.BATCH_TOO_LARGE,
+            f"{len(items)} {what} exceeds the limit of {limits.max_batch}",
+        )
+    return items
+
+
+def _no_args(op: str) -> Callable[[dict[str, Any], Limits], dict[str, Any]]:
+    def check(args: dict[str, Any], limits: Limits) -> dict[str, Any]:
+        _fields(args, frozenset(), op)
+        return {}
+
+    return check
+
+
+_HELLO = frozenset({"version", "client", "peer"})
+_KEYED = frozenset({"ns", "key"})
+_SET = frozenset({"ns", "key", "value", "ttl_ms"})
+_MULTI = frozenset({"ns", "keys"})
+_MSET = frozenset({"ns", "items", "ttl_ms"})
+
+
+def _hello(args: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    _fields(args, _HELLO, "hello")
+    version = args.get("version")
+    if type(version) is not int:
+        raise WireError(ErrorCode.BAD_REQUEST, "hello: version must be an integer")
+    client = args.get("client", "")
+    if type(client) is not str or len(client) > 256:
+        raise WireError(ErrorCode.BAD_REQUEST, "hello: client must be short text")
+    peer = args.get("peer", "")
+    if type(peer) is not str or len(peer) > 256:
+        raise WireError(ErrorCode.BAD_REQUEST, "hello: peer must be a node id")
+    return {"version": version, "client": client, "peer": peer}
+
+
+def _keyed(op: str) -> Callable[[dict[str, Any], Limits], dict[str, Any]]:
+    def check(args: dict[str, Any], limits: Limits) -> dict[str, Any]:
+        _fields(args, _KEYED, op)
+        if "key" not in args:
+            raise WireError(ErrorCode.BAD_REQUEST, f"{op}: key is required")
+        return {"ns": _ns(args), "key": _key(args["key"], limits)}
+
+    return check
+
+
+def _set(args: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    _fields(args, _SET, "set")
+    if "key" not in args or "value" not in args:
+        raise WireError(ErrorCode.BAD_REQUEST, "set: key and value are required")
+    return {
+        "ns": _ns(args),
+        "key": _key(args["key"], limits),
+        "value": _value(args["value"], limits),
+        "ttl_ms": _ttl(args),
+    }
+
+
+def _multi(op: str) -> Callable[[dict[str, Any], Limits], dict[str, Any]]:
+    def check(args: dict[str, Any], limits: Limits) -> dict[str, Any]:
+        _fields(args, _MULTI, op)
+        keys = _batch(args.get("keys"), limits, "keys")
+        return {"ns": _ns(args), "keys": [_key(k, limits) for k in keys]}
+
+    return check
+
+
+def _mset(args: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    _fields(args, _MSET, "mset")
+    items = _batch(args.get("items"), limits, "items")
+    pairs = []
+    for item in items:
+        if type(item) is not list or len(item) != 2:
+            raise WireError(ErrorCode.BAD_REQUEST, "mset: each item is [key, value]")
+        pairs.append((_key(item[0], limits), _value(item[1], limits)))
+    return {"ns": _ns(args), "items": pairs, "ttl_ms": _ttl(args)}
+
+
+# -- what ops do to the owning node's store ---------------------------------------------
+
+
+def _get(store: Any, a: dict[str, Any]) -> Any:
+    return store.get(a["ns"], a["key"])
+
+
+def _set_in(store: Any, a: dict[str, Any]) -> Any:
+    return store.set(a["ns"], a["key"], a["value"], a["ttl_ms"])
+
+
+def _delete(store: Any, a: dict[str, Any]) -> Any:
+    return store.delete(a["ns"], a["key"])
+
+
+def _ttl_of(store: Any, a: dict[str, Any]) -> Any:
+    return store.ttl_ms(a["ns"], a["key"])
+
+
+def _mget(store: Any, a: dict[str, Any]) -> Any:
+    ns = a["ns"]
+    return [store.get(ns, key) for key in a["keys"]]
+
+
+def _mset_in(store: Any, a: dict[str, Any]) -> Any:
+    ns, ttl = a["ns"], a["ttl_ms"]
+    return [store.set(ns, key, value, ttl) for key, value in a["items"]]
+
+
+def _mdelete(store: Any, a: dict[str, Any]) -> Any:
+    ns = a["ns"]
+    return sum(store.delete(ns, key) for key in a["keys"])
+
+
+def _ping(store: Any, a: dict[str, Any]) -> Any:
+    return None
+
+
+OPS: dict[str, Op] = {
+    op.name: op
+    for op in (
+        Op("hello", _hello),
+        Op("ping", _no_args("ping"), apply=_ping),
+        Op("stats", _no_args("stats")),
+        Op("members", _no_args("members")),
+        Op("get", _keyed("get"), Keys.ONE, apply=_get),
+        Op("set", _set, Keys.ONE, write=True, apply=_set_in),
+        Op("delete", _keyed("delete"), Keys.ONE, write=True, apply=_delete),
+        Op("ttl", _keyed("ttl"), Keys.ONE, apply=_ttl_of),
+        Op("mget", _multi("mget"), Keys.MANY, apply=_mget, field="keys"),
+        Op("mset", _mset, Keys.MANY, write=True, apply=_mset_in, field="items", pairs=True),
+        Op("mdelete", _multi("mdelete"), Keys.MANY, write=True, apply=_mdelete, field="keys", merge="sum"),
+    )
+}
+KEYED = frozenset(name for name, op in OPS.items() if op.keys is Keys.ONE)  # what a lone request may be relayed as
