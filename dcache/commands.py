@@ -105,15 +105,23 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+SHOWN_BINARY_BYTES = 1024  # of a value that is not text, shown escaped on a terminal
+
+
 def show_value(value: bytes) -> str:
-    """A value as people should see it: quoted text, or a bytes literal when binary."""
+    """A value as people should see it: quoted text, or a bytes literal when
+    binary (its first :data:`SHOWN_BINARY_BYTES`, then " …")."""
     try:
         text = value.decode()
     except UnicodeDecodeError:
-        return repr(value)
+        return _binary(value)
     if text.isprintable() or all(c.isprintable() or c in "\n\t" for c in text):
         return json.dumps(text, ensure_ascii=False)
-    return repr(value)
+    return _binary(value)
+
+
+def _binary(value: bytes) -> str:
+    return repr(value[:SHOWN_BINARY_BYTES]) + (" …" if len(value) > SHOWN_BINARY_BYTES else "")
 
 
 # -- actions ------------------------------------------------------------------
@@ -495,9 +503,6 @@ def rich_table(data: TableData) -> Table:
     return table
 
 
-SHOWN_BINARY_BYTES = 1024  # of a value that is not text, shown escaped on a terminal
-
-
 def render(outcome: Outcome, *, as_json: bool) -> int:
     """Print an outcome the way scripts and people expect; return the exit status."""
     if as_json:
@@ -510,9 +515,9 @@ def render(outcome: Outcome, *, as_json: bool) -> int:
         Console().print(rich_table(outcome.table))
     elif isinstance(outcome.stdout, bytes):
         value = outcome.stdout
-        shown = show_value(value[:SHOWN_BINARY_BYTES]) if tty else ""
+        shown = show_value(value) if tty else ""
         if shown.startswith("b"):  # binary, on a terminal: escaped, not raw, and not all of a big one
-            print(shown + (" …" if len(value) > SHOWN_BINARY_BYTES else ""))
+            print(shown)
             print(f"({len(value):,} bytes, not text: redirect the output for the raw bytes)", file=sys.stderr)
         else:
             sys.stdout.buffer.write(outcome.stdout)

@@ -133,6 +133,8 @@ def test_values_are_shown_quoted() -> None:
     assert show_value(b"two words ") == '"two words "'
     assert show_value(b"tab\there") == '"tab\\there"'
     assert show_value(b"\x00\xff") == "b'\\x00\\xff'"
+    big = show_value(b"\xff" * 100_000)  # a big binary value: its first KiB, not 400 KB of escapes
+    assert big.startswith("b'\\xff") and big.endswith("' …") and len(big) < 5000
 
 
 def test_completion_of_commands_options_and_seen_keys() -> None:
