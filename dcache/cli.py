@@ -95,20 +95,27 @@ def shell(address: str | None, server: str, timeout: float) -> NoReturn:
 
 @app.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("shell_name", metavar="[bash|zsh|fish]", required=False, type=click.Choice(["bash", "zsh", "fish"]))
-def completion(shell_name: str | None) -> None:
+@click.option("--write", "directory", metavar="DIR", help="Write the scripts for all three shells into DIR instead.")
+def completion(shell_name: str | None, directory: str | None) -> None:
     """Print the completion script for your shell (default: from $SHELL).
 
     Load it with `eval "$(dcache completion bash)"` in ~/.bashrc, or source
     the file for your shell from the completions/ folder.
     """
     import os
+    from pathlib import Path
 
-    from .completion import script
+    from .completion import script, write_all
 
+    if directory is not None:
+        for path in write_all(Path(directory), app):
+            print(path)
+        return
     name = shell_name or os.path.basename(os.environ.get("SHELL", "")) or "bash"
-    if name not in ("bash", "zsh", "fish"):
-        _error(f"no completion for the shell {name!r}; name one of bash, zsh, fish")
-    print(script(name), end="")
+    try:
+        print(script(name, app), end="")
+    except ValueError as exc:
+        _error(str(exc))
 
 
 # -- serve ------------------------------------------------------------------------

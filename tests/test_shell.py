@@ -19,6 +19,7 @@ from prompt_toolkit.output import DummyOutput
 from rich.console import Console
 
 from dcache import completion
+from dcache.cli import app
 from dcache.codec import Limits
 from dcache.node import BoundAddresses, Node, NodeConfig
 from dcache.shell import (
@@ -352,7 +353,7 @@ def test_script_mode_over_a_pipe() -> None:
 def test_checked_in_completion_scripts_are_current() -> None:
     for shell_name, filename in completion.FILES.items():
         checked_in = (REPO / "completions" / filename).read_text()
-        assert checked_in == completion.script(shell_name), f"regenerate: python -m dcache.completion completions/ ({filename})"
+        assert checked_in == completion.script(shell_name, app), f"regenerate: dcache completion --write completions/ ({filename})"
 
 
 def test_completion_protocol_answers_from_the_app() -> None:
