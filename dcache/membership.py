@@ -73,16 +73,20 @@ def members_prefix(cluster: str) -> str:
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
     """``http://host:port`` or ``host:port`` → (host, port); default port 2379."""
-    parts = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
+    try:
+        parts = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
+        hostname = parts.hostname
+    except ValueError as exc:  # a malformed [IPv6] host, among others
+        raise MembershipError(f"bad etcd endpoint {endpoint!r}: expected http://HOST:PORT ({exc})") from None
     if parts.scheme == "https":
         raise MembershipError(f"etcd endpoint {endpoint!r}: TLS to etcd is not supported yet; use http://")
-    if parts.scheme != "http" or not parts.hostname:
+    if parts.scheme != "http" or not hostname:
         raise MembershipError(f"bad etcd endpoint {endpoint!r}: expected http://HOST:PORT")
     try:
         port = parts.port or 2379
     except ValueError:
         raise MembershipError(f"bad etcd endpoint {endpoint!r}: bad port") from None
-    return parts.hostname, port
+    return hostname, port
 
 
 def decode_member(node_id: str, value: bytes) -> Member | None:

@@ -637,3 +637,17 @@ async def test_shell_where_names_the_owner_in_a_cluster(cluster: list[InProcessN
     assert "total" in text  # the per-node table and its total
     assert set(session.known_addresses) == {n.address for n in cluster}
     session.close()
+
+
+@pytest.mark.parametrize("endpoint", ["http://[::1", "http://]", "http://[x]:1"])
+@pytest.mark.parametrize("via_env", [False, True])
+def test_serve_with_a_malformed_ipv6_etcd_url_is_a_one_line_error(endpoint: str, via_env: bool) -> None:
+    args = ["serve", "--listen", "127.0.0.1:0", "--client-listen", "127.0.0.1:0"]
+    env = {**os.environ, "DCACHE_ETCD": endpoint} if via_env else None
+    if not via_env:
+        args += ["--etcd", endpoint]
+    r = subprocess.run([sys.executable, "-m", "dcache", *args], capture_output=True, timeout=20, env=env)
+    assert r.returncode == 2, r.stderr
+    assert b"Traceback" not in r.stderr
+    lines = r.stderr.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "etcd" in lines[0], lines
