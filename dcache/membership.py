@@ -8,6 +8,13 @@ serving) and the node re-registers when etcd returns. A node that dies stops
 refreshing its lease and drops out after the lease TTL; one that stops
 cleanly revokes its lease and drops out at once.
 
+A node also says until when it can vouch for its view (``vouched_until``,
+on trio's clock): a lease refreshed at time t cannot expire at etcd before
+t + TTL, so until then no other node can have taken this node's shards.
+Past that bound (paused, or cut off from etcd for longer than its lease)
+it must not answer from its view; after a lapse it vouches again only once
+it has registered anew and read a view at or after that registration.
+
 The etcd3 client (the ``python3-etcd3`` distribution) is blocking: its calls
 run in worker threads, and watch callbacks come back into trio through
 :func:`trio.from_thread.run_sync`. :class:`StandaloneMembership` has the same
@@ -74,16 +81,20 @@ def members_prefix(cluster: str) -> str:
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
     """``http://host:port`` or ``host:port`` → (host, port); default port 2379."""
-    parts = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
+    try:
+        parts = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
+        hostname = parts.hostname
+    except ValueError as exc:  # a malformed [IPv6] host, among others
+        raise MembershipError(f"bad etcd endpoint {endpoint!r}: expected http://HOST:PORT ({exc})") from None
     if parts.scheme == "https":
         raise MembershipError(f"etcd endpoint {endpoint!r}: TLS to etcd is not supported yet; use http://")
-    if parts.scheme != "http" or not parts.hostname:
+    if parts.scheme != "http" or not hostname:
         raise MembershipError(f"bad etcd endpoint {endpoint!r}: expected http://HOST:PORT")
     try:
         port = parts.port or 2379
     except ValueError:
         raise MembershipError(f"bad etcd endpoint {endpoint!r}: bad port") from None
-    return parts.hostname, port
+    return hostname, port
 
 
 def decode_member(node_id: str, value: bytes) -> Member | None:
@@ -130,6 +141,7 @@ class StandaloneMembership:
         self._view = View(0, (Member(node_id, client_address, {"client": client_address, "peer": node_id}),))
         self._subscribers = _Subscribers()
         self.healthy = True
+        self.vouched_until = math.inf  # nobody else can take its shards
 
     def current(self) -> View:
         return self._view
@@ -166,9 +178,11 @@ class EtcdMembership:
         lease_ttl: float = DEFAULT_LEASE_TTL,
         connect_timeout: float = CONNECT_TIMEOUT,
         on_lapse: Callable[[], None] | None = None,
+        on_vouch: Callable[[float], None] | None = None,
     ) -> None:
         self.endpoint = endpoint
         self._on_lapse = on_lapse
+        self._on_vouch = on_vouch
         self._host, self._port = parse_endpoint(endpoint)
         self.prefix = members_prefix(cluster)
         self.node_id = node_id
@@ -186,6 +200,15 @@ class EtcdMembership:
         self._limiter = trio.CapacityLimiter(4)
         self.healthy = False
         self._withdrawn = False
+        # Until when the view can be trusted (see the module docstring), and
+        # until when the lease is known to live, on trio's clock.
+        self.vouched_until = -math.inf
+        self._lease_bound = -math.inf
+        # Registered anew (or not yet): the etcd revision a view must be read
+        # at or after before this node vouches again; math.inf until the put
+        # is done, 0 when nothing is pending.
+        self._vouch_from: float = math.inf
+        self._said_unvouched = False
 
     def current(self) -> View:
         return self._view
@@ -305,17 +328,47 @@ class EtcdMembership:
             return
         client = self._client
         if self._lease is not None:
-            responses = await self._call(self._lease.refresh)
-            if not responses or responses[0].TTL <= 0:
-                self._lapsed()
+            await self._refresh()
         if self._lease is None:
+            sent = trio.current_time()
             self._lease = await self._call(client.lease, self._lease_ttl)
-        await self._call(client.put, self._key, self._value, lease=self._lease)
+            self._renewed(sent, self._lease.ttl)  # etcd may grant more than asked (its minimum TTL)
+        response = await self._call(client.put, self._key, self._value, lease=self._lease)
+        if self._vouch_from:
+            self._vouch_from = response.header.revision
+
+    async def _refresh(self) -> bool:
+        """Refresh the lease; False (and the lease forgotten) if it had lapsed."""
+        sent = trio.current_time()
+        responses = await self._call(self._lease.refresh)
+        if not responses or responses[0].TTL <= 0:
+            self._lapsed()
+            return False
+        self._renewed(sent, responses[0].TTL)
+        return True
+
+    def _renewed(self, sent: float, ttl: float) -> None:
+        """The lease lives ``ttl`` seconds from when etcd got the call, which
+        was after ``sent``: it cannot expire before ``sent + ttl``."""
+        self._lease_bound = sent + ttl
+        if not self._vouch_from:
+            self._vouch(self._lease_bound)
+
+    def _vouch(self, until: float) -> None:
+        self.vouched_until = until
+        self._said_unvouched = until == -math.inf  # a lapse, which is logged as such
+        if self._on_vouch is not None:
+            self._on_vouch(until)
 
     def _lapsed(self) -> None:
-        """Our lease ran out: for a while we were out of the cluster, whether
-        or not we saw a view without us. Tell the node before registering again."""
+        """Our lease ran out (or was revoked): for a while we were out of the
+        cluster, whether or not we saw a view without us, and others may
+        have written our keys. Stop vouching at once, until we are
+        registered again and have read a view from after that; tell the
+        node before registering again."""
         self._lease = None
+        self._vouch_from = math.inf
+        self._vouch(-math.inf)
         if self._on_lapse is not None:
             self._on_lapse()
 
@@ -337,6 +390,11 @@ class EtcdMembership:
         self._view = view
         if view.members != old.members:
             self._subscribers.publish(view)
+        if self._vouch_from and view.epoch >= self._vouch_from:
+            # The first view read since registering (again): vouch, now that
+            # it is current() for on_vouch to apply before answering from it.
+            self._vouch_from = 0
+            self._vouch(self._lease_bound)
 
     # -- background loops -----------------------------------------------------------
 
@@ -351,24 +409,24 @@ class EtcdMembership:
                     # Back from an outage: refresh or replace the lease, put our key again.
                     await self._register()
                     self._wake()
-                else:
-                    responses = await self._call(self._lease.refresh)
-                    if not responses or responses[0].TTL <= 0:
-                        log.warning("our etcd lease expired; registering again")
-                        self._lapsed()
-                        await self._register()
-                        self._wake()
-                    elif all(m.node_id != self.node_id for m in self._view.members):
-                        # Our key went while our lease lived (deleted by hand, or by
-                        # another node that ran with our --advertise): put it back.
-                        log.warning("our entry is missing from etcd; registering again")
-                        await self._register()
-                        self._wake()
+                elif not await self._refresh():
+                    log.warning("our etcd lease expired; registering again")
+                    await self._register()
+                    self._wake()
+                elif all(m.node_id != self.node_id for m in self._view.members):
+                    # Our key went while our lease lived (deleted by hand, or by
+                    # another node that ran with our --advertise): put it back.
+                    log.warning("our entry is missing from etcd; registering again")
+                    await self._register()
+                    self._wake()
                 self._mark_healthy()
                 backoff = BACKOFF_INITIAL
                 await trio.sleep(self._lease_ttl / 3)
             except self._etcd_errors() as exc:
                 self._mark_unhealthy(exc)
+                if not self._said_unvouched and trio.current_time() >= self.vouched_until:
+                    self._said_unvouched = True
+                    log.warning("no word from etcd for longer than our lease: keyed requests get 'unavailable' until it answers")
                 await trio.sleep(backoff * random.uniform(0.5, 1.5))
                 backoff = min(backoff * 2, BACKOFF_MAX)
 
@@ -418,7 +476,7 @@ class EtcdMembership:
     def _mark_unhealthy(self, exc: BaseException) -> None:
         if self.healthy:
             log.warning(
-                "etcd at %s unreachable (%s); serving with the last view (epoch %d) and retrying",
+                "etcd at %s unreachable (%s); serving with the last view (epoch %d) while our lease lasts, and retrying",
                 self.endpoint,
                 _describe(exc),
                 self._view.epoch,

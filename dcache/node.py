@@ -8,6 +8,7 @@ revoking its etcd lease on the way out so peers see it leave.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import resource
 import sys
@@ -110,6 +111,7 @@ class Node:
         self._purge_needed: trio.Event | None = None
         self.membership: EtcdMembership | StandaloneMembership | None = None
         self._leaving = False
+        self._applied = View(0, ())  # the last view applied (or set aside, if empty)
 
     async def leave(self, drain: float = LEAVE_DRAIN) -> None:
         """Step out of the cluster before stopping: leave the membership view,
@@ -160,6 +162,7 @@ class Node:
             node_info=self._node_info,
             server_name=f"dcache {__version__}",
             peers=self.peers,
+            clock=trio.lowlevel.current_clock().current_time,  # the clock membership vouches on
         )
         membership: EtcdMembership | StandaloneMembership
         if config.etcd:
@@ -171,9 +174,11 @@ class Node:
                     client_address=client_address,
                     lease_ttl=config.lease_ttl,
                     on_lapse=self._lapsed,
+                    on_vouch=self._vouch,
                 )
             except MembershipError as exc:  # a malformed --etcd
                 raise NodeStartError(str(exc)) from None
+            self.router.vouched_until = -math.inf  # until membership vouches for its first view
         else:
             membership = StandaloneMembership(node_id=self.node_id, client_address=client_address)
 
@@ -187,8 +192,9 @@ class Node:
             except MembershipError as exc:
                 raise NodeStartError(str(exc)) from None
             self._purge_needed = trio.Event()
+            views = membership.subscribe()
             self._apply_view(view)
-            nursery.start_soon(self._follow_views, membership)
+            nursery.start_soon(self._follow_views, membership, views)
             if config.etcd:
                 nursery.start_soon(self._check_advertised)
             nursery.start_soon(self._purge_unowned)
@@ -216,6 +222,7 @@ class Node:
     # -- membership ---------------------------------------------------------------
 
     def _apply_view(self, view: View) -> None:
+        self._applied = view
         if not view.members:
             # etcd holds no member at all, not even this node (its data was
             # lost, or every lease lapsed at once): no key would have an
@@ -268,10 +275,28 @@ class Node:
                 return
         log.warning("other nodes dial this node at %s (--advertise), which fails from here: %s", self.node_id, problem)
 
-    async def _follow_views(self, membership: EtcdMembership | StandaloneMembership) -> None:
-        async with membership.subscribe() as views:
-            async for view in views:
-                self._apply_view(view)
+    def _vouch(self, until: float) -> None:
+        """Membership vouches for its view until ``until`` (trio's clock), or
+        no longer (``-math.inf``, the lease lapsed): the router answers keyed
+        requests until then, from that view, so apply it first."""
+        if self.membership is not None:
+            self._catch_up(self.membership)
+        self.router.vouched_until = until
+
+    def _catch_up(self, membership: EtcdMembership | StandaloneMembership) -> None:
+        """Apply membership's newest view unless its members are applied already.
+
+        The newest, not each one published: a view queued for this node may
+        be older than one the router was just told to vouch for.
+        """
+        view = membership.current()
+        if view.members != self._applied.members:
+            self._apply_view(view)
+
+    async def _follow_views(self, membership: EtcdMembership | StandaloneMembership, views: trio.MemoryReceiveChannel[View]) -> None:
+        async with views:
+            async for _ in views:
+                self._catch_up(membership)
 
     async def _purge_unowned(self) -> None:
         """Drop entries of shards this node no longer owns, after each change.

@@ -13,11 +13,18 @@ Requests that arrive over a peer link (their hello named a ``peer``) are
 never forwarded again: if this node does not own the key by its own view it
 answers ``moved`` with its epoch, and the sender retries with a fresher map,
 a bounded number of times.
+
+A node answers keyed requests only while it can vouch for its view of the
+cluster (``vouched_until``, see :mod:`dcache.membership`): past that, others
+may own its shards and have written its keys since, so every keyed request
+gets ``unavailable`` until it has rejoined. The check costs one comparison
+per received batch, against the clock read there for the latency histogram.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from bisect import bisect_left
 from collections.abc import Callable
@@ -41,6 +48,7 @@ MOVED_RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4)
 MEMBER_STATS_TIMEOUT = 2.0
 # Request latency histogram bucket bounds, in seconds.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+UNVOUCHED_MESSAGE = "this node lost contact with etcd for longer than its lease and is rejoining the cluster; try again"
 
 
 class Forwarder(Protocol):
@@ -226,6 +234,8 @@ class Router:
 
     ``node_info`` returns node-level fields merged into ``stats`` replies;
     ``client_addresses`` maps member ids to their client addresses.
+    ``vouched_until`` is the time on ``clock`` from which this node no longer
+    answers keyed requests (``math.inf``: always answers); its owner moves it.
     """
 
     def __init__(
@@ -238,6 +248,7 @@ class Router:
         node_info: Callable[[], dict[str, Any]],
         server_name: str,
         peers: Forwarder | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.store = store
         self.node_id = node_id
@@ -251,12 +262,15 @@ class Router:
         self.forwarded = 0
         self.moved_retries = 0
         self.latency = Histogram.empty()
+        self.vouched_until = math.inf
+        self._clock = clock
 
     # -- entry point -----------------------------------------------------------
 
     async def handle(self, session: Session, payloads: list[bytes]) -> bytes:
         """Answer every request in ``payloads``; return one encoded reply frame."""
-        started = time.perf_counter()
+        started = self._clock()
+        vouched = started < self.vouched_until
         replies: list[Any] = []
         remote: list[_Job] = []
         members_slots: list[_Reply] = []
@@ -266,21 +280,38 @@ class Router:
             except WireError as exc:
                 replies.append(codec.error_from(exc))
                 continue
-            if len(messages) == 1 and len(payloads) == 1 and session.greeted:
+            if len(messages) == 1 and len(payloads) == 1 and session.greeted and vouched:
                 message = messages[0]
                 op = message[1] if type(message) is list and len(message) == 3 else None
                 if type(op) is str and op in KEYED:
                     frame = await self._keyed_alone(session, payload, message)
-                    self.latency.observe(time.perf_counter() - started)
+                    self.latency.observe(self._clock() - started)
                     return frame
             for message in messages:
-                self._place(session, message, replies, remote, members_slots)
+                if vouched or not self._refused_unvouched(session, message, replies):
+                    self._place(session, message, replies, remote, members_slots)
         if remote:
             await self._run_remote(remote)
         for slot in members_slots:
             slot.deliver(Status.OK, await self.members())
-        self.latency.observe(time.perf_counter() - started, len(replies))
+        self.latency.observe(self._clock() - started, len(replies))
         return codec.encode_frame(replies)
+
+    def _refused_unvouched(self, session: Session, message: Any, replies: list[Any]) -> bool:
+        """Answer ``message`` ``unavailable`` if it is a keyed request, as this
+        node cannot vouch for its view; False for anything else (a malformed
+        request, a hello, ping, stats, members), which is answered as usual."""
+        if not session.greeted:
+            return False
+        try:
+            req = codec.parse_request(message, self.limits)
+        except WireError:
+            return False
+        if req.op not in codec.SINGLE_KEY_OPS and req.op not in codec.MULTI_KEY_OPS:
+            return False
+        self._count(req.op, "unavailable")
+        replies.append(codec.error(req.rid, ErrorCode.UNAVAILABLE, UNVOUCHED_MESSAGE))
+        return True
 
     def _place(self, session: Session, message: Any, replies: list[Any], remote: list[_Job], members_slots: list[_Reply]) -> None:
         """Answer ``message`` now if it can be, else queue its jobs in ``remote``."""
@@ -457,7 +488,7 @@ class Router:
         if len(jobs) == 1 and jobs[0].merge is None:  # the common case needs no regrouping
             owner = self._owner(jobs[0])
             if owner == self.node_id:
-                jobs[0].deliver(*self._execute(jobs[0].op, jobs[0].args))
+                self._execute_job(jobs[0])
             else:
                 await self._forward(owner, jobs, bounced)
             return bounced
@@ -465,7 +496,7 @@ class Router:
         for job in self._reroute(jobs):
             owner = self._owner(job)
             if owner == self.node_id:
-                job.deliver(*self._execute(job.op, job.args))
+                self._execute_job(job)
             else:
                 by_owner.setdefault(owner, []).append(job)
         if len(by_owner) == 1:
@@ -476,6 +507,15 @@ class Router:
                 for owner, owned in by_owner.items():
                     nursery.start_soon(self._forward, owner, owned, bounced)
         return bounced
+
+    def _execute_job(self, job: _Job) -> None:
+        """Run a job placed here on a second look (its owner changed, or it
+        was bounced): time has passed since the batch's check, so check again."""
+        if self._clock() >= self.vouched_until:
+            self._count(job.op, "unavailable")
+            job.deliver(Status.ERROR, [ErrorCode.UNAVAILABLE.value, UNVOUCHED_MESSAGE])
+        else:
+            job.deliver(*self._execute(job.op, job.args))
 
     def _owner(self, job: _Job) -> str:
         if job.merge is None:

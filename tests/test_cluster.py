@@ -201,12 +201,19 @@ async def test_a_frozen_owner_fails_forwards_promptly_and_the_link_recovers(
                     await trio.sleep(0.05)
 
 
-async def test_etcd_outage_keeps_nodes_serving(cluster: list[InProcessNode], etcd_server: EtcdServer) -> None:
+async def test_etcd_outage_keeps_nodes_serving(nursery: trio.Nursery, etcd_server: EtcdServer) -> None:
+    """An outage shorter than the lease (an etcd restart) costs no request."""
+    lease_ttl = 15.0  # long enough that the lease surely outlives the outage, however slow the machine
+    cluster = []
+    for _ in range(3):
+        node = Node(NodeConfig(client_listen="127.0.0.1:0", listen="127.0.0.1:0", etcd=etcd_server.endpoint, lease_ttl=lease_ttl))
+        cluster.append(await nursery.start(_scoped, node))
     with trio.fail_after(TIMEOUT):
+        await wait_for_members(cluster, 3)
         async with dcache.connect(cluster[1].address) as client:
             await client.mset({f"k{i}": "v" for i in range(50)})
             await trio.to_thread.run_sync(etcd_server.stop)
-            await trio.sleep(LEASE_TTL + 0.5)
+            await trio.sleep(1)
             # The last view stands: every key still served through any node.
             assert await client.mget([f"k{i}" for i in range(50)]) == [b"v"] * 50
             await client.set("during-outage", "yes")
@@ -637,3 +644,122 @@ async def test_shell_where_names_the_owner_in_a_cluster(cluster: list[InProcessN
     assert "total" in text  # the per-node table and its total
     assert set(session.known_addresses) == {n.address for n in cluster}
     session.close()
+
+
+@pytest.mark.parametrize("endpoint", ["http://[::1", "http://]", "http://[x]:1"])
+@pytest.mark.parametrize("via_env", [False, True])
+def test_serve_with_a_malformed_ipv6_etcd_url_is_a_one_line_error(endpoint: str, via_env: bool) -> None:
+    args = ["serve", "--listen", "127.0.0.1:0", "--client-listen", "127.0.0.1:0"]
+    env = {**os.environ, "DCACHE_ETCD": endpoint} if via_env else None
+    if not via_env:
+        args += ["--etcd", endpoint]
+    r = subprocess.run([sys.executable, "-m", "dcache", *args], capture_output=True, timeout=20, env=env)
+    assert r.returncode == 2, r.stderr
+    assert b"Traceback" not in r.stderr
+    lines = r.stderr.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "etcd" in lines[0], lines
+
+
+async def test_a_paused_node_never_answers_with_values_overwritten_while_it_was_out(etcd_server: EtcdServer) -> None:
+    """A node stopped (SIGSTOP) until the others drop it finds, when it wakes,
+    requests that queued in its sockets meanwhile. The others owned its
+    shards in between and overwrote its key; it must not answer from what
+    it held: each reply is the new value or `unavailable`, never the old."""
+    from dcache.errors import RequestError
+
+    nodes = [serve(etcd_server.endpoint) for _ in range(3)]
+    (_, a_address, _), _, (c_proc, c_address, c_id) = nodes
+    try:
+        with trio.fail_after(TIMEOUT):
+            for _, address, _ in nodes:
+                assert await trio.to_thread.run_sync(wait_until_serving, address, 15)
+            clients = [await dcache.Client.connect(address, timeout=TIMEOUT) for address in (a_address, c_address, c_address)]
+            a, c_many, c_alone = clients
+            while True:
+                view = [await client.members() for client in (a, c_many)]
+                if all(len(v["members"]) == 3 for v in view):
+                    break
+                await trio.sleep(0.05)
+            ids = [m["node"] for m in view[0]["members"]]
+            shard_map = ShardMap.build(view[0]["epoch"], ids)
+            key = next(k for k in (f"k{i}" for i in range(100000)) if shard_map.owner("", k.encode()) == c_id)
+            await a.set(key, "old")
+            assert await c_many.get(key) == b"old"
+
+            c_proc.send_signal(signal.SIGSTOP)
+            while len((await a.members())["members"]) != 2:  # its lease lapsed; the others took its shards
+                await trio.sleep(0.05)
+            await a.set(key, "new")
+
+            replies: list[object] = []
+
+            async def ask(client: dcache.Client, op: str) -> None:
+                try:
+                    if op == "mget":
+                        [value] = await client.mget([key])
+                        replies.append(value)
+                    else:
+                        replies.append(await client.get(key))
+                except RequestError as exc:
+                    replies.append(exc.code)
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(5):  # frames that the woken node reads in one go
+                    nursery.start_soon(ask, c_many, "get")
+                nursery.start_soon(ask, c_many, "mget")
+                nursery.start_soon(ask, c_alone, "get")  # alone on its connection: the short way
+                await trio.testing.wait_all_tasks_blocked()  # every request written to the stopped node
+                c_proc.send_signal(signal.SIGCONT)
+            assert len(replies) == 7
+            assert all(r in (b"new", ErrorCode.UNAVAILABLE.value) for r in replies), replies
+
+            # It rejoins and serves again; never the old value.
+            while True:
+                try:
+                    value = await c_alone.get(key)
+                except RequestError as exc:
+                    assert exc.code == ErrorCode.UNAVAILABLE
+                    await trio.sleep(0.1)
+                    continue
+                assert value != b"old"
+                break
+            for client in clients:
+                await client.aclose()
+    finally:
+        c_proc.send_signal(signal.SIGCONT)
+        for proc, _, _ in nodes:
+            proc.kill()
+            proc.wait(10)
+
+
+async def test_an_etcd_outage_longer_than_the_lease_makes_keyed_requests_unavailable(
+    cluster: list[InProcessNode], etcd_server: EtcdServer
+) -> None:
+    """A node cut off from etcd for longer than its lease cannot tell an etcd
+    outage from being cut off alone while others took its shards: it answers
+    keyed requests `unavailable` (never a value it cannot vouch for) and
+    serves again once etcd is back."""
+    with trio.fail_after(TIMEOUT):
+        async with dcache.connect(cluster[1].address) as client:
+            values: dict[str | bytes, str | bytes] = {f"k{i}": "v" for i in range(50)}
+            await client.mset(values)
+            await trio.to_thread.run_sync(etcd_server.stop)
+            while any(trio.current_time() < n.node.router.vouched_until for n in cluster):
+                await trio.sleep(0.1)
+            with pytest.raises(dcache.RequestError) as refused:
+                await client.get("k1")
+            assert refused.value.code == ErrorCode.UNAVAILABLE and "lease" in str(refused.value)
+            with pytest.raises(dcache.RequestError):
+                await client.mget([f"k{i}" for i in range(50)])
+            await client.ping()
+            assert (await client.stats())["keys"] > 0
+            await trio.to_thread.run_sync(etcd_server.start)
+            # etcd kept the leases: once refreshed, every node serves again, with what it held.
+            while True:
+                try:
+                    assert await client.mget([f"k{i}" for i in range(50)]) == [b"v"] * 50
+                    break
+                except dcache.RequestError as exc:
+                    assert exc.code == ErrorCode.UNAVAILABLE
+                    await trio.sleep(0.1)
+            await wait_for_members(cluster, 3)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import cbor2
 import pytest
@@ -56,7 +56,7 @@ class Wire:
         return Forwarder()
 
 
-def make_cluster(epoch: int = 1, members: tuple[str, ...] = NODES) -> Wire:
+def make_cluster(epoch: int = 1, members: tuple[str, ...] = NODES, clock: Callable[[], float] | None = None) -> Wire:
     wire = Wire()
     for node_id in members:
         wire.routers[node_id] = Router(
@@ -67,6 +67,7 @@ def make_cluster(epoch: int = 1, members: tuple[str, ...] = NODES) -> Wire:
             node_info=dict,
             server_name="test",
             peers=wire.forwarder_for(node_id),
+            **({"clock": clock} if clock else {}),
         )
     return wire
 
@@ -291,3 +292,87 @@ def test_fuzz_lone_requests_always_get_a_reply(request: tuple[int, str, dict[str
         assert status in (Status.OK, Status.ERROR)
         if status == Status.ERROR:
             assert ErrorCode(body[0]) and type(body[1]) is str
+
+
+async def test_a_node_past_its_vouched_time_answers_keyed_requests_unavailable(mock_clock: trio.testing.MockClock) -> None:
+    """Past the time its membership vouched for (its lease may have lapsed,
+    others may own its keys), a node serves no keyed request, whichever way
+    it comes, and still answers the rest; once vouched again it serves."""
+    wire = make_cluster(clock=trio.current_time)
+    a = wire.routers["a:1"]
+    [ka] = keys_owned_by(a.shard_map, "a:1", 1)
+    [kb] = keys_owned_by(a.shard_map, "b:1", 1)
+    a.vouched_until = trio.current_time() + 5
+    [reply] = await call(a, [1, "set", {"key": ka, "value": b"old"}])
+    assert reply[1] == Status.OK
+    mock_clock.jump(5)  # the bound is when the lease may lapse: not vouched from then on
+
+    def unavailable(reply: list[Any], rid: int) -> bool:
+        return reply[0] == rid and reply[1] == Status.ERROR and reply[2][0] == ErrorCode.UNAVAILABLE and "etcd" in reply[2][1]
+
+    calls = len(wire.calls)
+    # Alone in its frame (the short way), owned here or elsewhere.
+    assert unavailable((await call(a, [2, "get", {"key": ka}]))[0], 2)
+    assert unavailable((await call(a, [3, "get", {"key": kb}]))[0], 3)
+    # In a batch, next to what is still answered.
+    replies = await call(
+        a,
+        [4, "get", {"key": ka}],
+        [5, "set", {"key": kb, "value": b"x"}],
+        [6, "mget", {"keys": [ka, kb]}],
+        [7, "mdelete", {"keys": [ka]}],
+        [8, "ping", {}],
+        [9, "stats", {}],
+        [10, "get", {"key": ka, "bogus": 1}],
+        [11, "members", {}],
+    )
+    assert [unavailable(r, i) for i, r in enumerate(replies[:4], 4)] == [True] * 4
+    assert replies[4] == [8, Status.OK, None]
+    assert replies[5][1] == Status.OK and replies[5][2]["keys"] == 1
+    assert replies[6][2][0] == ErrorCode.BAD_REQUEST
+    assert replies[7][1] == Status.OK and len(replies[7][2]["members"]) == 3
+    # Several frames received in one read; over a peer link (never "moved" nor a value).
+    frames = [cbor2.dumps([[12, "get", {"key": ka}]]), cbor2.dumps([[13, "ttl", {"key": ka}]])]
+    replies = cbor2.loads(await a.handle(Session(greeted=True), frames))
+    assert unavailable(replies[0], 12) and unavailable(replies[1], 13)
+    peer = Session(greeted=True, peer_id="b:1")
+    for key in (ka, kb):
+        [reply] = cbor2.loads(await a.handle(peer, [cbor2.dumps([[14, "get", {"key": key}]])]))
+        assert unavailable(reply, 14)
+    # A new connection still says hello, and must.
+    fresh = Session()
+    [refused, hello] = cbor2.loads(await a.handle(fresh, [cbor2.dumps([[15, "get", {"key": ka}], [16, "hello", {"version": 1}]])]))
+    assert refused[2][0] == ErrorCode.HELLO_REQUIRED and hello[:2] == [16, Status.OK]
+    assert sorted(wire.calls[calls:]) == [("b:1", 1), ("c:1", 1)]  # only members asking for stats: nothing keyed travelled
+    assert a.store.get("", ka) == b"old"  # dropping what it holds is the node's business
+    assert a.op_counts[("get", "unavailable")] == 6 and a.op_counts[("mget", "unavailable")] == 1
+    assert a.op_counts[("ping", "ok")] == 1
+
+    a.vouched_until = trio.current_time() + 5
+    [reply] = await call(a, [20, "get", {"key": ka}])
+    assert reply == [20, Status.OK, b"old"]
+    reply, _ = await call(a, [21, "set", {"key": kb, "value": b"new"}], [22, "ping", {}])
+    assert reply[:2] == [21, Status.OK] and wire.routers["b:1"].store.get("", kb) == b"new"
+
+
+async def test_a_request_placed_here_on_a_retry_is_checked_again(autojump_clock: trio.abc.Clock) -> None:
+    """A forward bounced as "moved" is placed again after a wait; if it lands
+    on this node by then past its vouched time, it is not served."""
+    wire = make_cluster(epoch=2, clock=trio.current_time)
+    a = wire.routers["a:1"]
+    new_map = a.shard_map
+    a.shard_map = ShardMap.build(1, ("b:1", "c:1"))  # a's view is behind: it thinks b owns the key
+    [key] = keys_owned_by(new_map, "a:1", 1)
+    assert a.shard_map.owner("", key) == "b:1"
+    a.store.set("", key, b"old", 0)
+    a.vouched_until = trio.current_time() + 0.01
+
+    async def catch_up() -> None:
+        await trio.sleep(0.02)  # past the bound, before the first retry
+        a.shard_map = new_map
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(catch_up)
+        [reply] = await call(a, [1, "get", {"key": key}])
+    assert reply[1] == Status.ERROR and reply[2][0] == ErrorCode.UNAVAILABLE
+    assert a.moved_retries == 1
