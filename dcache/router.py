@@ -304,10 +304,10 @@ class Router:
         if not session.greeted:
             return False
         try:
-            req = codec.parse_request(message, self.limits)
+            req = parse_request(message, self.limits)
         except WireError:
             return False
-        if req.op not in codec.SINGLE_KEY_OPS and req.op not in codec.MULTI_KEY_OPS:
+        if OPS[req.op].keys is Keys.NONE:
             return False
         self._count(req.op, "unavailable")
         replies.append(codec.error(req.rid, ErrorCode.UNAVAILABLE, UNVOUCHED_MESSAGE))

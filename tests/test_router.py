@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import cbor2
 import pytest
@@ -288,7 +289,7 @@ def test_fuzz_lone_requests_always_get_a_reply(request: tuple[int, str, dict[str
 
     replies = cbor2.loads(trio.run(run))
     assert type(replies) is list
-    for rid, status, body in replies:
+    for _rid, status, body in replies:
         assert status in (Status.OK, Status.ERROR)
         if status == Status.ERROR:
             assert ErrorCode(body[0]) and type(body[1]) is str
