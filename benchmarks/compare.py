@@ -317,7 +317,7 @@ def lean_load(keys_by_address: dict[str, list[str]], seconds: float) -> float:
         conns.append([sock, frame, bytearray()])
     done = 0
     poller = select.epoll()
-    for index, (sock, frame, _) in enumerate(conns):
+    for sock, frame, _ in conns:
         poller.register(sock.fileno(), select.EPOLLIN)
         sock.sendall(frame * depth)
     by_fd = {conn[0].fileno(): conn for conn in conns}
