@@ -51,6 +51,7 @@ BACKOFF_INITIAL = 0.1
 BACKOFF_MAX = 2.0
 REVOKE_TIMEOUT = 1.0
 DUPLICATE_GRACE = 1.0  # seconds past a lease's TTL before a registered id is taken as in use
+DUPLICATE_POLL = 0.25  # seconds between looks at a registered id's lease
 
 
 class MembershipError(Exception):
@@ -233,9 +234,9 @@ class EtcdMembership:
         self._client = etcd3.MultiEndpointEtcd3Client(endpoints=[endpoint], timeout=self._connect_timeout)
         try:
             with self._starting():
-                taken = (await self._call(self._client.get, self._key))[0] is not None
-            if taken:
-                await self._wait_until_free()
+                value, meta = await self._call(self._client.get, self._key)
+            if value is not None:
+                await self._wait_until_free(meta.lease_id)
             with self._starting():
                 await self._register()
                 view = await self._read()
@@ -257,24 +258,31 @@ class EtcdMembership:
         try:
             with trio.fail_after(self._connect_timeout + 1):
                 yield
-        except (trio.TooSlowError, *self._etcd_errors()) as exc:
-            raise MembershipError(
-                f"cannot reach etcd at {self.endpoint} within {self._connect_timeout:g} s ({_describe(exc)})"
-            ) from None
+        except trio.TooSlowError:
+            raise MembershipError(f"cannot reach etcd at {self.endpoint}: no answer within {self._connect_timeout:g} s") from None
+        except self._etcd_errors() as exc:
+            raise MembershipError(f"cannot reach etcd at {self.endpoint}: {_describe(exc)}") from None
 
-    async def _wait_until_free(self) -> None:
+    async def _wait_until_free(self, lease_id: int) -> None:
         """Our id is registered already: by a run of ours that died, whose
         lease lapses within its TTL, or by a live node that advertises the
-        same address, which would split the shards of that id in two."""
+        same address, which would split the shards of that id in two. A live
+        node refreshes its lease every third of its TTL: once the lease's
+        time to live goes up, the other node is alive, and this one stops."""
         log.info("%s is registered already; waiting for that entry to lapse (a previous run?)", self.node_id)
+        left = math.inf
         with trio.move_on_after(self._lease_ttl + DUPLICATE_GRACE):
             while True:
-                await trio.sleep(0.25)
                 try:
                     if (await self._call(self._client.get, self._key))[0] is None:
                         return
+                    ttl = (await self._call(self._client.get_lease_info, lease_id)).TTL
+                    if ttl > left:
+                        break  # refreshed: a live node holds it
+                    left = ttl
                 except self._etcd_errors():
                     pass
+                await trio.sleep(DUPLICATE_POLL)
         raise MembershipError(
             f"another node is registered as {self.node_id} and keeps its entry alive; "
             "give each node its own --advertise address"

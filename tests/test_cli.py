@@ -457,3 +457,14 @@ def test_bench_leaves_your_keys_alone_and_nothing_behind(server: ServeProcess) -
     r = dcache("bench", "--ops", "50", "--keys", "5", "--ratio", "1:0", "--ns", "kept", "--keep", "--json", server=server)
     assert r.returncode == 0 and json.loads(r.stdout)["removed_keys"] == 0
     assert json.loads(dcache("stats", "--json", server=server).stdout)["keys"] > keys_before
+
+
+def test_an_etcd_that_cannot_be_reached_says_why_in_its_own_time() -> None:
+    """A name that does not resolve fails at once and says so; it does not
+    claim to have waited the connect timeout."""
+    started = time.monotonic()
+    r = dcache("serve", "--etcd", "no-such-etcd.invalid", "--client-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0")
+    assert r.returncode == 2 and r.stderr.count(b"\n") == 1, r.stderr
+    assert r.stderr.startswith(b"error: cannot reach etcd at no-such-etcd.invalid: ")
+    if time.monotonic() - started < 4:  # (a resolver that hangs is told apart by the timeout instead)
+        assert b"within" not in r.stderr, r.stderr

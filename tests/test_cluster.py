@@ -453,6 +453,22 @@ async def test_a_second_node_with_the_same_advertise_address_is_refused(cluster:
             assert await client.get("k") == b"v"
 
 
+async def test_a_live_node_holding_an_advertise_address_is_told_apart_by_its_refreshed_lease(
+    nursery: trio.Nursery, etcd_server: EtcdServer
+) -> None:
+    """The twin sees the holder's lease refreshed (every third of its TTL)
+    and stops then, not after waiting out a lease as long as its own."""
+    first = await nursery.start(_scoped, Node(NodeConfig(client_listen="127.0.0.1:0", listen="127.0.0.1:0", etcd=etcd_server.endpoint, lease_ttl=5)))
+    twin = Node(NodeConfig(client_listen="127.0.0.1:0", listen="127.0.0.1:0", advertise=first.node.node_id, etcd=etcd_server.endpoint, lease_ttl=60))
+    with trio.fail_after(TIMEOUT):
+        started = trio.current_time()
+        with pytest.raises(BaseException) as refused:  # noqa: PT011 (NodeStartError, as trio hands it on)
+            async with trio.open_nursery() as inner:
+                await inner.start(twin.run)
+        assert "give each node its own --advertise address" in str(refused.value) + repr(refused.value)
+        assert trio.current_time() - started < 20  # waiting out its own 60 s lease would take 61 s
+
+
 async def test_a_node_restarted_at_once_takes_over_its_lapsing_entry(
     cluster: list[InProcessNode], etcd_server: EtcdServer, caplog: pytest.LogCaptureFixture
 ) -> None:
