@@ -277,7 +277,9 @@ class ShellSession:
             command = self.group.commands.get(name)
             if command is None or name in NOT_IN_SHELL:
                 return self.error(f"no command {args[0]!r}; `help` lists them")
-            return self._invoke(command, name, ["--help"])
+            with click.Context(command, info_name=name) as ctx:
+                self.console.print(command.get_help(ctx), markup=False, highlight=False)
+            return 0
         table = Table(show_header=False, box=None, pad_edge=False)
         table.add_column(style="bold cyan")
         table.add_column()

@@ -117,7 +117,7 @@ def test_a_long_word_splits_in_linear_time() -> None:
         assert words[-1].text == expected
 
 
-def test_help_comes_from_the_command_table(capsys: pytest.CaptureFixture[str]) -> None:
+def test_help_comes_from_the_command_table() -> None:
     session, out = session_for()
     assert session.execute("help") == 0
     listing = out.getvalue()
@@ -125,7 +125,7 @@ def test_help_comes_from_the_command_table(capsys: pytest.CaptureFixture[str]) -
         assert name in listing
     assert "serve" not in listing
     assert session.execute("help set") == 0
-    assert "--ttl" in capsys.readouterr().out  # the CLI's own help text
+    assert "--ttl" in out.getvalue()  # the command table's own help text
     assert session.execute("help nope") == 2
 
 
@@ -360,3 +360,32 @@ def test_completion_protocol_answers_from_the_app() -> None:
     env = {**os.environ, "_DCACHE_COMPLETE": "bash_complete", "COMP_WORDS": "dcache set k v --t", "COMP_CWORD": "4"}
     r = subprocess.run([sys.executable, "-m", "dcache"], env=env, capture_output=True, timeout=20)
     assert set(r.stdout.decode().split()) == {"plain,--ttl", "plain,--timeout"}
+
+
+def test_help_in_the_shell_speaks_of_the_shell() -> None:
+    session, out = session_for()
+    assert session.execute("help set") == 0
+    text = out.getvalue()
+    assert "Usage: set [OPTIONS] KEY VALUE" in text and "--ttl" in text
+    assert "--server" not in text and "--timeout" not in text and "stdin" not in text
+
+
+def test_tables_align_text_left_and_numbers_right() -> None:
+    from dcache import commands
+
+    class Node:
+        server_info = {"node": "n"}
+
+        def members(self) -> dict:
+            stats = {"keys": 5, "hits": 1, "misses": 1, "sets": 5, "deletes": 0, "expired": 0, "data_bytes": 9, "memory_bytes": 99}
+            return {"epoch": 7, "members": [{"node": "a:1", "client": "a:2", "state": "up", "shards": 8192, "stats": stats}]}
+
+        def ttl(self, key: str, *, ns: str = "") -> float:
+            return 30.0
+
+    cluster = commands.rich_table(commands.cluster_stats(Node()).table)  # type: ignore[arg-type,union-attr]
+    assert [c.justify for c in cluster.columns] == ["left", "left", *["right"] * 8]  # node, state, then counts
+    where = commands.rich_table(commands.where(Node(), key="k").table)  # type: ignore[arg-type,union-attr]
+    assert [c.justify for c in where.columns] == ["left", "left"]  # labels and values, as the README shows them
+    stats = commands.rich_table(commands.TableData([("keys", "5")], numeric=(1,)))
+    assert [c.justify for c in stats.columns] == ["left", "right"]
