@@ -23,7 +23,8 @@ import trio
 from dcache import codec, protocol, transport, wsframe
 from dcache.mux import Channel
 from dcache.peers import PeerLinks, _Link
-from dcache.router import Router, Session
+from dcache.protocol import ServerSession
+from dcache.router import Router
 from dcache.shard import ShardMap
 from dcache.store import Store
 
@@ -44,8 +45,8 @@ async def main(rounds: int) -> None:
     store = Store(clock=time.monotonic)
     store.set("", owned["here"], VALUE, 0)
     router = Router(store=store, node_id="here", limits=codec.Limits(), shard_map=shard_map,
-                    node_info=dict, server_name="bench", peers=links)  # fmt: skip
-    session = Session(greeted=True)
+                    stats=dict, server_name="bench", peers=links)  # fmt: skip
+    session = ServerSession(greeted=True)
     local = codec.encode_frame([[5, "get", {"key": owned["here"]}]])
     remote = codec.encode_frame([[5, "get", {"key": owned["there"]}]])
 

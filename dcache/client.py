@@ -446,9 +446,8 @@ class SyncClient(Operations):
             self._send_quietly(self._proto.data_to_send())
             raise ConnectionLost(f"{self.address} closed the connection ({exc.code} {exc.reason})".strip()) from None
         self._ready += messages
-        answer = self._proto.data_to_send()
-        if answer:
-            self._send(answer)
+        if self._proto.has_data_to_send:
+            self._send(self._proto.data_to_send())
 
     def _send_quietly(self, data: bytes) -> None:
         try:

@@ -22,8 +22,6 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from .router import LATENCY_BUCKETS
-
 if TYPE_CHECKING:
     from .node import Node
 
@@ -44,7 +42,7 @@ class NodeCollector(Collector):
         stats = node.store.stats()
 
         ops = CounterMetricFamily("dcache_ops", "Requests served, by op and result.", labels=["op", "result"])
-        for (op, result), count in sorted(router.op_counts.items()):
+        for (op, result), count in sorted(router.counters.ops.items()):
             ops.add_metric([op, result], count)
         yield ops
         for name, doc in (
@@ -58,10 +56,10 @@ class NodeCollector(Collector):
         yield GaugeMetricFamily("dcache_keys", "Entries held by this node.", value=stats["keys"])
         yield GaugeMetricFamily("dcache_data_bytes", "Bytes of keys and values held.", value=stats["data_bytes"])
         yield CounterMetricFamily(
-            "dcache_forwarded_requests", "Requests forwarded to the owning node.", value=router.forwarded
+            "dcache_forwarded_requests", "Requests forwarded to the owning node.", value=router.counters.forwarded
         )
         yield CounterMetricFamily(
-            "dcache_moved_retries", "Forwarded requests retried after a moved reply.", value=router.moved_retries
+            "dcache_moved_retries", "Forwarded requests retried after a moved reply.", value=router.counters.moved_retries
         )
         links = GaugeMetricFamily("dcache_peer_link_up", "1 while the link to a peer is up.", labels=["peer"])
         for peer, state in sorted(node.peers.states().items()):
@@ -72,12 +70,8 @@ class NodeCollector(Collector):
             "dcache_membership_epoch", "Epoch (etcd revision) of this node's membership view.", value=router.shard_map.epoch
         )
         yield GaugeMetricFamily("dcache_connections", "Open client and peer connections.", value=node.connections)
-        hist = router.latency
-        buckets = []
-        cumulative = 0
-        for bound, count in zip((*LATENCY_BUCKETS, float("inf")), hist.counts):
-            cumulative += count
-            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+        hist = router.counters.latency
+        buckets = [("+Inf" if bound == float("inf") else repr(bound), count) for bound, count in hist.cumulative()]
         yield HistogramMetricFamily(
             "dcache_request_latency_seconds",
             "Time from receiving a batch of requests to having its replies, per request.",

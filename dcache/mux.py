@@ -43,6 +43,17 @@ FLUSH_PASSES = 3
 
 
 
+class Ticket:
+    """Requests a channel took, with consecutive rids from ``rid``; see :meth:`Channel.enqueue`."""
+
+    __slots__ = ("rid", "waiters", "what")
+
+    def __init__(self, rid: int, waiters: list[_Waiter], what: str) -> None:
+        self.rid = rid
+        self.waiters = waiters
+        self.what = what  # for errors
+
+
 class Channel:
     """Request/reply multiplexing over ``conn``; ``name`` appears in errors.
 
@@ -76,8 +87,12 @@ class Channel:
         return len(self._pending)
 
     async def request(self, op: str, args: dict[str, Any]) -> tuple[int, Any]:
-        waiter = await self._call(op, args, None)
-        return waiter.status, waiter.body  # type: ignore[return-value]
+        [reply] = await self.complete(self.enqueue([(op, args)]))
+        return reply
+
+    async def request_many(self, requests: list[tuple[str, dict[str, Any]]]) -> list[tuple[int, Any]]:
+        """Send several requests in one frame; their replies in the same order."""
+        return await self.complete(self.enqueue(requests))
 
     async def relay(self, rest: bytes) -> bytes:
         """Send one request given as the rest of its message after the rid
@@ -88,28 +103,13 @@ class Channel:
         unchecked, when it comes alone in its frame: the node relaying it
         saves decoding and re-encoding a value it only carries. Anything
         else is checked as :meth:`request` checks it."""
-        waiter = await self._call("relay", None, rest)
-        return waiter.body  # type: ignore[no-any-return]
+        [(_, rest)] = await self.complete(self.enqueue_raw(rest))
+        return rest  # type: ignore[no-any-return]
 
-    async def _call(self, op: str, args: dict[str, Any] | None, rest: bytes | None) -> _Waiter:
-        if self.broken is not None:
-            raise self._broken_error()
-        rid = self._proto.new_rids()
-        waiter = _Waiter(rest is not None)
-        self._pending[rid] = waiter
-        self._outbox.append([rid, op, args] if rest is None else codec.message(rid, rest))
-        try:
-            await self._exchange((waiter,), op)
-        finally:
-            del self._pending[rid]
-            if not self._reading and self._pending:
-                self._hand_over_reading()
-        if waiter.status == _FAILED:
-            raise self._broken_error()
-        return waiter
-
-    async def request_many(self, requests: list[tuple[str, dict[str, Any]]]) -> list[tuple[int, Any]]:
-        """Send several requests in one frame; their replies in the same order."""
+    def enqueue(self, requests: list[tuple[str, dict[str, Any]]]) -> Ticket:
+        """Put requests in the outbox, without waiting: requests enqueued one
+        after the other go out in that order. :meth:`complete` sends them (if
+        nobody has yet) and waits for their replies."""
         if self.broken is not None:
             raise self._broken_error()
         rid = self._proto.new_rids(len(requests))
@@ -119,21 +119,41 @@ class Channel:
             self._pending[rid + i] = waiter
             self._outbox.append([rid + i, op, args])
             waiters.append(waiter)
+        return Ticket(rid, waiters, requests[0][0] if len(requests) == 1 else f"{len(requests)} requests")
+
+    def enqueue_raw(self, rest: bytes) -> Ticket:
+        """:meth:`enqueue` for one request encoded but for its rid (see :meth:`relay`)."""
+        if self.broken is not None:
+            raise self._broken_error()
+        rid = self._proto.new_rids()
+        waiter = _Waiter(raw=True)
+        self._pending[rid] = waiter
+        self._outbox.append(codec.message(rid, rest))
+        return Ticket(rid, [waiter], "relayed request")
+
+    async def complete(self, ticket: Ticket) -> list[tuple[int, Any]]:
+        """Send what waits in the outbox, wait for ``ticket``'s replies and
+        return them in order: (status, body), or for a relayed request (OK,
+        the rest of the reply, encoded). Raises as :meth:`request` does."""
         try:
-            await self._exchange(waiters, f"{len(requests)} requests")
+            await self._exchange(ticket.waiters, ticket.what)
         finally:
-            for i in range(len(requests)):
-                del self._pending[rid + i]
-            if not self._reading and self._pending:
-                self._hand_over_reading()
+            self.release(ticket)
         results: list[tuple[int, Any]] = []
-        for waiter in waiters:
+        for waiter in ticket.waiters:
             if waiter.status == _FAILED:
                 raise self._broken_error()
             results.append((waiter.status, waiter.body))  # type: ignore[arg-type]
         return results
 
-    async def _exchange(self, waiters: tuple[_Waiter, ...] | list[_Waiter], what: str) -> None:
+    def release(self, ticket: Ticket) -> None:
+        """Stop waiting for ``ticket``'s replies (done, or given up): a late reply is dropped."""
+        for i in range(len(ticket.waiters)):
+            self._pending.pop(ticket.rid + i, None)
+        if not self._reading and self._pending:
+            self._hand_over_reading()
+
+    async def _exchange(self, waiters: list[_Waiter], what: str) -> None:
         if self._watched:
             await self._send_and_wait(waiters)
             return
@@ -143,7 +163,7 @@ class Channel:
         except trio.TooSlowError:
             raise RequestTimeout(f"{what}: no reply from {self.name} within {self.timeout:g} s") from None
 
-    async def _send_and_wait(self, waiters: tuple[_Waiter, ...] | list[_Waiter]) -> None:
+    async def _send_and_wait(self, waiters: list[_Waiter]) -> None:
         """Send the outbox if nobody else is, then wait for ``waiters``' replies,
         reading for everyone when nobody else is."""
         if not self._flushing:

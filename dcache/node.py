@@ -21,7 +21,8 @@ from . import __version__, transport, wsframe
 from .codec import Limits
 from .membership import EtcdMembership, MembershipError, StandaloneMembership, View
 from .peers import PeerLinks
-from .router import Router, Session
+from .protocol import ServerSession
+from .router import Router, Waiting
 from .shard import ShardMap
 from .store import Store
 
@@ -38,6 +39,7 @@ IDLE_TIMEOUT = 30.0
 MAX_CONNECTIONS = 10_000
 MAX_UNFINISHED_BYTES = 256 * 1024 * 1024  # in messages still arriving, over all connections
 ADVERTISE_CHECK_TIMEOUT = 2.0
+MAX_WAITING = 256  # frames of one connection waiting for other nodes at once
 LEAVE_DRAIN = 0.3  # seconds a stopping node still answers after leaving the view
 
 
@@ -159,7 +161,7 @@ class Node:
             node_id=self.node_id,
             limits=config.limits,
             shard_map=ShardMap.build(0, [self.node_id]),
-            node_info=self._node_info,
+            stats=self._node_info,
             server_name=f"dcache {__version__}",
             peers=self.peers,
             clock=trio.lowlevel.current_clock().current_time,  # the clock membership vouches on
@@ -342,12 +344,12 @@ class Node:
         try:
             conn = await transport.accept(stream, max_message=config.limits.max_frame_bytes, budget=self.unfinished)
             if conn is not None:
-                await self._serve_messages(conn, Session(remote=_remote_name(stream)))
+                await self._serve_messages(conn, ServerSession(_remote_name(stream)))
         except Exception:
             # A bug must cost one connection, never the node.
             log.exception("connection handler failed; closing that connection")
-        except trio.Cancelled:
-            if conn is not None:  # the node is stopping: say so, if it can be said at once
+        except BaseException as exc:  # trio.Cancelled, alone or grouped by the connection's nursery
+            if conn is not None and _only_cancelled(exc):  # the node is stopping: say so, if it can be said at once
                 conn.close_now(wsframe.CLOSE_GOING_AWAY, "the node is shutting down")
             raise
         finally:
@@ -356,8 +358,15 @@ class Node:
                 conn.release()
             await trio.aclose_forcefully(stream)
 
-    async def _serve_messages(self, conn: transport.Connection, session: Session) -> None:
+    async def _serve_messages(self, conn: transport.Connection, session: ServerSession) -> None:
         """Answer requests until the connection closes.
+
+        What the router answers at once goes back at once; what waits for
+        other nodes is awaited by a task of its own, which sends its replies
+        when they come, so a slow owner holds up no other request on the
+        connection. At most :data:`MAX_WAITING` frames wait at a time, and a
+        frame sent to a peer link that has all it may hold in flight holds
+        up the next read until the link has room.
 
         One deadline guards both a silent client (after ``idle_timeout`` it
         gets a ping, and is closed if another ``idle_timeout`` passes with
@@ -369,36 +378,84 @@ class Node:
         clock = trio.lowlevel.current_clock()
         pinged_at: int | None = None  # conn.reads when we pinged
         sending = False
-        while True:
-            with trio.CancelScope(deadline=clock.current_time() + idle) as deadline:
-                try:
-                    while True:
-                        payloads = await conn.receive()
-                        pinged_at = None
-                        now = clock.current_time()
-                        if deadline.deadline - now < idle / 2:
-                            deadline.deadline = now + idle
-                        reply = await self.router.handle(session, payloads)
-                        sending = True
-                        await conn.send(reply)
-                        sending = False
-                except transport.ConnectionClosed as exc:
-                    log.debug("connection from %s closed: %s", session.remote, exc)
-                    return
-            if sending:
-                log.info("closing connection from %s: it stopped reading replies", session.remote)
-                return
-            # Idle: ask once whether the other side is still there, then give
-            # up if not even a pong came back.
-            if pinged_at == conn.reads:
-                log.debug("closing idle connection from %s", session.remote)
-                await conn.aclose(1001, "idle")
-                return
-            pinged_at = conn.reads
+        waits = _Waits()
+        async with trio.open_nursery() as later:
             try:
-                await conn.ping()
-            except transport.ConnectionClosed:
-                return
+                while True:
+                    with trio.CancelScope(deadline=clock.current_time() + idle) as deadline:
+                        try:
+                            while True:
+                                payloads = await conn.receive()
+                                pinged_at = None
+                                now = clock.current_time()
+                                if deadline.deadline - now < idle / 2:
+                                    deadline.deadline = now + idle
+                                reply, waiting = self.router.place(session, payloads)
+                                if reply is not None:
+                                    sending = True
+                                    await conn.send(reply)
+                                    sending = False
+                                if waiting is not None:
+                                    waits.count += 1
+                                    later.start_soon(self._send_later, conn, waiting, waits, session)
+                                    await self._make_room(waiting, waits)
+                        except transport.ConnectionClosed as exc:
+                            log.debug("connection from %s closed: %s", session.remote, exc)
+                            return
+                    if sending:
+                        log.info("closing connection from %s: it stopped reading replies", session.remote)
+                        return
+                    # Idle: ask once whether the other side is still there, then give
+                    # up if not even a pong came back.
+                    if pinged_at == conn.reads:
+                        log.debug("closing idle connection from %s", session.remote)
+                        await conn.aclose(1001, "idle")
+                        return
+                    pinged_at = conn.reads
+                    try:
+                        await conn.ping()
+                    except transport.ConnectionClosed:
+                        return
+            finally:
+                later.cancel_scope.cancel()  # replies to a connection that is gone have nowhere to go
+
+    async def _make_room(self, waiting: Waiting, waits: _Waits) -> None:
+        """Read no more from a connection while it has too much waiting."""
+        while waits.count >= MAX_WAITING:
+            await waits.lot.park()
+        crowded = self.peers.crowded(waiting.owners())
+        if crowded is not None:
+            await self.peers.room(crowded)
+
+    async def _send_later(self, conn: transport.Connection, waiting: Waiting, waits: _Waits, session: ServerSession) -> None:
+        try:
+            reply = await waiting.finish()
+            with trio.move_on_after(self.config.idle_timeout) as scope:
+                await conn.send(reply)
+            if scope.cancelled_caught:
+                log.info("closing connection from %s: it stopped reading replies", session.remote)
+                await conn.aclose(wsframe.CLOSE_GOING_AWAY, "replies were not read")
+        except transport.ConnectionClosed:
+            pass  # the reading task sees it too, and ends the connection
+        finally:
+            waits.count -= 1
+            waits.lot.unpark()
+
+
+class _Waits:
+    """How many frames of one connection wait for other nodes, and who waits for room."""
+
+    __slots__ = ("count", "lot")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.lot = trio.lowlevel.ParkingLot()
+
+
+def _only_cancelled(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(trio.Cancelled)[1] is None
+    return isinstance(exc, trio.Cancelled)
 
 
 def _remote_name(stream: trio.SocketStream) -> str:

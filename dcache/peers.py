@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -25,12 +26,10 @@ from .errors import (
     ProtocolError,
     RequestTimeout,
 )
-from .mux import Channel
+from .mux import Channel, Ticket
 from .protocol import hello_args
 
 log = logging.getLogger(__name__)
-A = TypeVar("A")
-T = TypeVar("T")
 
 CONNECT_TIMEOUT = 2.0
 REQUEST_TIMEOUT = 5.0
@@ -53,6 +52,7 @@ class _Link:
     forwarded: int = 0
     in_flight: int = 0  # batches sent and not yet answered
     queue: trio.lowlevel.ParkingLot | None = None  # forwards waiting for one of them to finish
+    waiting: deque[Forward] = field(default_factory=deque)  # submitted while the link was down, in order
 
 
 class PeerLinks:
@@ -85,6 +85,7 @@ class PeerLinks:
                     link.cancel.cancel()
                 if link.channel is not None:
                     link.channel.fail(PeerUnavailable(f"{node_id} left the cluster"))
+                _fail_waiting(link, f"{node_id} left the cluster")
         for node_id in sorted(wanted - self._links.keys()):
             link = _Link(node_id, up=trio.Event(), queue=trio.lowlevel.ParkingLot())
             self._links[node_id] = link
@@ -101,50 +102,44 @@ class PeerLinks:
 
         Raises PeerUnavailable if the link is down and does not come up
         within :data:`WAIT_FOR_LINK`, or breaks while the requests are out.
+        Waits its turn while the link has :data:`MAX_IN_FLIGHT` batches out.
         """
-        return await self._send(node_id, len(requests), Channel.request_many, requests)
+        await self.room(node_id)
+        return await self.submit(node_id, requests).wait()  # type: ignore[return-value]
 
     async def relay(self, node_id: str, rest: bytes) -> bytes:
         """Send one request, encoded but for its rid, to ``node_id``; return
         its reply the same way (see :meth:`Channel.relay`). Raises as
         :meth:`forward` does."""
-        return await self._send(node_id, 1, Channel.relay, rest)
+        await self.room(node_id)
+        return await self.submit_raw(node_id, rest).wait()  # type: ignore[return-value]
 
-    async def _send(self, node_id: str, count: int, call: Callable[[Channel, A], Awaitable[T]], arg: A) -> T:
+    def submit(self, node_id: str, requests: list[tuple[str, dict[str, Any]]]) -> Forward:
+        """Hand requests to the link to ``node_id`` now, without waiting:
+        requests submitted one after the other reach the peer in that order.
+        :meth:`Forward.wait` returns their replies."""
+        return Forward(self, node_id, requests, None)
+
+    def submit_raw(self, node_id: str, rest: bytes) -> Forward:
+        """:meth:`submit` for one request encoded but for its rid; its reply likewise."""
+        return Forward(self, node_id, None, rest)
+
+    async def room(self, node_id: str) -> None:
+        """Wait while the link to ``node_id`` has :data:`MAX_IN_FLIGHT` batches out."""
         link = self._links.get(node_id)
-        if link is None:
-            raise PeerUnavailable(f"{node_id} is not a member")
-        channel = link.channel
-        if channel is None or channel.broken is not None:
-            if link.failures:  # it was tried since and did not answer: down, not reconnecting
-                raise PeerUnavailable(f"{node_id} does not answer")
-            assert link.up is not None
-            with trio.move_on_after(WAIT_FOR_LINK):
-                await link.up.wait()
-            channel = link.channel
-            if channel is None or channel.broken is not None:
-                raise PeerUnavailable(f"no link to {node_id}")
-        queue = link.queue
-        assert queue is not None
-        # Room is the rule; a counter costs less than a semaphore per forward.
-        while link.in_flight >= MAX_IN_FLIGHT:
-            await queue.park()
-        link.in_flight += 1
-        try:
-            try:
-                result = await call(channel, arg)
-            except RequestTimeout as exc:
-                # A peer silent this long is gone; reconnect rather than wait on it.
-                channel.fail(ConnectionLost(str(exc)))
-                raise PeerUnavailable(f"{node_id}: {exc}") from None
-            except DcacheError as exc:
-                raise PeerUnavailable(f"{node_id}: {exc}") from None
-        finally:
-            link.in_flight -= 1
-            if queue:
-                queue.unpark()
-        link.forwarded += count
-        return result
+        if link is not None:
+            queue = link.queue
+            assert queue is not None
+            while link.in_flight >= MAX_IN_FLIGHT:
+                await queue.park()
+
+    def crowded(self, node_ids: Iterable[str]) -> str | None:
+        """One of ``node_ids`` whose link has :data:`MAX_IN_FLIGHT` batches out, if any."""
+        for node_id in node_ids:
+            link = self._links.get(node_id)
+            if link is not None and link.in_flight >= MAX_IN_FLIGHT:
+                return node_id
+        return None
 
     async def _maintain(self, link: _Link) -> None:
         backoff = BACKOFF_INITIAL
@@ -155,6 +150,7 @@ class PeerLinks:
                     channel = await self._connect(link.node_id)
                 except DcacheError as exc:
                     link.failures += 1
+                    _fail_waiting(link, f"{link.node_id} does not answer: {exc}")
                     if link.failures == 1 or link.failures % 50 == 0:
                         log.warning("peer %s unreachable (%s); retrying", link.node_id, exc)
                     link.state = "down"
@@ -169,6 +165,8 @@ class PeerLinks:
                 backoff = BACKOFF_INITIAL
                 link.channel = channel
                 link.state = "up"
+                while link.waiting:  # in the order they were submitted
+                    link.waiting.popleft().attach(channel)
                 assert link.up is not None
                 link.up.set()
                 try:
@@ -222,3 +220,107 @@ class PeerLinks:
                     return
                 except DcacheError:
                     return
+
+
+def _fail_waiting(link: _Link, why: str) -> None:
+    """Fail the forwards waiting for ``link`` to come up: it will not, soon."""
+    while link.waiting:
+        forward = link.waiting.popleft()
+        forward._error = PeerUnavailable(why)
+        assert forward._attached is not None
+        forward._attached.set()
+
+
+class Forward:
+    """Requests handed to a peer link (see :meth:`PeerLinks.submit`), and the
+    wait for their replies. Submitted while the link is down, they go out in
+    order once it comes back (within :data:`WAIT_FOR_LINK`)."""
+
+    __slots__ = ("_links", "_link", "node_id", "_requests", "_rest", "_channel", "_ticket", "_error", "_attached", "_counted")
+
+    def __init__(self, links: PeerLinks, node_id: str, requests: list[tuple[str, dict[str, Any]]] | None, rest: bytes | None) -> None:
+        self._links = links
+        self.node_id = node_id
+        self._requests = requests
+        self._rest = rest
+        self._channel: Channel | None = None
+        self._ticket: Ticket | None = None
+        self._error: PeerUnavailable | None = None
+        self._attached: trio.Event | None = None
+        self._counted = False
+        self._link = link = links._links.get(node_id)
+        if link is None:
+            self._error = PeerUnavailable(f"{node_id} is not a member")
+            return
+        channel = link.channel
+        if channel is not None and channel.broken is None:
+            self.attach(channel)
+        elif link.failures:  # it was tried since and did not answer: down, not reconnecting
+            self._error = PeerUnavailable(f"{node_id} does not answer")
+        else:
+            self._attached = trio.Event()
+            link.waiting.append(self)
+
+    def attach(self, channel: Channel) -> None:
+        """Put the requests in ``channel``'s outbox (the link is up)."""
+        link = self._link
+        assert link is not None
+        try:
+            if self._rest is not None:
+                self._ticket = channel.enqueue_raw(self._rest)
+            else:
+                assert self._requests is not None
+                self._ticket = channel.enqueue(self._requests)
+        except DcacheError as exc:
+            self._error = PeerUnavailable(f"{self.node_id}: {exc}")
+        else:
+            self._channel = channel
+            link.in_flight += 1
+            self._counted = True
+        if self._attached is not None:
+            self._attached.set()
+
+    async def wait(self) -> list[tuple[int, Any]] | bytes:
+        """The replies, in order ((status, body) each), or for a raw request
+        the rest of its reply; raises PeerUnavailable."""
+        try:
+            if self._attached is not None and not self._attached.is_set():
+                with trio.move_on_after(WAIT_FOR_LINK):
+                    await self._attached.wait()
+                if not self._attached.is_set():
+                    raise PeerUnavailable(f"no link to {self.node_id}")
+            if self._error is not None:
+                raise PeerUnavailable(str(self._error)) from self._error
+            channel, ticket = self._channel, self._ticket
+            assert channel is not None and ticket is not None
+            try:
+                replies = await channel.complete(ticket)
+            except RequestTimeout as exc:
+                # A peer silent this long is gone; reconnect rather than wait on it.
+                channel.fail(ConnectionLost(str(exc)))
+                raise PeerUnavailable(f"{self.node_id}: {exc}") from None
+            except DcacheError as exc:
+                raise PeerUnavailable(f"{self.node_id}: {exc}") from None
+            link = self._link
+            assert link is not None
+            link.forwarded += len(replies)
+            return replies[0][1] if self._rest is not None else replies
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Give up on the replies (done, or the asker went away): idempotent."""
+        link = self._link
+        if self._counted and link is not None:
+            self._counted = False
+            link.in_flight -= 1
+            if link.queue:
+                link.queue.unpark()
+        if self._ticket is not None and self._channel is not None:
+            self._channel.release(self._ticket)
+            self._ticket = None
+        if self._attached is not None and not self._attached.is_set() and link is not None:
+            try:
+                link.waiting.remove(self)
+            except ValueError:
+                pass

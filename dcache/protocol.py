@@ -136,7 +136,8 @@ class Connection:
         self.reads += 1
         try:
             items = self._parser.feed(data)
-            self._account()
+            if self._budget is not None:
+                self._account()
         except wsframe.FrameError as exc:
             self._out += self.close(exc.code, exc.reason)
             raise ProtocolViolation(exc.code, exc.reason) from None
@@ -173,7 +174,8 @@ class Connection:
 
     def _account(self) -> None:
         budget = self._budget
-        if budget is not None and (held := self._parser.buffered) != self._held:
+        assert budget is not None
+        if (held := self._parser.buffered) != self._held:
             grew = held > self._held
             budget.used += held - self._held
             self._held = held
@@ -193,6 +195,10 @@ class Connection:
         # Pongs need nothing: that something came is what counts (``reads``).
 
     # -- bytes out ------------------------------------------------------------------------
+
+    @property
+    def has_data_to_send(self) -> bool:
+        return bool(self._out)
 
     def data_to_send(self) -> bytes:
         """What waits to be sent: the handshake, answers to control frames, a close."""
@@ -285,11 +291,11 @@ class ServerSession:
 
     __slots__ = ("remote", "greeted", "client", "peer_id")
 
-    def __init__(self, remote: str = "") -> None:
+    def __init__(self, remote: str = "", *, greeted: bool = False, peer_id: str = "") -> None:
         self.remote = remote
-        self.greeted = False
+        self.greeted = greeted  # (True from the start only where a test or tool skips the hello)
         self.client = ""
-        self.peer_id = ""  # set: a node's peer link, whose keyed requests are never forwarded again
+        self.peer_id = peer_id  # set: a node's peer link, whose keyed requests are never forwarded again
 
     def hello(self, req: Request, info: dict[str, Any]) -> tuple[list[Any], bool]:
         """The reply to ``req``, the first request (hello, or anything else,

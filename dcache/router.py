@@ -1,24 +1,28 @@
-"""Turns received frames into replies: validate, run locally or forward, merge.
+"""From received frames to replies: placement now, and waiting apart.
 
-A connection handler hands the router every frame it received in one read;
-the router answers them all in one reply frame. For each keyed request it
-asks the shard map who owns the key: this node runs it against the store,
-any other owner gets it over the peer link. A multi-key request is split by
-owner and its parts merged back in order. A keyed request that comes alone
-in its frame, the usual case, takes a short way: a forwarding node passes
-it on as it came and the owner's reply back as it came, rewriting only the
-rids, so a value it only carries is never decoded or encoded on the way.
+A connection handler gives :meth:`Router.place` every frame it received in
+one read. Placement is synchronous and keeps arrival order: each request is
+checked against the op table and either answered at once (this node owns
+its key, or it names no key) or handed at once to the peer link of the
+node that owns it, and a link sends what it is handed in that order. The
+replies placement could give go back in one frame at once; what waits for
+other nodes comes back as a :class:`Waiting`, which the handler awaits
+apart (:meth:`Waiting.finish` gives the rest of the replies, in another
+frame). So requests for a slow or hung owner's keys never hold up the other
+requests on the same connection, and the requests for one key still reach
+its owner in the order they came.
+
+A many-key request is split by owner and its parts merged back in order
+(the op table says how). A keyed request that comes alone in its frame, the
+usual case, takes a short way: a forwarding node passes it on as it came and
+the owner's reply back as it came, rewriting only the rids, so a value it
+only carries is never decoded or encoded on the way.
 
 Requests that arrive over a peer link (their hello named a ``peer``) are
 never forwarded again: if this node does not own the key by its own view it
 answers ``moved`` with its epoch, and the sender retries with a fresher map,
-a bounded number of times.
-
-A node answers keyed requests only while it can vouch for its view of the
-cluster (``vouched_until``, see :mod:`dcache.membership`): past that, others
-may own its shards and have written its keys since, so every keyed request
-gets ``unavailable`` until it has rejoined. The check costs one comparison
-per received batch, against the clock read there for the latency histogram.
+a bounded number of times. A node that cannot vouch for its view (its lease
+may have lapsed) answers requests for keys ``unavailable`` instead.
 """
 
 from __future__ import annotations
@@ -26,9 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from bisect import bisect_left
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 import trio
@@ -36,9 +38,10 @@ import trio
 from . import codec
 from .codec import ErrorCode, Limits, Status, WireError
 from .errors import PeerUnavailable
-from .ops import KEYED, OPS, Keys, Request, parse_request
+from .ops import KEYED, OPS, Keys, Op, Request, parse_request
+from .protocol import ServerSession
 from .shard import ShardMap
-from .store import Store
+from .stats import RequestCounters
 
 log = logging.getLogger(__name__)
 
@@ -46,100 +49,34 @@ log = logging.getLogger(__name__)
 # between them add up to under a second.
 MOVED_RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4)
 MEMBER_STATS_TIMEOUT = 2.0
-# Request latency histogram bucket bounds, in seconds.
-LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 UNVOUCHED_MESSAGE = "this node lost contact with etcd for longer than its lease and is rejoining the cluster; try again"
+CHANGING_MESSAGE = "the cluster's membership is changing; try again"
+
+
+class Pending(Protocol):
+    """Requests handed to a peer link; their replies once awaited."""
+
+    async def wait(self) -> Any: ...
+
+    def release(self) -> None: ...
 
 
 class Forwarder(Protocol):
-    """Carries requests to another node; raises PeerUnavailable when it cannot."""
+    """Carries requests to other nodes (see :class:`dcache.peers.PeerLinks`);
+    raises or returns PeerUnavailable when it cannot."""
 
-    async def forward(self, node_id: str, requests: list[tuple[str, dict[str, Any]]]) -> list[tuple[int, Any]]: ...
+    def submit(self, node_id: str, requests: list[tuple[str, dict[str, Any]]]) -> Pending:
+        """Hand requests over now, in order; the Pending's wait gives their (status, body) replies."""
+        ...
 
-    async def relay(self, node_id: str, rest: bytes) -> bytes:
+    def submit_raw(self, node_id: str, rest: bytes) -> Pending:
         """One request encoded but for its rid (see :func:`codec.split_single`); its reply likewise."""
         ...
 
-
-@dataclass(slots=True)
-class Session:
-    """Per-connection protocol state."""
-
-    remote: str = ""
-    greeted: bool = False
-    client: str = ""
-    peer_id: str = ""
+    async def forward(self, node_id: str, requests: list[tuple[str, dict[str, Any]]]) -> list[tuple[int, Any]]: ...
 
 
-@dataclass(slots=True)
-class Histogram:
-    """Cumulative-free bucket counts; exported as a Prometheus histogram."""
-
-    counts: list[int]
-    total: float = 0.0
-    count: int = 0
-
-    @classmethod
-    def empty(cls) -> Histogram:
-        return cls([0] * (len(LATENCY_BUCKETS) + 1))
-
-    def observe(self, seconds: float, n: int = 1) -> None:
-        self.counts[bisect_left(LATENCY_BUCKETS, seconds)] += n
-        self.total += seconds * n
-        self.count += n
-
-
-# -- local execution ----------------------------------------------------------
-
-
-def _get(store: Store, a: dict[str, Any]) -> Any:
-    return store.get(a["ns"], a["key"])
-
-
-def _set(store: Store, a: dict[str, Any]) -> Any:
-    return store.set(a["ns"], a["key"], a["value"], a["ttl_ms"])
-
-
-def _delete(store: Store, a: dict[str, Any]) -> Any:
-    return store.delete(a["ns"], a["key"])
-
-
-def _ttl(store: Store, a: dict[str, Any]) -> Any:
-    return store.ttl_ms(a["ns"], a["key"])
-
-
-def _mget(store: Store, a: dict[str, Any]) -> Any:
-    ns = a["ns"]
-    return [store.get(ns, key) for key in a["keys"]]
-
-
-def _mset(store: Store, a: dict[str, Any]) -> Any:
-    ns, ttl = a["ns"], a["ttl_ms"]
-    return [store.set(ns, key, value, ttl) for key, value in a["items"]]
-
-
-def _mdelete(store: Store, a: dict[str, Any]) -> Any:
-    ns = a["ns"]
-    return sum(store.delete(ns, key) for key in a["keys"])
-
-
-def _ping(store: Store, a: dict[str, Any]) -> Any:
-    return None
-
-
-_LOCAL_OPS: dict[str, Callable[[Store, dict[str, Any]], Any]] = {
-    "get": _get,
-    "set": _set,
-    "delete": _delete,
-    "ttl": _ttl,
-    "mget": _mget,
-    "mset": _mset,
-    "mdelete": _mdelete,
-    "ping": _ping,
-}
-
-
-# -- work that may travel -----------------------------------------------------
+# -- work that waits for other nodes --------------------------------------------------
 
 
 class _Reply:
@@ -157,14 +94,15 @@ class _Reply:
 
 
 class _Merge:
-    """Collects the per-owner parts of one multi-key request into one reply."""
+    """Collects the per-owner parts of one many-key request into one reply."""
 
-    __slots__ = ("slot", "op", "results", "remaining", "failed")
+    __slots__ = ("slot", "op", "parts", "remaining", "size", "failed")
 
-    def __init__(self, slot: _Reply, op: str, size: int) -> None:
+    def __init__(self, slot: _Reply, op: Op, size: int) -> None:
         self.slot = slot
         self.op = op
-        self.results: list[Any] = [None] * size
+        self.parts: list[tuple[list[int], Any]] = []
+        self.size = size
         self.remaining = size
         self.failed = False
 
@@ -175,28 +113,23 @@ class _Merge:
             self.failed = True
             self.slot.deliver(status, body)
             return
-        if self.op == "mdelete":
-            self.results[indexes[0]] = body  # a count; summed at the end
-            for i in indexes[1:]:
-                self.results[i] = 0
-        else:
-            for i, value in zip(indexes, body):
-                self.results[i] = value
+        self.parts.append((indexes, body))
         self.remaining -= len(indexes)
         if self.remaining == 0:
-            result = sum(self.results) if self.op == "mdelete" else self.results
-            self.slot.deliver(Status.OK, result)
+            self.slot.deliver(Status.OK, self.op.merged(self.size, self.parts))
 
 
-@dataclass(slots=True)
 class _Job:
-    """A single-key request, or one owner's share of a multi-key request."""
+    """A single-key request, or one owner's share of a many-key request."""
 
-    op: str
-    args: dict[str, Any]
-    slot: _Reply | None = None  # single-key: where the reply goes
-    merge: _Merge | None = None  # multi-key part: where the part goes
-    indexes: list[int] | None = None  # multi-key part: positions in the original request
+    __slots__ = ("op", "args", "slot", "merge", "indexes")
+
+    def __init__(self, op: Op, args: dict[str, Any], slot: _Reply | None = None, merge: _Merge | None = None, indexes: list[int] | None = None) -> None:
+        self.op = op
+        self.args = args
+        self.slot = slot  # single-key: where the reply goes
+        self.merge = merge  # many-key part: where the part goes
+        self.indexes = indexes  # many-key part: positions in the original request
 
     def deliver(self, status: int, body: Any) -> None:
         if self.merge is not None:
@@ -206,46 +139,103 @@ class _Job:
             assert self.slot is not None
             self.slot.deliver(status, body)
 
-
-def _elements(op: str, args: dict[str, Any]) -> list[Any]:
-    return args[OPS[op].field]
-
-
-def _element_key(op: str, element: Any) -> bytes:
-    return element[0] if op == "mset" else element
+    def owner(self, shard_map: ShardMap) -> str:
+        if self.merge is None:
+            return shard_map.owner(self.args["ns"], self.args["key"])
+        return shard_map.owner(self.args["ns"], self.op.key_of(self.op.elements(self.args)[0]))
 
 
-def _part_args(op: str, args: dict[str, Any], elements: list[Any]) -> dict[str, Any]:
-    part = dict(args)
-    part[OPS[op].field] = elements
-    return part
+class Waiting:
+    """The part of a frame's replies that waits for other nodes: requests
+    handed to their owners' links, a relayed lone request, ``members``.
+    :meth:`finish` waits for them and returns their reply frame;
+    :meth:`release` gives up on them (the connection went away)."""
 
+    __slots__ = ("_router", "_replies", "_forwards", "_relay", "_members", "_started")
 
-def _wire_args(op: str, args: dict[str, Any]) -> dict[str, Any]:
-    """Validated args back in wire form (mset items as [key, value] pairs)."""
-    if op == "mset":
-        return {**args, "items": [list(item) for item in args["items"]]}
-    return args
+    def __init__(self, router: Router, started: float) -> None:
+        self._router = router
+        self._replies: list[Any] = []
+        self._forwards: list[tuple[str, list[_Job], Pending]] = []
+        self._relay: tuple[int, Request, str, Pending] | None = None
+        self._members: list[_Reply] = []
+        self._started = started
+
+    def slot(self, rid: int) -> _Reply:
+        slot = _Reply(self._replies, len(self._replies), rid)
+        self._replies.append(None)
+        return slot
+
+    async def finish(self) -> bytes:
+        router = self._router
+        try:
+            if self._relay is not None:
+                frame = await self._finish_relay(*self._relay)
+                router.counters.latency.observe(router._clock() - self._started)
+                return frame
+            bounced: list[_Job] = []
+            if len(self._forwards) == 1:
+                owner, jobs, pending = self._forwards[0]
+                await router._collect(owner, jobs, pending.wait, bounced)
+            elif self._forwards:
+                async with trio.open_nursery() as nursery:
+                    for owner, jobs, pending in self._forwards:
+                        nursery.start_soon(router._collect, owner, jobs, pending.wait, bounced)
+            await router._retry(bounced)
+            for slot in self._members:
+                slot.deliver(Status.OK, await router.members())
+        finally:
+            self.release()
+        router.counters.latency.observe(router._clock() - self._started, len(self._replies))
+        return codec.encode_frame(self._replies)
+
+    async def _finish_relay(self, rid: int, req: Request, owner: str, pending: Pending) -> bytes:
+        router = self._router
+        try:
+            rest = await pending.wait()
+        except PeerUnavailable as exc:
+            if owner not in router.shard_map.members:  # it left meanwhile: place it again
+                return await router._forward_alone(req, bounced=True)
+            return codec.encode_frame([[rid, Status.ERROR, router._unavailable(req.op, exc)]])
+        if rest[0] == Status.ERROR:
+            _, body = codec.decode_rest(rest)
+            if body[0] == ErrorCode.MOVED:  # the owner's view is newer: retry as any forward would
+                return await router._forward_alone(req, bounced=True)
+        return codec.single_frame(rid, rest)
+
+    def release(self) -> None:
+        for _, _, pending in self._forwards:
+            pending.release()
+        if self._relay is not None:
+            self._relay[3].release()
+
+    def owners(self) -> Iterable[str]:
+        """The nodes this waits for."""
+        if self._relay is not None:
+            yield self._relay[2]
+        for owner, _, _ in self._forwards:
+            yield owner
 
 
 class Router:
     """Serves requests against ``store`` for the shards this node owns and
-    forwards the rest through ``peers``.
+    hands the rest to their owners through ``peers``.
 
-    ``node_info`` returns node-level fields merged into ``stats`` replies;
+    ``stats`` returns this node's counters for ``stats`` replies;
     ``client_addresses`` maps member ids to their client addresses.
     ``vouched_until`` is the time on ``clock`` from which this node no longer
     answers keyed requests (``math.inf``: always answers); its owner moves it.
+    ``server_info`` is the node's part of a hello reply.
     """
 
     def __init__(
         self,
         *,
-        store: Store,
+        store: Any,
         node_id: str,
         limits: Limits,
         shard_map: ShardMap,
-        node_info: Callable[[], dict[str, Any]],
+        stats: Callable[[], dict[str, Any]],
         server_name: str,
         peers: Forwarder | None = None,
         clock: Callable[[], float] = time.perf_counter,
@@ -256,115 +246,160 @@ class Router:
         self.shard_map = shard_map
         self.peers = peers
         self.client_addresses: dict[str, str] = {}
-        self._node_info = node_info
+        self._stats = stats
         self._server_name = server_name
-        self.op_counts: dict[tuple[str, str], int] = {}
-        self.forwarded = 0
-        self.moved_retries = 0
-        self.latency = Histogram.empty()
+        self.counters = RequestCounters()
         self.vouched_until = math.inf
         self._clock = clock
 
-    # -- entry point -----------------------------------------------------------
+    # -- entry points -------------------------------------------------------------
 
-    async def handle(self, session: Session, payloads: list[bytes]) -> bytes:
-        """Answer every request in ``payloads``; return one encoded reply frame."""
+    async def handle(self, session: ServerSession, payloads: list[bytes]) -> bytes:
+        """Answer every request in ``payloads`` in one frame, waiting for
+        other nodes as needed (for tools and tests; a node's connections
+        use :meth:`place`, and send what waits apart)."""
+        now, waiting = self.place(session, payloads)
+        if waiting is None:
+            assert now is not None
+            return now
+        later = await waiting.finish()
+        if now is None:
+            return later
+        # One frame, the replies in the order of their requests, as a reader of it may expect.
+        order: dict[Any, int] = {}
+        for payload in payloads:
+            try:
+                for message in codec.decode_frame(payload, self.limits):
+                    if type(message) is list and message:
+                        order.setdefault(message[0], len(order))
+            except WireError:
+                pass
+        replies = [*codec.decode_frame(now, _ANY), *codec.decode_frame(later, _ANY)]
+        replies.sort(key=lambda reply: order.get(reply[0], len(order)))
+        return codec.encode_frame(replies)
+
+    def place(self, session: ServerSession, payloads: list[bytes]) -> tuple[bytes | None, Waiting | None]:
+        """Answer what can be answered now, in one frame (None if nothing
+        can), and hand what waits for other nodes to their links, in order,
+        returning it as a :class:`Waiting` (None if nothing waits)."""
         started = self._clock()
         vouched = started < self.vouched_until
+        if len(payloads) == 1 and session.greeted and vouched:
+            placed = self._place_alone(session, payloads[0], started)
+            if placed is not None:
+                return placed
         replies: list[Any] = []
         remote: list[_Job] = []
-        members_slots: list[_Reply] = []
+        waiting: Waiting | None = None
         for payload in payloads:
             try:
                 messages = codec.decode_frame(payload, self.limits)
             except WireError as exc:
                 replies.append(codec.error_from(exc))
                 continue
-            if len(messages) == 1 and len(payloads) == 1 and session.greeted and vouched:
-                message = messages[0]
-                op = message[1] if type(message) is list and len(message) == 3 else None
-                if type(op) is str and op in KEYED:
-                    frame = await self._keyed_alone(session, payload, message)
-                    self.latency.observe(self._clock() - started)
-                    return frame
             for message in messages:
-                if vouched or not self._refused_unvouched(session, message, replies):
-                    self._place(session, message, replies, remote, members_slots)
+                try:
+                    req = parse_request(message, self.limits)
+                except WireError as exc:
+                    replies.append(self._invalid(exc))
+                    continue
+                if not session.greeted or req.op == "hello":
+                    replies.append(self._hello(session, req))
+                    continue
+                op = OPS[req.op]
+                if op.keys is not Keys.NONE and not vouched:
+                    self.counters.count(req.op, "unavailable")
+                    replies.append(codec.error(req.rid, ErrorCode.UNAVAILABLE, UNVOUCHED_MESSAGE))
+                elif op.keys is Keys.ONE:
+                    owner = self.shard_map.owner(req.args["ns"], req.args["key"])
+                    reply = self._answer_here(session, req, owner)
+                    if reply is not None:
+                        replies.append(reply)
+                    else:
+                        waiting = waiting or Waiting(self, started)
+                        remote.append(_Job(op, req.args, slot=waiting.slot(req.rid)))
+                elif op.keys is Keys.MANY:
+                    waiting = self._place_many(session, req, op, replies, remote, waiting, started)
+                elif req.op == "members":
+                    waiting = waiting or Waiting(self, started)
+                    waiting._members.append(waiting.slot(req.rid))
+                else:
+                    replies.append(self._local(req))
         if remote:
-            await self._run_remote(remote)
-        for slot in members_slots:
-            slot.deliver(Status.OK, await self.members())
-        self.latency.observe(self._clock() - started, len(replies))
-        return codec.encode_frame(replies)
+            assert waiting is not None
+            self._hand_over(remote, waiting)
+        if replies:
+            self.counters.latency.observe(self._clock() - started, len(replies))
+        return (codec.encode_frame(replies) if replies else None), waiting
 
-    def _refused_unvouched(self, session: Session, message: Any, replies: list[Any]) -> bool:
-        """Answer ``message`` ``unavailable`` if it is a keyed request, as this
-        node cannot vouch for its view; False for anything else (a malformed
-        request, a hello, ping, stats, members), which is answered as usual."""
-        if not session.greeted:
-            return False
+    def _place_alone(self, session: ServerSession, payload: bytes, started: float) -> tuple[bytes | None, Waiting | None] | None:
+        """A keyed request that came alone in its frame (the usual case), the
+        short way: served here if this node owns the key, else handed on as
+        it came, its owner's reply to be returned as it comes but for the rid
+        (see :func:`codec.split_single`). None for any other frame."""
+        split = codec.split_single(payload)
+        if split is None:
+            return None
+        rid, at = split
         try:
-            req = parse_request(message, self.limits)
+            message = codec.decode_frame(payload, self.limits)[0]
         except WireError:
-            return False
-        if OPS[req.op].keys is Keys.NONE:
-            return False
-        self._count(req.op, "unavailable")
-        replies.append(codec.error(req.rid, ErrorCode.UNAVAILABLE, UNVOUCHED_MESSAGE))
-        return True
-
-    def _place(self, session: Session, message: Any, replies: list[Any], remote: list[_Job], members_slots: list[_Reply]) -> None:
-        """Answer ``message`` now if it can be, else queue its jobs in ``remote``."""
+            return None
+        if type(message[1]) is not str or message[1] not in KEYED:
+            return None
         try:
             req = parse_request(message, self.limits)
         except WireError as exc:
-            replies.append(self._invalid(exc))
-            return
-        if not session.greeted or req.op == "hello":
-            replies.append(self._hello(session, req))
-            return
-        op = req.op
-        if op in KEYED:
-            reply = self._answer_here(session, req, self.shard_map.owner(req.args["ns"], req.args["key"]))
-            if reply is not None:
-                replies.append(reply)
-            else:
-                slot = _Reply(replies, len(replies), req.rid)
-                replies.append(None)
-                remote.append(_Job(op, req.args, slot=slot))
-        elif OPS[op].keys is Keys.MANY:
-            self._place_multi(session, req, replies, remote)
-        elif op == "members":
-            members_slots.append(_Reply(replies, len(replies), req.rid))
-            replies.append(None)
-        else:
-            replies.append(self._local(req))
+            return codec.encode_frame([self._invalid(exc)]), None
+        owner = self.shard_map.owner(req.args["ns"], req.args["key"])
+        reply = self._answer_here(session, req, owner)
+        if reply is not None:
+            self.counters.latency.observe(self._clock() - started)
+            return codec.encode_frame([reply]), None
+        if self.peers is None:
+            return None
+        self.counters.forwarded += 1
+        waiting = Waiting(self, started)
+        waiting._relay = (rid, req, owner, self.peers.submit_raw(owner, payload[at:]))
+        return None, waiting
 
-    def _place_multi(self, session: Session, req: Request, replies: list[Any], remote: list[_Job]) -> None:
-        op, args = req.op, req.args
-        elements = _elements(op, args)
-        by_owner = self.shard_map.group_by_owner(args["ns"], (_element_key(op, e) for e in elements))
+    def _place_many(
+        self, session: ServerSession, req: Request, op: Op, replies: list[Any], remote: list[_Job], waiting: Waiting | None, started: float
+    ) -> Waiting | None:
+        args = req.args
+        elements = op.elements(args)
+        by_owner = self.shard_map.group_by_owner(args["ns"], op.keys_of(args))
         if not by_owner or by_owner.keys() == {self.node_id}:
             replies.append(self._local(req))
-            return
+            return waiting
         if session.peer_id:
             other = next(o for o in by_owner if o != self.node_id)
             replies.append(self._moved(req.rid, other))
-            return
-        slot = _Reply(replies, len(replies), req.rid)
-        replies.append(None)
-        merge = _Merge(slot, op, len(elements))
+            return waiting
+        waiting = waiting or Waiting(self, started)
+        merge = _Merge(waiting.slot(req.rid), op, len(elements))
         for owner, indexes in by_owner.items():
-            part = _Job(op, _part_args(op, args, [elements[i] for i in indexes]), merge=merge, indexes=indexes)
+            part = _Job(op, op.part(args, [elements[i] for i in indexes]), merge=merge, indexes=indexes)
             if owner == self.node_id:
-                status, body = self._execute(op, part.args)
-                part.deliver(status, body)
+                part.deliver(*self._execute(op, part.args))
             else:
                 remote.append(part)
+        return waiting
 
-    # -- local -------------------------------------------------------------------
+    def _hand_over(self, jobs: list[_Job], waiting: Waiting) -> None:
+        """Hand placed jobs to their owners' links now, one batch per owner."""
+        assert self.peers is not None
+        by_owner: dict[str, list[_Job]] = {}
+        for job in jobs:
+            by_owner.setdefault(job.owner(self.shard_map), []).append(job)
+        for owner, owned in by_owner.items():
+            self.counters.forwarded += len(owned)
+            pending = self.peers.submit(owner, [(job.op.name, job.op.wire(job.args)) for job in owned])
+            waiting._forwards.append((owner, owned, pending))
 
-    def _answer_here(self, session: Session, req: Request, owner: str) -> list[Any] | None:
+    # -- here ----------------------------------------------------------------------
+
+    def _answer_here(self, session: ServerSession, req: Request, owner: str) -> list[Any] | None:
         """The reply to a keyed request if this node gives it: it owns the
         key, or the request came over a peer link (never forwarded twice)."""
         if owner == self.node_id:
@@ -375,23 +410,24 @@ class Router:
 
     def _local(self, req: Request) -> list[Any]:
         if req.op == "stats":
-            self._count("stats", "ok")
+            self.counters.count("stats", "ok")
             return codec.ok(req.rid, self.stats())
-        status, body = self._execute(req.op, req.args)
+        status, body = self._execute(OPS[req.op], req.args)
         return [req.rid, status, body]
 
-    def _execute(self, op: str, args: dict[str, Any]) -> tuple[int, Any]:
+    def _execute(self, op: Op, args: dict[str, Any]) -> tuple[int, Any]:
+        assert op.apply is not None
         try:
-            body = _LOCAL_OPS[op](self.store, args)
+            body = op.apply(self.store, args)
         except Exception:
-            log.exception("internal error serving %s", op)
-            self._count(op, "error")
+            log.exception("internal error serving %s", op.name)
+            self.counters.count(op.name, "error")
             return Status.ERROR, [ErrorCode.INTERNAL.value, "internal error; see the node's log"]
-        self._count(op, "ok")
+        self.counters.count(op.name, "ok")
         return Status.OK, body
 
     def _moved(self, rid: int, owner: str) -> list[Any]:
-        self._count("moved", "error")
+        self.counters.count("moved", "error")
         return codec.error(
             rid,
             ErrorCode.MOVED,
@@ -399,102 +435,66 @@ class Router:
             {"epoch": self.shard_map.epoch, "owner": owner},
         )
 
-    def _hello(self, session: Session, req: Request) -> list[Any]:
-        if req.op != "hello":
-            self._count(req.op, "error")
-            return codec.error(req.rid, ErrorCode.HELLO_REQUIRED, "the first request on a connection must be hello")
-        version = req.args["version"]
-        if version != codec.PROTOCOL_VERSION:
-            self._count("hello", "error")
-            return codec.error(
-                req.rid,
-                ErrorCode.UNSUPPORTED_VERSION,
-                f"this node speaks protocol version {codec.PROTOCOL_VERSION}, not {version}",
-            )
-        session.greeted = True
-        session.client = req.args["client"]
-        session.peer_id = req.args["peer"]
-        self._count("hello", "ok")
-        return codec.ok(
-            req.rid,
-            {
-                "version": codec.PROTOCOL_VERSION,
-                "server": self._server_name,
-                "node": self.node_id,
-                "epoch": self.shard_map.epoch,
-                "limits": self.limits.as_dict(),
-            },
-        )
+    def _hello(self, session: ServerSession, req: Request) -> list[Any]:
+        info = {"server": self._server_name, "node": self.node_id, "epoch": self.shard_map.epoch, "limits": self.limits.as_dict()}
+        reply, welcomed = session.hello(req, info)
+        self.counters.count(req.op, "ok" if welcomed else "error")
+        return reply
 
-    # -- remote ------------------------------------------------------------------
+    def _invalid(self, exc: WireError) -> list[Any]:
+        self.counters.count("invalid", "error")
+        return codec.error_from(exc)
 
-    async def _keyed_alone(self, session: Session, payload: bytes, message: list[Any]) -> bytes:
-        """A keyed request that came alone in its frame (the usual case), the
-        short way: served here if this node owns the key, else forwarded as
-        it came, with the owner's reply frame returned as it came but for the
-        rids (see :func:`codec.split_single`)."""
+    def _unavailable(self, op: str, exc: PeerUnavailable) -> list[str]:
+        """Count an ``op`` whose owner is unreachable; the error body for it."""
+        self.counters.count(op, "unavailable")
+        return [ErrorCode.UNAVAILABLE.value, f"the owner of this key is unreachable: {exc}"]
+
+    # -- waiting for other nodes ---------------------------------------------------------
+
+    async def _collect(self, owner: str, jobs: list[_Job], replies: Callable[[], Awaitable[Any]], bounced: list[_Job]) -> None:
+        """Deliver the ``replies()`` to ``jobs``, sent to ``owner``; keep those bounced as moved."""
         try:
-            req = parse_request(message, self.limits)
-        except WireError as exc:
-            return codec.encode_frame([self._invalid(exc)])
-        owner = self.shard_map.owner(req.args["ns"], req.args["key"])
-        reply = self._answer_here(session, req, owner)
-        if reply is not None:
-            return codec.encode_frame([reply])
-        split = codec.split_single(payload)
-        if split is None or self.peers is None:
-            return await self._forward_alone(req)
-        rid, at = split
-        self.forwarded += 1
-        try:
-            rest = await self.peers.relay(owner, payload[at:])
+            results = await replies()
         except PeerUnavailable as exc:
-            if owner not in self.shard_map.members:  # it left meanwhile: place it again
-                return await self._forward_alone(req, bounced=True)
-            return codec.encode_frame([[rid, Status.ERROR, self._unavailable(req.op, exc)]])
-        if rest[0] == Status.ERROR:
-            _, body = codec.decode_rest(rest)
-            if body[0] == ErrorCode.MOVED:  # the owner's view is newer: retry as any forward would
-                return await self._forward_alone(req, bounced=True)
-        return codec.single_frame(rid, rest)
+            if owner not in self.shard_map.members:  # it left meanwhile: place them again
+                bounced.extend(jobs)
+                return
+            for job in jobs:
+                job.deliver(Status.ERROR, self._unavailable(job.op.name, exc))
+            return
+        for job, (status, body) in zip(jobs, results):
+            if status == Status.ERROR and body[0] == ErrorCode.MOVED:
+                bounced.append(job)
+            else:
+                job.deliver(status, body)
 
     async def _forward_alone(self, req: Request, *, bounced: bool = False) -> bytes:
         replies: list[Any] = [None]
-        job = _Job(req.op, req.args, slot=_Reply(replies, 0, req.rid))
+        job = _Job(OPS[req.op], req.args, slot=_Reply(replies, 0, req.rid))
         if bounced:
             await self._retry([job])
         else:
-            await self._run_remote([job])
+            await self._retry(await self._attempt([job]))
         return codec.encode_frame(replies)
-
-    async def _run_remote(self, jobs: list[_Job]) -> None:
-        """Forward jobs to their owners; re-route those bounced as moved."""
-        await self._retry(await self._attempt(jobs))
 
     async def _retry(self, bounced: list[_Job]) -> None:
         for delay in MOVED_RETRY_DELAYS:
             if not bounced:
                 return
-            self.moved_retries += len(bounced)
+            self.counters.moved_retries += len(bounced)
             await trio.sleep(delay)
             bounced = await self._attempt(bounced)
         for job in bounced:
-            self._count(job.op, "unavailable")
-            job.deliver(Status.ERROR, [ErrorCode.UNAVAILABLE.value, "the cluster's membership is changing; try again"])
+            self.counters.count(job.op.name, "unavailable")
+            job.deliver(Status.ERROR, [ErrorCode.UNAVAILABLE.value, CHANGING_MESSAGE])
 
     async def _attempt(self, jobs: list[_Job]) -> list[_Job]:
         """Send each job to its owner as the map says now; return those bounced as moved."""
         bounced: list[_Job] = []
-        if len(jobs) == 1 and jobs[0].merge is None:  # the common case needs no regrouping
-            owner = self._owner(jobs[0])
-            if owner == self.node_id:
-                self._execute_job(jobs[0])
-            else:
-                await self._forward(owner, jobs, bounced)
-            return bounced
         by_owner: dict[str, list[_Job]] = {}
         for job in self._reroute(jobs):
-            owner = self._owner(job)
+            owner = job.owner(self.shard_map)
             if owner == self.node_id:
                 self._execute_job(job)
             else:
@@ -508,63 +508,38 @@ class Router:
                     nursery.start_soon(self._forward, owner, owned, bounced)
         return bounced
 
+    async def _forward(self, owner: str, jobs: list[_Job], bounced: list[_Job]) -> None:
+        assert self.peers is not None
+        self.counters.forwarded += len(jobs)
+        requests = [(job.op.name, job.op.wire(job.args)) for job in jobs]
+        peers = self.peers
+        await self._collect(owner, jobs, lambda: peers.forward(owner, requests), bounced)
+
     def _execute_job(self, job: _Job) -> None:
         """Run a job placed here on a second look (its owner changed, or it
         was bounced): time has passed since the batch's check, so check again."""
         if self._clock() >= self.vouched_until:
-            self._count(job.op, "unavailable")
+            self.counters.count(job.op.name, "unavailable")
             job.deliver(Status.ERROR, [ErrorCode.UNAVAILABLE.value, UNVOUCHED_MESSAGE])
         else:
             job.deliver(*self._execute(job.op, job.args))
 
-    def _owner(self, job: _Job) -> str:
-        if job.merge is None:
-            return self.shard_map.owner(job.args["ns"], job.args["key"])
-        key = _element_key(job.op, _elements(job.op, job.args)[0])
-        return self.shard_map.owner(job.args["ns"], key)
-
     def _reroute(self, jobs: list[_Job]) -> list[_Job]:
-        """Split multi-key parts whose keys no longer share one owner."""
+        """Split many-key parts whose keys no longer share one owner."""
         out = []
         for job in jobs:
             if job.merge is None:
                 out.append(job)
                 continue
             assert job.indexes is not None
-            elements = _elements(job.op, job.args)
-            groups = self.shard_map.group_by_owner(job.args["ns"], (_element_key(job.op, e) for e in elements))
+            op = job.op
+            elements = op.elements(job.args)
+            groups = self.shard_map.group_by_owner(job.args["ns"], op.keys_of(job.args))
             for positions in groups.values():
                 parts = [elements[i] for i in positions]
                 indexes = [job.indexes[i] for i in positions]
-                out.append(_Job(job.op, _part_args(job.op, job.args, parts), merge=job.merge, indexes=indexes))
+                out.append(_Job(op, op.part(job.args, parts), merge=job.merge, indexes=indexes))
         return out
-
-    async def _forward(self, owner: str, jobs: list[_Job], bounced: list[_Job]) -> None:
-        assert self.peers is not None
-        self.forwarded += len(jobs)
-        try:
-            results = await self.peers.forward(owner, [(job.op, _wire_args(job.op, job.args)) for job in jobs])
-        except PeerUnavailable as exc:
-            if owner not in self.shard_map.members:  # it left meanwhile: place them again
-                bounced.extend(jobs)
-                return
-            for job in jobs:
-                job.deliver(Status.ERROR, self._unavailable(job.op, exc))
-            return
-        for job, (status, body) in zip(jobs, results):
-            if status == Status.ERROR and body[0] == ErrorCode.MOVED:
-                bounced.append(job)
-            else:
-                job.deliver(status, body)
-
-    def _invalid(self, exc: WireError) -> list[Any]:
-        self._count("invalid", "error")
-        return codec.error_from(exc)
-
-    def _unavailable(self, op: str, exc: PeerUnavailable) -> list[str]:
-        """Count an ``op`` whose owner is unreachable; the error body for it."""
-        self._count(op, "unavailable")
-        return [ErrorCode.UNAVAILABLE.value, f"the owner of this key is unreachable: {exc}"]
 
     # -- cluster-wide views -------------------------------------------------------
 
@@ -603,19 +578,20 @@ class Router:
         async with trio.open_nursery() as nursery:
             for node_id in shard_map.members:
                 nursery.start_soon(ask, node_id)
-        self._count("members", "ok")
+        self.counters.count("members", "ok")
         return {"epoch": shard_map.epoch, "members": [rows[m] for m in shard_map.members]}
 
     def stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = self.store.stats()
-        stats.update(self._node_info())
+        stats.update(self._stats())
         stats["node"] = self.node_id
         stats["shards"] = self.shard_map.shards_owned(self.node_id)
         stats["members"] = len(self.shard_map.members)
         stats["epoch"] = self.shard_map.epoch
-        stats["forwarded"] = self.forwarded
+        stats["forwarded"] = self.counters.forwarded
         return stats
 
-    def _count(self, op: str, result: str) -> None:
-        key = (op, result)
-        self.op_counts[key] = self.op_counts.get(key, 0) + 1
+
+# Decoding our own reply frames again (Router.handle joins two): no limits apply.
+_ANY = Limits(max_frame_bytes=2**62, max_batch=2**62)
+

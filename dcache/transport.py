@@ -228,9 +228,8 @@ class Connection:
             raise
         if messages:
             self._ready += messages
-        answer = self.proto.data_to_send()
-        if answer:
-            await self.send_raw(answer)
+        if self.proto.has_data_to_send:
+            await self.send_raw(self.proto.data_to_send())
 
     async def _receive_some(self, poll: bool) -> bytes:
         """trio's receive_some, tuned for request/reply traffic on plain sockets.

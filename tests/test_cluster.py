@@ -173,24 +173,36 @@ async def test_a_frozen_owner_fails_forwards_promptly_and_the_link_recovers(
     shard_map: ShardMap = a.node.router.shard_map
     key = next(f"k{i}" for i in range(10000) if shard_map.owner("", f"k{i}".encode()) == b.bound.node_id)
     thawed = trio.Event()
-    serve = b.node.router.handle
+    place = b.node.router.place
 
-    async def frozen(session, payloads):  # type: ignore[no-untyped-def]
-        if session.peer_id:  # answers nothing to peers, as a stopped process would
+    class Withheld:  # a reply held back until the node thaws
+        def __init__(self, reply: bytes) -> None:
+            self.reply = reply
+
+        async def finish(self) -> bytes:
             await thawed.wait()
-        return await serve(session, payloads)
+            return self.reply
+
+        def owners(self) -> list[str]:
+            return []
+
+    def frozen(session, payloads):  # type: ignore[no-untyped-def]
+        reply, waiting = place(session, payloads)
+        if session.peer_id:  # answers nothing to peers, as a stopped process would
+            return None, Withheld(reply)
+        return reply, waiting
 
     with trio.fail_after(TIMEOUT):
         async with dcache.connect(a.address) as client:
             await client.set(key, "before")
-            monkeypatch.setattr(b.node.router, "handle", frozen)
+            monkeypatch.setattr(b.node.router, "place", frozen)
             started = trio.current_time()
             with pytest.raises(dcache.RequestError) as caught:
                 await client.get(key)
             assert caught.value.code == ErrorCode.UNAVAILABLE
             # The link's keep-alive task gave up on it: no cancel scope per request.
             assert peers.REQUEST_TIMEOUT <= trio.current_time() - started < peers.REQUEST_TIMEOUT + 1
-            monkeypatch.setattr(b.node.router, "handle", serve)
+            monkeypatch.setattr(b.node.router, "place", place)
             thawed.set()
             while True:  # the link reconnects by itself
                 try:
@@ -541,7 +553,7 @@ async def test_cluster_client_goes_straight_to_owners(cluster: list[InProcessNod
             assert await client.mdelete(keys[:10] + ["absent"]) == 10
             assert await client.ttl(keys[20]) == float("inf")
         # Nothing needed forwarding.
-        assert sum(n.node.router.forwarded for n in cluster) == 0
+        assert sum(n.node.router.counters.forwarded for n in cluster) == 0
         assert sum(len(n.node.store) for n in cluster) == 190
 
 
@@ -571,10 +583,10 @@ async def test_cluster_client_replaces_a_broken_connection(cluster: list[InProce
             assert await client.get(key) == b"v"
             # A fresh connection took its place: no more detours through the seed.
             assert client._clients[other] is not broken and client._clients[other]._channel.broken is None
-            forwarded = cluster[0].node.router.forwarded
+            forwarded = cluster[0].node.router.counters.forwarded
             for _ in range(20):
                 assert await client.get(key) == b"v"
-            assert cluster[0].node.router.forwarded == forwarded
+            assert cluster[0].node.router.counters.forwarded == forwarded
 
 
 async def test_cluster_client_outlives_the_node_it_first_reached(cluster: list[InProcessNode]) -> None:
@@ -779,3 +791,54 @@ async def test_an_etcd_outage_longer_than_the_lease_makes_keyed_requests_unavail
                     assert exc.code == ErrorCode.UNAVAILABLE
                     await trio.sleep(0.1)
             await wait_for_members(cluster, 3)
+
+
+async def test_a_hung_owner_holds_up_no_other_request_on_a_shared_connection(etcd_server: EtcdServer) -> None:
+    """One node is stopped (SIGSTOP). A connection to another node shared by
+    many tasks keeps serving the keys that node owns at once, while the
+    requests for the stopped node's keys wait out the peer timeout."""
+    nodes = [serve(etcd_server.endpoint, "--lease-ttl", "60") for _ in range(2)]  # the stopped node stays in the view
+    try:
+        for _, client, _ in nodes:
+            assert await trio.to_thread.run_sync(wait_until_serving, client, 15)
+        deadline = trio.current_time() + 15
+        while len(json.loads((await trio.to_thread.run_sync(dcache_cli, "members", "--json", "--server", nodes[0][1])).stdout)["members"]) != 2:
+            assert trio.current_time() < deadline
+            await trio.sleep(0.1)
+        with trio.fail_after(TIMEOUT):
+            async with dcache.connect(nodes[0][1]) as cache:
+                view = await cache.members()
+                shard_map = ShardMap.build(view["epoch"], [m["node"] for m in view["members"]])
+                here = cache.server_info["node"]
+                keys = [f"k{i}" for i in range(200)]
+                local = [k for k in keys if shard_map.owner("", k.encode()) == here]
+                away = [k for k in keys if shard_map.owner("", k.encode()) != here]
+                await cache.mset({k: "v" for k in keys})
+                hung = nodes[1][0]
+                hung.send_signal(signal.SIGSTOP)
+                finished: dict[str, float] = {}
+
+                async def ask_away(key: str) -> None:
+                    with pytest.raises(dcache.RequestError) as caught:
+                        await cache.get(key)
+                    assert caught.value.code == ErrorCode.UNAVAILABLE
+                    finished.setdefault("away", trio.current_time())
+
+                async def ask_here(task: int) -> None:
+                    for key in local[task::4]:
+                        assert await cache.get(key) == b"v"
+                    finished[f"here{task}"] = trio.current_time()
+
+                async with trio.open_nursery() as nursery:
+                    for key in away[:5]:
+                        nursery.start_soon(ask_away, key)
+                    await trio.sleep(0.2)  # those are out, waiting for the stopped node
+                    for task in range(4):
+                        nursery.start_soon(ask_here, task)
+                assert max(v for k, v in finished.items() if k.startswith("here")) < finished["away"]
+    finally:
+        for proc, _, _ in nodes:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.kill()
+            proc.wait(10)

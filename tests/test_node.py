@@ -224,14 +224,26 @@ def _serve_with_a_slow_key(addresses: Any) -> None:
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             node, bound = await start_node(nursery)
-            serve = node.router.handle
+            place = node.router.place
 
-            async def handle(session, payloads):  # type: ignore[no-untyped-def]
+            class Slow:  # what the router answers, but only after 200 ms, far longer than the client's poll window
+                def __init__(self, reply: bytes) -> None:
+                    self.reply = reply
+
+                async def finish(self) -> bytes:
+                    await trio.sleep(0.2)
+                    return self.reply
+
+                def owners(self) -> list[str]:
+                    return []
+
+            def slowly(session, payloads):  # type: ignore[no-untyped-def]
+                reply, waiting = place(session, payloads)
                 if any(b"slow" in payload for payload in payloads):
-                    await trio.sleep(0.2)  # far longer than the client's poll window
-                return await serve(session, payloads)
+                    return None, Slow(reply)
+                return reply, waiting
 
-            node.router.handle = handle  # type: ignore[method-assign]
+            node.router.place = slowly  # type: ignore[method-assign]
             addresses.put(bound.client_address)
 
     trio.run(main)
@@ -372,6 +384,7 @@ async def test_unfinished_messages_share_one_budget(nursery: trio.Nursery) -> No
         with pytest.raises(transport.ConnectionClosed) as closed:
             await second.receive()
         assert closed.value.code == wsframe.CLOSE_TRY_AGAIN_LATER
+        await trio.testing.wait_all_tasks_blocked()  # the node finishes closing it
         assert node.unfinished.used == 150_000
         # The first finishes its message (the node answers it: not a request) and gives its share back.
         await first.send_raw(frame[150_000:])
