@@ -363,7 +363,9 @@ def key_plan(address: str, keys: list[str]) -> dict[str, list[str]]:
 def in_processes(code: str, processes: int) -> float:
     """Run ``code`` (which prints a rate) in ``processes`` processes at once; the summed rate."""
     procs = [
-        subprocess.Popen([sys.executable, "-c", "import benchmarks.compare as b; " + code], stdout=subprocess.PIPE, cwd=HERE.parent)
+        subprocess.Popen(
+            [sys.executable, "-c", "import benchmarks.compare as b; " + code], stdout=subprocess.PIPE, cwd=HERE.parent
+        )
         for _ in range(processes)
     ]
     return sum(float(p.communicate()[0]) for p in procs)
@@ -407,7 +409,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def scaling(tasks: int, per_task: int, seconds: float, processes: int = 2, pairs: int = 12, client_rounds: int = 3) -> dict[str, Any]:
+def scaling(
+    tasks: int, per_task: int, seconds: float, processes: int = 2, pairs: int = 12, client_rounds: int = 3
+) -> dict[str, Any]:
     """GET throughput of a one-node and a two-node cluster.
 
     Each is driven by ``processes`` load processes two ways: the lean load
@@ -449,7 +453,9 @@ def scaling(tasks: int, per_task: int, seconds: float, processes: int = 2, pairs
             for _ in range(client_rounds):
                 for name, nodes in clusters.items():
                     address = nodes[0].client_address
-                    client = in_processes(f"print(b.dcache_concurrent({address!r}, {tasks}, {per_task}, cluster=True))", processes)
+                    client = in_processes(
+                        f"print(b.dcache_concurrent({address!r}, {tasks}, {per_task}, cluster=True))", processes
+                    )
                     runs.setdefault(f"{name}_client", []).append(client)
         finally:
             for nodes in clusters.values():
@@ -608,7 +614,9 @@ def main() -> None:
         row("  the same, client sleeps while it waits (µs)", lat["sleeping_forwarded_p50_us"], lat["sleeping_local_p50_us"]),
         row("  plain sockets, no work: relayed / direct (µs)", raw["forwarded_p50_us"], raw["local_p50_us"]),
         row("RSS for the keys (MiB), dcache / Redis", mem["dcache_rss"] / 2**20, mem["redis_rss"] / 2**20, at_most=2.5),
-        row("2 nodes / 1 node, GET ops/s served (lean load)", sc["two_lean"], sc["one_lean"], at_least=1.6, ratio=sc["lean_ratio"]),
+        row(
+            "2 nodes / 1 node, GET ops/s served (lean load)", sc["two_lean"], sc["one_lean"], at_least=1.6, ratio=sc["lean_ratio"]
+        ),
         row("  GETs per node CPU-second, a node of two / one node", sc["two_per_cpu"], sc["one_per_cpu"]),
         row("  same, driven by ClusterClient", sc["two_client"], sc["one_client"]),
     ]

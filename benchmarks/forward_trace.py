@@ -102,7 +102,9 @@ def trace(pairs: int) -> None:
                 view = client.members()
                 shard_map = ShardMap.build(view["epoch"], [m["node"] for m in view["members"]])
                 keys = {
-                    owner: next(k for k in (f"k{i}" for i in range(10_000)) if shard_map.owner("", k.encode()) == node.peer_address)
+                    owner: next(
+                        k for k in (f"k{i}" for i in range(10_000)) if shard_map.owner("", k.encode()) == node.peer_address
+                    )
                     for owner, node in (("local", a), ("forwarded", b))
                 }
                 for key in keys.values():
@@ -116,9 +118,7 @@ def trace(pairs: int) -> None:
         finally:
             a.stop()  # SIGTERM: each writes its stamps as it exits
             b.stop()
-    stamps = sorted(
-        (t, f"{name} {what}") for name, node in (("A", a), ("B", b)) for t, what in json.loads(node.out.read_text())
-    )
+    stamps = sorted((t, f"{name} {what}") for name, node in (("A", a), ("B", b)) for t, what in json.loads(node.out.read_text()))
     times = [t for t, _ in stamps]
     sequences: dict[tuple[str, tuple[str, ...]], list[list[float]]] = {}
     for kind, started, ended in windows[len(windows) // 10 :]:  # past the warm-up

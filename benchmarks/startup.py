@@ -47,14 +47,28 @@ def main() -> None:
     dcache = str(Path(sys.executable).parent / "dcache")
     port = free_port()
     node = subprocess.Popen(
-        [dcache, "serve", "--client-listen", f"127.0.0.1:{port}", "--listen", f"127.0.0.1:{free_port()}", "--log-level", "warning"],
+        [
+            dcache,
+            "serve",
+            "--client-listen",
+            f"127.0.0.1:{port}",
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--log-level",
+            "warning",
+        ],
         env=env,
     )
     redis = None
     try:
         server = f"127.0.0.1:{port}"
         for _ in range(100):
-            if subprocess.run([dcache, "set", "startup:key", "hello", "--server", server], env=env, capture_output=True).returncode == 0:
+            if (
+                subprocess.run(
+                    [dcache, "set", "startup:key", "hello", "--server", server], env=env, capture_output=True
+                ).returncode
+                == 0
+            ):
                 break
             time.sleep(0.1)
         commands = {

@@ -39,7 +39,7 @@ from .errors import (
 )
 from .mux import Channel
 from .ops import OPS, Keys
-from .protocol import hello_args, limits_from
+from .protocol import ConnectionClosed, hello_args, limits_from
 from .shard import ShardMap
 
 
@@ -97,7 +97,7 @@ class Client(Operations):
                 try:
                     if not channel.in_flight:  # still: another task may have started meanwhile
                         await channel.take_waiting()
-                except transport.ConnectionClosed:
+                except ConnectionClosed:
                     self._channel = await self._open(self.address, channel.timeout)
                     await self._greet()
                     await channel.aclose()

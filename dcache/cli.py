@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 import click
 
 from . import __version__, commands
+from .client import MAX_TTL
 from .commands import CONTEXT_SETTINGS, EXIT_UNAVAILABLE, Command, Outcome, printable
 from .errors import DcacheError
 from .net import DEFAULT_BUSY_POLL_US, MAX_BUSY_POLL_US, split_address
@@ -37,10 +38,11 @@ def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> N
     name="dcache",
     context_settings=CONTEXT_SETTINGS,
     no_args_is_help=True,
-    epilog="Run a node with `dcache serve`, then use `dcache set/get/delete/stats`. "
-    "`dcache COMMAND --help` tells more.",
+    epilog="Run a node with `dcache serve`, then use `dcache set/get/delete/stats`. `dcache COMMAND --help` tells more.",
 )
-@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version, help="Show the version and exit.")
+@click.option(
+    "--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version, help="Show the version and exit."
+)
 def app() -> None:
     """dcache: a distributed in-memory key-value cache."""
 
@@ -84,8 +86,24 @@ for _command in commands.COMMANDS.values():
 
 @app.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("address", metavar="[HOST:PORT]", required=False)
-@click.option("--server", "-s", envvar="DCACHE_SERVER", default="localhost:48000", metavar="HOST:PORT", show_default=True, help="Node to connect to, when no HOST:PORT is given.")
-@click.option("--timeout", envvar="DCACHE_TIMEOUT", type=commands.TIMEOUT, default=10.0, metavar="SECONDS", show_default=True, help="Give up on a request after this long.")
+@click.option(
+    "--server",
+    "-s",
+    envvar="DCACHE_SERVER",
+    default="localhost:48000",
+    metavar="HOST:PORT",
+    show_default=True,
+    help="Node to connect to, when no HOST:PORT is given.",
+)
+@click.option(
+    "--timeout",
+    envvar="DCACHE_TIMEOUT",
+    type=commands.TIMEOUT,
+    default=10.0,
+    metavar="SECONDS",
+    show_default=True,
+    help="Give up on a request after this long.",
+)
 def shell(address: str | None, server: str, timeout: float) -> NoReturn:
     """Open an interactive shell on a node; with commands on stdin, run them as a script."""
     from .shell import main as shell_main
@@ -124,11 +142,32 @@ def completion(shell_name: str | None, directory: str | None) -> None:
 @app.command(context_settings=CONTEXT_SETTINGS)
 @click.option("--client-listen", default="localhost:48000", metavar="HOST:PORT", show_default=True, help="Where clients connect.")
 @click.option("--listen", default="localhost:47000", metavar="HOST:PORT", show_default=True, help="Where peer nodes connect.")
-@click.option("--advertise", metavar="HOST:PORT", help="Peer address other nodes dial, and the node id (default: the --listen address).")
-@click.option("--etcd", envvar="DCACHE_ETCD", metavar="URL", help="etcd endpoint to join a cluster through (also DCACHE_ETCD; default: run standalone).")
-@click.option("--cluster", envvar="DCACHE_CLUSTER", default="default", metavar="NAME", show_default=True, help="Cluster name, to share one etcd.")
+@click.option(
+    "--advertise", metavar="HOST:PORT", help="Peer address other nodes dial, and the node id (default: the --listen address)."
+)
+@click.option(
+    "--etcd",
+    envvar="DCACHE_ETCD",
+    metavar="URL",
+    help="etcd endpoint to join a cluster through (also DCACHE_ETCD; default: run standalone).",
+)
+@click.option(
+    "--cluster",
+    envvar="DCACHE_CLUSTER",
+    default="default",
+    metavar="NAME",
+    show_default=True,
+    help="Cluster name, to share one etcd.",
+)
 @click.option("--metrics-listen", metavar="HOST:PORT", help="Serve Prometheus metrics at /metrics here.")
-@click.option("--lease-ttl", type=commands.Seconds(3600, "an hour", minimum=1), default=5.0, metavar="SECONDS", show_default=True, help="How soon peers notice this node is gone.")
+@click.option(
+    "--lease-ttl",
+    type=commands.Seconds(3600, "an hour", minimum=1),
+    default=5.0,
+    metavar="SECONDS",
+    show_default=True,
+    help="How soon peers notice this node is gone.",
+)
 @click.option("--log-level", default="info", metavar="LEVEL", show_default=True, help="debug, info, warning or error.")
 @click.option(
     "--busy-poll-us", envvar="DCACHE_BUSY_POLL_US", type=click.IntRange(0, MAX_BUSY_POLL_US), default=int(DEFAULT_BUSY_POLL_US),
@@ -151,13 +190,15 @@ def serve(
 
     import trio
 
-    from . import transport
     from .node import Node, NodeConfig, NodeStartError
 
-    transport.BUSY_POLL = busy_poll_us / 1e6
-
     level = _log_level(log_level)
-    addresses = {"--client-listen": client_listen, "--listen": listen, "--advertise": advertise, "--metrics-listen": metrics_listen}
+    addresses = {
+        "--client-listen": client_listen,
+        "--listen": listen,
+        "--advertise": advertise,
+        "--metrics-listen": metrics_listen,
+    }
     for flag, address in addresses.items():
         if address is None:
             continue
@@ -177,6 +218,7 @@ def serve(
             cluster=cluster,
             metrics_listen=metrics_listen,
             lease_ttl=lease_ttl,
+            busy_poll=busy_poll_us / 1e6,
         )
         trio.run(_serve_until_signalled, Node(config))
     except (NodeStartError, ValueError) as exc:
@@ -255,21 +297,37 @@ def cluster() -> None:
 
 @cluster.command("up", context_settings=CONTEXT_SETTINGS)
 @click.option("--nodes", "-n", type=click.IntRange(1, 64), default=3, metavar="N", show_default=True, help="How many nodes.")
-@click.option("--client-port", type=int, default=48000, metavar="PORT", show_default=True, help="First node's client port; the others count up.")
+@click.option(
+    "--client-port",
+    type=int,
+    default=48000,
+    metavar="PORT",
+    show_default=True,
+    help="First node's client port; the others count up.",
+)
 @click.option("--peer-port", type=int, default=47000, metavar="PORT", show_default=True, help="First node's peer port.")
-@click.option("--metrics-port", type=int, default=9100, metavar="PORT", show_default=True, help="First node's metrics port; 0 for none.")
+@click.option(
+    "--metrics-port", type=int, default=9100, metavar="PORT", show_default=True, help="First node's metrics port; 0 for none."
+)
 @click.option("--etcd", envvar="DCACHE_ETCD", metavar="URL", help="Use this etcd instead of starting one (also DCACHE_ETCD).")
 @click.option("--cluster", "cluster_name", default="default", metavar="NAME", show_default=True, help="Cluster name.")
 @click.option("--log-level", default="warning", metavar="LEVEL", show_default=True, help="The nodes' log level.")
-def cluster_up(nodes: int, client_port: int, peer_port: int, metrics_port: int, etcd: str | None, cluster_name: str, log_level: str) -> NoReturn:
+def cluster_up(
+    nodes: int, client_port: int, peer_port: int, metrics_port: int, etcd: str | None, cluster_name: str, log_level: str
+) -> NoReturn:
     """Start etcd and N nodes on this machine; Ctrl-C stops them all."""
     from . import localcluster
 
     _log_level(log_level)  # the nodes would refuse it, one by one
     sys.exit(
         localcluster.up(
-            nodes, client_port=client_port, peer_port=peer_port, metrics_port=metrics_port or None,
-            etcd=etcd, cluster=cluster_name, log_level=log_level,
+            nodes,
+            client_port=client_port,
+            peer_port=peer_port,
+            metrics_port=metrics_port or None,
+            etcd=etcd,
+            cluster=cluster_name,
+            log_level=log_level,
         )  # fmt: skip
     )
 
@@ -278,21 +336,72 @@ def cluster_up(nodes: int, client_port: int, peer_port: int, metrics_port: int, 
 
 
 @app.command(context_settings=CONTEXT_SETTINGS)
-@click.option("--server", "-s", envvar="DCACHE_SERVER", default="localhost:48000", metavar="HOST:PORT", show_default=True, help="Node to load (also DCACHE_SERVER).")
-@click.option("--clients", "-c", type=click.IntRange(1, 10_000), default=50, metavar="N", show_default=True, help="Concurrent client tasks.")
-@click.option("--connections", type=click.IntRange(1, 1000), default=1, metavar="N", show_default=True, help="Connections per node, shared by the tasks.")
-@click.option("--pipeline", "-P", type=click.IntRange(1, 10_000), default=1, metavar="N", show_default=True, help="Requests each task sends per round trip.")
-@click.option("--ops", "-n", type=click.IntRange(min=1), default=100_000, metavar="N", show_default=True, help="Total operations.")
+@click.option(
+    "--server",
+    "-s",
+    envvar="DCACHE_SERVER",
+    default="localhost:48000",
+    metavar="HOST:PORT",
+    show_default=True,
+    help="Node to load (also DCACHE_SERVER).",
+)
+@click.option(
+    "--clients", "-c", type=click.IntRange(1, 10_000), default=50, metavar="N", show_default=True, help="Concurrent client tasks."
+)
+@click.option(
+    "--connections",
+    type=click.IntRange(1, 1000),
+    default=1,
+    metavar="N",
+    show_default=True,
+    help="Connections per node, shared by the tasks.",
+)
+@click.option(
+    "--pipeline",
+    "-P",
+    type=click.IntRange(1, 10_000),
+    default=1,
+    metavar="N",
+    show_default=True,
+    help="Requests each task sends per round trip.",
+)
+@click.option(
+    "--ops", "-n", type=click.IntRange(min=1), default=100_000, metavar="N", show_default=True, help="Total operations."
+)
 @click.option("--ratio", default="1:10", metavar="SETS:GETS", show_default=True, help="Mix of sets to gets.")
-@click.option("--value-size", "-d", type=click.IntRange(min=0), default=100, metavar="BYTES", show_default=True, help="Bytes per value.")
-@click.option("--keys", type=click.IntRange(1, MAX_BENCH_KEYS), default=100_000, metavar="N", show_default=True, help="Distinct keys (key:0 … key:N-1).")
-@click.option("--ns", default="dcache-bench", metavar="NAME", show_default=True, help="Namespace to write the keys in, apart from your own.")
+@click.option(
+    "--value-size", "-d", type=click.IntRange(min=0), default=100, metavar="BYTES", show_default=True, help="Bytes per value."
+)
+@click.option(
+    "--keys",
+    type=click.IntRange(1, MAX_BENCH_KEYS),
+    default=100_000,
+    metavar="N",
+    show_default=True,
+    help="Distinct keys (key:0 … key:N-1).",
+)
+@click.option(
+    "--ns", default="dcache-bench", metavar="NAME", show_default=True, help="Namespace to write the keys in, apart from your own."
+)
 @click.option("--keep", is_flag=True, help="Leave the keys written, instead of deleting them at the end.")
-@click.option("--ttl", type=commands.Seconds(commands.MAX_TTL, "100 years", zero="none"), default=0, metavar="SECONDS", help="TTL of the entries set; 0 for none.")
+@click.option(
+    "--ttl",
+    type=commands.Seconds(MAX_TTL, "100 years", zero="none"),
+    default=0,
+    metavar="SECONDS",
+    help="TTL of the entries set; 0 for none.",
+)
 @click.option("--mget", type=click.IntRange(min=0), default=0, metavar="N", help="Make each get an mget of this many keys.")
 @click.option("--prefill", is_flag=True, help="Set every key once before measuring.")
 @click.option("--cluster", is_flag=True, help="Use the cluster-aware client: each key goes straight to its owner.")
-@click.option("--time-limit", type=commands.Seconds(30 * 86400, "30 days", minimum=0.1), default=300.0, metavar="SECONDS", show_default=True, help="Stop after this long.")
+@click.option(
+    "--time-limit",
+    type=commands.Seconds(30 * 86400, "30 days", minimum=0.1),
+    default=300.0,
+    metavar="SECONDS",
+    show_default=True,
+    help="Stop after this long.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for scripts).")
 def bench(
     server: str, clients: int, connections: int, pipeline: int, ops: int, ratio: str, value_size: int, keys: int,

@@ -50,12 +50,13 @@ class _Readiness:
 
     def wait(self, timeout: float) -> None:
         if self._poll is not None:
-            ready = self._poll.poll(timeout * 1000)
+            ready = bool(self._poll.poll(timeout * 1000))
         else:  # Windows: no poll, and no descriptor limit on select
             fds = [self._fd]
             ready = any(select.select([] if self._writable else fds, fds if self._writable else [], [], timeout)[:2])
         if not ready:
             raise TimeoutError("timed out")
+
 
 Key = str | bytes
 Value = str | bytes

@@ -226,7 +226,14 @@ def cluster_stats(client: Operations) -> Outcome:
 
         ratio = "-" if row["hit_ratio"] is None else f"{row['hit_ratio']:.1%}"
         memory = "-" if row["memory_bytes"] is None else human_bytes(row["memory_bytes"])
-        return (row["node"], row["state"], *map(count, ("keys", "hits", "misses")), ratio, *map(count, ("sets", "deletes", "expired")), memory)
+        return (
+            row["node"],
+            row["state"],
+            *map(count, ("keys", "hits", "misses")),
+            ratio,
+            *map(count, ("sets", "deletes", "expired")),
+            memory,
+        )
 
     rows = [cells(row) for row in nodes] + [cells({**total, "node": "total", "state": ""})]
     plain_columns = ("node", "state", *CLUSTER_COUNTERS)
@@ -308,7 +315,9 @@ def where(client: Operations, *, key: str, ns: str = "") -> Outcome:
         ("time to live", "missing" if seconds is None else human_seconds(seconds)),
         ("epoch", str(view["epoch"])),
     ]
-    plain = "\t".join(f"{name}={'' if value is None else value}" for name, value in data.items())  # one line, as the shell's scripts expect
+    plain = "\t".join(
+        f"{name}={'' if value is None else value}" for name, value in data.items()
+    )  # one line, as the shell's scripts expect
     return Outcome(data, stdout=plain, table=TableData(rows))
 
 
@@ -437,14 +446,20 @@ COMMANDS: dict[str, Command] = {
             lambda for_shell: [click.Option(["--cluster"], is_flag=True, help="One row per node and a cluster total.")],
             stats,
         ),
-        Command("members", "List the cluster's nodes: address, state, shards owned, keys, uptime.", lambda for_shell: [], members),
+        Command(
+            "members", "List the cluster's nodes: address, state, shards owned, keys, uptime.", lambda for_shell: [], members
+        ),
         Command("ping", "Check that the node answers.", lambda for_shell: [], ping),
-        Command("where", "Show which node owns KEY: its shard, owner and time to live.", lambda for_shell: [_key(), _ns()], where),
+        Command(
+            "where", "Show which node owns KEY: its shard, owner and time to live.", lambda for_shell: [_key(), _ns()], where
+        ),
         Command(
             "top",
             "A live table of every member; q or Ctrl-C leaves.",
             lambda for_shell: [
-                click.Option(["--interval"], type=Seconds(3600, "an hour"), default=1.0, metavar="SECONDS", help="Time between refreshes."),
+                click.Option(
+                    ["--interval"], type=Seconds(3600, "an hour"), default=1.0, metavar="SECONDS", help="Time between refreshes."
+                ),
                 click.Option(["--iterations"], type=click.IntRange(min=1), metavar="N", help="Stop after N refreshes."),
             ],
             None,

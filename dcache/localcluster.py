@@ -242,7 +242,9 @@ class NodeAddresses:
     metrics: str | None
 
 
-def plan_nodes(count: int, *, client_port: int, peer_port: int, metrics_port: int | None, host: str = "localhost") -> list[NodeAddresses]:
+def plan_nodes(
+    count: int, *, client_port: int, peer_port: int, metrics_port: int | None, host: str = "localhost"
+) -> list[NodeAddresses]:
     """Addresses for ``count`` nodes on consecutive ports; raise if any is
     out of range, taken, or in two of the ranges."""
     ranges = {"--client-port": client_port, "--peer-port": peer_port}

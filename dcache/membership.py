@@ -188,9 +188,7 @@ class EtcdMembership:
         self.prefix = members_prefix(cluster)
         self.node_id = node_id
         self._key = self.prefix + node_id
-        self._value = cbor2.dumps(
-            {"client": client_address, "peer": node_id, "started": time.time(), "version": __version__}
-        )
+        self._value = cbor2.dumps({"client": client_address, "peer": node_id, "started": time.time(), "version": __version__})
         self._lease_ttl = max(1, math.ceil(lease_ttl))
         self._connect_timeout = connect_timeout
         self._client: Any = None
@@ -229,7 +227,7 @@ class EtcdMembership:
         # second: after an etcd restart the lease must be refreshed within
         # its TTL, or every node drops out of the view at once.
         endpoint = etcd3.Endpoint(
-            self._host, self._port, secure=False, time_retry=0.0, opts=[("grpc.max_reconnect_backoff_ms", 1000)]  # type: ignore[arg-type]
+            self._host, self._port, secure=False, time_retry=0.0, opts=[("grpc.max_reconnect_backoff_ms", 1000)]
         )
         self._client = etcd3.MultiEndpointEtcd3Client(endpoints=[endpoint], timeout=self._connect_timeout)
         try:
@@ -284,8 +282,7 @@ class EtcdMembership:
                     pass
                 await trio.sleep(DUPLICATE_POLL)
         raise MembershipError(
-            f"another node is registered as {self.node_id} and keeps its entry alive; "
-            "give each node its own --advertise address"
+            f"another node is registered as {self.node_id} and keeps its entry alive; give each node its own --advertise address"
         )
 
     async def withdraw(self) -> None:
@@ -506,7 +503,7 @@ def _patch_etcd3_watcher() -> None:
     import etcd3.watch
 
     if not hasattr(etcd3.watch, "six"):
-        etcd3.watch.six = types.SimpleNamespace(itervalues=lambda d: iter(d.values()))  # type: ignore[attr-defined]
+        etcd3.watch.six = types.SimpleNamespace(itervalues=lambda d: iter(d.values()))
 
 
 def _describe(exc: BaseException) -> str:

@@ -20,6 +20,7 @@ import trio
 
 from . import codec, protocol, transport
 from .errors import ClosedError, ConnectionLost, DcacheError, ProtocolError, RequestTimeout
+from .protocol import ConnectionClosed
 
 
 class _Waiter:
@@ -40,7 +41,6 @@ class _Waiter:
 _FAILED = -1  # waiter.status when the channel broke; body is the exception
 _OK = codec.Status.OK.value
 FLUSH_PASSES = 3
-
 
 
 class Ticket:
@@ -104,7 +104,7 @@ class Channel:
         saves decoding and re-encoding a value it only carries. Anything
         else is checked as :meth:`request` checks it."""
         [(_, rest)] = await self.complete(self.enqueue_raw(rest))
-        return rest  # type: ignore[no-any-return]
+        return rest
 
     def enqueue(self, requests: list[tuple[str, dict[str, Any]]]) -> Ticket:
         """Put requests in the outbox, without waiting: requests enqueued one
@@ -231,7 +231,7 @@ class Channel:
             while self._outbox:
                 batch, self._outbox = self._outbox, []
                 await self._conn.send_raw(self._proto.request_frame(batch), shield=True)
-        except transport.ConnectionClosed as exc:
+        except ConnectionClosed as exc:
             self.fail(ConnectionLost(f"lost the connection to {self.name}: {exc}"))
             raise self._broken_error() from None
         finally:
@@ -251,7 +251,7 @@ class Channel:
                     if not self._flushing:
                         break
             payloads = await self._conn.receive(poll=not self._flushing)
-        except transport.ConnectionClosed as exc:
+        except ConnectionClosed as exc:
             self.fail(ConnectionLost(f"lost the connection to {self.name}: {exc}"))
             raise self._broken_error() from None
         finally:

@@ -20,8 +20,9 @@ import trio
 from . import __version__, transport, wsframe
 from .codec import Limits
 from .membership import EtcdMembership, MembershipError, StandaloneMembership, View
+from .net import split_address
 from .peers import PeerLinks
-from .protocol import ServerSession
+from .protocol import Budget, ConnectionClosed, ServerSession
 from .router import Router, Waiting
 from .shard import ShardMap
 from .store import Store
@@ -59,6 +60,7 @@ class NodeConfig:
     idle_timeout: float = IDLE_TIMEOUT
     max_connections: int = MAX_CONNECTIONS
     max_unfinished_bytes: int = MAX_UNFINISHED_BYTES
+    busy_poll: float | None = None  # seconds a reader spins before sleeping (see net.BusyPoll); None: DCACHE_BUSY_POLL_US
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +108,7 @@ class Node:
         self.store = Store(clock=trio.current_time)
         self.node_id = ""
         self.connections = 0
-        self.unfinished = transport.Budget(config.max_unfinished_bytes)
+        self.unfinished = Budget(config.max_unfinished_bytes)
         self.peers: PeerLinks
         self.router: Router
         self._started_at = 0.0
@@ -141,21 +143,21 @@ class Node:
         """Serve until cancelled. ``task_status.started`` gets the bound addresses."""
         config = self.config
         self._started_at = trio.current_time()
-        client_host, client_port = transport.split_address(config.client_listen, DEFAULT_CLIENT_PORT)
-        peer_host, peer_port = transport.split_address(config.listen, DEFAULT_PEER_PORT)
+        client_host, client_port = split_address(config.client_listen, DEFAULT_CLIENT_PORT)
+        peer_host, peer_port = split_address(config.listen, DEFAULT_PEER_PORT)
         client_listeners = await _open_listeners(client_host, client_port, "--client-listen")
         peer_listeners = await _open_listeners(peer_host, peer_port, "--listen")
         bound_peer = (peer_host, peer_listeners[0].socket.getsockname()[1])
         bound_client = (client_host, client_listeners[0].socket.getsockname()[1])
         # With port 0 the node id can only be known now.
         self.node_id = config.advertise or join_address(*bound_peer)
-        advertised_host = transport.split_address(self.node_id, DEFAULT_PEER_PORT)[0]
+        advertised_host = split_address(self.node_id, DEFAULT_PEER_PORT)[0]
         client_address = join_address(advertised_host if client_host in _WILDCARDS else client_host, bound_client[1])
         metrics_listeners = None
         if config.metrics_listen:
-            metrics_host, metrics_port = transport.split_address(config.metrics_listen, DEFAULT_METRICS_PORT)
+            metrics_host, metrics_port = split_address(config.metrics_listen, DEFAULT_METRICS_PORT)
             metrics_listeners = await _open_listeners(metrics_host, metrics_port, "--metrics-listen")
-        self.peers = PeerLinks(node_id=self.node_id, max_frame_bytes=config.limits.max_frame_bytes)
+        self.peers = PeerLinks(node_id=self.node_id, max_frame_bytes=config.limits.max_frame_bytes, poll=config.busy_poll)
         self.router = Router(
             store=self.store,
             node_id=self.node_id,
@@ -265,7 +267,7 @@ class Node:
         """Warn when this node's own --advertise address does not answer:
         the other nodes dial it, and would find every key this node owns
         unavailable."""
-        host, port = transport.split_address(self.node_id, DEFAULT_PEER_PORT)
+        host, port = split_address(self.node_id, DEFAULT_PEER_PORT)
         problem = f"no answer within {ADVERTISE_CHECK_TIMEOUT:g} s"
         with trio.move_on_after(ADVERTISE_CHECK_TIMEOUT):
             try:
@@ -295,7 +297,9 @@ class Node:
         if view.members != self._applied.members:
             self._apply_view(view)
 
-    async def _follow_views(self, membership: EtcdMembership | StandaloneMembership, views: trio.MemoryReceiveChannel[View]) -> None:
+    async def _follow_views(
+        self, membership: EtcdMembership | StandaloneMembership, views: trio.MemoryReceiveChannel[View]
+    ) -> None:
         async with views:
             async for _ in views:
                 self._catch_up(membership)
@@ -342,7 +346,9 @@ class Node:
         self.connections += 1
         conn = None
         try:
-            conn = await transport.accept(stream, max_message=config.limits.max_frame_bytes, budget=self.unfinished)
+            conn = await transport.accept(
+                stream, max_message=config.limits.max_frame_bytes, budget=self.unfinished, poll=config.busy_poll
+            )
             if conn is not None:
                 await self._serve_messages(conn, ServerSession(_remote_name(stream)))
         except Exception:
@@ -399,7 +405,7 @@ class Node:
                                     waits.count += 1
                                     later.start_soon(self._send_later, conn, waiting, waits, session)
                                     await self._make_room(waiting, waits)
-                        except transport.ConnectionClosed as exc:
+                        except ConnectionClosed as exc:
                             log.debug("connection from %s closed: %s", session.remote, exc)
                             return
                     if sending:
@@ -414,7 +420,7 @@ class Node:
                     pinged_at = conn.reads
                     try:
                         await conn.ping()
-                    except transport.ConnectionClosed:
+                    except ConnectionClosed:
                         return
             finally:
                 later.cancel_scope.cancel()  # replies to a connection that is gone have nowhere to go
@@ -435,7 +441,7 @@ class Node:
             if scope.cancelled_caught:
                 log.info("closing connection from %s: it stopped reading replies", session.remote)
                 await conn.aclose(wsframe.CLOSE_GOING_AWAY, "replies were not read")
-        except transport.ConnectionClosed:
+        except ConnectionClosed:
             pass  # the reading task sees it too, and ends the connection
         finally:
             waits.count -= 1

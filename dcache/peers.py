@@ -61,8 +61,9 @@ class PeerLinks:
     :meth:`run` owns the nursery the link tasks live in.
     """
 
-    def __init__(self, *, node_id: str, max_frame_bytes: int = codec.DEFAULT_MAX_FRAME_BYTES) -> None:
+    def __init__(self, *, node_id: str, max_frame_bytes: int = codec.DEFAULT_MAX_FRAME_BYTES, poll: float | None = None) -> None:
         self.node_id = node_id
+        self._poll = poll
         self._max_frame_bytes = max_frame_bytes
         self._links: dict[str, _Link] = {}
         self._nursery: trio.Nursery | None = None
@@ -185,6 +186,7 @@ class PeerLinks:
             default_port=0,
             timeout=CONNECT_TIMEOUT,
             mask_key=wsframe.NULL_MASK,
+            poll=self._poll,
         )
         # The link's keep-alive task times requests out (see _keep_alive).
         channel = Channel(conn, name=f"peer {node_id}", timeout=REQUEST_TIMEOUT, watched=True)
@@ -238,7 +240,9 @@ class Forward:
 
     __slots__ = ("_links", "_link", "node_id", "_requests", "_rest", "_channel", "_ticket", "_error", "_attached", "_counted")
 
-    def __init__(self, links: PeerLinks, node_id: str, requests: list[tuple[str, dict[str, Any]]] | None, rest: bytes | None) -> None:
+    def __init__(
+        self, links: PeerLinks, node_id: str, requests: list[tuple[str, dict[str, Any]]] | None, rest: bytes | None
+    ) -> None:
         self._links = links
         self.node_id = node_id
         self._requests = requests

@@ -124,7 +124,14 @@ class _Job:
 
     __slots__ = ("op", "args", "slot", "merge", "indexes")
 
-    def __init__(self, op: Op, args: dict[str, Any], slot: _Reply | None = None, merge: _Merge | None = None, indexes: list[int] | None = None) -> None:
+    def __init__(
+        self,
+        op: Op,
+        args: dict[str, Any],
+        slot: _Reply | None = None,
+        merge: _Merge | None = None,
+        indexes: list[int] | None = None,
+    ) -> None:
         self.op = op
         self.args = args
         self.slot = slot  # single-key: where the reply goes
@@ -364,7 +371,14 @@ class Router:
         return None, waiting
 
     def _place_many(
-        self, session: ServerSession, req: Request, op: Op, replies: list[Any], remote: list[_Job], waiting: Waiting | None, started: float
+        self,
+        session: ServerSession,
+        req: Request,
+        op: Op,
+        replies: list[Any],
+        remote: list[_Job],
+        waiting: Waiting | None,
+        started: float,
     ) -> Waiting | None:
         args = req.args
         elements = op.elements(args)
@@ -594,4 +608,3 @@ class Router:
 
 # Decoding our own reply frames again (Router.handle joins two): no limits apply.
 _ANY = Limits(max_frame_bytes=2**62, max_batch=2**62)
-

@@ -329,9 +329,10 @@ class ShellSession:
 
         count = 0
         try:
-            with _KeyReader(enabled=self.interactive) as keys, Live(
-                console=self.console, auto_refresh=False, transient=False
-            ) as live:
+            with (
+                _KeyReader(enabled=self.interactive) as keys,
+                Live(console=self.console, auto_refresh=False, transient=False) as live,
+            ):
                 while iterations is None or count < iterations:
                     live.update(snapshot(), refresh=True)
                     count += 1
@@ -417,7 +418,7 @@ class ShellCompleter(Completer):
         words = text.split()
         current = "" if not words or text.endswith(" ") else words[-1]
         group = self.session.group
-        names = sorted(set(group.commands) - set(NOT_IN_SHELL) | set(SHELL_COMMANDS) | set(ALIASES))  # type: ignore[attr-defined]
+        names = sorted(set(group.commands) - set(NOT_IN_SHELL) | set(SHELL_COMMANDS) | set(ALIASES))
         if len(words) == 0 or (len(words) == 1 and current):
             for name in names:
                 if name.startswith(current):
@@ -429,7 +430,7 @@ class ShellCompleter(Completer):
                 if candidate.startswith(current):
                     yield Completion(candidate, start_position=-len(current))
             return
-        command = group.commands.get(name)  # type: ignore[attr-defined]
+        command = group.commands.get(name)
         if current.startswith("-"):
             options = {opt for p in command.params for opt in getattr(p, "opts", [])} if command else set()
             if name == "where":
@@ -465,9 +466,7 @@ def make_prompt_session(
     def _(event: KeyPressEvent) -> None:
         _complete_now(event.current_buffer)
 
-    return PromptSession(
-        history=history, completer=ShellCompleter(session), key_bindings=bindings, input=input, output=output
-    )
+    return PromptSession(history=history, completer=ShellCompleter(session), key_bindings=bindings, input=input, output=output)
 
 
 def _complete_now(buffer: Buffer) -> None:

@@ -71,7 +71,9 @@ def split(line: str, *, max_word: int | None = None) -> list[Word]:
         else:
             word = Word(typed, False)
         if limit is not None and len(word.text) > limit:
-            raise LineError(f"a word of {len(word.text):,} characters is longer than any key or value a node takes ({limit:,} bytes)")
+            raise LineError(
+                f"a word of {len(word.text):,} characters is longer than any key or value a node takes ({limit:,} bytes)"
+            )
         words.append(word)
 
 

@@ -34,9 +34,21 @@ HANDSHAKE_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 1.0
 WRITE_TIMEOUT = 30.0  # to finish a message once it is partly written
 BUSY_READ_BYTES = 4096
-# How long a reader polls a socket before sleeping on it (0 turns polling
-# off); see net.BusyPoll.
-BUSY_POLL = busy_poll_from_env()
+
+
+# -- trio's internals: this module is the only one that reads them ---------------
+#
+# Each is read where the public API costs too much per request, and each has
+# a public fallback; tests/test_transport.py checks that they are still
+# there, so a trio release that changes them fails a test instead of
+# slowing dcache down in silence. pyproject.toml bounds trio to the
+# releases these were checked with.
+
+_RUN_CONTEXT: Any
+try:
+    from trio._core._run import GLOBAL_RUN_CONTEXT as _RUN_CONTEXT
+except ImportError:  # pragma: no cover - a trio without it takes the public path
+    _RUN_CONTEXT = None
 
 
 def tasks_runnable() -> int:
@@ -49,37 +61,32 @@ def tasks_runnable() -> int:
     ever change shape.
     """
     try:
-        return len(_run_context.runner.runq)
+        return len(_RUN_CONTEXT.runner.runq)
     except AttributeError:
         return trio.lowlevel.current_statistics().tasks_runnable
 
 
-try:
-    from trio._core._run import GLOBAL_RUN_CONTEXT as _run_context
-except ImportError:  # pragma: no cover - a trio without it takes the public path
-    _run_context = None
+def plain_socket(stream: trio.abc.Stream) -> socket.socket | None:
+    """The standard socket under a trio SocketStream (trio keeps it as
+    ``_sock``): writes that need no wait, and busy polling, use it directly."""
+    if not isinstance(stream, trio.SocketStream):
+        return None
+    sock = getattr(stream.socket, "_sock", None)
+    return sock if isinstance(sock, socket.socket) else None
 
 
 _WATCH: trio.lowlevel.RunVar[Any] = trio.lowlevel.RunVar("dcache_watch")
 
 
 def _watch_set() -> Any:
-    """This trio run's level-triggered epoll set of connection sockets (None off Linux)."""
+    """This trio run's level-triggered epoll set of connection sockets (None
+    off Linux); it closes when the run's variables go, with the run."""
     try:
         return _WATCH.get()
     except LookupError:
         pass
     watch = select.epoll() if hasattr(select, "epoll") else None
     _WATCH.set(watch)
-    if watch is not None:
-
-        async def close_at_exit() -> None:
-            try:
-                await trio.sleep_forever()
-            finally:
-                watch.close()
-
-        trio.lowlevel.spawn_system_task(close_at_exit, name="dcache busy-poll set")
     return watch
 
 
@@ -105,10 +112,12 @@ class Connection:
     ``send`` may be called from several tasks (frames are written whole, one
     writer at a time); ``receive`` from one task at a time. ``ready`` holds
     messages that came with the handshake. ``poll`` is the busy-poll window
-    (see :class:`BusyPoll`), :data:`BUSY_POLL` by default.
+    (see :class:`BusyPoll`), ``DCACHE_BUSY_POLL_US`` by default.
     """
 
-    def __init__(self, stream: trio.abc.Stream, proto: protocol.Connection, *, ready: list[bytes] | None = None, poll: float | None = None) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, proto: protocol.Connection, *, ready: list[bytes] | None = None, poll: float | None = None
+    ) -> None:
         self.stream = stream
         self.proto = proto
         self._ready: list[bytes] = ready or []
@@ -118,9 +127,8 @@ class Connection:
         self._send_queue = trio.lowlevel.ParkingLot()
         # The plain socket under a trio SocketStream, for writes that need no wait.
         self._busy = False
-        self._poller = BusyPoll(BUSY_POLL if poll is None else poll)
-        trio_socket = getattr(stream, "socket", None)
-        self._socket = getattr(trio_socket, "_sock", None) if isinstance(stream, trio.SocketStream) else None
+        self._poller = BusyPoll(busy_poll_from_env() if poll is None else poll)
+        self._socket = plain_socket(stream)
         self._watch = None
         if self._socket is not None and self._poller.window:
             self._watch = _watch_set()
@@ -242,7 +250,7 @@ class Connection:
         """
         sock = self._socket
         if sock is None:
-            return await self.stream.receive_some(RECEIVE_SIZE)
+            return bytes(await self.stream.receive_some(RECEIVE_SIZE))
         if self._busy:
             try:
                 data = sock.recv(RECEIVE_SIZE)
@@ -255,10 +263,10 @@ class Connection:
                 return data
         poller = self._poller
         if poll and poller.wanted():
-            data = await self._poll(sock, poller)
-            if data is not None:
-                self._busy = len(data) >= BUSY_READ_BYTES
-                return data
+            polled = await self._poll(sock, poller)
+            if polled is not None:
+                self._busy = len(polled) >= BUSY_READ_BYTES
+                return polled
         while True:
             await _wait_readable(sock)
             try:
@@ -351,9 +359,14 @@ class Connection:
 
 
 async def accept(
-    stream: trio.abc.Stream, *, max_message: int, timeout: float = HANDSHAKE_TIMEOUT, budget: Budget | None = None
+    stream: trio.abc.Stream,
+    *,
+    max_message: int,
+    timeout: float = HANDSHAKE_TIMEOUT,
+    budget: Budget | None = None,
+    poll: float | None = None,
 ) -> Connection | None:
-    """Run the server side of the handshake on ``stream``.
+    """Run the server side of the handshake on ``stream``; ``poll`` as for :class:`Connection`.
 
     Returns the connection, or None (after answering and closing the stream)
     if the peer does not complete a WebSocket handshake within ``timeout``.
@@ -362,10 +375,10 @@ async def accept(
     with trio.move_on_after(timeout):
         try:
             while True:
-                messages = proto.receive_data(await stream.receive_some(RECEIVE_SIZE))
+                messages = proto.receive_data(bytes(await stream.receive_some(RECEIVE_SIZE)))
                 if proto.state is protocol.State.OPEN:
                     await stream.send_all(proto.data_to_send())
-                    return Connection(stream, proto, ready=messages)
+                    return Connection(stream, proto, ready=messages, poll=poll)
         except (protocol.HandshakeFailed, ConnectionClosed) as exc:
             log.debug("handshake failed: %s", exc)
             answer = proto.data_to_send()  # an HTTP error, or the upgrade and a close frame
@@ -389,9 +402,10 @@ async def connect(
     default_port: int,
     timeout: float = HANDSHAKE_TIMEOUT,
     mask_key: bytes | None = None,
+    poll: float | None = None,
 ) -> Connection:
     """Open a client connection to ``host:port``; raise ConnectError on any failure.
-    ``mask_key`` as for :class:`protocol.Connection`."""
+    ``mask_key`` as for :class:`protocol.Connection`, ``poll`` as for :class:`Connection`."""
     host, port = split_address(address, default_port)
     stream = None
     with trio.move_on_after(timeout):
@@ -405,7 +419,7 @@ async def connect(
             while True:
                 messages = proto.receive_data(await stream.receive_some(RECEIVE_SIZE))
                 if proto.state is protocol.State.OPEN:
-                    conn = Connection(stream, proto, ready=messages)
+                    conn = Connection(stream, proto, ready=messages, poll=poll)
                     answer = proto.data_to_send()  # pongs to pings that came with the upgrade
                     if answer:
                         await conn.send_raw(answer)

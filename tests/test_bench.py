@@ -109,7 +109,9 @@ async def test_the_c_lean_load_counts_replies_off_frame_headers(nursery, leanloa
     hello = wsframe.build_frame(codec.encode_frame([[0, "hello", {}]]), masked=True)
     frame = wsframe.build_frame(b"any request frame", masked=True)
     with trio.fail_after(20):
-        result = await trio.run_process([str(leanload), "0.3", "2", "127.0.0.1", str(port), hello.hex(), frame.hex(), "3"], capture_stdout=True)
+        result = await trio.run_process(
+            [str(leanload), "0.3", "2", "127.0.0.1", str(port), hello.hex(), frame.hex(), "3"], capture_stdout=True
+        )
     counted = int(result.stdout.split()[1])
     replied = 3 * (answered - 1)  # the first frame answered the hello
     assert 0 < counted <= replied <= counted + 3 * 2

@@ -60,7 +60,9 @@ def server() -> Iterator[ServeProcess]:
     proc.stop()
 
 
-def dcache(*args: str, server: ServeProcess | None = None, stdin: bytes | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+def dcache(
+    *args: str, server: ServeProcess | None = None, stdin: bytes | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
     full_env = {**os.environ, **(env or {})}
     if server is not None:
         full_env["DCACHE_SERVER"] = server.client_address
@@ -159,7 +161,13 @@ def test_wrong_kind_of_server_is_one_line(server: ServeProcess) -> None:
 
 
 def test_user_mistakes_get_usage_errors_not_tracebacks(server: ServeProcess) -> None:
-    for args in (["get"], ["set", "k", "v", "--ttl", "abc"], ["set", "k", "v", "--ttl", "-5"], ["nosuchcommand"], ["get", "k", "--server", "host:notaport"]):
+    for args in (
+        ["get"],
+        ["set", "k", "v", "--ttl", "abc"],
+        ["set", "k", "v", "--ttl", "-5"],
+        ["nosuchcommand"],
+        ["get", "k", "--server", "host:notaport"],
+    ):
         r = dcache(*args, server=server)
         assert r.returncode == 2, args
         assert r.stderr.startswith(b"error: ") and r.stderr.count(b"\n") == 1, r.stderr
@@ -267,7 +275,9 @@ def test_serve_with_port_in_use_says_so() -> None:
     node = ServeProcess()
     try:
         host, port = node.client_address.rsplit(":", 1)
-        r = subprocess.run([*DCACHE, "serve", "--client-listen", node.client_address, "--listen", "127.0.0.1:0"], capture_output=True, timeout=20)
+        r = subprocess.run(
+            [*DCACHE, "serve", "--client-listen", node.client_address, "--listen", "127.0.0.1:0"], capture_output=True, timeout=20
+        )
         assert r.returncode == 2
         assert b"already in use" in r.stderr and b"Traceback" not in r.stderr
     finally:
@@ -306,7 +316,16 @@ def test_cluster_stats_shows_an_unreachable_node_as_unknown_not_zero() -> None:
 
     class Client:
         def members(self) -> dict:
-            up = {"keys": 5, "hits": 3, "misses": 1, "sets": 5, "deletes": 0, "expired": 0, "data_bytes": 50, "memory_bytes": 2048}
+            up = {
+                "keys": 5,
+                "hits": 3,
+                "misses": 1,
+                "sets": 5,
+                "deletes": 0,
+                "expired": 0,
+                "data_bytes": 50,
+                "memory_bytes": 2048,
+            }
             return {
                 "epoch": 7,
                 "members": [
@@ -362,7 +381,9 @@ def test_output_errors_are_one_line(server: ServeProcess) -> None:
     assert r.returncode == 2 and json.loads(r.stdout)["error"] == "bad_input"
     assert dcache("set", "k", "v", server=server).returncode == 0
     with open("/dev/full", "wb") as full:
-        r = subprocess.run([*DCACHE, "get", "k", "--server", server.client_address], stdout=full, stderr=subprocess.PIPE, timeout=20)
+        r = subprocess.run(
+            [*DCACHE, "get", "k", "--server", server.client_address], stdout=full, stderr=subprocess.PIPE, timeout=20
+        )
     assert r.returncode == 2
     assert r.stderr.startswith(b"error: ") and b"Traceback" not in r.stderr
 
@@ -374,7 +395,9 @@ def test_a_binary_value_is_shown_escaped_on_a_terminal(server: ServeProcess) -> 
     assert dcache("get", "bin", server=server).stdout == b"\x00\xffraw"  # piped: the raw bytes
     leader, follower = pty.openpty()
     try:
-        r = subprocess.run([*DCACHE, "get", "bin", "--server", server.client_address], stdout=follower, stderr=subprocess.PIPE, timeout=20)
+        r = subprocess.run(
+            [*DCACHE, "get", "bin", "--server", server.client_address], stdout=follower, stderr=subprocess.PIPE, timeout=20
+        )
         shown = os.read(leader, 1000)
     finally:
         os.close(leader)
@@ -386,7 +409,9 @@ def test_a_binary_value_is_shown_escaped_on_a_terminal(server: ServeProcess) -> 
     assert dcache("set", "big", server=server, stdin=b"\xff" * 100_000).returncode == 0
     leader, follower = pty.openpty()
     try:
-        r = subprocess.run([*DCACHE, "get", "big", "--server", server.client_address], stdout=follower, stderr=subprocess.PIPE, timeout=20)
+        r = subprocess.run(
+            [*DCACHE, "get", "big", "--server", server.client_address], stdout=follower, stderr=subprocess.PIPE, timeout=20
+        )
         shown = b""
         while not shown.endswith(b"\n"):
             shown += os.read(leader, 65536)
@@ -407,12 +432,22 @@ def test_one_shot_commands_load_no_event_loop(server: ServeProcess) -> None:
         "from dcache.cli import main; main()"
     )
     for args in (["set", "k", "v"], ["get", "k"], ["get", "absent"], ["delete", "k"], ["ttl", "k"], ["ping"], ["stats"]):
-        r = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, timeout=20, env={**os.environ, "DCACHE_SERVER": server.client_address})
+        r = subprocess.run(
+            [sys.executable, "-c", probe, *args],
+            capture_output=True,
+            timeout=20,
+            env={**os.environ, "DCACHE_SERVER": server.client_address},
+        )
         assert b"loaded: []" in r.stderr, (args, r.stderr)
 
 
 def test_keys_and_values_in_messages_cannot_break_the_line_or_drive_the_terminal(server: ServeProcess) -> None:
-    for args in (["get", "a\nb\x1b[31m"], ["ttl", "a\nb\x1b[31m"], ["set", "k", "v", "--ttl", "1\n\x1b[2J"], ["delete", "x\u202ey"]):
+    for args in (
+        ["get", "a\nb\x1b[31m"],
+        ["ttl", "a\nb\x1b[31m"],
+        ["set", "k", "v", "--ttl", "1\n\x1b[2J"],
+        ["delete", "x\u202ey"],
+    ):
         r = dcache(*args, server=server)
         assert r.returncode in (1, 2), r
         assert r.stderr.count(b"\n") == 1 and b"\x1b" not in r.stderr and "\u202e".encode() not in r.stderr, r.stderr

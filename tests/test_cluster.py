@@ -246,7 +246,11 @@ async def test_unreachable_etcd_at_start_fails_fast() -> None:
         with pytest.raises(BaseException) as info:
             async with trio.open_nursery() as nursery:
                 await nursery.start(node.run)
-    assert info.group_contains(NodeStartError) if isinstance(info.value, BaseExceptionGroup) else isinstance(info.value, NodeStartError)
+    assert (
+        info.group_contains(NodeStartError)
+        if isinstance(info.value, BaseExceptionGroup)
+        else isinstance(info.value, NodeStartError)
+    )
     assert trio.current_time() - started < 10
 
 
@@ -314,7 +318,9 @@ def test_kill_9_a_node_and_the_survivors_recover(etcd_server: EtcdServer) -> Non
 
 def test_serve_with_unreachable_etcd_is_a_clear_error() -> None:
     started = time.monotonic()
-    r = dcache_cli("serve", "--etcd", f"http://127.0.0.1:{free_port()}", "--listen", "127.0.0.1:0", "--client-listen", "127.0.0.1:0")
+    r = dcache_cli(
+        "serve", "--etcd", f"http://127.0.0.1:{free_port()}", "--listen", "127.0.0.1:0", "--client-listen", "127.0.0.1:0"
+    )
     assert r.returncode == 2
     assert b"Traceback" not in r.stderr and b"etcd" in r.stderr
     assert time.monotonic() - started < 15
@@ -450,9 +456,15 @@ async def test_a_node_whose_lease_lapsed_forgets_what_it_held(cluster: list[InPr
         await wait_for_members(cluster, 3)
 
 
-async def test_a_second_node_with_the_same_advertise_address_is_refused(cluster: list[InProcessNode], etcd_server: EtcdServer) -> None:
+async def test_a_second_node_with_the_same_advertise_address_is_refused(
+    cluster: list[InProcessNode], etcd_server: EtcdServer
+) -> None:
     taken = cluster[0].node.node_id
-    twin = Node(NodeConfig(client_listen="127.0.0.1:0", listen="127.0.0.1:0", advertise=taken, etcd=etcd_server.endpoint, lease_ttl=LEASE_TTL))
+    twin = Node(
+        NodeConfig(
+            client_listen="127.0.0.1:0", listen="127.0.0.1:0", advertise=taken, etcd=etcd_server.endpoint, lease_ttl=LEASE_TTL
+        )
+    )
     with trio.fail_after(TIMEOUT):
         with pytest.raises(BaseException) as refused:  # noqa: PT011 (NodeStartError, as trio hands it on)
             async with trio.open_nursery() as nursery:
@@ -470,8 +482,18 @@ async def test_a_live_node_holding_an_advertise_address_is_told_apart_by_its_ref
 ) -> None:
     """The twin sees the holder's lease refreshed (every third of its TTL)
     and stops then, not after waiting out a lease as long as its own."""
-    first = await nursery.start(_scoped, Node(NodeConfig(client_listen="127.0.0.1:0", listen="127.0.0.1:0", etcd=etcd_server.endpoint, lease_ttl=5)))
-    twin = Node(NodeConfig(client_listen="127.0.0.1:0", listen="127.0.0.1:0", advertise=first.node.node_id, etcd=etcd_server.endpoint, lease_ttl=60))
+    first = await nursery.start(
+        _scoped, Node(NodeConfig(client_listen="127.0.0.1:0", listen="127.0.0.1:0", etcd=etcd_server.endpoint, lease_ttl=5))
+    )
+    twin = Node(
+        NodeConfig(
+            client_listen="127.0.0.1:0",
+            listen="127.0.0.1:0",
+            advertise=first.node.node_id,
+            etcd=etcd_server.endpoint,
+            lease_ttl=60,
+        )
+    )
     with trio.fail_after(TIMEOUT):
         started = trio.current_time()
         with pytest.raises(BaseException) as refused:  # noqa: PT011 (NodeStartError, as trio hands it on)
@@ -491,7 +513,9 @@ async def test_a_node_restarted_at_once_takes_over_its_lapsing_entry(
     assert gone.node.membership is not None
     gone.node.membership._lease = None  # as if killed: nobody revokes it; it lapses after its TTL, the key with it
     gone.stop()
-    again = Node(NodeConfig(client_listen="127.0.0.1:0", listen=address, advertise=address, etcd=etcd_server.endpoint, lease_ttl=LEASE_TTL))
+    again = Node(
+        NodeConfig(client_listen="127.0.0.1:0", listen=address, advertise=address, etcd=etcd_server.endpoint, lease_ttl=LEASE_TTL)
+    )
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
             await nursery.start(again.run)
@@ -604,7 +628,11 @@ async def test_cluster_client_outlives_the_node_it_first_reached(cluster: list[I
 
 async def test_cluster_names_keep_clusters_apart(nursery: trio.Nursery, etcd_server: EtcdServer) -> None:
     def node(cluster: str) -> Node:
-        return Node(NodeConfig(client_listen="127.0.0.1:0", listen="127.0.0.1:0", etcd=etcd_server.endpoint, cluster=cluster, lease_ttl=LEASE_TTL))
+        return Node(
+            NodeConfig(
+                client_listen="127.0.0.1:0", listen="127.0.0.1:0", etcd=etcd_server.endpoint, cluster=cluster, lease_ttl=LEASE_TTL
+            )
+        )
 
     with trio.fail_after(TIMEOUT):
         blue = [await nursery.start(_scoped, node("blue")) for _ in range(2)]
@@ -619,7 +647,15 @@ async def test_cluster_names_keep_clusters_apart(nursery: trio.Nursery, etcd_ser
 
 
 async def test_metrics_endpoint(nursery: trio.Nursery, etcd_server: EtcdServer) -> None:
-    node = Node(NodeConfig(client_listen="127.0.0.1:0", listen="127.0.0.1:0", metrics_listen="127.0.0.1:0", etcd=etcd_server.endpoint, lease_ttl=LEASE_TTL))
+    node = Node(
+        NodeConfig(
+            client_listen="127.0.0.1:0",
+            listen="127.0.0.1:0",
+            metrics_listen="127.0.0.1:0",
+            etcd=etcd_server.endpoint,
+            lease_ttl=LEASE_TTL,
+        )
+    )
     running = await nursery.start(_scoped, node)
     assert running.bound.metrics is not None
     host, port = running.bound.metrics
@@ -802,7 +838,14 @@ async def test_a_hung_owner_holds_up_no_other_request_on_a_shared_connection(etc
         for _, client, _ in nodes:
             assert await trio.to_thread.run_sync(wait_until_serving, client, 15)
         deadline = trio.current_time() + 15
-        while len(json.loads((await trio.to_thread.run_sync(dcache_cli, "members", "--json", "--server", nodes[0][1])).stdout)["members"]) != 2:
+        while (
+            len(
+                json.loads((await trio.to_thread.run_sync(dcache_cli, "members", "--json", "--server", nodes[0][1])).stdout)[
+                    "members"
+                ]
+            )
+            != 2
+        ):
             assert trio.current_time() < deadline
             await trio.sleep(0.1)
         with trio.fail_after(TIMEOUT):

@@ -67,7 +67,17 @@ def test_replies_round_trip() -> None:
 
 @pytest.mark.parametrize(
     "reply",
-    [[1, 0], "x", [1, 7, None], [1, 2, None], [1, 1, "oops"], [1, 1, ["code"]], [1, 1, ["code", 5]], [1, 1, ["c", "m", "d"]], ["1", 0, None]],
+    [
+        [1, 0],
+        "x",
+        [1, 7, None],
+        [1, 2, None],
+        [1, 1, "oops"],
+        [1, 1, ["code"]],
+        [1, 1, ["code", 5]],
+        [1, 1, ["c", "m", "d"]],
+        ["1", 0, None],
+    ],
 )
 def test_malformed_replies_are_refused(reply: Any) -> None:
     with pytest.raises(WireError) as info:
@@ -181,9 +191,16 @@ cbor_values = st.recursive(
     max_leaves=30,
 )
 op_names = st.sampled_from([*ops.OPS, "nope"])
-messages = st.tuples(st.integers(min_value=-2, max_value=2**64), op_names, cbor_values | st.dictionaries(
-    st.sampled_from(["key", "keys", "value", "items", "ns", "ttl_ms", "version", "client", "peer", "x"]), cbor_values, max_size=4
-)).map(list)
+messages = st.tuples(
+    st.integers(min_value=-2, max_value=2**64),
+    op_names,
+    cbor_values
+    | st.dictionaries(
+        st.sampled_from(["key", "keys", "value", "items", "ns", "ttl_ms", "version", "client", "peer", "x"]),
+        cbor_values,
+        max_size=4,
+    ),
+).map(list)
 
 
 def serve(payload: bytes) -> None:
@@ -265,4 +282,3 @@ def test_a_malformed_rest_is_a_wire_error() -> None:
         codec.decode_rest(b"\x01\x82")  # an error whose body is cut short
     with pytest.raises(WireError):
         codec.decode_rest(codec.encode_rest(1, "not [code, message]"))
-

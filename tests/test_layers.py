@@ -47,7 +47,7 @@ def test_no_two_modules_import_each_other_nor_any_cycle() -> None:
     def visit(m: str) -> None:
         if m in done:
             return
-        assert m not in visiting, f"import cycle: {' -> '.join(visiting[visiting.index(m):] + [m])}"
+        assert m not in visiting, f"import cycle: {' -> '.join(visiting[visiting.index(m) :] + [m])}"
         visiting.append(m)
         for other in sorted(graph[m]):
             visit(other)

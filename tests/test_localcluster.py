@@ -150,7 +150,11 @@ def test_closing_its_terminal_stops_the_cluster() -> None:
     terminal = Terminal()
     try:
         with cluster_up(
-            stdin=terminal.slave, stdout=terminal.slave, stderr=terminal.slave, start_new_session=True, preexec_fn=terminal.controlling
+            stdin=terminal.slave,
+            stdout=terminal.slave,
+            stderr=terminal.slave,
+            start_new_session=True,
+            preexec_fn=terminal.controlling,
         ) as up:
             os.close(terminal.slave)
             up.wait_until_serving()

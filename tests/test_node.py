@@ -306,7 +306,7 @@ async def test_request_timeout_when_node_never_answers(nursery: trio.Nursery) ->
         conn = await transport.accept(stream, max_message=1 << 20)
         assert conn is not None
         (payload,) = await conn.receive()  # the hello
-        (rid, _, _), = cbor2.loads(payload)
+        ((rid, _, _),) = cbor2.loads(payload)
         await conn.send(codec.encode_frame([codec.ok(rid, {"limits": Limits().as_dict()})]))
         await trio.sleep_forever()
 
@@ -363,7 +363,11 @@ async def test_value_over_the_limit_is_refused_by_the_node(nursery: trio.Nursery
         await raw_call(conn, [HELLO])
         replies = await raw_call(
             conn,
-            [[1, "set", {"key": b"k", "value": b"x" * 101}], [2, "get", {"key": b"k" * 11}], [3, "set", {"key": b"k", "value": b"x" * 100}]],
+            [
+                [1, "set", {"key": b"k", "value": b"x" * 101}],
+                [2, "get", {"key": b"k" * 11}],
+                [3, "set", {"key": b"k", "value": b"x" * 100}],
+            ],
         )
         assert [r[2][0] if r[1] else "ok" for r in replies] == [ErrorCode.VALUE_TOO_LARGE, ErrorCode.KEY_TOO_LARGE, "ok"]
 
@@ -449,7 +453,9 @@ async def test_a_connection_that_answers_pings_stays_open(mock_clock: trio.testi
     assert node.connections == 1
 
 
-async def test_idle_and_handshake_timeouts_close_dead_connections(mock_clock: trio.testing.MockClock, nursery: trio.Nursery) -> None:
+async def test_idle_and_handshake_timeouts_close_dead_connections(
+    mock_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
     node, bound = await start_node(nursery, idle_timeout=30)
     host, port = bound.client
     silent = await trio.open_tcp_stream(host, port)  # never handshakes

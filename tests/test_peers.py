@@ -16,10 +16,14 @@ from dcache.peers import PeerLinks, _Link
 async def test_a_link_holds_at_most_max_in_flight_forwards(monkeypatch) -> None:
     monkeypatch.setattr(peers, "MAX_IN_FLIGHT", 2)
     a, b = trio.socket.socketpair()
-    conn = transport.Connection(trio.SocketStream(a), protocol.ClientConnection(max_message=1 << 20, upgraded=True, mask_key=wsframe.NULL_MASK), poll=0)
+    conn = transport.Connection(
+        trio.SocketStream(a), protocol.ClientConnection(max_message=1 << 20, upgraded=True, mask_key=wsframe.NULL_MASK), poll=0
+    )
     owner = trio.SocketStream(b)
     links = PeerLinks(node_id="a")
-    link = _Link("b", channel=Channel(conn, name="b", timeout=5.0, watched=True), up=trio.Event(), queue=trio.lowlevel.ParkingLot())
+    link = _Link(
+        "b", channel=Channel(conn, name="b", timeout=5.0, watched=True), up=trio.Event(), queue=trio.lowlevel.ParkingLot()
+    )
     links._links["b"] = link
     parser = wsframe.FrameParser(expect_masked=True, max_message=1 << 20)
     asked: list[int] = []

@@ -173,7 +173,11 @@ async def test_stale_sender_retries_with_the_new_map(autojump_clock: trio.abc.Cl
     a.shard_map = ShardMap.build(1, NODES)
     new_map = wire.routers["b:1"].shard_map
     # A key a believes b owns, which moved to d.
-    key = next(k for k in (f"x{i}".encode() for i in range(100000)) if a.shard_map.owner("", k) == "b:1" and new_map.owner("", k) == "d:1")
+    key = next(
+        k
+        for k in (f"x{i}".encode() for i in range(100000))
+        if a.shard_map.owner("", k) == "b:1" and new_map.owner("", k) == "d:1"
+    )
 
     async def catch_up() -> None:
         await trio.sleep(0.07)  # a's membership catches up between retries
@@ -208,7 +212,9 @@ async def test_unreachable_owner_fails_only_its_requests() -> None:
     [kb] = keys_owned_by(a.shard_map, "b:1", 1)
     [kc] = keys_owned_by(a.shard_map, "c:1", 1)
     [ka] = keys_owned_by(a.shard_map, "a:1", 1)
-    replies = await call(a, [1, "set", {"key": kb, "value": b"1"}], [2, "set", {"key": kc, "value": b"2"}], [3, "set", {"key": ka, "value": b"3"}])
+    replies = await call(
+        a, [1, "set", {"key": kb, "value": b"1"}], [2, "set", {"key": kc, "value": b"2"}], [3, "set", {"key": ka, "value": b"3"}]
+    )
     assert [r[1] for r in replies] == [Status.ERROR, Status.OK, Status.OK]
     assert replies[0][2][0] == ErrorCode.UNAVAILABLE
     [reply] = await call(a, [4, "mget", {"keys": [ka, kb, kc]}])
@@ -284,7 +290,9 @@ keyed_args = st.dictionaries(
     st.none() | st.booleans() | st.integers(min_value=-(2**65), max_value=2**65) | st.binary(max_size=20) | st.text(max_size=10),
     max_size=4,
 )
-lone_requests = st.tuples(st.integers(min_value=-2, max_value=2**64), st.sampled_from(["get", "set", "delete", "ttl", "mget"]), keyed_args)
+lone_requests = st.tuples(
+    st.integers(min_value=-2, max_value=2**64), st.sampled_from(["get", "set", "delete", "ttl", "mget"]), keyed_args
+)
 
 
 _fuzz_wire: Wire | None = None
@@ -362,7 +370,9 @@ async def test_a_node_past_its_vouched_time_answers_keyed_requests_unavailable(m
         assert unavailable(reply, 14)
     # A new connection still says hello, and must.
     fresh = Session()
-    [refused, hello] = cbor2.loads(await a.handle(fresh, [cbor2.dumps([[15, "get", {"key": ka}], [16, "hello", {"version": 1}]])]))
+    [refused, hello] = cbor2.loads(
+        await a.handle(fresh, [cbor2.dumps([[15, "get", {"key": ka}], [16, "hello", {"version": 1}]])])
+    )
     assert refused[2][0] == ErrorCode.HELLO_REQUIRED and hello[:2] == [16, Status.OK]
     assert sorted(wire.calls[calls:]) == [("b:1", 1), ("c:1", 1)]  # only members asking for stats: nothing keyed travelled
     assert a.store.get("", ka) == b"old"  # dropping what it holds is the node's business

@@ -105,5 +105,11 @@ def test_sans_io_cores_import_no_io_layer() -> None:
         "pkg = types.ModuleType('dcache'); pkg.__path__ = [str(pathlib.Path('dcache').resolve())]; "
         "pkg.__version__ = '0'; sys.modules['dcache'] = pkg; "
     )
-    out = subprocess.run([sys.executable, "-c", loader + code], capture_output=True, text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-c", loader + code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
     assert out.stdout.strip() == "[]"

@@ -247,7 +247,9 @@ async def test_a_word_no_node_would_take_is_refused_before_sending(nursery: trio
         assert await trio.to_thread.run_sync(session.connect)
         assert await trio.to_thread.run_sync(session.execute, "set k " + "v" * 1000) == 0
         assert await trio.to_thread.run_sync(session.execute, "set k " + "v" * 1001) == 2
-    assert "error: cannot parse the line: a word of 1,001 characters is longer than any key or value a node takes" in out.getvalue()
+    assert (
+        "error: cannot parse the line: a word of 1,001 characters is longer than any key or value a node takes" in out.getvalue()
+    )
 
 
 async def test_a_key_too_large_piped_to_the_shell_is_refused_at_once(nursery: trio.Nursery) -> None:
@@ -340,7 +342,9 @@ def test_script_mode_over_a_pipe() -> None:
         assert r.stderr.decode().splitlines() == ["a: not found", "error: unknown command 'nosuch'; `help` lists them"]
         r = shell("get a\n")
         assert r.returncode == 1
-        r = subprocess.run([sys.executable, "-m", "dcache", "shell", "127.0.0.1:1"], input=b"get a\n", capture_output=True, timeout=20)
+        r = subprocess.run(
+            [sys.executable, "-m", "dcache", "shell", "127.0.0.1:1"], input=b"get a\n", capture_output=True, timeout=20
+        )
         assert r.returncode == 2 and b"cannot connect" in r.stderr and b"Traceback" not in r.stderr
     finally:
         server.kill()
@@ -353,7 +357,9 @@ def test_script_mode_over_a_pipe() -> None:
 def test_checked_in_completion_scripts_are_current() -> None:
     for shell_name, filename in completion.FILES.items():
         checked_in = (REPO / "completions" / filename).read_text()
-        assert checked_in == completion.script(shell_name, app), f"regenerate: dcache completion --write completions/ ({filename})"
+        assert checked_in == completion.script(shell_name, app), (
+            f"regenerate: dcache completion --write completions/ ({filename})"
+        )
 
 
 def test_completion_protocol_answers_from_the_app() -> None:
@@ -377,7 +383,16 @@ def test_tables_align_text_left_and_numbers_right() -> None:
         server_info = {"node": "n"}
 
         def members(self) -> dict:
-            stats = {"keys": 5, "hits": 1, "misses": 1, "sets": 5, "deletes": 0, "expired": 0, "data_bytes": 9, "memory_bytes": 99}
+            stats = {
+                "keys": 5,
+                "hits": 1,
+                "misses": 1,
+                "sets": 5,
+                "deletes": 0,
+                "expired": 0,
+                "data_bytes": 9,
+                "memory_bytes": 99,
+            }
             return {"epoch": 7, "members": [{"node": "a:1", "client": "a:2", "state": "up", "shards": 8192, "stats": stats}]}
 
         def ttl(self, key: str, *, ns: str = "") -> float:

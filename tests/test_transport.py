@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import cbor2
@@ -101,7 +102,7 @@ async def test_a_watched_channel_times_out_only_when_its_owner_checks(autojump_c
 @pytest.mark.parametrize("internals", [True, False])
 async def test_tasks_runnable_counts_ready_tasks(monkeypatch, internals: bool) -> None:
     if not internals:
-        monkeypatch.setattr(transport, "_run_context", None)  # trio's internals moved: the public path
+        monkeypatch.setattr(transport, "_RUN_CONTEXT", None)  # trio's internals moved: the public path
     assert transport.tasks_runnable() == 0
     async with trio.open_nursery() as nursery:
         for _ in range(3):
@@ -116,7 +117,9 @@ async def test_polling_never_holds_up_tasks_of_the_same_process() -> None:
     # blow the deadline.
     a, b = trio.socket.socketpair()
     client = transport.Connection(trio.SocketStream(a), protocol.ClientConnection(max_message=1 << 20, upgraded=True), poll=30.0)
-    server = transport.Connection(trio.SocketStream(b), protocol.Connection(client_side=False, max_message=1 << 20, upgraded=True), poll=30.0)
+    server = transport.Connection(
+        trio.SocketStream(b), protocol.Connection(client_side=False, max_message=1 << 20, upgraded=True), poll=30.0
+    )
     channel = Channel(client, name="test", timeout=10.0)
 
     async def serve() -> None:
@@ -282,3 +285,19 @@ async def test_a_connection_another_task_closed_is_closed_not_a_value_error() ->
             await conn.receive()
         with pytest.raises(transport.ConnectionClosed):
             await conn.send(b"x" * (8 << 20))  # more than the socket takes at once
+
+
+async def test_the_trio_internals_dcache_reads_are_still_there() -> None:
+    """transport.py reads two of trio's internals for speed, each with a
+    public fallback; if a trio release moves them, this fails loudly rather
+    than every busy poll quietly taking the slow path."""
+    assert transport._RUN_CONTEXT is not None, "trio._core._run.GLOBAL_RUN_CONTEXT is gone"
+    before = transport.tasks_runnable()
+    assert before == len(transport._RUN_CONTEXT.runner.runq)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.sleep, 0)
+        assert transport.tasks_runnable() == before + 1  # a new task waits in the run queue
+    a, b = trio.socket.socketpair()
+    with a, b:
+        plain = transport.plain_socket(trio.SocketStream(a))
+        assert isinstance(plain, socket.socket) and plain.fileno() == a.fileno(), "trio's socket no longer keeps _sock"

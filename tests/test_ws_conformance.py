@@ -70,9 +70,7 @@ def close_frame(body: bytes) -> bytes:
         (b"", CloseReason.NORMAL_CLOSURE),
     ],
 )
-async def test_the_node_answers_a_close_frame_as_rfc_6455_says(
-    nursery: trio.Nursery, body: bytes, expected: CloseReason
-) -> None:
+async def test_the_node_answers_a_close_frame_as_rfc_6455_says(nursery: trio.Nursery, body: bytes, expected: CloseReason) -> None:
     with trio.fail_after(TIMEOUT):
         bound = await start_node(nursery)
         code, _ = await node_answer_to(bound, close_frame(body))
@@ -144,7 +142,11 @@ async def test_a_websockets_client_talks_to_the_node(nursery: trio.Nursery) -> N
 
     def talk() -> list:
         with connect(f"ws://{bound.client_address}", compression=None, open_timeout=TIMEOUT) as ws:
-            ws.send(cbor2.dumps([[1, "hello", {"version": codec.PROTOCOL_VERSION}], [2, "set", {"key": b"k", "value": b"v" * 70_000}]]))
+            ws.send(
+                cbor2.dumps(
+                    [[1, "hello", {"version": codec.PROTOCOL_VERSION}], [2, "set", {"key": b"k", "value": b"v" * 70_000}]]
+                )
+            )
             first = cbor2.loads(ws.recv(timeout=TIMEOUT))
             ws.send(cbor2.dumps([[3, "get", {"key": b"k"}]]))
             return first + cbor2.loads(ws.recv(timeout=TIMEOUT))
@@ -167,7 +169,11 @@ async def test_sync_client_talks_to_a_websockets_server() -> None:
         for message in ws:
             replies = []
             for rid, op, args in cbor2.loads(message):
-                body = {"version": codec.PROTOCOL_VERSION, "node": "ws", "limits": codec.Limits().as_dict()} if op == "hello" else args.get("value")
+                body = (
+                    {"version": codec.PROTOCOL_VERSION, "node": "ws", "limits": codec.Limits().as_dict()}
+                    if op == "hello"
+                    else args.get("value")
+                )
                 replies.append([rid, 0, body])
             ws.send(cbor2.dumps(replies))
 

@@ -359,7 +359,10 @@ def test_server_handshake_keeps_what_follows_a_head_split_anywhere() -> None:
     [
         (b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", r"rejected the WebSocket upgrade \(HTTP 200\)"),
         (b"SSH-2.0-OpenSSH_9.2\r\n", "not HTTP"),
-        (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: bm9wZQ==\r\n\r\n", "wrong Sec-WebSocket-Accept"),
+        (
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: bm9wZQ==\r\n\r\n",
+            "wrong Sec-WebSocket-Accept",
+        ),
         (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n", "did not upgrade"),
         (b"HTTP/1.1 101 Switching Protocols\r\nbroken header\r\n\r\n", "malformed header"),
         (b"HTTP/1.1 101 Switching Protocols\r\n" + b"X-Padding: " + b"x" * 20000, "not HTTP"),
