@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import DcacheError
+
 ETCD_START_TIMEOUT = 15.0
 NODE_START_TIMEOUT = 15.0
 STOP_TIMEOUT = 5.0
@@ -42,7 +44,7 @@ OWNER_LOCK = "owner.lock"  # in each: locked for as long as its owner (or its et
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-class ClusterError(Exception):
+class ClusterError(DcacheError):
     """The local cluster could not start; the message says why."""
 
 
@@ -291,7 +293,6 @@ def node_command(node: NodeAddresses, *, etcd: str, cluster: str, log_level: str
 
 def wait_until_serving(address: str, timeout: float) -> bool:
     from .client import SyncClient
-    from .errors import DcacheError
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -37,6 +37,7 @@ import cbor2
 import trio
 
 from . import __version__
+from .errors import DcacheError
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ DUPLICATE_GRACE = 1.0  # seconds past a lease's TTL before a registered id is ta
 DUPLICATE_POLL = 0.25  # seconds between looks at a registered id's lease
 
 
-class MembershipError(Exception):
+class MembershipError(DcacheError):
     """Membership could not start (etcd unreachable, bad endpoint)."""
 
 

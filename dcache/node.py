@@ -19,6 +19,7 @@ import trio
 
 from . import __version__, transport, wsframe
 from .codec import Limits
+from .errors import DcacheError
 from .membership import EtcdMembership, MembershipError, StandaloneMembership, View
 from .net import split_address
 from .peers import PeerLinks
@@ -98,7 +99,7 @@ def process_memory_bytes() -> int:
         return peak if sys.platform == "darwin" else peak * 1024
 
 
-class NodeStartError(Exception):
+class NodeStartError(DcacheError):
     """The node could not start (a port in use, etcd unreachable); the message says which."""
 
 

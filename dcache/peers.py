@@ -95,9 +95,6 @@ class PeerLinks:
     def states(self) -> dict[str, str]:
         return {node_id: link.state for node_id, link in self._links.items()}
 
-    def forwarded_counts(self) -> dict[str, int]:
-        return {node_id: link.forwarded for node_id, link in self._links.items()}
-
     async def forward(self, node_id: str, requests: list[tuple[str, dict[str, Any]]]) -> list[tuple[int, Any]]:
         """Send requests to ``node_id`` in one frame; return its replies in order.
 
