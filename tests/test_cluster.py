@@ -10,10 +10,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import trio
+from support import LEASE_TTL, alive, children, consecutive_free_ports, dcache_cli, serve
 
 import dcache
 from dcache.codec import ErrorCode
@@ -21,16 +22,7 @@ from dcache.localcluster import EtcdServer, free_port, wait_until_serving
 from dcache.node import BoundAddresses, Node, NodeConfig
 from dcache.shard import ShardMap
 
-LEASE_TTL = 2.0
 TIMEOUT = 30
-
-
-@pytest.fixture
-def etcd_server() -> Iterator[EtcdServer]:
-    server = EtcdServer()
-    server.start()
-    yield server
-    server.close()
 
 
 class InProcessNode:
@@ -257,21 +249,6 @@ async def test_unreachable_etcd_at_start_fails_fast() -> None:
 # -- subprocesses ---------------------------------------------------------------
 
 
-def serve(etcd: str, *extra: str) -> tuple[subprocess.Popen[bytes], str, str]:
-    client_port, peer_port = free_port(), free_port()
-    client, peer = f"127.0.0.1:{client_port}", f"127.0.0.1:{peer_port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dcache", "serve", "--etcd", etcd, "--listen", peer, "--client-listen", client,
-         "--lease-ttl", str(LEASE_TTL), "--log-level", "warning", *extra],
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    return proc, client, peer
-
-
-def dcache_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([sys.executable, "-m", "dcache", *args], capture_output=True, timeout=20)
-
-
 def test_kill_9_a_node_and_the_survivors_recover(etcd_server: EtcdServer) -> None:
     nodes = [serve(etcd_server.endpoint) for _ in range(3)]
     try:
@@ -326,21 +303,9 @@ def test_serve_with_unreachable_etcd_is_a_clear_error() -> None:
     assert time.monotonic() - started < 15
 
 
-def _consecutive_free_ports(count: int) -> int:
-    import random
-
-    from dcache.localcluster import port_is_free
-
-    for _ in range(100):
-        base = random.randrange(20000, 60000)
-        if all(port_is_free(base + i) for i in range(count)):
-            return base
-    raise AssertionError("no free port range")
-
-
 def test_cluster_up_runs_etcd_and_nodes_and_stops_them() -> None:
     nodes = 2
-    client, peer, metrics = (_consecutive_free_ports(nodes) for _ in range(3))
+    client, peer, metrics = (consecutive_free_ports(nodes) for _ in range(3))
     proc = subprocess.Popen(
         [sys.executable, "-m", "dcache", "cluster", "up", "--nodes", str(nodes), "--client-port", str(client),
          "--peer-port", str(peer), "--metrics-port", str(metrics)],
@@ -372,36 +337,9 @@ def test_cluster_up_runs_etcd_and_nodes_and_stops_them() -> None:
         assert dcache_cli("ping", "--server", f"localhost:{client + i}", "--timeout", "1").returncode == 2
 
 
-def _children(pid: int) -> dict[int, bytes]:
-    """The live child processes of ``pid``, with their command lines."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    cmdline = f.read()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] not in "ZX":
-                found[int(entry)] = cmdline
-    return found
-
-
-def _alive(pid: int, cmdline: bytes) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return state not in "ZX" and f.read() == cmdline
-    except OSError:
-        return False
-
-
 def test_cluster_up_killed_at_once_by_a_second_ctrl_c() -> None:
     nodes = 2
-    client, peer = _consecutive_free_ports(nodes), _consecutive_free_ports(nodes)
+    client, peer = consecutive_free_ports(nodes), consecutive_free_ports(nodes)
     proc = subprocess.Popen(
         [sys.executable, "-m", "dcache", "cluster", "up", "--nodes", str(nodes), "--client-port", str(client),
          "--peer-port", str(peer), "--metrics-port", "0"],
@@ -411,7 +349,7 @@ def test_cluster_up_killed_at_once_by_a_second_ctrl_c() -> None:
     try:
         for i in range(nodes):
             assert wait_until_serving(f"localhost:{client + i}", 30)
-        started = _children(proc.pid)
+        started = children(proc.pid)
         assert len(started) == nodes + 1  # and etcd
         [stuck] = [pid for pid, cmdline in started.items() if f"localhost:{client}".encode() in cmdline.split(b"\0")]
         # A node that ignores SIGTERM (stopped here) makes the graceful stop wait; the second Ctrl-C must not.
@@ -425,7 +363,7 @@ def test_cluster_up_killed_at_once_by_a_second_ctrl_c() -> None:
         finally:
             if proc.poll() is None:
                 proc.kill()
-            left = [pid for pid, cmdline in started.items() if _alive(pid, cmdline)]
+            left = [pid for pid, cmdline in started.items() if alive(pid, cmdline)]
             for pid in left:  # never leave a stopped node behind, even on failure
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)

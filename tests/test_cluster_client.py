@@ -7,24 +7,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 
-import pytest
 import trio
-from test_cluster import serve
+from support import serve
 
 import dcache
 from dcache.localcluster import EtcdServer, wait_until_serving
 
 TIMEOUT = 60
-
-
-@pytest.fixture
-def etcd_server() -> Iterator[EtcdServer]:
-    server = EtcdServer()
-    server.start()
-    yield server
-    server.close()
 
 
 def _members(address: str) -> int:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_cluster import _alive, _children, _consecutive_free_ports
+from support import alive, children, consecutive_free_ports
 
 from dcache import localcluster
 from dcache.localcluster import EtcdServer, port_is_free, wait_until_serving
@@ -34,7 +34,7 @@ class ClusterUp:
     """A `python -m dcache cluster up` with NODES nodes on free ports, and what it started."""
 
     def __init__(self, **popen: object) -> None:
-        self.client, self.peer = _consecutive_free_ports(NODES), _consecutive_free_ports(NODES)
+        self.client, self.peer = consecutive_free_ports(NODES), consecutive_free_ports(NODES)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dcache", "cluster", "up", "--nodes", str(NODES), "--client-port", str(self.client),
              "--peer-port", str(self.peer), "--metrics-port", "0"],
@@ -45,7 +45,7 @@ class ClusterUp:
     def wait_until_serving(self) -> None:
         for i in range(NODES):
             assert wait_until_serving(f"localhost:{self.client + i}", START_TIMEOUT)
-        self.started = _children(self.proc.pid)
+        self.started = children(self.proc.pid)
         assert len(self.started) == NODES + 1  # and etcd
 
     def etcd_argument(self, flag: str) -> str:
@@ -57,7 +57,7 @@ class ClusterUp:
         return [*etcd, *(self.client + i for i in range(NODES)), *(self.peer + i for i in range(NODES))]
 
     def left(self) -> list[int]:
-        return [pid for pid, cmdline in self.started.items() if _alive(pid, cmdline)]
+        return [pid for pid, cmdline in self.started.items() if alive(pid, cmdline)]
 
     def wait_until_gone(self) -> list[int]:
         """What it started and is still alive after a generous while."""

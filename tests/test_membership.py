@@ -3,23 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
-import pytest
 import trio
 
 from dcache.localcluster import EtcdServer
 from dcache.membership import EtcdMembership, View
 
 TIMEOUT = 30
-
-
-@pytest.fixture
-def etcd_server() -> Iterator[EtcdServer]:
-    server = EtcdServer()
-    server.start()
-    yield server
-    server.close()
 
 
 async def test_after_a_lapse_a_node_vouches_only_from_a_view_read_since_its_return(

@@ -13,6 +13,7 @@ import cbor2
 import pytest
 import trio
 import trio.testing
+from support import start_node
 
 import dcache
 from dcache import codec, transport, wsframe
@@ -20,12 +21,6 @@ from dcache.codec import ErrorCode, Limits
 from dcache.node import BoundAddresses, Node, NodeConfig
 
 TIMEOUT = 10
-
-
-async def start_node(nursery: trio.Nursery, **config: object) -> tuple[Node, BoundAddresses]:
-    node = Node(NodeConfig(client_listen="127.0.0.1:0", listen="127.0.0.1:0", **config))  # type: ignore[arg-type]
-    bound = await nursery.start(node.run)
-    return node, bound
 
 
 @pytest.fixture

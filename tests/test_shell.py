@@ -17,11 +17,12 @@ from prompt_toolkit.document import Document
 from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 from rich.console import Console
+from support import node_address
 
 from dcache import completion
 from dcache.cli import app
 from dcache.codec import Limits
-from dcache.node import BoundAddresses, Node, NodeConfig
+from dcache.node import BoundAddresses
 from dcache.shell import (
     EXIT,
     ShellCompleter,
@@ -41,11 +42,6 @@ def session_for(address: str = "127.0.0.1:1", *, interactive: bool = True) -> tu
     out = io.StringIO()
     console = Console(file=out, width=120, force_terminal=False, color_system=None)
     return ShellSession(address, console=console, interactive=interactive, timeout=5), out
-
-
-async def start_node(nursery: trio.Nursery, *, limits: Limits | None = None) -> BoundAddresses:
-    config = NodeConfig(client_listen="127.0.0.1:0", listen="127.0.0.1:0", limits=limits or Limits())
-    return await nursery.start(Node(config).run)
 
 
 # -- parsing and bad input: one clear line each, no node needed ------------------------
@@ -176,7 +172,7 @@ def test_tab_completes_at_once_when_keys_arrive_together() -> None:
 
 
 async def test_repl_session(nursery: trio.Nursery) -> None:
-    bound = await start_node(nursery)
+    bound = await node_address(nursery)
     session, out = session_for(bound.client_address)
     script = "\n".join(
         [
@@ -221,7 +217,7 @@ async def test_repl_session(nursery: trio.Nursery) -> None:
 
 
 async def test_quoted_values_are_stored_as_typed(nursery: trio.Nursery) -> None:
-    bound = await start_node(nursery)
+    bound = await node_address(nursery)
     session, out = session_for(bound.client_address)
     with trio.fail_after(TIMEOUT):
         assert await trio.to_thread.run_sync(session.connect)
@@ -241,7 +237,7 @@ async def test_quoted_values_are_stored_as_typed(nursery: trio.Nursery) -> None:
 
 
 async def test_a_word_no_node_would_take_is_refused_before_sending(nursery: trio.Nursery) -> None:
-    bound = await start_node(nursery, limits=Limits(max_key_bytes=100, max_value_bytes=1000))
+    bound = await node_address(nursery, limits=Limits(max_key_bytes=100, max_value_bytes=1000))
     session, out = session_for(bound.client_address)
     with trio.fail_after(TIMEOUT):
         assert await trio.to_thread.run_sync(session.connect)
@@ -253,7 +249,7 @@ async def test_a_word_no_node_would_take_is_refused_before_sending(nursery: trio
 
 
 async def test_a_key_too_large_piped_to_the_shell_is_refused_at_once(nursery: trio.Nursery) -> None:
-    bound = await start_node(nursery)
+    bound = await node_address(nursery)
     script = f"get {'a' * (1 << 20)}\nset small ok\n".encode()
     # Before splitting was linear, this line alone took about 60 s of CPU.
     with trio.fail_after(30):
@@ -294,10 +290,10 @@ async def test_reconnects_to_another_member_when_its_node_goes(nursery: trio.Nur
     async def run_first(task_status: trio.TaskStatus[BoundAddresses]) -> None:
         with first_scope:
             async with trio.open_nursery() as inner:
-                task_status.started(await start_node(inner))
+                task_status.started(await node_address(inner))
 
     first = await nursery.start(run_first)
-    second = await start_node(nursery)
+    second = await node_address(nursery)
     session, out = session_for(first.client_address)
     with trio.fail_after(TIMEOUT):
         assert await trio.to_thread.run_sync(session.connect)

@@ -11,19 +11,15 @@ import threading
 
 import pytest
 import trio
+from support import node_address
 from wsproto.frame_protocol import CloseReason, FrameProtocol, Opcode
 
 import dcache
 from dcache import wsframe
 from dcache.errors import ProtocolError
-from dcache.node import BoundAddresses, Node, NodeConfig
+from dcache.node import BoundAddresses
 
 TIMEOUT = 10
-
-
-async def start_node(nursery: trio.Nursery) -> BoundAddresses:
-    node = Node(NodeConfig(client_listen="127.0.0.1:0", listen="127.0.0.1:0"))
-    return await nursery.start(node.run)
 
 
 async def read_to_end(stream: trio.SocketStream) -> bytes:
@@ -72,7 +68,7 @@ def close_frame(body: bytes) -> bytes:
 )
 async def test_the_node_answers_a_close_frame_as_rfc_6455_says(nursery: trio.Nursery, body: bytes, expected: CloseReason) -> None:
     with trio.fail_after(TIMEOUT):
-        bound = await start_node(nursery)
+        bound = await node_address(nursery)
         code, _ = await node_answer_to(bound, close_frame(body))
         assert code == expected
         async with dcache.connect(bound.client_address) as client:  # still serving
@@ -82,7 +78,7 @@ async def test_the_node_answers_a_close_frame_as_rfc_6455_says(nursery: trio.Nur
 
 async def test_another_websocket_version_gets_426_from_the_node(nursery: trio.Nursery) -> None:
     with trio.fail_after(TIMEOUT):
-        bound = await start_node(nursery)
+        bound = await node_address(nursery)
         host, port = bound.client
         stream = await trio.open_tcp_stream(host, port)
         await stream.send_all(
@@ -138,7 +134,7 @@ async def test_a_websockets_client_talks_to_the_node(nursery: trio.Nursery) -> N
 
     from dcache import codec
 
-    bound = await start_node(nursery)
+    bound = await node_address(nursery)
 
     def talk() -> list:
         with connect(f"ws://{bound.client_address}", compression=None, open_timeout=TIMEOUT) as ws:
