@@ -86,24 +86,8 @@ for _command in commands.COMMANDS.values():
 
 @app.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("address", metavar="[HOST:PORT]", required=False)
-@click.option(
-    "--server",
-    "-s",
-    envvar="DCACHE_SERVER",
-    default="localhost:48000",
-    metavar="HOST:PORT",
-    show_default=True,
-    help="Node to connect to, when no HOST:PORT is given.",
-)
-@click.option(
-    "--timeout",
-    envvar="DCACHE_TIMEOUT",
-    type=commands.TIMEOUT,
-    default=10.0,
-    metavar="SECONDS",
-    show_default=True,
-    help="Give up on a request after this long.",
-)
+@click.option("--server", "-s", help="Node to connect to, when no HOST:PORT is given.", **commands.SERVER_OPTION)
+@click.option("--timeout", help="Give up on a request after this long.", **commands.TIMEOUT_OPTION)
 def shell(address: str | None, server: str, timeout: float) -> NoReturn:
     """Open an interactive shell on a node; with commands on stdin, run them as a script."""
     from .shell import main as shell_main
@@ -336,15 +320,7 @@ def cluster_up(
 
 
 @app.command(context_settings=CONTEXT_SETTINGS)
-@click.option(
-    "--server",
-    "-s",
-    envvar="DCACHE_SERVER",
-    default="localhost:48000",
-    metavar="HOST:PORT",
-    show_default=True,
-    help="Node to load (also DCACHE_SERVER).",
-)
+@click.option("--server", "-s", help="Node to load (also DCACHE_SERVER).", **commands.SERVER_OPTION)
 @click.option(
     "--clients", "-c", type=click.IntRange(1, 10_000), default=50, metavar="N", show_default=True, help="Concurrent client tasks."
 )

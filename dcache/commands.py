@@ -469,18 +469,27 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+SERVER_OPTION: dict[str, Any] = {
+    "envvar": "DCACHE_SERVER",
+    "default": DEFAULT_ADDRESS,
+    "metavar": "HOST:PORT",
+    "show_default": True,
+}
+TIMEOUT_OPTION: dict[str, Any] = {
+    "envvar": "DCACHE_TIMEOUT",
+    "type": TIMEOUT,
+    "default": DEFAULT_TIMEOUT,
+    "metavar": "SECONDS",
+    "show_default": True,
+}
+
+
 def connection_params() -> list[click.Parameter]:
     """The options a one-shot command takes to reach its node; the shell keeps its own connection."""
     return [
-        click.Option(
-            ["--server", "-s"], envvar="DCACHE_SERVER", default=DEFAULT_ADDRESS, metavar="HOST:PORT", show_default=True,
-            help="Node to talk to (also DCACHE_SERVER).",
-        ),
-        click.Option(
-            ["--timeout"], envvar="DCACHE_TIMEOUT", type=TIMEOUT, default=DEFAULT_TIMEOUT, metavar="SECONDS",
-            show_default=True, help="Give up after this long (also DCACHE_TIMEOUT).",
-        ),
-    ]  # fmt: skip
+        click.Option(["--server", "-s"], help="Node to talk to (also DCACHE_SERVER).", **SERVER_OPTION),
+        click.Option(["--timeout"], help="Give up after this long (also DCACHE_TIMEOUT).", **TIMEOUT_OPTION),
+    ]
 
 
 def json_param() -> click.Option:
