@@ -31,6 +31,10 @@ from dcache.store import Store
 VALUE = b"v" * 100
 
 
+async def no_members() -> dict:
+    return {}
+
+
 async def main(rounds: int) -> None:
     shard_map = ShardMap.build(1, ["here", "there"])
     keys = (f"k{i}".encode() for i in range(10_000))
@@ -45,13 +49,13 @@ async def main(rounds: int) -> None:
     store = Store(clock=time.monotonic)
     store.set("", owned["here"], VALUE, 0)
     router = Router(store=store, node_id="here", limits=codec.Limits(), shard_map=shard_map,
-                    stats=dict, server_name="bench", peers=links)  # fmt: skip
+                    stats=dict, members=no_members, server_name="bench", peers=links)  # fmt: skip
     session = ServerSession(greeted=True)
     local = codec.encode_frame([[5, "get", {"key": owned["here"]}]])
     remote = codec.encode_frame([[5, "get", {"key": owned["there"]}]])
 
     def answer_next() -> None:  # the owner's reply to the request about to be sent
-        reply = codec.encode_frame([[channel._next_rid, codec.Status.OK, VALUE]])
+        reply = codec.encode_frame([[proto._next_rid, codec.Status.OK, VALUE]])
         owner_end.send(wsframe.build_frame(reply, masked=False))
 
     def drain() -> None:  # the owner's end swallows the request

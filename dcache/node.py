@@ -12,19 +12,20 @@ import math
 import os
 import resource
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
 from . import __version__, transport, wsframe
-from .codec import Limits
+from .codec import Limits, Status
 from .errors import DcacheError
 from .membership import EtcdMembership, MembershipError, StandaloneMembership, View
 from .net import split_address
 from .peers import PeerLinks
 from .protocol import Budget, ConnectionClosed, ServerSession
-from .router import Router, Waiting
+from .router import Forwarder, Router, Waiting
 from .shard import ShardMap
 from .store import Store
 
@@ -41,6 +42,7 @@ IDLE_TIMEOUT = 30.0
 MAX_CONNECTIONS = 10_000
 MAX_UNFINISHED_BYTES = 256 * 1024 * 1024  # in messages still arriving, over all connections
 ADVERTISE_CHECK_TIMEOUT = 2.0
+MEMBER_STATS_TIMEOUT = 2.0  # seconds a member may take to send its counters for `members`
 MAX_WAITING = 256  # frames of one connection waiting for other nodes at once
 LEAVE_DRAIN = 0.3  # seconds a stopping node still answers after leaving the view
 
@@ -128,17 +130,36 @@ class Node:
             if isinstance(self.membership, EtcdMembership):
                 await trio.sleep(drain)
 
-    def _node_info(self) -> dict[str, Any]:
-        return {
-            "uptime_s": round(trio.current_time() - self._started_at, 3),
-            "process_memory_bytes": process_memory_bytes(),
-            "connections": self.connections,
-            "peer_links": {
+    def stats(self) -> dict[str, Any]:
+        """This node's counters, as a ``stats`` request answers them."""
+        router = self.router
+        stats: dict[str, Any] = self.store.stats()
+        stats.update(
+            node=self.node_id,
+            shards=router.shard_map.shards_owned(self.node_id),
+            members=len(router.shard_map.members),
+            epoch=router.shard_map.epoch,
+            forwarded=router.counters.forwarded,
+            uptime_s=round(trio.current_time() - self._started_at, 3),
+            process_memory_bytes=process_memory_bytes(),
+            connections=self.connections,
+            peer_links={
                 "up": sum(1 for state in self.peers.states().values() if state == "up"),
                 "total": len(self.peers.states()),
             },
-            "version": __version__,
-        }
+            version=__version__,
+        )
+        return stats
+
+    async def members(self) -> dict[str, Any]:
+        """Every member with its state and counters, as a ``members`` request answers them."""
+        return await gather_members(
+            node_id=self.node_id,
+            shard_map=self.router.shard_map,
+            client_addresses=self.router.client_addresses,
+            own_stats=self.stats,
+            peers=self.peers,
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[BoundAddresses] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled. ``task_status.started`` gets the bound addresses."""
@@ -164,7 +185,8 @@ class Node:
             node_id=self.node_id,
             limits=config.limits,
             shard_map=ShardMap.build(0, [self.node_id]),
-            stats=self._node_info,
+            stats=self.stats,
+            members=self.members,
             server_name=f"dcache {__version__}",
             peers=self.peers,
             clock=trio.lowlevel.current_clock().current_time,  # the clock membership vouches on
@@ -457,6 +479,52 @@ class _Waits:
     def __init__(self) -> None:
         self.count = 0
         self.lot = trio.lowlevel.ParkingLot()
+
+
+async def gather_members(
+    *,
+    node_id: str,
+    shard_map: ShardMap,
+    client_addresses: dict[str, str],
+    own_stats: Callable[[], dict[str, Any]],
+    peers: Forwarder | None,
+) -> dict[str, Any]:
+    """Every member of ``shard_map`` with its client address, shards, state
+    and counters (``own_stats`` for this node; asked of the others over
+    ``peers``, concurrently, each within :data:`MEMBER_STATS_TIMEOUT`)."""
+    rows: dict[str, dict[str, Any]] = {}
+
+    async def ask(member: str) -> None:
+        row: dict[str, Any] = {
+            "node": member,
+            "client": client_addresses.get(member, ""),
+            "shards": shard_map.shards_owned(member),
+            "state": "up",
+            "stats": {},
+        }
+        rows[member] = row
+        if member == node_id:
+            row["stats"] = own_stats()
+            return
+        if peers is None:
+            row["state"] = "unreachable"
+            return
+        with trio.move_on_after(MEMBER_STATS_TIMEOUT):
+            try:
+                [(status, body)] = await peers.forward(member, [("stats", {})])
+            except Exception as exc:  # PeerUnavailable and anything odd from a peer
+                row["state"] = "unreachable"
+                row["error"] = str(exc)
+                return
+            if status == Status.OK and isinstance(body, dict):
+                row["stats"] = body
+                return
+        row["state"] = "unreachable"
+
+    async with trio.open_nursery() as nursery:
+        for member in shard_map.members:
+            nursery.start_soon(ask, member)
+    return {"epoch": shard_map.epoch, "members": [rows[m] for m in shard_map.members]}
 
 
 def _only_cancelled(exc: BaseException) -> bool:

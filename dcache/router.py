@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 # Retries of a request bounced with "moved" while views disagree; the waits
 # between them add up to under a second.
 MOVED_RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4)
-MEMBER_STATS_TIMEOUT = 2.0
 UNVOUCHED_MESSAGE = "this node lost contact with etcd for longer than its lease and is rejoining the cluster; try again"
 CHANGING_MESSAGE = "the cluster's membership is changing; try again"
 
@@ -190,7 +189,8 @@ class Waiting:
                         nursery.start_soon(router._collect, owner, jobs, pending.wait, bounced)
             await router._retry(bounced)
             for slot in self._members:
-                slot.deliver(Status.OK, await router.members())
+                slot.deliver(Status.OK, await router._members())
+                router.counters.count("members", "ok")
         finally:
             self.release()
         router.counters.latency.observe(router._clock() - self._started, len(self._replies))
@@ -228,7 +228,8 @@ class Router:
     """Serves requests against ``store`` for the shards this node owns and
     hands the rest to their owners through ``peers``.
 
-    ``stats`` returns this node's counters for ``stats`` replies;
+    ``stats`` gives a ``stats`` reply (this node's counters), ``members`` a
+    ``members`` reply (every member's, gathered by the node);
     ``client_addresses`` maps member ids to their client addresses.
     ``vouched_until`` is the time on ``clock`` from which this node no longer
     answers keyed requests (``math.inf``: always answers); its owner moves it.
@@ -243,6 +244,7 @@ class Router:
         limits: Limits,
         shard_map: ShardMap,
         stats: Callable[[], dict[str, Any]],
+        members: Callable[[], Awaitable[dict[str, Any]]],
         server_name: str,
         peers: Forwarder | None = None,
         clock: Callable[[], float] = time.perf_counter,
@@ -254,6 +256,7 @@ class Router:
         self.peers = peers
         self.client_addresses: dict[str, str] = {}
         self._stats = stats
+        self._members = members
         self._server_name = server_name
         self.counters = RequestCounters()
         self.vouched_until = math.inf
@@ -424,7 +427,7 @@ class Router:
     def _local(self, req: Request) -> list[Any]:
         if req.op == "stats":
             self.counters.count("stats", "ok")
-            return codec.ok(req.rid, self.stats())
+            return codec.ok(req.rid, self._stats())
         status, body = self._execute(OPS[req.op], req.args)
         return [req.rid, status, body]
 
@@ -553,56 +556,6 @@ class Router:
                 indexes = [job.indexes[i] for i in positions]
                 out.append(_Job(op, op.part(job.args, parts), merge=job.merge, indexes=indexes))
         return out
-
-    # -- cluster-wide views -------------------------------------------------------
-
-    async def members(self) -> dict[str, Any]:
-        """Every member with its state and counters, asked concurrently."""
-        shard_map = self.shard_map
-        rows: dict[str, dict[str, Any]] = {}
-
-        async def ask(node_id: str) -> None:
-            row = {
-                "node": node_id,
-                "client": self.client_addresses.get(node_id, ""),
-                "shards": shard_map.shards_owned(node_id),
-                "state": "up",
-                "stats": {},
-            }
-            rows[node_id] = row
-            if node_id == self.node_id:
-                row["stats"] = self.stats()
-                return
-            if self.peers is None:
-                row["state"] = "unreachable"
-                return
-            with trio.move_on_after(MEMBER_STATS_TIMEOUT):
-                try:
-                    [(status, body)] = await self.peers.forward(node_id, [("stats", {})])
-                except Exception as exc:  # PeerUnavailable and anything odd from a peer
-                    row["state"] = "unreachable"
-                    row["error"] = str(exc)
-                    return
-                if status == Status.OK and isinstance(body, dict):
-                    row["stats"] = body
-                    return
-            row["state"] = "unreachable"
-
-        async with trio.open_nursery() as nursery:
-            for node_id in shard_map.members:
-                nursery.start_soon(ask, node_id)
-        self.counters.count("members", "ok")
-        return {"epoch": shard_map.epoch, "members": [rows[m] for m in shard_map.members]}
-
-    def stats(self) -> dict[str, Any]:
-        stats: dict[str, Any] = self.store.stats()
-        stats.update(self._stats())
-        stats["node"] = self.node_id
-        stats["shards"] = self.shard_map.shards_owned(self.node_id)
-        stats["members"] = len(self.shard_map.members)
-        stats["epoch"] = self.shard_map.epoch
-        stats["forwarded"] = self.counters.forwarded
-        return stats
 
 
 # Decoding our own reply frames again (Router.handle joins two): no limits apply.

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from dcache import codec
 from dcache.codec import ErrorCode, Limits, Status
 from dcache.errors import PeerUnavailable
+from dcache.node import gather_members
 from dcache.protocol import ServerSession as Session
 from dcache.router import Router
 from dcache.shard import ShardMap
@@ -80,12 +81,25 @@ class Wire:
 def make_cluster(epoch: int = 1, members: tuple[str, ...] = NODES, clock: Callable[[], float] | None = None) -> Wire:
     wire = Wire()
     for node_id in members:
+        store = Store(clock=lambda: 0.0)
+
+        async def gather(node_id: str = node_id) -> dict[str, Any]:  # as a node gathers them
+            router = wire.routers[node_id]
+            return await gather_members(
+                node_id=node_id,
+                shard_map=router.shard_map,
+                client_addresses=router.client_addresses,
+                own_stats=router.store.stats,
+                peers=router.peers,
+            )
+
         wire.routers[node_id] = Router(
-            store=Store(clock=lambda: 0.0),
+            store=store,
             node_id=node_id,
             limits=Limits(),
             shard_map=ShardMap.build(epoch, members),
-            stats=dict,
+            stats=store.stats,
+            members=gather,
             server_name="test",
             peers=wire.forwarder_for(node_id),
             **({"clock": clock} if clock else {}),
