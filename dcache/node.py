@@ -420,13 +420,16 @@ class Node:
                                 if deadline.deadline - now < idle / 2:
                                     deadline.deadline = now + idle
                                 reply, waiting = self.router.place(session, payloads)
+                                if waiting is not None:
+                                    # Owned by its task before anything here can fail:
+                                    # what placement handed to peer links is always released.
+                                    waits.count += 1
+                                    later.start_soon(self._send_later, conn, waiting, waits, session)
                                 if reply is not None:
                                     sending = True
                                     await conn.send(reply)
                                     sending = False
                                 if waiting is not None:
-                                    waits.count += 1
-                                    later.start_soon(self._send_later, conn, waiting, waits, session)
                                     await self._make_room(waiting, waits)
                         except ConnectionClosed as exc:
                             log.debug("connection from %s closed: %s", session.remote, exc)

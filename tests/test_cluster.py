@@ -823,3 +823,35 @@ async def test_a_hung_owner_holds_up_no_other_request_on_a_shared_connection(etc
                 proc.send_signal(signal.SIGCONT)
                 proc.kill()
             proc.wait(10)
+
+
+async def test_a_client_gone_before_its_reply_leaves_nothing_held_on_peer_links(cluster: list[InProcessNode]) -> None:
+    """A frame with a key of this node and a key of another, from a client
+    that resets the connection at once: the reply to the first cannot be
+    sent, and the request handed to the other node's link must still be
+    released (else the link counts it in flight for good, and stops pinging)."""
+    import socket
+    import struct
+
+    from dcache import protocol, transport
+
+    a, b = cluster[0], cluster[1]
+    shard_map = a.node.router.shard_map
+    mine = next(f"L{i}".encode() for i in range(10000) if shard_map.owner("", f"L{i}".encode()) == a.node.node_id)
+    theirs = next(f"R{i}".encode() for i in range(10000) if shard_map.owner("", f"R{i}".encode()) == b.node.node_id)
+    with trio.fail_after(TIMEOUT):
+        for _ in range(10):
+            conn = await transport.connect(a.address, max_message=1 << 20, default_port=0)
+            assert isinstance(conn.proto, protocol.ClientConnection)
+            await conn.send_raw(conn.proto.request_frame([[0, "hello", protocol.hello_args("test")]]))
+            await conn.receive()
+            first = conn.proto.new_rids(2)
+            sock = transport.plain_socket(conn.stream)
+            assert sock is not None
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+            sock.send(conn.proto.request_frame([[first, "get", {"key": mine}], [first + 1, "get", {"key": theirs}]]))
+            await conn.stream.aclose()
+            await trio.sleep(0.05)
+        link = a.node.peers._links[b.node.node_id]
+        while link.in_flight or (link.channel is not None and link.channel.in_flight):
+            await trio.sleep(0.05)  # (on the code before the fix: for ever)
