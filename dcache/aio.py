@@ -87,11 +87,20 @@ class Client(Operations):
             raise
 
     async def _live_channel(self) -> Channel:
-        """The channel, checked first after a pause (see :meth:`SyncClient._revive`):
-        a node closes a connection idle too long, and a request must not
-        be lost to that."""
+        """The channel: a new one if the last broke (the node restarted, say),
+        and checked first after a pause (see :meth:`SyncClient._revive`): a
+        node closes a connection idle too long, and a request must not be
+        lost to that."""
         now = trio.current_time()
-        if now - self._used_at > IDLE_CHECK and not self._channel.in_flight:
+        broken = self._channel.broken
+        if broken is not None and not isinstance(broken, ClosedError):  # lost, not closed by our user: a new one
+            async with self._reviving:
+                channel = self._channel
+                if channel.broken is not None and not isinstance(channel.broken, ClosedError):
+                    self._channel = await self._open(self.address, channel.timeout)
+                    await self._greet()
+                    await channel.aclose()
+        elif now - self._used_at > IDLE_CHECK and not self._channel.in_flight:
             async with self._reviving:
                 channel = self._channel
                 try:

@@ -61,7 +61,7 @@ def _error(message: str, *, as_json: bool = False, kind: str = "bad_input") -> N
 def _one_shot(command: Command) -> click.Command:
     def run(*, server: str, timeout: float, as_json: bool, **args: Any) -> NoReturn:
         if command.stdin is not None and args[command.stdin] in (None, b"-"):
-            if sys.stdin.isatty():
+            if sys.stdin is None or sys.stdin.isatty():  # (None: stdin closed, as by <&-)
                 _error(f"give a {command.stdin.upper()}, or pipe it on stdin", as_json=as_json)
             args[command.stdin] = sys.stdin.buffer.read()
         from .client import SyncClient

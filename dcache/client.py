@@ -406,7 +406,11 @@ class SyncClient(Operations):
                 self._absorb(self._receive())
         except TimeoutError:
             raise RequestTimeout(f"{what}: no reply from {self.address} within {self.timeout:g} s") from None
+        except (ConnectionLost, ProtocolError):
+            self._sock.close()  # the next request opens a new connection
+            raise
         except OSError as exc:
+            self._sock.close()
             raise ConnectionLost(f"lost the connection to {self.address}: {exc}") from None
 
     def _receive(self) -> bytes:

@@ -503,3 +503,12 @@ def test_an_etcd_that_cannot_be_reached_says_why_in_its_own_time() -> None:
     assert r.stderr.startswith(b"error: cannot reach etcd at no-such-etcd.invalid: ")
     if time.monotonic() - started < 4:  # (a resolver that hangs is told apart by the timeout instead)
         assert b"within" not in r.stderr, r.stderr
+
+
+def test_set_with_stdin_closed_says_what_to_give(server: ServeProcess) -> None:
+    r = subprocess.run(
+        ["sh", "-c", f'exec "{sys.executable}" -m dcache set k --server {server.client_address} <&-'],
+        capture_output=True,
+        timeout=20,
+    )
+    assert r.returncode == 2 and r.stderr == b"error: give a VALUE, or pipe it on stdin\n", r.stderr

@@ -543,3 +543,52 @@ async def test_sync_client_pipeline(nursery: trio.Nursery) -> None:
     assert (value, missing, ttl, deleted) == (b"1", None, float("inf"), True) and version > 0
     assert kept_going[0] > 0 and kept_going[2] == b"3"
     assert isinstance(kept_going[1], dcache.RequestError) and kept_going[1].code == "batch_too_large"
+
+
+async def test_clients_carry_on_at_once_when_their_node_comes_back(nursery: trio.Nursery) -> None:
+    """A node restarts on its address. A caller that retries at once (well
+    within a second) gets through on its next request, with either client."""
+    from dcache.localcluster import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+
+    async def run_node(task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+        with trio.CancelScope() as scope:
+            node = Node(NodeConfig(client_listen=address, listen="127.0.0.1:0"))
+            async with trio.open_nursery() as inner:
+                await inner.start(node.run)
+                task_status.started(scope)
+
+    with trio.fail_after(TIMEOUT):
+        first = await nursery.start(run_node)
+        sync = await trio.to_thread.run_sync(lambda: dcache.SyncClient(address, timeout=TIMEOUT))
+        client = await dcache.Client.connect(address, timeout=TIMEOUT)
+        await client.set("k", "v")
+        first.cancel()  # the node goes away...
+        await trio.testing.wait_all_tasks_blocked()
+        await nursery.start(run_node)  # ...and comes back on its address
+
+        def sync_tries() -> list[str]:
+            outcomes = []
+            for _ in range(3):
+                try:
+                    sync.get("k")
+                    outcomes.append("ok")
+                except dcache.ConnectionLost:
+                    outcomes.append("lost")
+                time.sleep(0.1)  # far less than the idle check's second
+            return outcomes
+
+        outcomes = await trio.to_thread.run_sync(sync_tries)
+        assert outcomes[-1] == "ok" and outcomes.count("lost") <= 1, outcomes
+        async_outcomes = []
+        for _ in range(3):
+            try:
+                await client.get("k")
+                async_outcomes.append("ok")
+            except dcache.ConnectionLost:
+                async_outcomes.append("lost")
+            await trio.sleep(0.1)
+        assert async_outcomes[-1] == "ok" and async_outcomes.count("lost") <= 1, async_outcomes
+        sync.close()
+        await client.aclose()
