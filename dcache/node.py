@@ -7,6 +7,7 @@ revoking its etcd lease on the way out so peers see it leave.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -22,9 +23,10 @@ from . import __version__, transport, wsframe
 from .codec import Limits, Status
 from .errors import DcacheError
 from .membership import EtcdMembership, MembershipError, StandaloneMembership, View
-from .net import split_address
+from .net import busy_poll_from_env, split_address
 from .peers import PeerLinks
 from .protocol import Budget, ConnectionClosed, ServerSession
+from .reactor import Reactor
 from .router import Forwarder, Router, Waiting
 from .shard import ShardMap
 from .store import Store
@@ -42,6 +44,8 @@ IDLE_TIMEOUT = 30.0
 MAX_CONNECTIONS = 10_000
 MAX_UNFINISHED_BYTES = 256 * 1024 * 1024  # in messages still arriving, over all connections
 ADVERTISE_CHECK_TIMEOUT = 2.0
+ACCEPT_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS)  # out of something: wait, then go on
+ACCEPT_BACKOFF = 0.1
 MEMBER_STATS_TIMEOUT = 2.0  # seconds a member may take to send its counters for `members`
 MAX_WAITING = 256  # frames of one connection waiting for other nodes at once
 LEAVE_DRAIN = 0.3  # seconds a stopping node still answers after leaving the view
@@ -64,6 +68,7 @@ class NodeConfig:
     max_connections: int = MAX_CONNECTIONS
     max_unfinished_bytes: int = MAX_UNFINISHED_BYTES
     busy_poll: float | None = None  # seconds a reader spins before sleeping (see net.BusyPoll); None: DCACHE_BUSY_POLL_US
+    reactor: bool = True  # serve connections from one task (see reactor.py); False: a task each
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +119,7 @@ class Node:
         self.unfinished = Budget(config.max_unfinished_bytes)
         self.peers: PeerLinks
         self.router: Router
+        self.reactor: Reactor
         self._started_at = 0.0
         self._purge_needed: trio.Event | None = None
         self.membership: EtcdMembership | StandaloneMembership | None = None
@@ -191,6 +197,12 @@ class Node:
             peers=self.peers,
             clock=trio.lowlevel.current_clock().current_time,  # the clock membership vouches on
         )
+        self.reactor = Reactor(
+            router=self.router,
+            idle_timeout=config.idle_timeout,
+            on_close=self._connection_closed,
+            poll=busy_poll_from_env() if config.busy_poll is None else config.busy_poll,
+        )
         membership: EtcdMembership | StandaloneMembership
         if config.etcd:
             try:
@@ -211,6 +223,7 @@ class Node:
 
         async with trio.open_nursery() as nursery:
             await nursery.start(self.peers.run)
+            await nursery.start(self.reactor.run)
             # Listeners are bound already; connections wait in the backlog
             # until the first view says what this node owns.
             try:
@@ -226,8 +239,8 @@ class Node:
                 nursery.start_soon(self._check_advertised)
             nursery.start_soon(self._purge_unowned)
             nursery.start_soon(self._sweep)
-            nursery.start_soon(trio.serve_listeners, self._serve_connection, client_listeners)
-            nursery.start_soon(trio.serve_listeners, self._serve_connection, peer_listeners)
+            for listener in [*client_listeners, *peer_listeners]:
+                nursery.start_soon(self._accept, listener, nursery)
             bound_metrics = None
             if metrics_listeners is not None:
                 from .metrics import registry_for, serve_metrics
@@ -360,6 +373,26 @@ class Node:
 
     # -- connections ----------------------------------------------------------------
 
+    def _connection_closed(self) -> None:
+        self.connections -= 1
+
+    async def _accept(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        """Accept connections for as long as the node runs, each handed to a
+        task of its own for its handshake. (Not trio.serve_listeners: it closes
+        a connection when its task ends, and a connection the reactor adopted
+        outlives the task that adopted it.)"""
+        async with listener:  # closed when the node stops, so that its port is free at once
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in ACCEPT_ERRORS:
+                        raise
+                    log.warning("cannot accept a connection (%s); trying again in %g s", exc.strerror or exc, ACCEPT_BACKOFF)
+                    await trio.sleep(ACCEPT_BACKOFF)
+                    continue
+                nursery.start_soon(self._serve_connection, stream)
+
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
         config = self.config
         if self.connections >= config.max_connections:
@@ -368,12 +401,18 @@ class Node:
             return
         self.connections += 1
         conn = None
+        adopted = False
         try:
             conn = await transport.accept(
                 stream, max_message=config.limits.max_frame_bytes, budget=self.unfinished, poll=config.busy_poll
             )
             if conn is not None:
-                await self._serve_messages(conn, ServerSession(_remote_name(stream)))
+                session = ServerSession(_remote_name(stream))
+                if config.reactor and self.reactor.can_serve(conn):
+                    self.reactor.adopt(conn, session)  # the reactor serves it from now on, and closes it
+                    adopted = True
+                    return
+                await self._serve_messages(conn, session)
         except Exception:
             # A bug must cost one connection, never the node.
             log.exception("connection handler failed; closing that connection")
@@ -382,10 +421,11 @@ class Node:
                 conn.close_now(wsframe.CLOSE_GOING_AWAY, "the node is shutting down")
             raise
         finally:
-            self.connections -= 1
-            if conn is not None:
-                conn.release()
-            await trio.aclose_forcefully(stream)
+            if not adopted:
+                self.connections -= 1
+                if conn is not None:
+                    conn.release()
+                await trio.aclose_forcefully(stream)
 
     async def _serve_messages(self, conn: transport.Connection, session: ServerSession) -> None:
         """Answer requests until the connection closes.

@@ -74,6 +74,14 @@ class Forwarder(Protocol):
 
     async def forward(self, node_id: str, requests: list[tuple[str, dict[str, Any]]]) -> list[tuple[int, Any]]: ...
 
+    def crowded(self, node_ids: Iterable[str]) -> str | None:
+        """One of ``node_ids`` whose link has all it may hold in flight, if any."""
+        ...
+
+    async def room(self, node_id: str) -> None:
+        """Return once the link to ``node_id`` may take more."""
+        ...
+
 
 # -- work that waits for other nodes --------------------------------------------------
 

@@ -306,6 +306,11 @@ class Connection:
         """Give back this connection's share of its budget, once it is closed."""
         self.proto.release()
 
+    def take_ready(self) -> list[bytes]:
+        """The messages received and not yet taken by :meth:`receive`."""
+        ready, self._ready = self._ready, []
+        return ready
+
     async def take_waiting(self) -> None:
         """Take in whatever has arrived, without waiting: answer pings, keep
         messages for the next :meth:`receive`; raise ConnectionClosed if the

@@ -12,7 +12,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "dcache"
 SANS_IO = ("codec", "ops", "protocol", "shard", "store", "wsframe", "net", "shellwords")
 NO_EVENT_LOOP = (*SANS_IO, "client", "commands", "cli", "errors")
-NODE = ("node", "router", "peers", "membership", "metrics", "localcluster")
+NODE = ("node", "router", "reactor", "peers", "membership", "metrics", "localcluster")
 
 
 def imports_of(module: str) -> set[str]:

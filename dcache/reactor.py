@@ -1,0 +1,383 @@
+"""Many connections served by one task: a wake-up per batch of ready connections, not one per request.
+
+On a virtual machine, waking a task costs more than a loopback round trip,
+and a trio task per connection pays that for every request. The
+:class:`Reactor` instead waits on one epoll set holding every connection it
+serves; when it wakes, it reads each ready connection once, hands what it
+read to the connection's :class:`protocol.Connection` and the router's
+:meth:`Router.place`, and writes the replies straight to the socket. So a
+wake-up is shared by every connection that was ready, however many.
+
+What must wait does not hold the reactor up:
+
+* Requests for other nodes' keys: the router hands them to peer links at
+  once; a task of the reactor's nursery awaits their replies and writes them.
+* A write the socket cannot take whole: the rest goes to the connection's
+  own buffer, which a task drains as the socket allows; meanwhile the
+  reactor appends that connection's replies to the buffer, in order, and
+  reads no more from it once the buffer holds :data:`MAX_UNSENT` bytes.
+
+A connection with :data:`MAX_WAITING` frames waiting for other nodes, or
+whose last frame went to a peer link that is full, is not read until there
+is room. An idle connection costs nothing but its memory: it gets a ping
+after ``idle_timeout`` without traffic and is closed if another passes
+without even a pong. The reactor is a task of the node's nursery; when it
+stops, it tells its clients (a close frame, 1001) where that can be said at
+once, and closes their sockets.
+
+Only connections over plain sockets can be served so; others (TLS, when it
+comes, or test streams) keep a task each (see :meth:`Reactor.can_serve`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from . import wsframe
+from .net import RECEIVE_SIZE
+from .protocol import Connection as Proto
+from .protocol import ConnectionClosed, ServerSession
+from .router import Router, Waiting
+from .transport import Connection, plain_socket, tasks_runnable
+
+log = logging.getLogger(__name__)
+
+MAX_WAITING = 256  # frames of one connection waiting for other nodes at once
+MAX_UNSENT = 1 << 20  # bytes of replies a connection has not taken before it is read no more
+POLL_BACKOFF_MAX = 64
+IDLE_CHECKS = 4  # looks at every connection per idle timeout
+PASSES_PER_YIELD = 16  # passes over ready connections between trips through trio's scheduler, at most
+_yield_cpu = getattr(os, "sched_yield", lambda: None)
+
+
+class _Entry:
+    """One connection the reactor serves."""
+
+    __slots__ = (
+        "fd",
+        "sock",
+        "trio_sock",
+        "proto",
+        "session",
+        "unsent",
+        "draining",
+        "waiting",
+        "paused",
+        "closed",
+        "reads_seen",
+        "quiet_since",
+        "pinged_at",
+    )
+
+    def __init__(self, sock: socket.socket, trio_sock: Any, proto: Proto, session: ServerSession) -> None:
+        self.fd = sock.fileno()
+        self.sock = sock
+        self.trio_sock = trio_sock  # closed through trio, so that any task waiting on it wakes
+        self.proto = proto
+        self.session = session
+        self.unsent = bytearray()  # replies the socket has not taken yet, in order
+        self.draining = False  # a task is writing ``unsent`` as the socket allows
+        self.waiting = 0  # frames waiting for other nodes
+        self.paused = False  # not read, for now (see Reactor._pause)
+        self.closed = False
+        self.reads_seen = -1  # proto.reads at the last idle check
+        self.quiet_since = 0.0  # when the idle checks last saw it read
+        self.pinged_at: float | None = None
+
+
+class Reactor:
+    """Serves connections handed over by :meth:`adopt` from one task; see the module docstring.
+
+    ``on_close`` is called once per connection when it is done (the node
+    counts its connections). ``poll`` is how long the reactor spins on its
+    epoll set for more work before sleeping, as :class:`net.BusyPoll` does
+    for one socket (0: never).
+    """
+
+    def __init__(self, *, router: Router, idle_timeout: float, on_close: Callable[[], None], poll: float = 0.0) -> None:
+        self._router = router
+        self._idle_timeout = idle_timeout
+        self._on_close = on_close
+        self._poll = poll
+        self._skip = 0
+        self._penalty = 1
+        self._entries: dict[int, _Entry] = {}
+        self._replies: list[tuple[_Entry, bytes]] = []  # this pass's, sent at its end
+        self._epoll: Any = None
+        self._nursery: trio.Nursery | None = None
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @staticmethod
+    def can_serve(conn: Connection) -> bool:
+        return hasattr(select, "epoll") and plain_socket(conn.stream) is not None
+
+    def adopt(self, conn: Connection, session: ServerSession) -> None:
+        """Serve ``conn`` from now on (it passed its handshake); the reactor owns it."""
+        assert self._epoll is not None, "Reactor.run must be started first"
+        sock = plain_socket(conn.stream)
+        assert sock is not None
+        stream = conn.stream
+        assert isinstance(stream, trio.SocketStream)
+        entry = _Entry(sock, stream.socket, conn.proto, session)
+        self._entries[entry.fd] = entry
+        self._epoll.register(entry.fd, select.EPOLLIN)
+        ready = conn.take_ready()
+        if ready:  # requests that came with the handshake
+            self._place(entry, ready)
+            self._send_replies()
+
+    def _send_replies(self) -> None:
+        replies, self._replies = self._replies, []
+        for entry, data in replies:
+            self._write(entry, data)
+
+    # -- the loop ------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._epoll = epoll = select.epoll()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._watch_idle)
+                task_status.started()
+                passes = 0
+                while True:
+                    events = epoll.poll(0)
+                    if not events and self._poll and self._wanted():
+                        events = self._spin(epoll)
+                    if not events:
+                        passes = 0
+                        await trio.lowlevel.wait_readable(epoll)
+                        continue
+                    entries = self._entries
+                    for fd, _ in events:
+                        entry = entries.get(fd)
+                        if entry is None:
+                            continue
+                        if entry.paused:  # reported only for a hang-up or an error: the other side is gone
+                            self._close(entry)
+                        else:
+                            self._serve(entry)
+                    # The replies go out together, after the pass: the first send may
+                    # wake a client that waits; the rest then mostly find theirs awake,
+                    # where a send each as soon as it is ready wakes a sleeper each.
+                    self._send_replies()
+                    # Let the tasks this pass woke (replies from peers, writers) run
+                    # before the next, and trio look at the sockets it watches now
+                    # and then; else go straight on: a trip through the scheduler
+                    # costs more than a pass.
+                    passes += 1
+                    if passes >= PASSES_PER_YIELD or tasks_runnable():
+                        passes = 0
+                        await trio.lowlevel.checkpoint()
+        finally:
+            for entry in list(self._entries.values()):
+                self._close(entry, wsframe.CLOSE_GOING_AWAY, "the node is shutting down")
+            epoll.close()
+
+    def _wanted(self) -> bool:
+        if self._skip:
+            self._skip -= 1
+            return False
+        return True
+
+    def _spin(self, epoll: Any) -> list[tuple[int, int]]:
+        """Spin on the epoll set for up to the poll window, while nothing else
+        of this process wants to run; back off after a spin that found nothing."""
+        until = time.perf_counter() + self._poll
+        while not tasks_runnable():
+            events: list[tuple[int, int]] = epoll.poll(0)
+            if events:
+                self._penalty = 1
+                return events
+            if time.perf_counter() >= until:
+                self._skip = self._penalty
+                self._penalty = min(2 * self._penalty, POLL_BACKOFF_MAX)
+                break
+            _yield_cpu()
+        return []
+
+    def _serve(self, entry: _Entry) -> None:
+        """Read ``entry`` once; answer what it brought."""
+        try:
+            data = entry.sock.recv(RECEIVE_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._close(entry)
+            return
+        try:
+            messages = entry.proto.receive_data(data)
+        except ConnectionClosed as exc:
+            log.debug("connection from %s closed: %s", entry.session.remote, exc)
+            self._close(entry, last=entry.proto.data_to_send())
+            return
+        except Exception:  # a bug must cost one connection, never the node
+            log.exception("connection handler failed; closing that connection")
+            self._close(entry)
+            return
+        if entry.proto.has_data_to_send:  # pongs
+            self._replies.append((entry, entry.proto.data_to_send()))
+        if messages:
+            self._place(entry, messages)
+
+    def _place(self, entry: _Entry, messages: list[bytes]) -> None:
+        try:
+            reply, waiting = self._router.place(entry.session, messages)
+        except Exception:
+            log.exception("connection handler failed; closing that connection")
+            self._close(entry)
+            return
+        if waiting is not None:
+            entry.waiting += 1
+            assert self._nursery is not None
+            self._nursery.start_soon(self._send_later, entry, waiting)
+        if reply is not None:
+            self._replies.append((entry, entry.proto.frame(reply)))
+        if waiting is not None:
+            if entry.waiting >= MAX_WAITING:
+                self._pause(entry)
+            peers = self._router.peers
+            crowded = peers.crowded(waiting.owners()) if peers is not None else None
+            if crowded is not None:
+                self._pause(entry)
+                assert self._nursery is not None
+                self._nursery.start_soon(self._resume_when_room, entry, crowded)
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def _write(self, entry: _Entry, data: bytes) -> None:
+        """Send ``data`` now if the socket takes it, else keep it for the entry's drain task."""
+        if entry.closed:
+            return
+        if entry.unsent:  # a drain is under way: after what waits, in order
+            entry.unsent += data
+            if len(entry.unsent) > MAX_UNSENT:
+                self._pause(entry)
+            return
+        try:
+            sent = entry.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._close(entry)
+            return
+        if sent < len(data):
+            entry.unsent += data[sent:]
+            if len(entry.unsent) > MAX_UNSENT:
+                self._pause(entry)
+            if not entry.draining:
+                entry.draining = True
+                assert self._nursery is not None
+                self._nursery.start_soon(self._drain, entry)
+
+    async def _drain(self, entry: _Entry) -> None:
+        """Write what the socket would not take at once, as it takes it."""
+        try:
+            while entry.unsent and not entry.closed:
+                with trio.move_on_after(self._idle_timeout) as scope:
+                    await trio.lowlevel.wait_writable(entry.sock)
+                if scope.cancelled_caught:
+                    log.info("closing connection from %s: it stopped reading replies", entry.session.remote)
+                    self._close(entry)
+                    return
+                try:
+                    sent = entry.sock.send(entry.unsent)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    self._close(entry)
+                    return
+                del entry.unsent[:sent]
+            if entry.paused and len(entry.unsent) <= MAX_UNSENT:
+                self._resume(entry)
+        except ValueError:  # the socket was closed meanwhile (its descriptor is -1)
+            self._close(entry)
+        finally:
+            entry.draining = False
+
+    # -- what waits for other nodes ------------------------------------------------------------
+
+    async def _send_later(self, entry: _Entry, waiting: Waiting) -> None:
+        try:
+            reply = await waiting.finish()
+            self._write(entry, entry.proto.frame(reply))
+        finally:
+            entry.waiting -= 1
+            if entry.paused and entry.waiting < MAX_WAITING and len(entry.unsent) <= MAX_UNSENT:
+                self._resume(entry)
+
+    async def _resume_when_room(self, entry: _Entry, node_id: str) -> None:
+        peers = self._router.peers
+        assert peers is not None
+        await peers.room(node_id)
+        if entry.waiting < MAX_WAITING and len(entry.unsent) <= MAX_UNSENT:
+            self._resume(entry)
+
+    def _pause(self, entry: _Entry) -> None:
+        """Read ``entry`` no more for now: it has too much waiting, or unsent."""
+        if not entry.paused and not entry.closed:
+            entry.paused = True
+            self._epoll.modify(entry.fd, 0)
+
+    def _resume(self, entry: _Entry) -> None:
+        if entry.paused and not entry.closed:
+            entry.paused = False
+            self._epoll.modify(entry.fd, select.EPOLLIN)
+
+    # -- idle connections and the end ------------------------------------------------------------
+
+    async def _watch_idle(self) -> None:
+        """Look at every connection four times per ``idle_timeout``: one that
+        sent nothing for ``idle_timeout`` gets a ping, and one that sent
+        nothing, not even a pong, for another ``idle_timeout`` is closed. It
+        costs the requests nothing: each connection counts its reads anyway."""
+        idle = self._idle_timeout
+        while True:
+            await trio.sleep(idle / IDLE_CHECKS)
+            now = trio.current_time()
+            for entry in list(self._entries.values()):
+                reads = entry.proto.reads
+                if reads != entry.reads_seen or entry.waiting or entry.unsent:  # busy, on either side
+                    entry.reads_seen = reads
+                    entry.quiet_since = now
+                    entry.pinged_at = None
+                elif entry.pinged_at is not None:
+                    if now - entry.pinged_at >= idle:
+                        log.debug("closing idle connection from %s", entry.session.remote)
+                        self._close(entry, wsframe.CLOSE_GOING_AWAY, "idle")
+                elif now - entry.quiet_since >= idle:
+                    entry.pinged_at = now
+                    self._write(entry, entry.proto.ping())
+
+    def _close(self, entry: _Entry, code: int | None = None, reason: str = "", *, last: bytes = b"") -> None:
+        """Stop serving ``entry``: a close frame first (``code``, or ``last``
+        as the protocol made it) if it goes out at once, then the socket."""
+        if entry.closed:
+            return
+        entry.closed = True
+        if code is not None:
+            last = entry.proto.close(code, reason)
+        if last and not entry.unsent:
+            try:
+                entry.sock.send(last)
+            except OSError:
+                pass
+        del self._entries[entry.fd]
+        try:
+            self._epoll.unregister(entry.fd)
+        except (OSError, ValueError):
+            pass
+        entry.proto.release()
+        entry.trio_sock.close()
+        self._on_close()
