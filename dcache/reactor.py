@@ -75,6 +75,8 @@ class _Entry:
         "reads_seen",
         "quiet_since",
         "pinged_at",
+        "later",
+        "crowded",
     )
 
     def __init__(self, sock: socket.socket, trio_sock: Any, proto: Proto, session: ServerSession) -> None:
@@ -91,6 +93,8 @@ class _Entry:
         self.reads_seen = -1  # proto.reads at the last idle check
         self.quiet_since = 0.0  # when the idle checks last saw it read
         self.pinged_at: float | None = None
+        self.later: set[trio.CancelScope] = set()  # of the tasks sending its waiting frames' replies
+        self.crowded = 0  # tasks waiting for room on a peer link it sent to
 
 
 class Reactor:
@@ -129,8 +133,9 @@ class Reactor:
         stream = conn.stream
         assert isinstance(stream, trio.SocketStream)
         entry = _Entry(sock, stream.socket, conn.proto, session)
+        self._epoll.register(entry.fd, select.EPOLLIN)  # first: if it fails, nothing is left half done
         self._entries[entry.fd] = entry
-        self._epoll.register(entry.fd, select.EPOLLIN)
+        conn.stop_watching()  # busy polls of peer links need not give way to what the reactor reads
         ready = conn.take_ready()
         if ready:  # requests that came with the handshake
             self._place(entry, ready)
@@ -299,9 +304,8 @@ class Reactor:
                     self._close(entry)
                     return
                 del entry.unsent[:sent]
-            if entry.paused and len(entry.unsent) <= MAX_UNSENT:
-                self._resume(entry)
-        except ValueError:  # the socket was closed meanwhile (its descriptor is -1)
+            self._resume_if_room(entry)
+        except (trio.ClosedResourceError, ValueError):  # the connection was closed meanwhile
             self._close(entry)
         finally:
             entry.draining = False
@@ -309,19 +313,31 @@ class Reactor:
     # -- what waits for other nodes ------------------------------------------------------------
 
     async def _send_later(self, entry: _Entry, waiting: Waiting) -> None:
-        try:
-            reply = await waiting.finish()
-            self._write(entry, entry.proto.frame(reply))
-        finally:
-            entry.waiting -= 1
-            if entry.paused and entry.waiting < MAX_WAITING and len(entry.unsent) <= MAX_UNSENT:
-                self._resume(entry)
+        with trio.CancelScope() as scope:
+            entry.later.add(scope)  # cancelled if the connection closes first: nobody to reply to
+            try:
+                reply = await waiting.finish()
+                self._write(entry, entry.proto.frame(reply))
+            except Exception:  # a bug must cost one connection, never the node
+                log.exception("connection handler failed; closing that connection")
+                self._close(entry)
+            finally:
+                entry.later.discard(scope)
+                entry.waiting -= 1
+                self._resume_if_room(entry)
 
     async def _resume_when_room(self, entry: _Entry, node_id: str) -> None:
         peers = self._router.peers
         assert peers is not None
-        await peers.room(node_id)
-        if entry.waiting < MAX_WAITING and len(entry.unsent) <= MAX_UNSENT:
+        entry.crowded += 1
+        try:
+            await peers.room(node_id)
+        finally:
+            entry.crowded -= 1
+        self._resume_if_room(entry)
+
+    def _resume_if_room(self, entry: _Entry) -> None:
+        if entry.paused and entry.waiting < MAX_WAITING and len(entry.unsent) <= MAX_UNSENT and not entry.crowded:
             self._resume(entry)
 
     def _pause(self, entry: _Entry) -> None:
@@ -378,6 +394,8 @@ class Reactor:
             self._epoll.unregister(entry.fd)
         except (OSError, ValueError):
             pass
+        for scope in entry.later:
+            scope.cancel()
         entry.proto.release()
         entry.trio_sock.close()
         self._on_close()

@@ -306,6 +306,15 @@ class Connection:
         """Give back this connection's share of its budget, once it is closed."""
         self.proto.release()
 
+    def stop_watching(self) -> None:
+        """Leave the set of sockets busy polls give way to (another task serves this one now)."""
+        if self._watch is not None and self._socket is not None:
+            try:
+                self._watch.unregister(self._socket.fileno())
+            except (OSError, ValueError):
+                pass
+            self._watch = None
+
     def take_ready(self) -> list[bytes]:
         """The messages received and not yet taken by :meth:`receive`."""
         ready, self._ready = self._ready, []

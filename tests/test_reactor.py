@@ -145,3 +145,71 @@ async def test_a_node_without_the_reactor_serves_alike(nursery: trio.Nursery) ->
             await client.set("k", "v")
             assert await client.get("k") == b"v"
         assert len(node.reactor) == 0
+
+
+async def test_a_close_while_replies_wait_to_be_written_costs_only_that_connection(nursery: trio.Nursery) -> None:
+    """A client with a small receive window asks for big values, reads none,
+    then sends a close frame: the reactor closes it while its unsent replies
+    still wait for the socket, and serves on (found by a review: the task
+    writing them was woken by the close with an error that stopped the node)."""
+    import socket
+
+    node, bound = await start_node(nursery)
+    host, port = bound.client
+    with trio.fail_after(TIMEOUT):
+        await good_set(bound.client_address, "big", b"x" * (256 << 10))
+        for _ in range(3):
+            sock = trio.socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            await sock.connect((host, port))
+            stream = trio.SocketStream(sock)
+            await stream.send_all(wsframe.ClientHandshake(f"{host}:{port}").request)
+            received = b""
+            while b"\r\n\r\n" not in received:
+                received += await stream.receive_some(4096)
+            hello = codec.encode_frame([[0, "hello", protocol.hello_args("test")]])
+            await stream.send_all(wsframe.build_frame(hello, masked=True))
+            for rid in range(1, 4):
+                await stream.send_all(wsframe.build_frame(codec.encode_frame([[rid, "get", {"key": b"big"}]]), masked=True))
+            while not any(entry.unsent for entry in node.reactor._entries.values()):
+                await trio.sleep(0.01)
+            await stream.send_all(wsframe.build_close(1000, "bye", masked=True))
+            while len(node.reactor):
+                await trio.sleep(0.01)
+            await stream.aclose()
+        async with dcache.connect(bound.client_address) as client:
+            assert len(await client.get("big")) == 256 << 10
+
+
+async def test_a_bug_while_waiting_for_other_nodes_costs_only_that_connection(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node, bound = await start_node(nursery)
+
+    async def broken() -> dict:
+        raise RuntimeError("a bug in the members fan-out")
+
+    monkeypatch.setattr(node.router, "_members", broken)
+    with trio.fail_after(TIMEOUT):
+        victim = await greeted(bound.client_address)
+        bystander = await greeted(bound.client_address)
+        assert isinstance(victim.proto, protocol.ClientConnection)
+        await victim.send_raw(victim.proto.request_frame([[1, "members", {}]]))
+        with pytest.raises(transport.ConnectionClosed):
+            await victim.receive()
+        assert (await call(bystander, [2, "set", {"key": b"k", "value": b"v"}]))[0][:2] == [2, 0]
+
+
+async def test_what_the_reactor_serves_does_not_make_busy_polls_give_way(nursery: trio.Nursery) -> None:
+    """Busy polls (peer links) give way when a socket of the process's watch
+    set has data; a connection the reactor serves leaves that set."""
+    import select
+
+    node, bound = await start_node(nursery, busy_poll=0.001)
+    with trio.fail_after(TIMEOUT):
+        conn = await greeted(bound.client_address)
+        [entry] = node.reactor._entries.values()
+        watch = transport._WATCH.get()
+        with pytest.raises(FileNotFoundError):
+            watch.modify(entry.fd, select.EPOLLIN)
+        await conn.aclose()
