@@ -16,18 +16,12 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "ws_upgrade.h"
+
 #define MAXC 16
 #define BUF (1 << 20)
 
 struct conn { int fd; unsigned char *frame; size_t frame_len; unsigned char *buf; size_t have; };
-
-static unsigned char *unhex(const char *s, size_t *n) {
-    size_t len = strlen(s) / 2;
-    unsigned char *out = malloc(len);
-    for (size_t i = 0; i < len; i++) sscanf(s + 2 * i, "%2hhx", &out[i]);
-    *n = len;
-    return out;
-}
 
 static double now(void) {
     struct timespec ts;
@@ -85,25 +79,8 @@ int main(int argc, char **argv) {
         if (connect(c->fd, (struct sockaddr *)&sa, sizeof sa)) { perror("connect"); return 1; }
         int one = 1;
         setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-        char req[512];
-        int len = snprintf(req, sizeof req,
-            "GET / HTTP/1.1\r\nHost: %s:%s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n", a[0], a[1]);
-        send_all(c->fd, (unsigned char *)req, (size_t)len);
         c->buf = malloc(BUF);
-        c->have = 0;
-        for (;;) {  /* the 101 response ends with a blank line */
-            ssize_t r = recv(c->fd, c->buf + c->have, BUF - c->have, 0);
-            if (r <= 0) { fprintf(stderr, "handshake failed\n"); return 1; }
-            c->have += (size_t)r;
-            unsigned char *end = memmem(c->buf, c->have, "\r\n\r\n", 4);
-            if (end) {
-                size_t used = (size_t)(end + 4 - c->buf);
-                memmove(c->buf, c->buf + used, c->have - used);
-                c->have -= used;
-                break;
-            }
-        }
+        if (ws_upgrade(c->fd, a[0], a[1], c->buf, BUF, &c->have)) { fprintf(stderr, "handshake failed\n"); return 1; }
         size_t hello_len;
         unsigned char *hello = unhex(a[2], &hello_len);
         send_all(c->fd, hello, hello_len);

@@ -18,6 +18,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "ws_upgrade.h"
+
 #define BUF (1 << 16)
 #define MAX_SAMPLES (4 << 20)
 
@@ -27,14 +29,6 @@ static double now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
-static unsigned char *unhex(const char *s, size_t *n) {
-    size_t len = strlen(s) / 2;
-    unsigned char *out = malloc(len);
-    for (size_t i = 0; i < len; i++) sscanf(s + 2 * i, "%2hhx", &out[i]);
-    *n = len;
-    return out;
 }
 
 static void send_all(int fd, const unsigned char *p, size_t n) {
@@ -96,23 +90,7 @@ int main(int argc, char **argv) {
         int one = 1;
         setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
         if (!redis) {
-            char req[512];
-            int len = snprintf(req, sizeof req,
-                "GET / HTTP/1.1\r\nHost: %s:%s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n", argv[2], argv[3]);
-            send_all(c->fd, (unsigned char *)req, (size_t)len);
-            for (;;) {  /* the 101 response ends with a blank line */
-                ssize_t r = recv(c->fd, c->buf + c->have, BUF - c->have, 0);
-                if (r <= 0) { fprintf(stderr, "handshake failed\n"); return 1; }
-                c->have += (size_t)r;
-                unsigned char *end = memmem(c->buf, c->have, "\r\n\r\n", 4);
-                if (end) {
-                    size_t used = (size_t)(end + 4 - c->buf);
-                    memmove(c->buf, c->buf + used, c->have - used);
-                    c->have -= used;
-                    break;
-                }
-            }
+            if (ws_upgrade(c->fd, argv[2], argv[3], c->buf, BUF, &c->have)) { fprintf(stderr, "handshake failed\n"); return 1; }
             size_t hello_len;
             unsigned char *hello = unhex(argv[6], &hello_len);
             send_all(c->fd, hello, hello_len);
