@@ -281,3 +281,25 @@ async def test_a_lost_node_neither_hangs_the_cleanup_nor_hides_the_error(nursery
     failed = pytest.RaisesGroup(pytest.RaisesExc(RuntimeError, match="the caller's own error"), flatten_subgroups=True)
     with trio.fail_after(20), failed:
         await run_bench(BenchConfig(servers=(address,), clients=4, ops=20_000_000, keys=100), on_progress=fail_and_lose_the_node)
+
+
+async def test_a_bench_spread_over_processes_joins_their_figures(nursery: trio.Nursery) -> None:
+    """--processes: each process has its share of the tasks and operations and
+    connections of its own; the figures are joined (percentiles over every
+    request), and the bench still cleans up after itself."""
+    from dcache.bench import run_bench
+
+    address = await _node(nursery)
+    config = BenchConfig(servers=(address,), clients=4, ops=400, sets=1, gets=1, keys=50, processes=2)
+    seen: list[int] = []
+    with trio.fail_after(60):
+        result = await run_bench(config, on_progress=seen.append)
+    assert result.ops == 400
+    assert sum(s.count for s in result.summaries) == 400
+    assert all(s.errors == 0 for s in result.summaries)
+    assert result.as_dict()["processes"] == 2
+    assert result.removed_keys > 0  # what the processes wrote, removed by the bench
+    async with await dcache.Client.connect(address) as client:
+        assert await client.mget([f"key:{i}" for i in range(50)], ns=config.ns) == [None] * 50
+    with pytest.raises(ValueError, match="--processes"):
+        BenchConfig(servers=(address,), clients=2, processes=3)

@@ -512,3 +512,20 @@ def test_set_with_stdin_closed_says_what_to_give(server: ServeProcess) -> None:
         timeout=20,
     )
     assert r.returncode == 2 and r.stderr == b"error: give a VALUE, or pipe it on stdin\n", r.stderr
+
+
+def test_bench_in_several_processes(server: ServeProcess) -> None:
+    r = dcache("bench", "--processes", "2", "--clients", "4", "--ops", "2000", "--keys", "50", "--json", server=server)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["processes"] == 2 and report["ops"] == 2000 and report["removed_keys"] > 0
+    # Ctrl-C stops the processes too, with no traceback from any of them.
+    bench = subprocess.Popen(
+        [*DCACHE, "bench", "--server", server.client_address, "--processes", "2", "--clients", "4", "--ops", "10000000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    time.sleep(3)  # (the processes start; the load is under way)
+    bench.send_signal(signal.SIGINT)
+    _, err = bench.communicate(timeout=60)
+    assert bench.returncode == 130 and b"Traceback" not in err, err
