@@ -125,6 +125,26 @@ def message(rid: int, rest: bytes) -> bytes:
     return b"\x83" + _uint(rid) + rest
 
 
+def reply_frame(rid: int, status: int, body: Any) -> bytes:
+    """``encode_frame([[rid, status, body]])``, built by hand for the bodies
+    most replies carry (bytes, null, a boolean, a count or version): a third
+    of the encoder's cost, on the path every request takes."""
+    kind = type(body)
+    if kind is bytes:
+        n = len(body)
+        head = _BYTES_HEADS[n] if n < 256 else b"\x59" + n.to_bytes(2, "big") if n < 0x10000 else _head(0x40, n)
+        return b"".join((b"\x81\x83", _uint(rid), _SMALL_UINTS[status], head, body))
+    if body is None:
+        tail = b"\xf6"
+    elif kind is bool:
+        tail = b"\xf5" if body else b"\xf4"
+    elif kind is int and body >= 0:
+        tail = _uint(body)
+    else:
+        return cbor2.dumps([[rid, status, body]])
+    return b"".join((b"\x81\x83", _uint(rid), _SMALL_UINTS[status], tail))
+
+
 def single_frame(rid: int, rest: bytes) -> bytes:
     """A frame of the one message :func:`message` makes."""
     return b"\x81\x83" + _uint(rid) + rest
@@ -158,10 +178,18 @@ def _uint(n: int) -> bytes:
     return b"\x1b" + n.to_bytes(8, "big")
 
 
-def _array_head(n: int) -> bytes:
+def _head(major: int, n: int) -> bytes:
+    """The head of a CBOR item of major type ``major`` (its top three bits, as a byte) and length ``n``."""
     head = bytearray(_uint(n))
-    head[0] |= 0x80  # major type 4
+    head[0] |= major
     return bytes(head)
+
+
+def _array_head(n: int) -> bytes:
+    return _head(0x80, n)
+
+
+_BYTES_HEADS = [_head(0x40, n) for n in range(256)]
 
 
 def ok(rid: int | None, body: Any = None) -> list[Any]:

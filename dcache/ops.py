@@ -104,6 +104,13 @@ class Op:
 
 def parse_request(message: Any, limits: Limits) -> Request:
     """Validate one raw request message; raise WireError with its rid if it is bad."""
+    rid, op, args = check_request(message, limits)
+    return Request(rid, op.name, args)
+
+
+def check_request(message: Any, limits: Limits) -> tuple[int, Op, dict[str, Any]]:
+    """:func:`parse_request` as a plain tuple of the rid, the op and its
+    normalized args (the router's way for a lone request, which needs no more)."""
     if type(message) is not list or len(message) != 3:
         raise WireError(ErrorCode.BAD_REQUEST, "a request is [rid, op, args]")
     rid, name, args = message
@@ -115,7 +122,7 @@ def parse_request(message: Any, limits: Limits) -> Request:
     if type(args) is not dict:
         raise WireError(ErrorCode.BAD_REQUEST, f"{name}: args must be a map", rid)
     try:
-        return Request(rid, name, op.check(args, limits))
+        return rid, op, op.check(args, limits)
     except WireError as exc:
         exc.rid = rid
         raise
@@ -208,8 +215,24 @@ def _hello(args: dict[str, Any], limits: Limits) -> dict[str, Any]:
     return {"version": version, "client": client, "peer": peer}
 
 
+# A namespace of at most this many characters is within MAX_NAMESPACE_BYTES
+# whatever they are (UTF-8 takes at most four bytes for one).
+_NS_CHARS_SURELY_SHORT = MAX_NAMESPACE_BYTES // 4
+
+
 def _keyed(op: str) -> Callable[[dict[str, Any], Limits], dict[str, Any]]:
     def check(args: dict[str, Any], limits: Limits) -> dict[str, Any]:
+        # The usual request first, in one test: every request takes this path.
+        key = args.get("key")
+        ns = args.get("ns", "")
+        if (
+            type(key) is bytes
+            and 0 < len(key) <= limits.max_key_bytes
+            and type(ns) is str
+            and len(ns) <= _NS_CHARS_SURELY_SHORT
+            and len(args) == 1 + ("ns" in args)
+        ):
+            return {"ns": ns, "key": key}
         _fields(args, _KEYED, op)
         if "key" not in args:
             raise WireError(ErrorCode.BAD_REQUEST, f"{op}: key is required")

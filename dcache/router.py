@@ -38,7 +38,7 @@ import trio
 from . import codec
 from .codec import ErrorCode, Limits, Status, WireError
 from .errors import PeerUnavailable
-from .ops import KEYED, OPS, Keys, Op, Request, parse_request
+from .ops import KEYED, OPS, Keys, Op, Request, check_request, parse_request
 from .protocol import ServerSession
 from .shard import ShardMap
 from .stats import RequestCounters
@@ -354,30 +354,33 @@ class Router:
         short way: served here if this node owns the key, else handed on as
         it came, its owner's reply to be returned as it comes but for the rid
         (see :func:`codec.split_single`). None for any other frame."""
-        split = codec.split_single(payload)
-        if split is None:
-            return None
-        rid, at = split
         try:
-            message = codec.decode_frame(payload, self.limits)[0]
+            messages = codec.decode_frame(payload, self.limits)
         except WireError:
             return None
-        if type(message[1]) is not str or message[1] not in KEYED:
+        if len(messages) != 1:
+            return None
+        message = messages[0]
+        if type(message) is not list or len(message) != 3 or type(message[1]) is not str or message[1] not in KEYED:
             return None
         try:
-            req = parse_request(message, self.limits)
+            rid, op, args = check_request(message, self.limits)
         except WireError as exc:
             return codec.encode_frame([self._invalid(exc)]), None
-        owner = self.shard_map.owner(req.args["ns"], req.args["key"])
-        reply = self._answer_here(session, req, owner)
-        if reply is not None:
+        owner = self.shard_map.owner(args["ns"], args["key"])
+        if owner == self.node_id:
+            status, body = self._execute(op, args)
             self.counters.latency.observe(self._clock() - started)
-            return codec.encode_frame([reply]), None
-        if self.peers is None:
+            return codec.reply_frame(rid, status, body), None
+        if session.peer_id:
+            self.counters.latency.observe(self._clock() - started)
+            return codec.encode_frame([self._moved(rid, owner)]), None
+        split = codec.split_single(payload)
+        if self.peers is None or split is None:
             return None
         self.counters.forwarded += 1
         waiting = Waiting(self, started)
-        waiting._relay = (rid, req, owner, self.peers.submit_raw(owner, payload[at:]))
+        waiting._relay = (rid, Request(rid, op.name, args), owner, self.peers.submit_raw(owner, payload[split[1] :]))
         return None, waiting
 
     def _place_many(

@@ -75,7 +75,10 @@ def mask(data: bytes, key: bytes) -> bytes:
     if n == 0 or key == b"\0\0\0\0":
         return data
     repeated = (key * ((n >> 2) + 1))[:n]
-    return (int.from_bytes(data, "little") ^ int.from_bytes(repeated, "little")).to_bytes(n, "little")
+    return (_from_bytes(data, "little") ^ _from_bytes(repeated, "little")).to_bytes(n, "little")
+
+
+_from_bytes = int.from_bytes  # looked up once: a third of the cost of masking a small frame
 
 
 # Masking protects HTTP intermediaries from payloads a hostile script in a

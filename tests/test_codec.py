@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dcache import codec, ops
-from dcache.codec import ErrorCode, Limits, WireError
+from dcache.codec import ErrorCode, Limits, Status, WireError
 
 LIMITS = Limits(max_key_bytes=16, max_value_bytes=64, max_batch=8, max_frame_bytes=4096)
 
@@ -139,6 +139,9 @@ def test_unusable_shapes_have_no_rid(message: Any) -> None:
         ({"key": "é" * 9}, ErrorCode.KEY_TOO_LARGE),  # 18 bytes of UTF-8
         ({"key": b"k", "ns": 5}, ErrorCode.BAD_REQUEST),
         ({"key": b"k", "ns": "n" * 256}, ErrorCode.BAD_REQUEST),
+        ({"key": b"k", "ns": "\U0001f600" * 64}, ErrorCode.BAD_REQUEST),  # 64 characters, 256 bytes
+        ({"key": b"k", "ns": "", "x": 1}, ErrorCode.BAD_REQUEST),
+        ({"key": b"k", "x": 1}, ErrorCode.BAD_REQUEST),
     ],
 )
 def test_key_validation(args: dict[str, Any], code: ErrorCode) -> None:
@@ -161,6 +164,41 @@ def test_key_validation(args: dict[str, Any], code: ErrorCode) -> None:
 )
 def test_set_validation(args: dict[str, Any], code: ErrorCode) -> None:
     rejects([1, "set", args], code)
+
+
+def test_a_namespace_of_up_to_255_bytes_is_taken_whatever_its_characters() -> None:
+    assert parse([1, "get", {"key": b"k", "ns": "\U0001f600" * 63}]).args["ns"] == "\U0001f600" * 63
+    assert parse([1, "get", {"key": b"k", "ns": "n" * 255}]).args["ns"] == "n" * 255
+    assert parse([1, "get", {"key": "k"}]).args == {"ns": "", "key": b"k"}  # text keys become bytes
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"v" * 23,
+        b"v" * 24,
+        b"v" * 255,
+        b"v" * 256,
+        b"v" * 65535,
+        b"v" * 65536,
+        None,
+        True,
+        False,
+        0,
+        23,
+        24,
+        2**40,
+        -1,
+        "text",
+        [b"a", None],
+        {"n": 1},
+    ],
+)
+@pytest.mark.parametrize("rid", [0, 23, 24, 255, 256, 65536, 2**32, codec.MAX_RID])
+def test_reply_frames_built_by_hand_are_what_the_encoder_makes(rid: int, body: Any) -> None:
+    for status in (Status.OK, Status.ERROR, 0):
+        assert codec.reply_frame(rid, status, body) == codec.encode_frame([[rid, int(status), body]])
 
 
 def test_batch_validation() -> None:
