@@ -136,7 +136,7 @@ class Connection:
         self.reads += 1
         try:
             items = self._parser.feed(data)
-            if self._budget is not None:
+            if self._budget is not None and (self._held or self._parser.buffered):
                 self._account()
         except wsframe.FrameError as exc:
             self._out += self.close(exc.code, exc.reason)
@@ -210,6 +210,8 @@ class Connection:
 
     def frame(self, payload: bytes, opcode: int = wsframe.OP_BINARY) -> bytes:
         """``payload`` as a frame this side may send."""
+        if opcode == wsframe.OP_BINARY and not self.client_side and len(payload) < 126:  # most replies
+            return wsframe.SHORT_BINARY_HEADS[len(payload)] + payload
         return wsframe.build_frame(payload, opcode=opcode, masked=self.client_side, key=self._mask_key)
 
     def ping(self, payload: bytes = b"") -> bytes:

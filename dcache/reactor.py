@@ -36,7 +36,7 @@ import os
 import select
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import trio
@@ -143,8 +143,7 @@ class Reactor:
 
     def _send_replies(self) -> None:
         replies, self._replies = self._replies, []
-        for entry, data in replies:
-            self._write(entry, data)
+        self._send(replies)
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -263,28 +262,34 @@ class Reactor:
 
     def _write(self, entry: _Entry, data: bytes) -> None:
         """Send ``data`` now if the socket takes it, else keep it for the entry's drain task."""
-        if entry.closed:
-            return
-        if entry.unsent:  # a drain is under way: after what waits, in order
-            entry.unsent += data
-            if len(entry.unsent) > MAX_UNSENT:
-                self._pause(entry)
-            return
-        try:
-            sent = entry.sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self._close(entry)
-            return
-        if sent < len(data):
-            entry.unsent += data[sent:]
-            if len(entry.unsent) > MAX_UNSENT:
-                self._pause(entry)
-            if not entry.draining:
-                entry.draining = True
-                assert self._nursery is not None
-                self._nursery.start_soon(self._drain, entry)
+        self._send(((entry, data),))
+
+    def _send(self, replies: Iterable[tuple[_Entry, bytes]]) -> None:
+        for entry, data in replies:
+            if entry.closed:
+                continue
+            if entry.unsent:  # a drain is under way: after what waits, in order
+                self._keep(entry, data)
+                continue
+            try:
+                sent = entry.sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self._close(entry)
+                continue
+            if sent < len(data):
+                self._keep(entry, data[sent:])
+
+    def _keep(self, entry: _Entry, data: bytes) -> None:
+        """Keep what the socket did not take for the entry's drain task, which is started if need be."""
+        entry.unsent += data
+        if len(entry.unsent) > MAX_UNSENT:
+            self._pause(entry)
+        if not entry.draining:
+            entry.draining = True
+            assert self._nursery is not None
+            self._nursery.start_soon(self._drain, entry)
 
     async def _drain(self, entry: _Entry) -> None:
         """Write what the socket would not take at once, as it takes it."""

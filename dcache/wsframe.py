@@ -106,6 +106,9 @@ def build_frame(payload: bytes, *, opcode: int = OP_BINARY, masked: bool, key: b
     return b"".join((header, key, mask(payload, key)))
 
 
+# The header of an unmasked final binary frame of each length up to 125 bytes.
+SHORT_BINARY_HEADS = [bytes((0x80 | OP_BINARY, n)) for n in range(126)]
+
 _key_pool = b""
 _key_offset = 0
 

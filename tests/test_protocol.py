@@ -95,15 +95,28 @@ def test_unfinished_messages_share_one_budget() -> None:
     budget = protocol.Budget(1000)
     one, first = pair(budget=budget)
     two, second = pair(budget=budget)
-    part = one.frame(b"x" * 3000)[:700]  # a message that has not finished arriving
-    assert first.receive_data(part) == []
+    message = one.frame(b"x" * 3000)
+    assert first.receive_data(message[:700]) == []  # a message that has not finished arriving
     assert budget.used > 600
     with pytest.raises(ProtocolViolation) as closed:
         second.receive_data(two.frame(b"y" * 3000)[:700])
     assert closed.value.code == wsframe.CLOSE_TRY_AGAIN_LATER
     second.release()
+    assert first.receive_data(message[700:]) == [b"x" * 3000]
+    assert budget.used == 0  # a message that finished holds none of the budget
+    assert first.receive_data(one.frame(b"z")) == [b"z"]
     first.release()
     assert budget.used == 0
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536])
+def test_a_node_frames_what_it_sends_as_the_framing_says(size: int) -> None:
+    payload = bytes(size)
+    server = Connection(client_side=False, max_message=1 << 20, upgraded=True)
+    assert server.frame(payload) == wsframe.build_frame(payload, masked=False)
+    assert server.frame(payload[:125], wsframe.OP_PING) == wsframe.build_frame(
+        payload[:125], opcode=wsframe.OP_PING, masked=False
+    )
 
 
 def test_a_failed_handshake_answers_in_http() -> None:
