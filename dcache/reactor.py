@@ -46,7 +46,7 @@ from .net import RECEIVE_SIZE
 from .protocol import Connection as Proto
 from .protocol import ConnectionClosed, ServerSession
 from .router import Router, Waiting
-from .transport import Connection, plain_socket, tasks_runnable
+from .transport import Connection, plain_socket, tasks_runnable, watch_set
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,11 @@ class Reactor:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._epoll = epoll = select.epoll()
+        # In the set busy polls give way to: a peer link's task polling for
+        # a reply while the reactor sleeps stops as soon as a client sends.
+        watch = watch_set() if self._poll else None
+        if watch is not None:
+            watch.register(epoll.fileno(), select.EPOLLIN)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -158,7 +163,7 @@ class Reactor:
                 while True:
                     events = epoll.poll(0)
                     if not events and self._poll and self._wanted():
-                        events = self._spin(epoll)
+                        events = await self._spin(epoll)
                     if not events:
                         passes = 0
                         await trio.lowlevel.wait_readable(epoll)
@@ -187,6 +192,11 @@ class Reactor:
         finally:
             for entry in list(self._entries.values()):
                 self._close(entry, wsframe.CLOSE_GOING_AWAY, "the node is shutting down")
+            if watch is not None:
+                try:
+                    watch.unregister(epoll.fileno())
+                except (OSError, ValueError):  # the run's set is closed already
+                    pass
             epoll.close()
 
     def _wanted(self) -> bool:
@@ -195,11 +205,19 @@ class Reactor:
             return False
         return True
 
-    def _spin(self, epoll: Any) -> list[tuple[int, int]]:
-        """Spin on the epoll set for up to the poll window, while nothing else
-        of this process wants to run; back off after a spin that found nothing."""
+    async def _spin(self, epoll: Any) -> list[tuple[int, int]]:
+        """Poll the epoll set for up to the poll window before sleeping; back
+        off after a window that found nothing.
+
+        Each turn yields the CPU (other processes, such as the clients, may
+        need it) and passes through trio's scheduler: tasks woken meanwhile
+        (a peer link's reply came) run at once, and tasks due later in the
+        same scheduler pass as this one get their turn, which a spin that
+        waited for trio to report runnable tasks would hold up for the whole
+        window."""
         until = time.perf_counter() + self._poll
-        while not tasks_runnable():
+        while True:
+            await trio.lowlevel.checkpoint()
             events: list[tuple[int, int]] = epoll.poll(0)
             if events:
                 self._penalty = 1
@@ -207,9 +225,8 @@ class Reactor:
             if time.perf_counter() >= until:
                 self._skip = self._penalty
                 self._penalty = min(2 * self._penalty, POLL_BACKOFF_MAX)
-                break
+                return []
             _yield_cpu()
-        return []
 
     def _serve(self, entry: _Entry) -> None:
         """Read ``entry`` once; answer what it brought."""

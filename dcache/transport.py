@@ -78,9 +78,10 @@ def plain_socket(stream: trio.abc.Stream) -> socket.socket | None:
 _WATCH: trio.lowlevel.RunVar[Any] = trio.lowlevel.RunVar("dcache_watch")
 
 
-def _watch_set() -> Any:
-    """This trio run's level-triggered epoll set of connection sockets (None
-    off Linux); it closes when the run's variables go, with the run."""
+def watch_set() -> Any:
+    """This trio run's level-triggered epoll set of the sockets busy polls
+    give way to (None off Linux): connections that poll, and the reactor's
+    own epoll set. It closes when the run's variables go, with the run."""
     try:
         return _WATCH.get()
     except LookupError:
@@ -131,7 +132,7 @@ class Connection:
         self._socket = plain_socket(stream)
         self._watch = None
         if self._socket is not None and self._poller.window:
-            self._watch = _watch_set()
+            self._watch = watch_set()
             if self._watch is not None:
                 try:
                     self._watch.register(self._socket.fileno(), select.EPOLLIN)

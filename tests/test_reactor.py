@@ -213,3 +213,19 @@ async def test_what_the_reactor_serves_does_not_make_busy_polls_give_way(nursery
         with pytest.raises(FileNotFoundError):
             watch.modify(entry.fd, select.EPOLLIN)
         await conn.aclose()
+
+
+async def test_the_reactors_busy_poll_holds_up_no_other_task(nursery: trio.Nursery) -> None:
+    """While the reactor polls its connections before sleeping, the rest of
+    the process runs: here the client is a task of the same process (as a
+    peer link waiting for another node's reply is), and a poll window far
+    longer than the test's deadline must not keep its reply from it."""
+    window = 10.0
+    _, bound = await start_node(nursery, busy_poll=window)
+    with trio.fail_after(window / 2):
+        conn = await greeted(bound.client_address)
+        for rid in range(5):
+            [(got, status, _)] = await call(conn, [rid, "get", {"key": b"k"}])
+            assert (got, status) == (rid, 0)
+            await trio.sleep(0.01)  # a timer, too, fires while the reactor polls
+        await conn.aclose()
