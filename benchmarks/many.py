@@ -9,8 +9,12 @@ program (manyconn.c, compiled here) opens that many connections, keeps one
 GET of a 100-byte value in flight on each, and records every request's
 latency; it speaks dcache's protocol or Redis's, so both servers get the
 same load, one after the other, in alternating order. The server's CPU time
-is read from /proc around each run. Prints a table, writes
-benchmarks/many.json and benchmarks/many.png (throughput by connections).
+is read from /proc around each run. Redis is also driven by its own
+`redis-benchmark` (``get key`` on as many connections), the load the
+many-connections issue first compared against: a heavier generator than
+manyconn, so Redis's figure under it is lower, and both ratios are shown.
+Prints a table, writes benchmarks/many.json and benchmarks/many.png
+(throughput by connections).
 """
 
 from __future__ import annotations
@@ -79,6 +83,26 @@ def run_load(binary: Path, kind: str, port: int, connections: int, seconds: floa
     }
 
 
+def run_redis_benchmark(port: int, connections: int, seconds: float, expected_rate: float, server_pid: int) -> dict[str, float]:
+    """``redis-benchmark`` on ``connections`` connections, sized to take about ``seconds``."""
+    requests = max(10_000, int(expected_rate * seconds))
+    args = ["redis-benchmark", "-p", str(port), "-c", str(connections), "-n", str(requests), "--csv", "get", "key"]
+    cpu = cpu_seconds(server_pid)
+    started = time.perf_counter()
+    out = subprocess.run(args, capture_output=True, text=True, timeout=seconds * 10 + 120, check=True).stdout
+    elapsed = time.perf_counter() - started
+    cpu = cpu_seconds(server_pid) - cpu
+    fields = [f.strip('"') for f in out.strip().splitlines()[-1].split(",")]
+    return {
+        "ops_per_s": float(fields[1]),
+        "requests": requests,
+        "p50_us": float(fields[4]) * 1000,
+        "p99_us": float(fields[6]) * 1000,
+        "server_cpu_us_per_request": cpu / requests * 1e6,
+        "elapsed_s": elapsed,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--connections", type=int, nargs="*", default=list(CONNECTIONS))
@@ -88,9 +112,9 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=HERE / "many.png")
     args = parser.parse_args()
     seconds = 1.0 if args.quick else args.seconds
-    for tool in ("gcc", "redis-server"):
+    for tool in ("gcc", "redis-server", "redis-benchmark"):
         if shutil.which(tool) is None:
-            sys.exit(f"{tool} not found: apt-get install redis-server gcc")
+            sys.exit(f"{tool} not found: apt-get install redis-server redis-tools gcc")
     raise_fd_limit()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     with tempfile.TemporaryDirectory(prefix="dcache-many-") as tmp:
@@ -120,14 +144,20 @@ def main() -> None:
                 if i % 2:
                     order.reverse()
                 results = {kind: run_load(binary, kind, port, connections, seconds, pid) for kind, port, pid in order}
-                row = {"connections": connections, **{kind: results[kind] for kind in ("dcache", "redis")}}
+                results["redis_benchmark"] = run_redis_benchmark(
+                    redis_port, connections, seconds, results["redis"]["ops_per_s"], redis.pid
+                )
+                row = {"connections": connections, **results}
                 row["ratio"] = row["dcache"]["ops_per_s"] / row["redis"]["ops_per_s"]
+                row["ratio_redis_benchmark"] = row["dcache"]["ops_per_s"] / row["redis_benchmark"]["ops_per_s"]
                 rows.append(row)
-                d, r = row["dcache"], row["redis"]
+                d, r, b = row["dcache"], row["redis"], row["redis_benchmark"]
                 print(
                     f"{connections:5} conns  dcache {d['ops_per_s']:9,.0f}/s p50 {d['p50_us']:7.0f} µs p99 {d['p99_us']:7.0f} µs"
                     f" cpu {d['server_cpu_us_per_request']:5.1f} µs/req   redis {r['ops_per_s']:9,.0f}/s p50 {r['p50_us']:7.0f}"
-                    f" p99 {r['p99_us']:7.0f}  ratio {row['ratio']:.2f}",
+                    f" p99 {r['p99_us']:7.0f} cpu {r['server_cpu_us_per_request']:5.1f}  ratio {row['ratio']:.2f}"
+                    f"   redis-benchmark {b['ops_per_s']:9,.0f}/s p50 {b['p50_us']:7.0f} p99 {b['p99_us']:7.0f}"
+                    f"  ratio {row['ratio_redis_benchmark']:.2f}",
                     flush=True,
                 )
         finally:
@@ -145,8 +175,8 @@ def main() -> None:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = [row["connections"] for row in rows]
-    for kind in ("dcache", "redis"):
-        ax.plot(xs, [row[kind]["ops_per_s"] for row in rows], marker="o", label=kind)
+    for kind, label in (("dcache", "dcache"), ("redis", "Redis"), ("redis_benchmark", "Redis under redis-benchmark")):
+        ax.plot(xs, [row[kind]["ops_per_s"] for row in rows], marker="o", label=label)
     ax.set_xscale("log")
     ax.set_xlabel("connections, one GET in flight on each")
     ax.set_ylabel("GETs per second")
