@@ -14,6 +14,7 @@ be scheduled, and concurrent callers' requests share frames and writes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -24,7 +25,7 @@ from .protocol import ConnectionClosed
 
 
 class _Waiter:
-    __slots__ = ("event", "status", "body", "since", "raw")
+    __slots__ = ("event", "status", "body", "since", "raw", "callback")
 
     def __init__(self, raw: bool = False) -> None:
         self.event: trio.Event | None = None  # made only if the caller has to wait
@@ -32,10 +33,15 @@ class _Waiter:
         self.body: Any = None  # with ``raw``: the reply's rest, encoded (see Channel.relay)
         self.since: float | None = None  # when expire_overdue first saw it waiting
         self.raw = raw
+        self.callback: Callable[[bytes | None], None] | None = None  # see Channel.notify
 
     def wake(self) -> None:
         if self.event is not None:
             self.event.set()
+        callback = self.callback
+        if callback is not None:
+            self.callback = None
+            callback(None if self.status == _FAILED else self.body)
 
 
 _FAILED = -1  # waiter.status when the channel broke; body is the exception
@@ -67,9 +73,22 @@ class Channel:
     then its owner calls :meth:`expire_overdue` now and then instead, which
     saves a cancel scope per request (several microseconds each) on
     channels that have an owner task anyway, as peer links do.
+
+    A relayed request may also be completed without a task: see
+    :meth:`notify`, :meth:`send_nowait` and :meth:`read_nowait`, through
+    which a node's reactor drives a peer link from its own loop. What those
+    leave to be written waits in a task of ``nursery``.
     """
 
-    def __init__(self, conn: transport.Connection, *, name: str, timeout: float, watched: bool = False) -> None:
+    def __init__(
+        self,
+        conn: transport.Connection,
+        *,
+        name: str,
+        timeout: float,
+        watched: bool = False,
+        nursery: trio.Nursery | None = None,
+    ) -> None:
         self._conn = conn
         assert isinstance(conn.proto, protocol.ClientConnection), "a channel is the client side of its connection"
         self._proto = conn.proto
@@ -80,6 +99,7 @@ class Channel:
         self._outbox: list[list[Any] | bytes] = []  # messages, or messages encoded already (relayed)
         self._flushing = False
         self._reading = False
+        self._nursery = nursery
         self.broken: DcacheError | None = None
 
     @property
@@ -145,6 +165,76 @@ class Channel:
                 raise self._broken_error()
             results.append((waiter.status, waiter.body))  # type: ignore[arg-type]
         return results
+
+    # -- completion without a task (a node's reactor drives these) ------------------------
+
+    def notify(self, ticket: Ticket, callback: Callable[[bytes | None], None]) -> bool:
+        """Have ``callback`` called with the reply to ``ticket``, a lone relayed
+        request (see :meth:`enqueue_raw`), as soon as it is read, by whoever
+        reads: the rest of the reply, encoded, or None if the channel broke.
+        The caller then releases the ticket. False (and no call) if replies
+        cannot be read without a task here (no plain socket, or no nursery
+        for what :meth:`send_nowait` leaves)."""
+        if self._nursery is None or self._conn.fileno() < 0 or len(ticket.waiters) != 1:
+            return False
+        [waiter] = ticket.waiters
+        assert waiter.raw and waiter.status is None
+        waiter.callback = callback
+        return True
+
+    def fileno(self) -> int:
+        """The connection's socket, for a loop that reads it with :meth:`read_nowait` when it is ready."""
+        return self._conn.fileno()
+
+    def send_nowait(self) -> None:
+        """Send what waits in the outbox now, unless a write is under way (it
+        takes the outbox along); what the socket does not take at once is
+        written by a task of the channel's nursery."""
+        if self._flushing or not self._outbox or self.broken is not None:
+            return
+        batch, self._outbox = self._outbox, []
+        try:
+            left = self._conn.send_nowait(self._proto.request_frame(batch))
+        except ConnectionClosed as exc:
+            self.fail(ConnectionLost(f"lost the connection to {self.name}: {exc}"))
+            return
+        if left is not None:
+            assert self._nursery is not None
+            self._flushing = True
+            self._nursery.start_soon(self._send_rest, *left)
+
+    async def _send_rest(self, rest: bytes, reserved: bool) -> None:
+        try:
+            await self._conn.send_rest(rest, reserved)
+            while self._outbox:
+                batch, self._outbox = self._outbox, []
+                await self._conn.send_raw(self._proto.request_frame(batch), shield=True)
+        except ConnectionClosed as exc:
+            self.fail(ConnectionLost(f"lost the connection to {self.name}: {exc}"))
+        finally:
+            self._flushing = False
+
+    def read_nowait(self) -> bool:
+        """Read what the socket holds now and hand the replies to their
+        waiters, unless a task is reading (then say so: False). A broken
+        connection or a bad reply fails the channel."""
+        if self._reading:
+            return False
+        if self.broken is not None:
+            return True
+        try:
+            payloads, answer = self._conn.receive_nowait()
+        except ConnectionClosed as exc:
+            self.fail(ConnectionLost(f"lost the connection to {self.name}: {exc}"))
+            return True
+        if answer:  # a pong: rare (only an idle link is pinged), so a task may write it
+            assert self._nursery is not None
+            self._nursery.start_soon(self._send_rest, answer, False)
+        try:
+            self._dispatch(payloads)
+        except ProtocolError as exc:
+            self.fail(exc)
+        return True
 
     def release(self, ticket: Ticket) -> None:
         """Stop waiting for ``ticket``'s replies (done, or given up): a late reply is dropped."""
@@ -214,7 +304,7 @@ class Channel:
         """Mark the channel broken and wake every waiter with ``exc``."""
         if self.broken is None:
             self.broken = exc
-        for waiter in self._pending.values():
+        for waiter in list(self._pending.values()):  # a waiter's callback may release others
             if waiter.status is None:
                 waiter.status = _FAILED
                 waiter.body = self.broken
@@ -256,6 +346,14 @@ class Channel:
             raise self._broken_error() from None
         finally:
             self._reading = False
+        try:
+            self._dispatch(payloads)
+        except ProtocolError as exc:
+            self.fail(exc)
+            raise self._broken_error() from None
+
+    def _dispatch(self, payloads: list[bytes]) -> None:
+        """Hand each reply in ``payloads`` to its waiter; ProtocolError for garbage."""
         pending = self._pending
         for payload in payloads:
             split = codec.split_single(payload)
@@ -267,11 +365,7 @@ class Channel:
                     waiter.body = payload[at:]
                     waiter.wake()
                     continue
-            try:
-                replies = self._proto.replies(payload, self.name)
-            except ProtocolError as exc:
-                self.fail(exc)
-                raise self._broken_error() from None
+            replies = self._proto.replies(payload, self.name)
             for rid, status, body in replies:
                 waiter = pending.get(rid)
                 if waiter is not None:

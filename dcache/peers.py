@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -186,7 +186,7 @@ class PeerLinks:
             poll=self._poll,
         )
         # The link's keep-alive task times requests out (see _keep_alive).
-        channel = Channel(conn, name=f"peer {node_id}", timeout=REQUEST_TIMEOUT, watched=True)
+        channel = Channel(conn, name=f"peer {node_id}", timeout=REQUEST_TIMEOUT, watched=True, nursery=self._nursery)
         hello = hello_args(f"dcache-node/{__version__}", peer=self.node_id)
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
@@ -235,7 +235,19 @@ class Forward:
     wait for their replies. Submitted while the link is down, they go out in
     order once it comes back (within :data:`WAIT_FOR_LINK`)."""
 
-    __slots__ = ("_links", "_link", "node_id", "_requests", "_rest", "_channel", "_ticket", "_error", "_attached", "_counted")
+    __slots__ = (
+        "_links",
+        "_link",
+        "node_id",
+        "_requests",
+        "_rest",
+        "_channel",
+        "_ticket",
+        "_error",
+        "_attached",
+        "_counted",
+        "_notified",
+    )
 
     def __init__(
         self, links: PeerLinks, node_id: str, requests: list[tuple[str, dict[str, Any]]] | None, rest: bytes | None
@@ -249,6 +261,7 @@ class Forward:
         self._error: PeerUnavailable | None = None
         self._attached: trio.Event | None = None
         self._counted = False
+        self._notified = False
         self._link = link = links._links.get(node_id)
         if link is None:
             self._error = PeerUnavailable(f"{node_id} is not a member")
@@ -281,6 +294,25 @@ class Forward:
         if self._attached is not None:
             self._attached.set()
 
+    def notify(self, callback: Callable[[bytes | None], None]) -> Channel | None:
+        """For a request handed over encoded (:meth:`PeerLinks.submit_raw`) on a
+        link that is up: have ``callback`` called with the rest of its reply
+        as soon as whoever reads the link reads it, or with None if the link
+        fails first (:meth:`wait` then says why, as it would have). Returns
+        the link's channel: the caller sends its outbox
+        (:meth:`Channel.send_nowait`) and reads it when its socket is ready
+        (:meth:`Channel.read_nowait`). None, and no call, if the forward
+        cannot be completed so (the link is not up, or not over a plain
+        socket): then :meth:`wait` as usual."""
+        channel, ticket, link = self._channel, self._ticket, self._link
+        if self._rest is None or channel is None or ticket is None or link is None:
+            return None
+        if not channel.notify(ticket, callback):
+            return None
+        self._notified = True
+        link.forwarded += 1
+        return channel
+
     async def wait(self) -> list[tuple[int, Any]] | bytes:
         """The replies, in order ((status, body) each), or for a raw request
         the rest of its reply; raises PeerUnavailable."""
@@ -304,7 +336,8 @@ class Forward:
                 raise PeerUnavailable(f"{self.node_id}: {exc}") from None
             link = self._link
             assert link is not None
-            link.forwarded += len(replies)
+            if not self._notified:  # (counted then)
+                link.forwarded += len(replies)
             return replies[0][1] if self._rest is not None else replies
         finally:
             self.release()

@@ -11,7 +11,13 @@ wake-up is shared by every connection that was ready, however many.
 What must wait does not hold the reactor up:
 
 * Requests for other nodes' keys: the router hands them to peer links at
-  once; a task of the reactor's nursery awaits their replies and writes them.
+  once. A keyed request that came alone in its frame (the usual case) is
+  completed from the reactor's own loop: it sends the peer link's outbox
+  after the pass, holds the link's socket in its epoll set, reads the
+  owner's reply when it comes and writes it to the client, so a forwarded
+  request costs no task and no wake-up of its own. Anything else (a batch,
+  a reply that needs more than passing on, a link not up) is awaited by a
+  task of the reactor's nursery, which writes the reply.
 * A write the socket cannot take whole: the rest goes to the connection's
   own buffer, which a task drains as the socket allows; meanwhile the
   reactor appends that connection's replies to the buffer, in order, and
@@ -31,17 +37,20 @@ comes, or test streams) keep a task each (see :meth:`Reactor.can_serve`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
 import socket
 import time
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import trio
 
 from . import wsframe
+from .errors import ConnectionLost
 from .net import RECEIVE_SIZE
 from .protocol import Connection as Proto
 from .protocol import ConnectionClosed, ServerSession
@@ -54,6 +63,7 @@ MAX_WAITING = 256  # frames of one connection waiting for other nodes at once
 MAX_UNSENT = 1 << 20  # bytes of replies a connection has not taken before it is read no more
 POLL_BACKOFF_MAX = 64
 IDLE_CHECKS = 4  # looks at every connection per idle timeout
+SPIN_SLICE = 50e-6  # seconds the reactor's poll runs between trips through trio's scheduler
 PASSES_PER_YIELD = 16  # passes over ready connections between trips through trio's scheduler, at most
 _yield_cpu = getattr(os, "sched_yield", lambda: None)
 
@@ -77,6 +87,7 @@ class _Entry:
         "pinged_at",
         "later",
         "crowded",
+        "relays",
     )
 
     def __init__(self, sock: socket.socket, trio_sock: Any, proto: Proto, session: ServerSession) -> None:
@@ -95,6 +106,7 @@ class _Entry:
         self.pinged_at: float | None = None
         self.later: set[trio.CancelScope] = set()  # of the tasks sending its waiting frames' replies
         self.crowded = 0  # tasks waiting for room on a peer link it sent to
+        self.relays: set[Waiting] = set()  # relayed requests the reactor completes (see Reactor._relayed)
 
 
 class Reactor:
@@ -115,6 +127,10 @@ class Reactor:
         self._penalty = 1
         self._entries: dict[int, _Entry] = {}
         self._replies: list[tuple[_Entry, bytes]] = []  # this pass's, sent at its end
+        self._in_pass = False
+        self._links: dict[int, Any] = {}  # peer links' channels by socket, read when ready
+        self._outgoing: dict[Any, None] = {}  # peer links' channels with requests to send after the pass
+        self._yield_soon = False  # a task reads a link that is ready: let it run
         self._epoll: Any = None
         self._nursery: trio.Nursery | None = None
 
@@ -135,6 +151,7 @@ class Reactor:
         entry = _Entry(sock, stream.socket, conn.proto, session)
         self._epoll.register(entry.fd, select.EPOLLIN)  # first: if it fails, nothing is left half done
         self._entries[entry.fd] = entry
+        self._links.pop(entry.fd, None)  # a closed link's, if its number is reused
         conn.stop_watching()  # busy polls of peer links need not give way to what the reactor reads
         ready = conn.take_ready()
         if ready:  # requests that came with the handshake
@@ -142,8 +159,14 @@ class Reactor:
             self._send_replies()
 
     def _send_replies(self) -> None:
-        replies, self._replies = self._replies, []
-        self._send(replies)
+        """Send the peer links' outboxes (the owners start on them at once), then the pass's replies."""
+        while self._outgoing or self._replies:
+            if self._outgoing:
+                channels, self._outgoing = self._outgoing, {}
+                for channel in channels:
+                    channel.send_nowait()
+            replies, self._replies = self._replies, []
+            self._send(replies)
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -169,9 +192,13 @@ class Reactor:
                         await trio.lowlevel.wait_readable(epoll)
                         continue
                     entries = self._entries
+                    self._in_pass = True
                     for fd, _ in events:
                         entry = entries.get(fd)
                         if entry is None:
+                            channel = self._links.get(fd)
+                            if channel is not None:
+                                self._read_link(fd, channel)
                             continue
                         if entry.paused:  # reported only for a hang-up or an error: the other side is gone
                             self._close(entry)
@@ -181,13 +208,15 @@ class Reactor:
                     # wake a client that waits; the rest then mostly find theirs awake,
                     # where a send each as soon as it is ready wakes a sleeper each.
                     self._send_replies()
+                    self._in_pass = False
                     # Let the tasks this pass woke (replies from peers, writers) run
                     # before the next, and trio look at the sockets it watches now
                     # and then; else go straight on: a trip through the scheduler
                     # costs more than a pass.
                     passes += 1
-                    if passes >= PASSES_PER_YIELD or tasks_runnable():
+                    if passes >= PASSES_PER_YIELD or tasks_runnable() or self._yield_soon:
                         passes = 0
+                        self._yield_soon = False
                         await trio.lowlevel.checkpoint()
         finally:
             for entry in list(self._entries.values()):
@@ -197,6 +226,7 @@ class Reactor:
                     watch.unregister(epoll.fileno())
                 except (OSError, ValueError):  # the run's set is closed already
                     pass
+            self._nursery = None
             epoll.close()
 
     def _wanted(self) -> bool:
@@ -210,23 +240,30 @@ class Reactor:
         off after a window that found nothing.
 
         Each turn yields the CPU (other processes, such as the clients, may
-        need it) and passes through trio's scheduler: tasks woken meanwhile
-        (a peer link's reply came) run at once, and tasks due later in the
-        same scheduler pass as this one get their turn, which a spin that
-        waited for trio to report runnable tasks would hold up for the whole
-        window."""
-        until = time.perf_counter() + self._poll
+        need it), and every :data:`SPIN_SLICE` the poll passes through trio's
+        scheduler, so that tasks woken meanwhile (by a timer, or I/O trio
+        watches) and tasks due later in the same scheduler pass as this one
+        get their turn: a spin that waited for trio to report runnable tasks
+        would hold those up for the whole window. A pass costs as much as a
+        turn, so not on every turn."""
+        now = time.perf_counter()
+        until = now + self._poll
         while True:
             await trio.lowlevel.checkpoint()
-            events: list[tuple[int, int]] = epoll.poll(0)
-            if events:
-                self._penalty = 1
-                return events
-            if time.perf_counter() >= until:
+            slice_ends = min(until, time.perf_counter() + SPIN_SLICE)
+            while True:
+                events: list[tuple[int, int]] = epoll.poll(0)
+                if events:
+                    self._penalty = 1
+                    return events
+                now = time.perf_counter()
+                if now >= slice_ends or tasks_runnable():
+                    break
+                _yield_cpu()
+            if now >= until:
                 self._skip = self._penalty
                 self._penalty = min(2 * self._penalty, POLL_BACKOFF_MAX)
                 return []
-            _yield_cpu()
 
     def _serve(self, entry: _Entry) -> None:
         """Read ``entry`` once; answer what it brought."""
@@ -253,16 +290,28 @@ class Reactor:
             self._place(entry, messages)
 
     def _place(self, entry: _Entry, messages: list[bytes]) -> None:
+        waiting: Waiting | None = None
+        handed = False  # to the reactor's relays or a task, which release it when done
         try:
             reply, waiting = self._router.place(entry.session, messages)
+            if waiting is not None:
+                entry.waiting += 1
+                channel = waiting.notify(partial(self._relayed, entry, waiting))
+                if channel is not None:
+                    entry.relays.add(waiting)
+                    handed = True
+                    self._watch_link(channel)
+                    self._outgoing[channel] = None
+                else:
+                    self._later(entry, waiting)
+                    handed = True
         except Exception:
             log.exception("connection handler failed; closing that connection")
+            if waiting is not None and not handed:
+                with contextlib.suppress(Exception):
+                    waiting.release()
             self._close(entry)
             return
-        if waiting is not None:
-            entry.waiting += 1
-            assert self._nursery is not None
-            self._nursery.start_soon(self._send_later, entry, waiting)
         if reply is not None:
             self._replies.append((entry, entry.proto.frame(reply)))
         if waiting is not None:
@@ -333,6 +382,60 @@ class Reactor:
             entry.draining = False
 
     # -- what waits for other nodes ------------------------------------------------------------
+
+    def _relayed(self, entry: _Entry, waiting: Waiting, frame: bytes | None) -> None:
+        """A relayed request's reply came (see :meth:`Waiting.notify`): send it
+        with the pass's replies, or at once when a task read it. None: a task
+        finishes it, as any frame that waits for other nodes."""
+        entry.relays.discard(waiting)
+        if entry.closed:
+            return
+        try:
+            if frame is None:
+                self._later(entry, waiting)
+                return
+            entry.waiting -= 1
+            reply = entry.proto.frame(frame)
+            if self._in_pass:
+                self._replies.append((entry, reply))
+            else:
+                self._write(entry, reply)
+            self._resume_if_room(entry)
+        except Exception:  # a bug must cost one connection, never the node
+            log.exception("connection handler failed; closing that connection")
+            self._close(entry)
+
+    def _later(self, entry: _Entry, waiting: Waiting) -> None:
+        if self._nursery is None:  # the reactor has stopped: nobody to answer
+            waiting.release()
+            return
+        self._nursery.start_soon(self._send_later, entry, waiting)
+
+    def _watch_link(self, channel: Any) -> None:
+        """Read ``channel``'s socket from the loop when it is ready, from now on."""
+        fd = channel.fileno()
+        if self._links.get(fd) is channel:
+            return
+        try:
+            self._epoll.register(fd, select.EPOLLIN)
+        except FileExistsError:  # a closed link's number, reused
+            self._epoll.modify(fd, select.EPOLLIN)
+        self._links[fd] = channel
+
+    def _read_link(self, fd: int, channel: Any) -> None:
+        if channel.broken is not None or channel.fileno() != fd:  # it failed, or was closed
+            del self._links[fd]
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass
+            return
+        try:
+            if not channel.read_nowait():
+                self._yield_soon = True
+        except Exception:  # a bug must cost that link, never the node
+            log.exception("reading a peer link failed; closing it")
+            channel.fail(ConnectionLost(f"reading {channel.name} failed"))
 
     async def _send_later(self, entry: _Entry, waiting: Waiting) -> None:
         with trio.CancelScope() as scope:
@@ -418,6 +521,9 @@ class Reactor:
             pass
         for scope in entry.later:
             scope.cancel()
+        for waiting in entry.relays:
+            waiting.release()
+        entry.relays.clear()
         entry.proto.release()
         entry.trio_sock.close()
         self._on_close()

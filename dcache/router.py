@@ -59,6 +59,13 @@ class Pending(Protocol):
 
     def release(self) -> None: ...
 
+    def notify(self, callback: Callable[[bytes | None], None]) -> Any | None:
+        """For one request handed over encoded: call ``callback`` with the rest
+        of its reply when it comes (None: it failed, ``wait`` says how), and
+        return what will read it (see :meth:`peers.Forward.notify`); None if
+        it cannot be done without a task waiting."""
+        ...
+
 
 class Forwarder(Protocol):
     """Carries requests to other nodes (see :class:`dcache.peers.PeerLinks`);
@@ -217,6 +224,30 @@ class Waiting:
             if body[0] == ErrorCode.MOVED:  # the owner's view is newer: retry as any forward would
                 return await router._forward_alone(req, bounced=True)
         return codec.single_frame(rid, rest)
+
+    def notify(self, done: Callable[[bytes | None], None]) -> Any | None:
+        """When this waits for a lone relayed request only: have ``done`` called
+        with the reply frame as soon as the owner's reply is read, with no
+        task waiting for it, and return what will read it (the peer link's
+        channel, see :meth:`Pending.notify`). ``done(None)`` means the reply
+        may need more than passing on (it is an error, which may be `moved`,
+        or the link failed): :meth:`finish` then completes it from what
+        came. None, and no call, if this cannot be done: :meth:`finish` as
+        usual."""
+        if self._relay is None or self._forwards or self._members:
+            return None
+        rid, _, _, pending = self._relay
+        router = self._router
+
+        def relayed(rest: bytes | None) -> None:
+            if rest is None or rest[0] == Status.ERROR:  # (rare) finish() retries a `moved`, passes on the rest
+                done(None)
+                return
+            self.release()
+            router.counters.latency.observe(router._clock() - self._started)
+            done(codec.single_frame(rid, rest))
+
+        return pending.notify(relayed)
 
     def release(self) -> None:
         for _, _, pending in self._forwards:

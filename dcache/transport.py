@@ -169,8 +169,44 @@ class Connection:
                 if scope.cancelled_caught:
                     await self._abort("write timed out")
                 return
-            view = memoryview(data)
-            wrote = False
+            await self._write(memoryview(data), wrote=False, shield=shield)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ConnectionClosed(1006, "the connection broke") from exc
+        finally:
+            self._done_sending()
+
+    def send_nowait(self, data: bytes) -> tuple[bytes, bool] | None:
+        """Write what the socket takes of ``data`` now, if no other write is
+        under way: None if it all went. Otherwise what is left, and whether
+        this connection is reserved for it (part of the frame is out, so
+        nothing else may be written before the rest); hand both to
+        :meth:`send_rest`. Raises ConnectionClosed if the socket is broken."""
+        if self._sending or self._socket is None or self._closed:
+            return data, False
+        try:
+            sent = self._socket.send(data)
+        except BlockingIOError:
+            return data, False
+        except OSError as exc:
+            raise ConnectionClosed(1006, f"the connection broke: {exc}") from None
+        if sent == len(data):
+            return None
+        self._sending = True
+        return data[sent:], True
+
+    async def send_rest(self, rest: bytes, reserved: bool) -> None:
+        """Write what :meth:`send_nowait` left, whole (the caller may not cancel it)."""
+        if not reserved:
+            await self.send_raw(rest, shield=True)
+            return
+        try:
+            await self._write(memoryview(rest), wrote=True, shield=True)
+        finally:
+            self._done_sending()
+
+    async def _write(self, view: memoryview, *, wrote: bool, shield: bool) -> None:
+        assert self._socket is not None
+        try:
             while view:
                 try:
                     sent = self._socket.send(view)
@@ -190,8 +226,6 @@ class Connection:
                         await self._abort("write timed out")
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise ConnectionClosed(1006, "the connection broke") from exc
-        finally:
-            self._done_sending()
 
     async def _start_sending(self, shield: bool = False) -> None:
         if not self._sending:
@@ -335,6 +369,29 @@ class Connection:
             except OSError as exc:
                 raise ConnectionClosed(1006, f"the connection broke: {exc}") from None
             await self._take_in(data)
+
+    def fileno(self) -> int:
+        """The plain socket's file descriptor (-1 if there is none, or it is closed)."""
+        return self._socket.fileno() if self._socket is not None else -1
+
+    def receive_nowait(self) -> tuple[list[bytes], bytes]:
+        """What :meth:`receive` would return, without waiting: every complete
+        message received so far, after one read of what the socket holds (a
+        plain socket only), and what the protocol answers (pongs) for the
+        caller to send. Raises ConnectionClosed when the connection is over."""
+        if not self._ready:
+            assert self._socket is not None
+            try:
+                data = self._socket.recv(RECEIVE_SIZE)
+            except BlockingIOError:
+                return [], b""
+            except OSError as exc:
+                raise ConnectionClosed(1006, f"the connection broke: {exc}") from None
+            messages = self.proto.receive_data(data)
+            if messages:
+                self._ready += messages
+        ready, self._ready = self._ready, []
+        return ready, self.proto.data_to_send() if self.proto.has_data_to_send else b""
 
     async def ping(self, payload: bytes = b"") -> None:
         await self.send_raw(self.proto.ping(payload))

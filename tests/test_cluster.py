@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -37,6 +38,25 @@ class InProcessNode:
 
     def stop(self) -> None:
         self.scope.cancel()
+
+
+class Withheld:
+    """In place of a router's Waiting: a reply held back until ``released``
+    is set, as a stopped process would hold it."""
+
+    def __init__(self, reply: bytes | None, released: trio.Event) -> None:
+        self.reply = reply
+        self.released = released
+
+    async def finish(self) -> bytes | None:
+        await self.released.wait()
+        return self.reply
+
+    def owners(self) -> list[str]:
+        return []
+
+    def notify(self, done: object) -> None:
+        return None  # finished by a task
 
 
 async def _scoped(node: Node, *, task_status: trio.TaskStatus[InProcessNode]) -> None:
@@ -167,21 +187,10 @@ async def test_a_frozen_owner_fails_forwards_promptly_and_the_link_recovers(
     thawed = trio.Event()
     place = b.node.router.place
 
-    class Withheld:  # a reply held back until the node thaws
-        def __init__(self, reply: bytes) -> None:
-            self.reply = reply
-
-        async def finish(self) -> bytes:
-            await thawed.wait()
-            return self.reply
-
-        def owners(self) -> list[str]:
-            return []
-
     def frozen(session, payloads):  # type: ignore[no-untyped-def]
         reply, waiting = place(session, payloads)
         if session.peer_id:  # answers nothing to peers, as a stopped process would
-            return None, Withheld(reply)
+            return None, Withheld(reply, thawed)
         return reply, waiting
 
     with trio.fail_after(TIMEOUT):
@@ -830,7 +839,6 @@ async def test_a_client_gone_before_its_reply_leaves_nothing_held_on_peer_links(
     that resets the connection at once: the reply to the first cannot be
     sent, and the request handed to the other node's link must still be
     released (else the link counts it in flight for good, and stops pinging)."""
-    import socket
     import struct
 
     from dcache import protocol, transport
@@ -855,3 +863,122 @@ async def test_a_client_gone_before_its_reply_leaves_nothing_held_on_peer_links(
         link = a.node.peers._links[b.node.node_id]
         while link.in_flight or (link.channel is not None and link.channel.in_flight):
             await trio.sleep(0.05)  # (on the code before the fix: for ever)
+
+
+def _keys_of(node: InProcessNode, shard_map: ShardMap, prefix: str, count: int) -> list[str]:
+    return [k for k in (f"{prefix}{i}" for i in range(100_000)) if shard_map.owner("", k.encode()) == node.node.node_id][:count]
+
+
+async def test_a_lone_forwarded_request_is_completed_by_the_reactor_without_a_task(
+    cluster: list[InProcessNode], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A keyed request alone in its frame, for another node's key: the
+    reactor sends it on the peer link and writes the owner's reply when it
+    reads it, with no task of its own (a task per forwarded request costs a
+    wake-up each); nothing stays held on the link afterwards."""
+    a, b, _ = cluster
+    tasks = 0
+    send_later = a.node.reactor._send_later
+
+    async def counted(*args):  # type: ignore[no-untyped-def]
+        nonlocal tasks
+        tasks += 1
+        await send_later(*args)
+
+    monkeypatch.setattr(a.node.reactor, "_send_later", counted)
+    keys = _keys_of(b, a.node.router.shard_map, "t", 20)
+    with trio.fail_after(TIMEOUT):
+        async with dcache.connect(a.address) as client:
+            for i, key in enumerate(keys):
+                await client.set(key, f"v{i}")
+            assert [await client.get(key) for key in keys] == [f"v{i}".encode() for i in range(len(keys))]
+        link = a.node.peers._links[b.node.node_id]
+        assert link.in_flight == 0 and link.channel is not None and link.channel.in_flight == 0
+    assert tasks == 0
+    assert link.forwarded >= 2 * len(keys)
+
+
+async def test_a_relayed_request_the_owner_bounces_as_moved_is_retried(
+    cluster: list[InProcessNode], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The owner answers a relayed request with `moved` (its view is newer):
+    the reply is not passed on as it came, the request is placed again."""
+    from dcache import codec
+
+    a, b, _ = cluster
+    [key] = _keys_of(b, a.node.router.shard_map, "m", 1)
+    place = b.node.router.place
+    bounced = []
+
+    def moving_once(session, payloads):  # type: ignore[no-untyped-def]
+        if session.peer_id and not bounced:
+            [message] = codec.decode_frame(payloads[0], codec.Limits())
+            bounced.append(message[0])
+            return codec.encode_frame([b.node.router._moved(message[0], a.node.node_id)]), None
+        return place(session, payloads)
+
+    with trio.fail_after(TIMEOUT):
+        async with dcache.connect(a.address) as client:
+            await client.set(key, "kept")
+            monkeypatch.setattr(b.node.router, "place", moving_once)
+            assert await client.get(key) == b"kept"
+    assert len(bounced) == 1
+    assert a.node.router.counters.moved_retries >= 1
+
+
+async def test_relayed_requests_waiting_when_the_link_breaks_are_answered(cluster: list[InProcessNode]) -> None:
+    """Relayed requests are out on a peer link when it breaks (its socket is
+    reset): each client gets an answer (`unavailable`, or the value if the
+    link came back in time), none hangs, and the link holds nothing."""
+    import struct
+
+    a, b, _ = cluster
+    keys = _keys_of(b, a.node.router.shard_map, "x", 8)
+    withheld = trio.Event()
+    place = b.node.router.place
+
+    def holding(session, payloads):  # type: ignore[no-untyped-def]
+        reply, waiting = place(session, payloads)
+        if session.peer_id:
+            return None, Withheld(reply, withheld)
+        return reply, waiting
+
+    with trio.fail_after(TIMEOUT):
+        async with dcache.connect(a.address) as setter:
+            for key in keys:
+                await setter.set(key, "v")
+        b.node.router.place = holding  # type: ignore[method-assign]
+        outcomes: list[object] = []
+
+        async def ask(key: str) -> None:
+            async with dcache.connect(a.address) as client:
+                try:
+                    outcomes.append(await client.get(key))
+                except dcache.RequestError as exc:
+                    outcomes.append(exc.code)
+
+        async with trio.open_nursery() as asking:
+            for key in keys:
+                asking.start_soon(ask, key)
+            link = a.node.peers._links[b.node.node_id]
+            while link.in_flight < len(keys):
+                await trio.sleep(0.01)
+            channel = link.channel
+            assert channel is not None
+            sock = transport_socket(channel)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.shutdown(socket.SHUT_RDWR)  # the link breaks under the waiting requests
+        b.node.router.place = place  # type: ignore[method-assign]
+        withheld.set()
+        assert len(outcomes) == len(keys)
+        assert all(o in (b"v", ErrorCode.UNAVAILABLE) for o in outcomes), outcomes
+        while link.in_flight:
+            await trio.sleep(0.01)
+
+
+def transport_socket(channel: object) -> socket.socket:
+    from dcache import transport
+
+    sock = transport.plain_socket(channel._conn.stream)  # type: ignore[attr-defined]
+    assert sock is not None
+    return sock

@@ -229,3 +229,33 @@ async def test_the_reactors_busy_poll_holds_up_no_other_task(nursery: trio.Nurse
             assert (got, status) == (rid, 0)
             await trio.sleep(0.01)  # a timer, too, fires while the reactor polls
         await conn.aclose()
+
+
+async def test_a_bug_while_handing_a_frame_to_other_nodes_costs_only_that_connection(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the router hands back to wait for other nodes fails as the
+    reactor takes it on: that connection is closed, what it waited for is
+    given up, and the node serves everyone else."""
+    from dcache import router
+
+    node, bound = await start_node(nursery)
+    released = []
+
+    def broken_notify(self: router.Waiting, done: object) -> None:
+        raise RuntimeError("a bug in taking on a waiting frame")
+
+    def release(self: router.Waiting) -> None:
+        released.append(self)
+
+    monkeypatch.setattr(router.Waiting, "notify", broken_notify)
+    monkeypatch.setattr(router.Waiting, "release", release)
+    with trio.fail_after(TIMEOUT):
+        victim = await greeted(bound.client_address)
+        bystander = await greeted(bound.client_address)
+        assert isinstance(victim.proto, protocol.ClientConnection)
+        await victim.send_raw(victim.proto.request_frame([[1, "members", {}]]))
+        with pytest.raises(transport.ConnectionClosed):
+            await victim.receive()
+        assert (await call(bystander, [2, "set", {"key": b"k", "value": b"v"}]))[0][:2] == [2, 0]
+    assert len(released) == 1

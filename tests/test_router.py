@@ -35,6 +35,9 @@ class Later:
     def release(self) -> None:
         pass
 
+    def notify(self, callback: Callable[[bytes | None], None]) -> None:
+        return None  # only awaited here
+
 
 class Wire:
     """Forwards a node's requests to another router as a peer would."""
