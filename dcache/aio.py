@@ -207,7 +207,8 @@ class ClusterClient(Operations):
         status, view = await self._via_seed("members", {})
         view = _outcome(status, view, _identity)
         up = {m["node"]: m["client"] for m in view["members"] if m["state"] == "up" and m["client"]}
-        self.shard_map = ShardMap.build(view["epoch"], up)
+        # A change costs milliseconds; a first view of hundreds of members a second: off the loop.
+        self.shard_map = await trio.to_thread.run_sync(self.shard_map.changed, view["epoch"], up)
         self._addresses = up
         for node_id in list(self._clients):
             if node_id not in up:

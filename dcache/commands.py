@@ -33,7 +33,7 @@ from .errors import (
     RequestError,
     RequestTimeout,
 )
-from .shard import NUM_SHARDS, ShardMap, shard_of
+from .shard import NUM_SHARDS, rank, shard_of
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -296,7 +296,7 @@ def where(client: Operations, *, key: str, ns: str = "") -> Outcome:
     seconds = client.ttl(key, ns=ns)
     by_id = {m["node"]: m for m in view["members"]}
     shard = shard_of(ns, key.encode())
-    owner = ShardMap.build(view["epoch"], by_id).owner_of_shard(shard)
+    owner = rank(shard, by_id)[0]
     client_address = by_id[owner]["client"]
     data = {
         "key": key,

@@ -233,7 +233,12 @@ class Node:
                 raise NodeStartError(str(exc)) from None
             self._purge_needed = trio.Event()
             views = membership.subscribe()
-            self._apply_view(view)
+            # Placing every shard over a large first view takes a second or
+            # more (300 members: about 1 s): off the event loop, which keeps
+            # the membership's lease alive meanwhile. Later views cost
+            # milliseconds each (ShardMap.changed).
+            placed = await trio.to_thread.run_sync(ShardMap.build, view.epoch, view.ids())
+            self._apply_view(view, placed)
             nursery.start_soon(self._follow_views, membership, views)
             if config.etcd:
                 nursery.start_soon(self._check_advertised)
@@ -261,7 +266,8 @@ class Node:
 
     # -- membership ---------------------------------------------------------------
 
-    def _apply_view(self, view: View) -> None:
+    def _apply_view(self, view: View, placed: ShardMap | None = None) -> None:
+        """Route by ``view`` from now on (``placed``: its shard map, if built already)."""
         self._applied = view
         if not view.members:
             # etcd holds no member at all, not even this node (its data was
@@ -272,7 +278,7 @@ class Node:
                 log.warning("etcd lists no member, not even this node; keeping the last view")
             return
         old = self.router.shard_map
-        shard_map = ShardMap.build(view.epoch, view.ids())
+        shard_map = placed if placed is not None else old.changed(view.epoch, view.ids())
         self.router.shard_map = shard_map
         self.router.client_addresses = {m.node_id: m.client_address for m in view.members}
         self.peers.update(shard_map.members)

@@ -9,6 +9,11 @@ import subprocess
 import sys
 from collections import Counter
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dcache import shard as shard_module
 from dcache.shard import NUM_SHARDS, ShardMap, key_hash, owners, rank, shard_of
 
 KEYS = [f"user:{i}".encode() for i in range(300)] + [os.urandom(12) for _ in range(50)]
@@ -20,6 +25,13 @@ def test_pinned_values() -> None:
     assert key_hash("", b"a") == 0xE8B7BE43  # CRC-32 of "a"
     assert shard_of("", b"a") == 0xE8B7BE43 % NUM_SHARDS
     assert shard_of("ns", b"a") == key_hash("", b"ns\0a") % NUM_SHARDS
+
+
+def test_pinned_placement() -> None:
+    # Every node and cluster-aware client must place alike, whatever its version: pin owners too.
+    placed = ShardMap.build(1, ["a:1", "b:1", "c:1"])
+    assert [placed.owner_of_shard(s) for s in (0, 1, 2, 100, 8191)] == ["b:1", "b:1", "b:1", "c:1", "a:1"]
+    assert [placed.shards_owned(m) for m in ("a:1", "b:1", "c:1")] == [2698, 2740, 2754]
 
 
 def test_stable_across_processes_with_other_hash_seeds() -> None:
@@ -113,3 +125,39 @@ def test_sans_io_cores_import_no_io_layer() -> None:
         cwd=os.path.dirname(os.path.dirname(__file__)),
     )
     assert out.stdout.strip() == "[]"
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(st.sets(st.sampled_from(["a:1", "b:1", "c:1", "d:1", "e:1", "10.0.0.1:47000"]), max_size=5), min_size=1, max_size=4)
+)
+def test_a_changed_map_is_the_map_built_afresh(views: list[set[str]]) -> None:
+    """Whatever joins and leaves, in whatever steps: a map changed step by
+    step places every shard exactly as a map built for the last view."""
+    placed = ShardMap.build(0, [])
+    for epoch, members in enumerate(views, 1):
+        placed = placed.changed(epoch, members)
+        built = ShardMap.build(epoch, members)
+        assert placed == built and placed.weights == built.weights
+
+
+def test_a_change_weighs_only_what_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A view change at 50 members weighs the member that joined, or each
+    member for the shards of the one that left: never all 50 for all shards."""
+    members = [f"10.0.0.{i}:47000" for i in range(50)]
+    placed = ShardMap.build(1, members)
+    weighed: list[str] = []
+    weigher = shard_module._weigher
+
+    def counted(member: str):  # type: ignore[no-untyped-def]
+        weighed.append(member)
+        return weigher(member)
+
+    monkeypatch.setattr(shard_module, "_weigher", counted)
+    joined = placed.changed(2, [*members, "10.0.1.1:47000"])
+    assert weighed == ["10.0.1.1:47000"]
+    weighed.clear()
+    left = joined.changed(3, members[1:] + ["10.0.1.1:47000"])
+    assert len(weighed) == 50  # one keyed state per remaining member, for the leaver's shards only
+    assert left == ShardMap.build(3, members[1:] + ["10.0.1.1:47000"])
+    assert joined == ShardMap.build(2, [*members, "10.0.1.1:47000"])
