@@ -257,7 +257,8 @@ def members(client: Operations) -> Outcome:
         entry = {
             "node": m["node"],
             "client": m["client"],
-            "state": m["state"],
+            # joining, ready, leaving or rejoining as the node says; unreachable if it said nothing
+            "state": stats.get("state", "up") if m["state"] == "up" else m["state"],
             "shards": m["shards"],
             "keys": stats.get("keys"),
             "uptime_s": stats.get("uptime_s"),

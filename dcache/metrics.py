@@ -1,4 +1,5 @@
-"""Prometheus metrics at ``/metrics``, read from the node's own counters at scrape time.
+"""Prometheus metrics at ``/metrics``, read from the node's own counters at scrape time;
+``/healthz`` and ``/readyz`` for probes.
 
 Nothing is recorded per request here: the router and store keep plain
 counters, and a collector turns them into metric families when Prometheus
@@ -8,7 +9,7 @@ asks. Each node has its own registry, so several nodes can share a process.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import h11
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+HELP = b"dcache node: /metrics (Prometheus), /healthz (alive), /readyz (200 when ready to serve, else 503 and why)\n"
 REQUEST_TIMEOUT = 10.0
 MAX_REQUEST_BYTES = 16 * 1024
 
@@ -89,15 +91,20 @@ def registry_for(node: Node) -> CollectorRegistry:
 async def serve_metrics(
     registry: CollectorRegistry,
     listeners: list[trio.SocketListener],
+    readiness: Callable[[], tuple[str, str]] = lambda: ("ready", "serving"),
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Answer ``GET /metrics`` on ``listeners`` until cancelled."""
+    """Answer on ``listeners`` until cancelled: ``GET /metrics``; ``/healthz``
+    (200 while the node's event loop answers); ``/readyz``, 200 when
+    ``readiness`` says ``ready`` and 503 otherwise, with its state and why
+    in the body, for a probe to tell when the next node of a rolling
+    restart may go."""
 
     async def handle(stream: trio.SocketStream) -> None:
         try:
             with trio.move_on_after(REQUEST_TIMEOUT):
-                await _answer(stream, registry)
+                await _answer(stream, registry, readiness)
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
             pass
         finally:
@@ -108,7 +115,7 @@ async def serve_metrics(
         task_status.started()
 
 
-async def _answer(stream: trio.SocketStream, registry: CollectorRegistry) -> None:
+async def _answer(stream: trio.SocketStream, registry: CollectorRegistry, readiness: Callable[[], tuple[str, str]]) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
     while True:
         event = conn.next_event()
@@ -123,10 +130,15 @@ async def _answer(stream: trio.SocketStream, registry: CollectorRegistry) -> Non
         status, body, ctype = 405, b"only GET\n", "text/plain"
     elif path == b"/metrics":
         status, body, ctype = 200, generate_latest(registry), CONTENT_TYPE
+    elif path == b"/healthz":
+        status, body, ctype = 200, b"ok\n", "text/plain"
+    elif path == b"/readyz":
+        state, why = readiness()
+        status, body, ctype = (200 if state == "ready" else 503), f"{state}: {why}\n".encode(), "text/plain"
     elif path == b"/":
-        status, body, ctype = 200, b"dcache node: metrics are at /metrics\n", "text/plain"
+        status, body, ctype = 200, HELP, "text/plain"
     else:
-        status, body, ctype = 404, b"not found; metrics are at /metrics\n", "text/plain"
+        status, body, ctype = 404, b"not found\n" + HELP, "text/plain"
     headers = [("content-type", ctype), ("content-length", str(len(body))), ("connection", "close")]
     data = conn.send(h11.Response(status_code=status, headers=headers))
     if event.method == b"GET":

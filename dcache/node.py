@@ -136,12 +136,27 @@ class Node:
             if isinstance(self.membership, EtcdMembership):
                 await trio.sleep(drain)
 
+    def readiness(self) -> tuple[str, str]:
+        """Whether this node should be sent clients, for ``/readyz`` and
+        ``members``: ``ready``, or ``joining`` (its view is not applied yet,
+        or does not hold it), ``leaving`` (it is stepping out) or
+        ``rejoining`` (it lost contact with etcd for longer than its lease),
+        each with a sentence saying why."""
+        if self._leaving:
+            return "leaving", "this node is leaving the cluster"
+        if not self._applied.members or self.node_id not in self.router.shard_map.members:
+            return "joining", "this node is not in its membership view yet"
+        if self.router.vouched_until <= trio.current_time():
+            return "rejoining", "this node lost contact with etcd for longer than its lease"
+        return "ready", "this node is in the cluster and serving its shards"
+
     def stats(self) -> dict[str, Any]:
         """This node's counters, as a ``stats`` request answers them."""
         router = self.router
         stats: dict[str, Any] = self.store.stats()
         stats.update(
             node=self.node_id,
+            state=self.readiness()[0],
             shards=router.shard_map.shards_owned(self.node_id),
             members=len(router.shard_map.members),
             epoch=router.shard_map.epoch,
@@ -250,7 +265,7 @@ class Node:
             if metrics_listeners is not None:
                 from .metrics import registry_for, serve_metrics
 
-                await nursery.start(serve_metrics, registry_for(self), metrics_listeners)
+                await nursery.start(serve_metrics, registry_for(self), metrics_listeners, self.readiness)
                 bound_metrics = (metrics_host, metrics_listeners[0].socket.getsockname()[1])
             bound = BoundAddresses(client=bound_client, peer=bound_peer, metrics=bound_metrics, node_id=self.node_id)
             log.info(

@@ -634,6 +634,49 @@ async def test_metrics_endpoint(nursery: trio.Nursery, etcd_server: EtcdServer) 
     assert "dcache_peer_link_up" in text
 
 
+async def _http_get(address: tuple[str, int], path: str) -> tuple[int, bytes]:
+    stream = await trio.open_tcp_stream(*address)
+    await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    response = b""
+    while chunk := await stream.receive_some(65536):
+        response += chunk
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+async def test_probes_say_when_a_node_is_ready_and_members_shows_each_nodes_state(
+    nursery: trio.Nursery, etcd_server: EtcdServer
+) -> None:
+    """/healthz answers while the node runs; /readyz is 200 once it serves
+    its shards and 503, with why, once it is leaving; `members` shows each
+    node's state as the node says it."""
+    nodes = []
+    for _ in range(2):
+        config = NodeConfig(
+            client_listen="127.0.0.1:0",
+            listen="127.0.0.1:0",
+            metrics_listen="127.0.0.1:0",
+            etcd=etcd_server.endpoint,
+            lease_ttl=LEASE_TTL,
+        )
+        nodes.append(await nursery.start(_scoped, Node(config)))
+    a, b = nodes
+    assert a.bound.metrics is not None
+    with trio.fail_after(TIMEOUT):
+        await wait_for_members(nodes, 2)
+        assert await _http_get(a.bound.metrics, "/healthz") == (200, b"ok\n")
+        assert (await _http_get(a.bound.metrics, "/readyz"))[0] == 200
+        await a.node.leave(drain=0)
+        status, body = await _http_get(a.bound.metrics, "/readyz")
+        assert status == 503 and body.startswith(b"leaving: ")
+        assert (await _http_get(a.bound.metrics, "/healthz"))[0] == 200
+        await wait_for_members([b], 1)
+        r = await trio.to_thread.run_sync(dcache_cli, "members", "--json", "--server", b.address)
+        assert r.returncode == 0, r.stderr
+        [member] = json.loads(r.stdout)["members"]
+        assert member["state"] == "ready"
+
+
 async def test_shell_where_names_the_owner_in_a_cluster(cluster: list[InProcessNode]) -> None:
     import io
 
@@ -763,7 +806,8 @@ async def test_an_etcd_outage_longer_than_the_lease_makes_keyed_requests_unavail
             with pytest.raises(dcache.RequestError):
                 await client.mget([f"k{i}" for i in range(50)])
             await client.ping()
-            assert (await client.stats())["keys"] > 0
+            stats = await client.stats()
+            assert stats["keys"] > 0 and stats["state"] == "rejoining"
             await trio.to_thread.run_sync(etcd_server.start)
             # etcd kept the leases: once refreshed, every node serves again, with what it held.
             while True:
