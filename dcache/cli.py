@@ -152,6 +152,14 @@ def completion(shell_name: str | None, directory: str | None) -> None:
     show_default=True,
     help="How soon peers notice this node is gone.",
 )
+@click.option(
+    "--drain-timeout",
+    type=commands.Seconds(3600, "an hour", minimum=0),
+    default=30.0,
+    metavar="SECONDS",
+    show_default=True,
+    help="On SIGTERM or Ctrl-C, how long the node may take to hand its entries to the other nodes before it stops.",
+)
 @click.option("--log-level", default="info", metavar="LEVEL", show_default=True, help="debug, info, warning or error.")
 @click.option(
     "--busy-poll-us", envvar="DCACHE_BUSY_POLL_US", type=click.IntRange(0, MAX_BUSY_POLL_US), default=int(DEFAULT_BUSY_POLL_US),
@@ -166,6 +174,7 @@ def serve(
     cluster: str,
     metrics_listen: str | None,
     lease_ttl: float,
+    drain_timeout: float,
     log_level: str,
     busy_poll_us: int,
 ) -> None:
@@ -202,6 +211,7 @@ def serve(
             cluster=cluster,
             metrics_listen=metrics_listen,
             lease_ttl=lease_ttl,
+            drain_timeout=drain_timeout,
             busy_poll=busy_poll_us / 1e6,
         )
         trio.run(_serve_until_signalled, Node(config))
@@ -236,7 +246,7 @@ def _first_leaf(group: BaseException) -> BaseException:
 
 
 MAX_BENCH_KEYS = 10_000_000  # the cleanup sweeps them all: about 30 s at this size
-LEAVE_TIMEOUT = 0.6  # seconds: leaving the cluster must fit in the second a stop may take
+LEAVE_SLACK = 3.0  # seconds for telling etcd, besides handing entries over (--drain-timeout)
 
 
 async def _serve_until_signalled(node: Any) -> None:
@@ -253,7 +263,7 @@ async def _serve_until_signalled(node: Any) -> None:
                     log.info("%s received, shutting down", signal.Signals(signum).name)
                     # Leave the cluster first, so that a rolling restart costs
                     # no request an error; a second signal stops at once.
-                    with trio.move_on_after(LEAVE_TIMEOUT):
+                    with trio.move_on_after(node.config.drain_timeout + LEAVE_SLACK):
                         async with trio.open_nursery() as leaving:
 
                             async def on_second_signal() -> None:

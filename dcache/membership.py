@@ -64,6 +64,7 @@ class Member:
     node_id: str
     client_address: str
     info: dict[str, Any] = field(default_factory=dict, compare=False)
+    leaving: bool = False  # handing its shards over before it goes: owns none
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +108,7 @@ def decode_member(node_id: str, value: bytes) -> Member | None:
             return None
     except Exception:
         return None
-    return Member(node_id, client, info)
+    return Member(node_id, client, info, leaving=info.get("leaving") is True)
 
 
 class _Subscribers:
@@ -161,6 +162,10 @@ class StandaloneMembership:
     async def withdraw(self) -> None:
         """Nobody else to tell."""
 
+    async def announce_leaving(self) -> bool:
+        """Nobody else to tell."""
+        return False
+
 
 class EtcdMembership:
     """Membership through etcd; see the module docstring.
@@ -189,7 +194,8 @@ class EtcdMembership:
         self.prefix = members_prefix(cluster)
         self.node_id = node_id
         self._key = self.prefix + node_id
-        self._value = cbor2.dumps({"client": client_address, "peer": node_id, "started": time.time(), "version": __version__})
+        self._info = {"client": client_address, "peer": node_id, "started": time.time(), "version": __version__}
+        self._value = cbor2.dumps(self._info)
         self._lease_ttl = max(1, math.ceil(lease_ttl))
         self._connect_timeout = connect_timeout
         self._client: Any = None
@@ -298,6 +304,23 @@ class EtcdMembership:
                     await self._call(self._client.revoke_lease, lease.id)
                 except self._etcd_errors():
                     pass
+
+    async def announce_leaving(self) -> bool:
+        """Say in etcd that this node is leaving: every node (this one too)
+        then places shards without it, and it hands its own over before it
+        withdraws. Bounded; False if etcd did not take it (then the others
+        learn it only when the node withdraws)."""
+        self._value = cbor2.dumps({**self._info, "leaving": True})
+        lease = self._lease
+        if lease is None or self._withdrawn or not self.healthy:
+            return False
+        with trio.move_on_after(REQUEST_TIMEOUT):
+            try:
+                await self._call(self._client.put, self._key, self._value, lease=lease)
+                return True
+            except self._etcd_errors() as exc:
+                log.warning("could not tell etcd this node is leaving: %s", _describe(exc))
+        return False
 
     async def _leave(self) -> None:
         """Revoke the lease (peers see us go at once) and close the client; bounded."""

@@ -22,6 +22,7 @@ import trio
 from . import __version__, transport, wsframe
 from .codec import Limits, Status
 from .errors import DcacheError
+from .handoff import Placement, absorb, claim, hand_over
 from .membership import EtcdMembership, MembershipError, StandaloneMembership, View
 from .net import busy_poll_from_env, split_address
 from .peers import PeerLinks
@@ -49,6 +50,7 @@ ACCEPT_BACKOFF = 0.1
 MEMBER_STATS_TIMEOUT = 2.0  # seconds a member may take to send its counters for `members`
 MAX_WAITING = 256  # frames of one connection waiting for other nodes at once
 LEAVE_DRAIN = 0.3  # seconds a stopping node still answers after leaving the view
+DRAIN_TIMEOUT = 30.0  # seconds a leaving node may take to hand its shards over
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +71,7 @@ class NodeConfig:
     max_unfinished_bytes: int = MAX_UNFINISHED_BYTES
     busy_poll: float | None = None  # seconds a reader spins before sleeping (see net.BusyPoll); None: DCACHE_BUSY_POLL_US
     reactor: bool = True  # serve connections from one task (see reactor.py); False: a task each
+    drain_timeout: float = DRAIN_TIMEOUT
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,16 +128,50 @@ class Node:
         self.membership: EtcdMembership | StandaloneMembership | None = None
         self._leaving = False
         self._applied = View(0, ())  # the last view applied (or set aside, if empty)
+        self.placement = Placement("")
+        self._more_to_hand = trio.Event()
+        self._new_claims = trio.Event()
 
-    async def leave(self, drain: float = LEAVE_DRAIN) -> None:
-        """Step out of the cluster before stopping: leave the membership view,
-        then keep answering for ``drain`` seconds while the other nodes move
-        this node's shards elsewhere and finish what they sent it."""
+    async def leave(self, drain: float = LEAVE_DRAIN) -> dict[str, int]:
+        """Step out of the cluster before stopping: say so in etcd, hand every
+        shard with its entries to its new owner (within the config's
+        ``drain_timeout``), leave the membership view, keep answering for
+        ``drain`` seconds while the other nodes finish what they sent it,
+        then close client connections. Returns what moved and what did not."""
         self._leaving = True
-        if self.membership is not None:
-            await self.membership.withdraw()
-            if isinstance(self.membership, EtcdMembership):
-                await trio.sleep(drain)
+        membership = self.membership
+        if membership is None:
+            return {}
+        placement = self.placement
+        before = (placement.moved_out, placement.entries_out)
+        if await membership.announce_leaving():
+            with trio.move_on_after(self.config.drain_timeout):
+                while self.node_id in placement.target.members or placement.outgoing or placement.sending:
+                    await trio.sleep(0.05)
+        report = {
+            "shards_moved": placement.moved_out - before[0],
+            "entries_moved": placement.entries_out - before[1],
+            "shards_left_behind": len(placement.outgoing)
+            + len(placement.sending)
+            + (self.router.shard_map.shards_owned(self.node_id) if self.node_id in placement.target.members else 0),
+        }
+        if report["shards_moved"] or report["shards_left_behind"]:
+            log.info(
+                "handed %d shard(s) with %d entries to other nodes%s",
+                report["shards_moved"],
+                report["entries_moved"],
+                f"; {report['shards_left_behind']} shard(s) could not be handed over within "
+                f"{self.config.drain_timeout:g} s and are lost"
+                if report["shards_left_behind"]
+                else "",
+            )
+        await membership.withdraw()
+        if isinstance(membership, EtcdMembership):
+            await trio.sleep(drain)
+            # Close client connections before the peer links go with the node:
+            # a request still forwarded then is retried elsewhere, not failed.
+            self.reactor.close_all()
+        return report
 
     def readiness(self) -> tuple[str, str]:
         """Whether this node should be sent clients, for ``/readyz`` and
@@ -142,10 +179,14 @@ class Node:
         or does not hold it), ``leaving`` (it is stepping out) or
         ``rejoining`` (it lost contact with etcd for longer than its lease),
         each with a sentence saying why."""
+        placement = self.placement
         if self._leaving:
-            return "leaving", "this node is leaving the cluster"
+            moving = len(placement.outgoing) + len(placement.sending)
+            return "leaving", "this node is leaving the cluster" + (f", handing {moving} shard(s) over" if moving else "")
         if not self._applied.members or self.node_id not in self.router.shard_map.members:
             return "joining", "this node is not in its membership view yet"
+        if placement.incoming:
+            return "joining", f"the entries of {len(placement.incoming)} shard(s) are still on their way to this node"
         if self.router.vouched_until <= trio.current_time():
             return "rejoining", "this node lost contact with etcd for longer than its lease"
         return "ready", "this node is in the cluster and serving its shards"
@@ -158,6 +199,7 @@ class Node:
             node=self.node_id,
             state=self.readiness()[0],
             shards=router.shard_map.shards_owned(self.node_id),
+            **self.placement.state(),
             members=len(router.shard_map.members),
             epoch=router.shard_map.epoch,
             forwarded=router.counters.forwarded,
@@ -194,6 +236,7 @@ class Node:
         bound_client = (client_host, client_listeners[0].socket.getsockname()[1])
         # With port 0 the node id can only be known now.
         self.node_id = config.advertise or join_address(*bound_peer)
+        self.placement = Placement(self.node_id)
         advertised_host = split_address(self.node_id, DEFAULT_PEER_PORT)[0]
         client_address = join_address(advertised_host if client_host in _WILDCARDS else client_host, bound_client[1])
         metrics_listeners = None
@@ -210,8 +253,10 @@ class Node:
             members=self.members,
             server_name=f"dcache {__version__}",
             peers=self.peers,
+            handoff=self._take_handoff,
             clock=trio.lowlevel.current_clock().current_time,  # the clock membership vouches on
         )
+        self.router.arriving = self.placement.incoming
         self.reactor = Reactor(
             router=self.router,
             idle_timeout=config.idle_timeout,
@@ -252,9 +297,11 @@ class Node:
             # more (300 members: about 1 s): off the event loop, which keeps
             # the membership's lease alive meanwhile. Later views cost
             # milliseconds each (ShardMap.changed).
-            placed = await trio.to_thread.run_sync(ShardMap.build, view.epoch, view.ids())
+            placed = await trio.to_thread.run_sync(ShardMap.build, view.epoch, _active(view))
             self._apply_view(view, placed)
             nursery.start_soon(self._follow_views, membership, views)
+            nursery.start_soon(hand_over, self.placement, self.store, self.peers, self._handoff_wait)
+            nursery.start_soon(claim, self.placement, self.peers, self._claim_wait)
             if config.etcd:
                 nursery.start_soon(self._check_advertised)
             nursery.start_soon(self._purge_unowned)
@@ -293,10 +340,17 @@ class Node:
                 log.warning("etcd lists no member, not even this node; keeping the last view")
             return
         old = self.router.shard_map
-        shard_map = placed if placed is not None else old.changed(view.epoch, view.ids())
+        arriving = set(self.placement.incoming)
+        shard_map = self.placement.apply(view.epoch, view.ids(), _active(view), trio.current_time(), target=placed)
         self.router.shard_map = shard_map
         self.router.client_addresses = {m.node_id: m.client_address for m in view.members}
         self.peers.update(shard_map.members)
+        for shard in self.placement.incoming.keys() - arriving - self.placement.sending:
+            self.store.drop_shard(shard)  # (what is left from when it was here before is stale)
+        if self.placement.outgoing:
+            self._more_to_hand.set()
+        if self.placement.incoming:
+            self._new_claims.set()
         if old.members != shard_map.members:
             log.info(
                 "membership epoch %d: %d member(s) %s; this node owns %d of %d shards",
@@ -318,6 +372,9 @@ class Node:
         again (at once: a stale value must not be served meanwhile)."""
         if set(self.router.shard_map.members) - {self.node_id}:
             dropped = self.store.clear()
+            # Take the next view as a first one: this node's shards come back from whoever served them meanwhile.
+            self.placement.reset()
+            self._applied = View(0, ())
             log.warning("this node's lease lapsed; dropped its %d entries, which others may have changed meanwhile", dropped)
 
     async def _check_advertised(self) -> None:
@@ -362,31 +419,62 @@ class Node:
                 self._catch_up(membership)
 
     async def _purge_unowned(self) -> None:
-        """Drop entries of shards this node no longer owns, after each change.
+        """Drop entries of shards this node neither serves nor waits for, after
+        each change (handed-over shards are dropped when acknowledged; this
+        catches the rest, such as entries set aside when views disagreed).
 
         They would be stale if their shards came back to this node later,
         and they hold memory nobody can reach.
         """
+        placement = self.placement
         while True:
             assert self._purge_needed is not None
             await self._purge_needed.wait()
             self._purge_needed = trio.Event()
-            dropped = 0
-            for ns in self.store.namespaces():
-                keys = self.store.keys(ns)
-                for start in range(0, len(keys), PURGE_BATCH):
-                    shard_map = self.router.shard_map  # the newest view, batch by batch
-                    for key in keys[start : start + PURGE_BATCH]:
-                        if shard_map.owner(ns, key) != self.node_id:
-                            dropped += self.store.discard(ns, key)
-                    await trio.sleep(0)
+            dropped = work = 0
+            for shard in self.store.shards():
+                owners = placement.owners  # the newest, shard by shard
+                if (
+                    owners
+                    and owners[shard] != self.node_id
+                    and shard not in placement.incoming
+                    and shard not in placement.sending
+                ):
+                    dropped += self.store.drop_shard(shard)
+                    work += 1
+                    if work % 64 == 0:
+                        await trio.sleep(0)
             if dropped:
                 log.info("dropped %d entries of shards now owned by other nodes", dropped)
+
+    def _take_handoff(self, peer: str, op: str, args: dict[str, Any]) -> Any:
+        """Entries another node hands this one, or its claim on shards (the router's ``handoff``)."""
+        if op == "claim":
+            return self.placement.answer_claim(peer, args["shards"])
+        taken, onward = absorb(self.placement, self.store, args)
+        if onward:
+            self._more_to_hand.set()
+        return taken
+
+    def _claim_wait(self) -> trio.Event:
+        """The event set when shards may have started on their way here."""
+        if self._new_claims.is_set():
+            self._new_claims = trio.Event()
+        return self._new_claims
+
+    def _handoff_wait(self) -> trio.Event:
+        """The event set when there may be shards to hand over."""
+        if self._more_to_hand.is_set():
+            self._more_to_hand = trio.Event()
+        return self._more_to_hand
 
     # -- upkeep ---------------------------------------------------------------------
 
     async def _sweep(self) -> None:
         while True:
+            late = self.placement.give_up_waiting(trio.current_time())
+            if late:
+                log.warning("the entries of %d shard(s) did not arrive in time; serving them empty", len(late))
             if self.store.sweep(SWEEP_BATCH) < SWEEP_BATCH:
                 await trio.sleep(self.config.sweep_interval)
             else:
@@ -589,6 +677,11 @@ async def gather_members(
         for member in shard_map.members:
             nursery.start_soon(ask, member)
     return {"epoch": shard_map.epoch, "members": [rows[m] for m in shard_map.members]}
+
+
+def _active(view: View) -> tuple[str, ...]:
+    """The members that own shards: those not leaving."""
+    return tuple(m.node_id for m in view.members if not m.leaving)
 
 
 def _only_cancelled(exc: BaseException) -> bool:

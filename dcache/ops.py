@@ -12,7 +12,8 @@ get → value or null; set → the entry's new version; delete → true if it
 existed; ttl → remaining ms, -1 for no TTL, null if missing; mget → [value or
 null, ...]; mset → [version, ...]; mdelete → number deleted; stats → map of
 counters; members → {"epoch", "members": [{"node", "client", "state",
-"stats"}, ...]}.
+"stats"}, ...]}; handoff (from a node handing entries over) → number taken; claim (from a
+node waiting for shards) → {"absent", "elsewhere"}.
 
 A hello with ``peer`` (the sender's node id) opens a node-to-node link: its
 keyed requests are served only if the receiving node owns the key, else
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from .codec import MAX_NAMESPACE_BYTES, MAX_RID, MAX_TTL_MS, ErrorCode, Limits, WireError
+from .shard import NUM_SHARDS
 
 
 class Request(NamedTuple):  # a tuple: made for every request, at half a frozen dataclass's cost
@@ -307,6 +309,41 @@ def _mdelete(store: Any, a: dict[str, Any]) -> Any:
     return sum(store.delete(ns, key) for key in a["keys"])
 
 
+def _handoff(args: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    """A node handing entries over (see :mod:`dcache.handoff`): ``entries`` as
+    [ns, key, value, ttl_ms, version] lists, and ``done``, the shards whose
+    entries are all sent with this message or before it."""
+    entries, done = args.get("entries"), args.get("done")
+    if args.keys() != {"entries", "done"} or type(entries) is not list or type(done) is not list:
+        raise WireError(ErrorCode.BAD_REQUEST, "handoff: args are {entries, done}")
+    for item in entries:
+        if not (
+            type(item) is list
+            and len(item) == 5
+            and type(item[0]) is str
+            and type(item[1]) is bytes
+            and item[1]
+            and type(item[2]) is bytes
+            and type(item[3]) is int
+            and 0 <= item[3] <= MAX_TTL_MS
+            and type(item[4]) is int
+            and item[4] >= 0
+        ):
+            raise WireError(ErrorCode.BAD_REQUEST, "handoff: each entry is [ns, key, value, ttl_ms, version]")
+    for shard in done:
+        if type(shard) is not int or not 0 <= shard < NUM_SHARDS:
+            raise WireError(ErrorCode.BAD_REQUEST, "handoff: done holds shard numbers")
+    return {"entries": entries, "done": done}
+
+
+def _claim(args: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    """A node asking about shards it waits for (see :mod:`dcache.handoff`)."""
+    shards = args.get("shards")
+    if args.keys() != {"shards"} or type(shards) is not list or not all(type(s) is int and 0 <= s < NUM_SHARDS for s in shards):
+        raise WireError(ErrorCode.BAD_REQUEST, "claim: args are {shards: [shard number, ...]}")
+    return {"shards": shards}
+
+
 def _ping(store: Any, a: dict[str, Any]) -> Any:
     return None
 
@@ -318,6 +355,8 @@ OPS: dict[str, Op] = {
         Op("ping", _no_args("ping"), apply=_ping),
         Op("stats", _no_args("stats")),
         Op("members", _no_args("members")),
+        Op("handoff", _handoff),  # from peers only
+        Op("claim", _claim),  # from peers only
         Op("get", _keyed("get"), Keys.ONE, apply=_get),
         Op("set", _set, Keys.ONE, write=True, apply=_set_in),
         Op("delete", _keyed("delete"), Keys.ONE, write=True, apply=_delete),

@@ -122,6 +122,18 @@ class PeerLinks:
         """:meth:`submit` for one request encoded but for its rid; its reply likewise."""
         return Forward(self, node_id, None, rest)
 
+    async def linked(self, node_id: str) -> bool:
+        """Whether the link to ``node_id`` is up, waiting up to
+        :data:`WAIT_FOR_LINK` for it if it is (re)connecting."""
+        link = self._links.get(node_id)
+        if link is None:
+            return False
+        if link.state != "up":
+            assert link.up is not None
+            with trio.move_on_after(WAIT_FOR_LINK):
+                await link.up.wait()
+        return link.state == "up"
+
     async def room(self, node_id: str) -> None:
         """Wait while the link to ``node_id`` has :data:`MAX_IN_FLIGHT` batches out."""
         link = self._links.get(node_id)

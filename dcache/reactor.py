@@ -219,8 +219,7 @@ class Reactor:
                         self._yield_soon = False
                         await trio.lowlevel.checkpoint()
         finally:
-            for entry in list(self._entries.values()):
-                self._close(entry, wsframe.CLOSE_GOING_AWAY, "the node is shutting down")
+            self.close_all()
             if watch is not None:
                 try:
                     watch.unregister(epoll.fileno())
@@ -228,6 +227,12 @@ class Reactor:
                     pass
             self._nursery = None
             epoll.close()
+
+    def close_all(self) -> None:
+        """Close every connection, saying the node is going away: what they
+        wait for is given up, and their clients try elsewhere."""
+        for entry in list(self._entries.values()):
+            self._close(entry, wsframe.CLOSE_GOING_AWAY, "the node is shutting down")
 
     def _wanted(self) -> bool:
         if self._skip:

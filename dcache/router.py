@@ -19,9 +19,13 @@ the owner's reply back as it came, rewriting only the rids, so a value it
 only carries is never decoded or encoded on the way.
 
 Requests that arrive over a peer link (their hello named a ``peer``) are
-never forwarded again: if this node does not own the key by its own view it
+not forwarded again: if this node does not own the key by its own view it
 answers ``moved`` with its epoch, and the sender retries with a fresher map,
-a bounded number of times. A node that cannot vouch for its view (its lease
+a bounded number of times. The one exception is a shard this node is to
+serve once its entries arrive (:attr:`Router.arriving`): it passes requests
+for it to the node holding them, whoever sent them, and that node never
+passes them back (it answers them, or ``moved`` once it has handed the
+shard over), so a request still crosses at most two links. A node that cannot vouch for its view (its lease
 may have lapsed) answers requests for keys ``unavailable`` instead.
 """
 
@@ -40,7 +44,7 @@ from .codec import ErrorCode, Limits, Status, WireError
 from .errors import PeerUnavailable
 from .ops import KEYED, OPS, Keys, Op, Request, check_request, parse_request
 from .protocol import ServerSession
-from .shard import ShardMap
+from .shard import ShardMap, shard_of
 from .stats import RequestCounters
 
 log = logging.getLogger(__name__)
@@ -272,7 +276,9 @@ class Router:
     ``client_addresses`` maps member ids to their client addresses.
     ``vouched_until`` is the time on ``clock`` from which this node no longer
     answers keyed requests (``math.inf``: always answers); its owner moves it.
-    ``server_info`` is the node's part of a hello reply.
+    ``server_info`` is the node's part of a hello reply. ``handoff(peer, op,
+    args)`` serves what other nodes say about moving shards (see
+    :mod:`dcache.handoff`).
     """
 
     def __init__(
@@ -286,6 +292,7 @@ class Router:
         members: Callable[[], Awaitable[dict[str, Any]]],
         server_name: str,
         peers: Forwarder | None = None,
+        handoff: Callable[[str, str, dict[str, Any]], Any] | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.store = store
@@ -299,6 +306,8 @@ class Router:
         self._server_name = server_name
         self.counters = RequestCounters()
         self.vouched_until = math.inf
+        self.arriving: dict[int, str] = {}  # shard → the node holding its entries, until they arrive here
+        self._handoff = handoff
         self._clock = clock
 
     # -- entry points -------------------------------------------------------------
@@ -371,6 +380,8 @@ class Router:
                 elif req.op == "members":
                     waiting = waiting or Waiting(self, started)
                     waiting._members.append(waiting.slot(req.rid))
+                elif req.op in ("handoff", "claim"):
+                    replies.append(self._take_handoff(session, req))
                 else:
                     replies.append(self._local(req))
         if remote:
@@ -403,7 +414,7 @@ class Router:
             status, body = self._execute(op, args)
             self.counters.latency.observe(self._clock() - started)
             return codec.reply_frame(rid, status, body), None
-        if session.peer_id:
+        if session.peer_id and not self._passes_on(args):
             self.counters.latency.observe(self._clock() - started)
             return codec.encode_frame([self._moved(rid, owner)]), None
         split = codec.split_single(payload)
@@ -462,9 +473,28 @@ class Router:
         key, or the request came over a peer link (never forwarded twice)."""
         if owner == self.node_id:
             return self._local(req)
-        if session.peer_id:
+        if session.peer_id and not self._passes_on(req.args):
             return self._moved(req.rid, owner)
         return None
+
+    def _passes_on(self, args: dict[str, Any]) -> bool:
+        """Whether a peer's request for this key is passed on, not bounced:
+        its shard is arriving here, and the node holding it answers."""
+        return bool(self.arriving) and shard_of(args["ns"], args["key"]) in self.arriving
+
+    def _take_handoff(self, session: ServerSession, req: Request) -> list[Any]:
+        """A ``handoff`` or ``claim`` from another node (see :mod:`dcache.handoff`)."""
+        if not session.peer_id or self._handoff is None:
+            self.counters.count(req.op, "error")
+            return codec.error(req.rid, ErrorCode.BAD_REQUEST, f"{req.op} is for nodes of the cluster only")
+        try:
+            body = self._handoff(session.peer_id, req.op, req.args)
+        except Exception:
+            log.exception("internal error serving %s", req.op)
+            self.counters.count(req.op, "error")
+            return codec.error(req.rid, ErrorCode.INTERNAL, "internal error; see the node's log")
+        self.counters.count(req.op, "ok")
+        return codec.ok(req.rid, body)
 
     def _local(self, req: Request) -> list[Any]:
         if req.op == "stats":

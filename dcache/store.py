@@ -11,16 +11,19 @@ expired entries per call, so keys nobody reads again do not hold memory).
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+
+from .shard import NUM_SHARDS, key_hash
 
 # Rebuild the expiry heap when stale items outnumber live TTL entries by this
 # factor (an entry whose TTL changed leaves its old heap item behind).
 _HEAP_SLACK = 2
 _HEAP_MIN_REBUILD = 1024
-# Rough per-entry overhead (dict slot, entry object, key and value headers),
-# so "memory" means something for many small entries.
-ENTRY_OVERHEAD_BYTES = 160
+# Rough per-entry overhead (dict slot, entry object, key and value headers,
+# the shard index's slot), so "memory" means something for many small entries.
+ENTRY_OVERHEAD_BYTES = 192
 
 
 class Entry:
@@ -42,11 +45,17 @@ class Counters:
 
 
 class Store:
-    """Namespaced key → value map with TTL, per-entry versions and stats."""
+    """Namespaced key → value map with TTL, per-entry versions and stats.
+
+    Keys are also indexed by shard, so one shard's entries can be listed
+    (to hand them to another node) without walking the others: the index
+    is touched when a key comes or goes, not when it is read or rewritten.
+    """
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
         self._spaces: dict[str, dict[bytes, Entry]] = {}
+        self._shards: dict[int, dict[str, set[bytes]]] = {}  # shard → ns → keys
         self._expiry_heap: list[tuple[float, str, bytes]] = []
         self._ttl_entries = 0
         self._version = 0
@@ -95,6 +104,7 @@ class Store:
             self._keys += 1
             self._bytes += len(key) + len(value)
             space[key] = Entry(value, expires_at, self._version)
+            self._index(ns, key)
         else:
             self._bytes += len(value) - len(old.value)
             previous_expiry = old.expires_at
@@ -174,11 +184,30 @@ class Store:
             return None
         return entry
 
+    def _index(self, ns: str, key: bytes) -> None:
+        shard = key_hash(ns, key) % NUM_SHARDS
+        spaces = self._shards.get(shard)
+        if spaces is None:
+            spaces = self._shards[shard] = {}
+        keys = spaces.get(ns)
+        if keys is None:
+            spaces[ns] = {key}
+        else:
+            keys.add(key)
+
     def _remove(self, ns: str, key: bytes, entry: Entry) -> None:
         space = self._spaces[ns]
         del space[key]
         if not space:
             del self._spaces[ns]
+        shard = key_hash(ns, key) % NUM_SHARDS
+        spaces = self._shards[shard]
+        keys = spaces[ns]
+        keys.discard(key)
+        if not keys:
+            del spaces[ns]
+            if not spaces:
+                del self._shards[shard]
         self._keys -= 1
         self._bytes -= len(key) + len(entry.value)
         if entry.expires_at:
@@ -213,6 +242,7 @@ class Store:
         Versions keep counting up."""
         dropped = self._keys
         self._spaces = {}
+        self._shards = {}
         self._expiry_heap = []
         self._ttl_entries = self._bytes = self._keys = 0
         return dropped
@@ -224,3 +254,51 @@ class Store:
             return False
         self._remove(ns, key, entry)
         return True
+
+    # -- by shard, to hand entries to another node ---------------------------------
+
+    def shards(self) -> list[int]:
+        """The shards holding at least one entry (expired ones included)."""
+        return list(self._shards)
+
+    def shard_entries(self, shard: int) -> Iterator[tuple[str, bytes, bytes, int, int]]:
+        """The live entries of ``shard`` as (ns, key, value, remaining TTL in
+        ms or 0 for none, version); expired ones are skipped. Read it to the
+        end before the store changes."""
+        now = self._clock()
+        spaces = self._spaces
+        for ns, keys in self._shards.get(shard, {}).items():
+            space = spaces[ns]
+            for key in keys:
+                entry = space[key]
+                if not entry.expires_at:
+                    yield ns, key, entry.value, 0, entry.version
+                elif entry.expires_at > now:
+                    yield ns, key, entry.value, max(1, math.ceil((entry.expires_at - now) * 1000)), entry.version
+
+    def drop_shard(self, shard: int) -> int:
+        """Drop every entry of ``shard`` without counting deletes (it moved
+        to another node); how many there were."""
+        dropped = 0
+        for ns, keys in list(self._shards.get(shard, {}).items()):
+            space = self._spaces[ns]
+            for key in list(keys):
+                self._remove(ns, key, space[key])
+                dropped += 1
+        return dropped
+
+    def absorb(self, entries: Iterable[tuple[str, bytes, bytes, int, int]]) -> int:
+        """Take entries handed over by another node, as :meth:`shard_entries`
+        gives them: each keeps its version (this store's versions continue
+        above it, so a key's version never goes back) and its remaining TTL,
+        and replaces what is here. Returns how many were taken."""
+        taken = 0
+        for ns, key, value, ttl_ms, version in entries:
+            self.set(ns, key, value, ttl_ms)
+            self.counters.sets -= 1  # not a client's write
+            entry = self._spaces[ns][key]
+            if version > self._version:
+                self._version = version
+            entry.version = version
+            taken += 1
+        return taken

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -1026,3 +1027,35 @@ def transport_socket(channel: object) -> socket.socket:
     sock = transport.plain_socket(channel._conn.stream)  # type: ignore[attr-defined]
     assert sock is not None
     return sock
+
+
+async def _start_node(nursery: trio.Nursery, etcd_server: EtcdServer, **options: object) -> InProcessNode:
+    config = NodeConfig(client_listen="127.0.0.1:0", listen="127.0.0.1:0", etcd=etcd_server.endpoint, lease_ttl=LEASE_TTL)
+    node: InProcessNode = await nursery.start(_scoped, Node(dataclasses.replace(config, **options)))  # type: ignore[arg-type]
+    return node
+
+
+async def wait_ready(nodes: list[InProcessNode]) -> None:
+    while not all(n.node.readiness()[0] == "ready" for n in nodes):
+        await trio.sleep(0.02)
+
+
+async def test_entries_move_to_a_joining_node(nursery: trio.Nursery, etcd_server: EtcdServer) -> None:
+    """A node that joins takes over its shards with their entries and TTLs:
+    every key reads back, from every node, as before the join."""
+    nodes = [await _start_node(nursery, etcd_server) for _ in range(2)]
+    with trio.fail_after(TIMEOUT):
+        await wait_for_members(nodes, 2)
+        await wait_ready(nodes)
+        async with dcache.connect(nodes[0].address) as client:
+            await client.mset({f"k{i}": f"v{i}" for i in range(2000)})
+            await client.set("short", "x", ttl=30)
+            nodes.append(await _start_node(nursery, etcd_server))
+            await wait_for_members(nodes, 3)
+            await wait_ready(nodes)
+            assert len(nodes[2].node.store) > 300  # its share came with its shards
+            assert sum(len(n.node.store) for n in nodes) == 2001  # and left the others
+            for n in nodes:
+                async with dcache.connect(n.address) as each:
+                    assert await each.mget([f"k{i}" for i in range(2000)]) == [f"v{i}".encode() for i in range(2000)]
+                    assert 25 < await each.ttl("short") <= 30

@@ -40,6 +40,11 @@ VALID = [
     ([11, "mdelete", {"keys": [b"a"]}], {"ns": "", "keys": [b"a"]}),
     ([12, "stats", {}], {}),
     ([13, "members", {}], {}),
+    (
+        [14, "handoff", {"entries": [["ns", b"k", b"v", 0, 7]], "done": [5]}],
+        {"entries": [["ns", b"k", b"v", 0, 7]], "done": [5]},
+    ),
+    ([15, "claim", {"shards": [0, 8191]}], {"shards": [0, 8191]}),
 ]
 
 
@@ -320,3 +325,22 @@ def test_a_malformed_rest_is_a_wire_error() -> None:
         codec.decode_rest(b"\x01\x82")  # an error whose body is cut short
     with pytest.raises(WireError):
         codec.decode_rest(codec.encode_rest(1, "not [code, message]"))
+
+
+@pytest.mark.parametrize(
+    ("op", "args"),
+    [
+        ("handoff", {"entries": [], "done": [], "extra": 1}),
+        ("handoff", {"entries": [["", b"k", b"v", 0]], "done": []}),
+        ("handoff", {"entries": [["", b"", b"v", 0, 1]], "done": []}),
+        ("handoff", {"entries": [["", b"k", b"v", -1, 1]], "done": []}),
+        ("handoff", {"entries": [["", "k", b"v", 0, 1]], "done": []}),
+        ("handoff", {"entries": [], "done": [8192]}),
+        ("handoff", {"entries": [], "done": ["1"]}),
+        ("claim", {"shards": [-1]}),
+        ("claim", {"shards": 3}),
+        ("claim", {}),
+    ],
+)
+def test_moving_shards_takes_only_well_formed_messages(op: str, args: dict[str, Any]) -> None:
+    rejects([1, op, args], ErrorCode.BAD_REQUEST)

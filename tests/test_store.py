@@ -143,3 +143,74 @@ def test_clear_forgets_everything_and_counts_on() -> None:
     assert store.namespaces() == [] and store.sweep(10) == 0
     assert store.set("", b"a", b"4") > before  # versions never go back
     assert len(store) == 1
+
+
+def _shard_contents(store: Store) -> dict[tuple[str, bytes], bytes]:
+    return {(ns, key): value for shard in store.shards() for ns, key, value, _, _ in store.shard_entries(shard)}
+
+
+def test_a_shards_entries_are_listed_with_remaining_ttl_and_version(store: Store, clock: Clock) -> None:
+    from dcache.shard import shard_of
+
+    v = store.set("", b"a", b"1", ttl_ms=10_000)
+    store.set("users", b"a", b"2")
+    store.set("", b"gone", b"3", ttl_ms=100)
+    clock.now += 2
+    shard = shard_of("", b"a")
+    assert [e for e in store.shard_entries(shard) if e[1] == b"a"] == [("", b"a", b"1", 8000, v)]
+    assert all(e[1] != b"gone" for s in store.shards() for e in store.shard_entries(s))  # expired: not listed
+    assert store.drop_shard(shard_of("users", b"a")) >= 1
+    assert store.get("users", b"a") is None and store.counters.deletes == 0
+
+
+def test_absorbed_entries_keep_their_version_and_ttl_and_versions_go_on_above(store: Store, clock: Clock) -> None:
+    store.set("", b"mine", b"x")
+    assert store.absorb([("", b"k", b"v", 5000, 900), ("ns", b"p", b"w", 0, 3)]) == 2
+    assert store.get("", b"k") == b"v" and store.version("", b"k") == 900
+    assert store.ttl_ms("", b"k") == 5000 and store.ttl_ms("ns", b"p") == -1
+    assert store.set("", b"k", b"v2") > 900  # a key's version never goes back
+    assert store.stats()["sets"] == 2  # entries handed over are not clients' writes
+    clock.now += 6
+    assert store.get("", b"k") == b"v2"
+
+
+def test_the_shard_index_holds_exactly_the_live_entries() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    keys = st.sampled_from([b"a", b"b", b"c", b"d", b"e"])
+    ops = st.lists(
+        st.one_of(
+            st.tuples(st.just("set"), st.sampled_from(["", "n"]), keys, st.sampled_from([0, 1000])),
+            st.tuples(st.just("delete"), st.sampled_from(["", "n"]), keys, st.just(0)),
+            st.tuples(st.just("tick"), st.just(""), keys, st.just(0)),
+            st.tuples(st.just("drop"), st.sampled_from(["", "n"]), keys, st.just(0)),
+        ),
+        max_size=40,
+    )
+
+    @given(ops)
+    @settings(max_examples=200, deadline=None)
+    def check(steps: list[tuple[str, str, bytes, int]]) -> None:
+        from dcache.shard import shard_of
+
+        clock = Clock()
+        store = Store(clock=clock)
+        model: dict[tuple[str, bytes], tuple[bytes, float]] = {}
+        for i, (op, ns, key, ttl) in enumerate(steps):
+            if op == "set":
+                store.set(ns, key, b"%d" % i, ttl)
+                model[(ns, key)] = (b"%d" % i, clock.now + ttl / 1000 if ttl else float("inf"))
+            elif op == "delete":
+                store.delete(ns, key)
+                model.pop((ns, key), None)
+            elif op == "drop":
+                store.drop_shard(shard_of(ns, key))
+                model = {k: v for k, v in model.items() if shard_of(*k) != shard_of(ns, key)}
+            else:
+                clock.now += 0.6
+                store.sweep()
+            live = {k: value for k, (value, until) in model.items() if until > clock.now}
+            assert _shard_contents(store) == live
+
+    check()
