@@ -95,6 +95,41 @@ def shell(address: str | None, server: str, timeout: float) -> NoReturn:
     sys.exit(shell_main(address or server, timeout=timeout))
 
 
+DRAIN_CLIENT_TIMEOUT = 60.0  # seconds: the node's default --drain-timeout (30 s) and its goodbyes
+
+
+@app.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("address", metavar="HOST:PORT")
+@click.option(
+    "--timeout",
+    help="Give up waiting after this long (longer than the node's --drain-timeout).",
+    **{**commands.TIMEOUT_OPTION, "default": DRAIN_CLIENT_TIMEOUT, "envvar": None},
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for scripts).")
+def drain(address: str, timeout: float, as_json: bool) -> NoReturn:
+    """Take the node at HOST:PORT (its client address) out of its cluster: it hands every shard with its
+    entries to the other nodes, leaves, and stops. Exit 0 when everything moved, 3 if entries were left behind."""
+    from .client import SyncClient
+
+    try:
+        with SyncClient(address, timeout=timeout) as client:
+            node = client.server_info.get("node", address)
+            report = client.drain()
+        moved = f"{node}: handed {report['shards_moved']:,} shard(s) with {report['entries_moved']:,} entries to other nodes"
+        left = report.get("entries_left_behind", 0)
+        outcome = Outcome(
+            {"node": node, **report},
+            stdout=f"{moved}; it has left the cluster and stops",
+            note=f"{left:,} entries could not be handed over and are lost" if left else None,
+            exit_code=commands.EXIT_REFUSED if left else commands.EXIT_OK,
+        )
+    except DcacheError as exc:
+        outcome = commands.failure(exc)
+    except ValueError as exc:
+        outcome = commands.bad_input(exc)
+    sys.exit(commands.render(outcome, as_json=as_json))
+
+
 @app.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("shell_name", metavar="[bash|zsh|fish]", required=False, type=click.Choice(["bash", "zsh", "fish"]))
 @click.option("--write", "directory", metavar="DIR", help="Write the scripts for all three shells into DIR instead.")
@@ -276,8 +311,12 @@ async def _serve_until_signalled(node: Any) -> None:
                     nursery.cancel_scope.cancel()
                     return
 
+            async def run_node(*, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+                await node.run(task_status=task_status)
+                nursery.cancel_scope.cancel()  # it stopped by itself (drained)
+
             nursery.start_soon(stop_on_signal)  # first: a signal may come while etcd is slow to answer
-            await nursery.start(node.run)
+            await nursery.start(run_node)
     log.info("stopped")
 
 

@@ -198,6 +198,14 @@ class Operations:
         ``shards`` owned and its ``stats``."""
         return self._call("members", {}, _identity)
 
+    def drain(self) -> Any:
+        """Have the connected node hand every shard with its entries to the
+        other nodes, leave the cluster and stop; returns what it moved
+        (``shards_moved``, ``entries_moved``) and what it could not
+        (``shards_left_behind``, ``entries_left_behind``). Takes up to the
+        node's ``--drain-timeout``: give the client a timeout longer than that."""
+        return self._call("drain", {}, _identity)
+
     def _multi(self, keys: Iterable[Key], ns: str) -> dict[str, Any]:
         args: dict[str, Any] = {"keys": [self._key(k) for k in keys]}
         self._fits(sum(len(k) + 8 for k in args["keys"]))

@@ -260,9 +260,13 @@ def members(client: Operations) -> Outcome:
             # joining, ready, leaving or rejoining as the node says; unreachable if it said nothing
             "state": stats.get("state", "up") if m["state"] == "up" else m["state"],
             "shards": m["shards"],
+            "shards_arriving": stats.get("shards_arriving", 0),
+            "shards_leaving": stats.get("shards_leaving", 0),
             "keys": stats.get("keys"),
             "uptime_s": stats.get("uptime_s"),
         }
+        moving = [f"{entry['shards_arriving']:,} in"] if entry["shards_arriving"] else []
+        moving += [f"{entry['shards_leaving']:,} out"] if entry["shards_leaving"] else []
         data.append(entry)
         rows.append(
             (
@@ -270,19 +274,20 @@ def members(client: Operations) -> Outcome:
                 entry["client"],
                 entry["state"],
                 f"{entry['shards']:,}",
+                ", ".join(moving) or "-",
                 "-" if entry["keys"] is None else f"{entry['keys']:,}",
                 "-" if entry["uptime_s"] is None else human_seconds(float(entry["uptime_s"])),
             )
         )
-    columns = ("node", "client address", "state", "shards", "keys", "uptime")
+    columns = ("node", "client address", "state", "shards", "moving", "keys", "uptime")
     plain = _plain_table(
-        ("node", "client", "state", "shards", "keys", "uptime_s"),
+        ("node", "client", "state", "shards", "shards_arriving", "shards_leaving", "keys", "uptime_s"),
         [tuple("" if v is None else v for v in e.values()) for e in data],
     )
     return Outcome(
         {"epoch": view["epoch"], "members": data},
         stdout=plain,
-        table=TableData(rows, columns, title=f"{len(rows)} member(s) at epoch {view['epoch']}", numeric=(3, 4, 5)),
+        table=TableData(rows, columns, title=f"{len(rows)} member(s) at epoch {view['epoch']}", numeric=(3, 5, 6)),
     )
 
 
@@ -448,7 +453,10 @@ COMMANDS: dict[str, Command] = {
             stats,
         ),
         Command(
-            "members", "List the cluster's nodes: address, state, shards owned, keys, uptime.", lambda for_shell: [], members
+            "members",
+            "List the cluster's nodes: address, state, shards owned and moving, keys, uptime.",
+            lambda for_shell: [],
+            members,
         ),
         Command("ping", "Check that the node answers.", lambda for_shell: [], ping),
         Command(

@@ -20,7 +20,7 @@ from typing import Any
 import trio
 
 from . import __version__, transport, wsframe
-from .codec import Limits, Status
+from .codec import ErrorCode, Limits, Status
 from .errors import DcacheError
 from .handoff import Placement, absorb, claim, hand_over
 from .membership import EtcdMembership, MembershipError, StandaloneMembership, View
@@ -51,6 +51,7 @@ MEMBER_STATS_TIMEOUT = 2.0  # seconds a member may take to send its counters for
 MAX_WAITING = 256  # frames of one connection waiting for other nodes at once
 LEAVE_DRAIN = 0.3  # seconds a stopping node still answers after leaving the view
 DRAIN_TIMEOUT = 30.0  # seconds a leaving node may take to hand its shards over
+STOP_AFTER_DRAIN = 0.2  # seconds between answering a drain and stopping, for the reply to go out
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,15 +130,17 @@ class Node:
         self._leaving = False
         self._applied = View(0, ())  # the last view applied (or set aside, if empty)
         self.placement = Placement("")
+        self._nursery: trio.Nursery | None = None
         self._more_to_hand = trio.Event()
         self._new_claims = trio.Event()
 
-    async def leave(self, drain: float = LEAVE_DRAIN) -> dict[str, int]:
+    async def leave(self, drain: float = LEAVE_DRAIN, *, close: bool = True) -> dict[str, int]:
         """Step out of the cluster before stopping: say so in etcd, hand every
         shard with its entries to its new owner (within the config's
         ``drain_timeout``), leave the membership view, keep answering for
         ``drain`` seconds while the other nodes finish what they sent it,
-        then close client connections. Returns what moved and what did not."""
+        then close client connections (unless not ``close``). Returns what
+        moved and what did not."""
         self._leaving = True
         membership = self.membership
         if membership is None:
@@ -154,24 +157,45 @@ class Node:
             "shards_left_behind": len(placement.outgoing)
             + len(placement.sending)
             + (self.router.shard_map.shards_owned(self.node_id) if self.node_id in placement.target.members else 0),
+            "entries_left_behind": len(self.store),
         }
-        if report["shards_moved"] or report["shards_left_behind"]:
+        if report["shards_moved"] or report["shards_left_behind"] or report["entries_left_behind"]:
             log.info(
                 "handed %d shard(s) with %d entries to other nodes%s",
                 report["shards_moved"],
                 report["entries_moved"],
-                f"; {report['shards_left_behind']} shard(s) could not be handed over within "
-                f"{self.config.drain_timeout:g} s and are lost"
-                if report["shards_left_behind"]
+                f"; {report['entries_left_behind']} entries could not be handed over "
+                f"(within {self.config.drain_timeout:g} s, or to nobody) and are lost"
+                if report["entries_left_behind"]
                 else "",
             )
         await membership.withdraw()
         if isinstance(membership, EtcdMembership):
             await trio.sleep(drain)
-            # Close client connections before the peer links go with the node:
-            # a request still forwarded then is retried elsewhere, not failed.
-            self.reactor.close_all()
+            if close:
+                # Close client connections before the peer links go with the node:
+                # a request still forwarded then is retried elsewhere, not failed.
+                self.reactor.close_all()
         return report
+
+    async def _drain(self) -> tuple[int, Any]:
+        """The ``drain`` op: hand everything over, leave, and stop the node
+        (soon after, so that the reply goes out first)."""
+        if not isinstance(self.membership, EtcdMembership):
+            return Status.ERROR, [ErrorCode.BAD_REQUEST.value, "this node is standalone: there is no node to hand its entries to"]
+        if self._leaving:
+            return Status.ERROR, [ErrorCode.UNAVAILABLE.value, "this node is leaving already"]
+        log.info("drain requested: handing every shard over, then stopping")
+        report = await self.leave(close=False)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._stop_after_reply)
+        return Status.OK, report
+
+    async def _stop_after_reply(self) -> None:
+        await trio.sleep(STOP_AFTER_DRAIN)
+        self.reactor.close_all()
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
 
     def readiness(self) -> tuple[str, str]:
         """Whether this node should be sent clients, for ``/readyz`` and
@@ -254,6 +278,7 @@ class Node:
             server_name=f"dcache {__version__}",
             peers=self.peers,
             handoff=self._take_handoff,
+            drain=self._drain,
             clock=trio.lowlevel.current_clock().current_time,  # the clock membership vouches on
         )
         self.router.arriving = self.placement.incoming
@@ -282,6 +307,7 @@ class Node:
             membership = StandaloneMembership(node_id=self.node_id, client_address=client_address)
 
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             await nursery.start(self.peers.run)
             await nursery.start(self.reactor.run)
             # Listeners are bound already; connections wait in the backlog

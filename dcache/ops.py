@@ -12,7 +12,9 @@ get → value or null; set → the entry's new version; delete → true if it
 existed; ttl → remaining ms, -1 for no TTL, null if missing; mget → [value or
 null, ...]; mset → [version, ...]; mdelete → number deleted; stats → map of
 counters; members → {"epoch", "members": [{"node", "client", "state",
-"stats"}, ...]}; handoff (from a node handing entries over) → number taken; claim (from a
+"stats"}, ...]}; drain → what the node handed over
+({"shards_moved", "entries_moved", "shards_left_behind", "entries_left_behind"}),
+after which it stops; handoff (from a node handing entries over) → number taken; claim (from a
 node waiting for shards) → {"absent", "elsewhere"}.
 
 A hello with ``peer`` (the sender's node id) opens a node-to-node link: its
@@ -355,6 +357,7 @@ OPS: dict[str, Op] = {
         Op("ping", _no_args("ping"), apply=_ping),
         Op("stats", _no_args("stats")),
         Op("members", _no_args("members")),
+        Op("drain", _no_args("drain")),
         Op("handoff", _handoff),  # from peers only
         Op("claim", _claim),  # from peers only
         Op("get", _keyed("get"), Keys.ONE, apply=_get),

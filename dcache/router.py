@@ -176,7 +176,7 @@ class Waiting:
     :meth:`finish` waits for them and returns their reply frame;
     :meth:`release` gives up on them (the connection went away)."""
 
-    __slots__ = ("_router", "_replies", "_forwards", "_relay", "_members", "_started")
+    __slots__ = ("_router", "_replies", "_forwards", "_relay", "_members", "_drains", "_started")
 
     def __init__(self, router: Router, started: float) -> None:
         self._router = router
@@ -184,6 +184,7 @@ class Waiting:
         self._forwards: list[tuple[str, list[_Job], Pending]] = []
         self._relay: tuple[int, Request, str, Pending] | None = None
         self._members: list[_Reply] = []
+        self._drains: list[_Reply] = []
         self._started = started
 
     def slot(self, rid: int) -> _Reply:
@@ -210,6 +211,11 @@ class Waiting:
             for slot in self._members:
                 slot.deliver(Status.OK, await router._members())
                 router.counters.count("members", "ok")
+            for slot in self._drains:
+                assert router._drain is not None
+                status, body = await router._drain()
+                slot.deliver(status, body)
+                router.counters.count("drain", "ok" if status == Status.OK else "error")
         finally:
             self.release()
         router.counters.latency.observe(router._clock() - self._started, len(self._replies))
@@ -238,7 +244,7 @@ class Waiting:
         or the link failed): :meth:`finish` then completes it from what
         came. None, and no call, if this cannot be done: :meth:`finish` as
         usual."""
-        if self._relay is None or self._forwards or self._members:
+        if self._relay is None or self._forwards or self._members or self._drains:
             return None
         rid, _, _, pending = self._relay
         router = self._router
@@ -276,7 +282,8 @@ class Router:
     ``client_addresses`` maps member ids to their client addresses.
     ``vouched_until`` is the time on ``clock`` from which this node no longer
     answers keyed requests (``math.inf``: always answers); its owner moves it.
-    ``server_info`` is the node's part of a hello reply. ``handoff(peer, op,
+    ``server_info`` is the node's part of a hello reply. ``drain`` hands the
+    node's shards over and stops it (the ``drain`` op). ``handoff(peer, op,
     args)`` serves what other nodes say about moving shards (see
     :mod:`dcache.handoff`).
     """
@@ -293,6 +300,7 @@ class Router:
         server_name: str,
         peers: Forwarder | None = None,
         handoff: Callable[[str, str, dict[str, Any]], Any] | None = None,
+        drain: Callable[[], Awaitable[tuple[int, Any]]] | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.store = store
@@ -308,6 +316,7 @@ class Router:
         self.vouched_until = math.inf
         self.arriving: dict[int, str] = {}  # shard → the node holding its entries, until they arrive here
         self._handoff = handoff
+        self._drain = drain
         self._clock = clock
 
     # -- entry points -------------------------------------------------------------
@@ -380,6 +389,13 @@ class Router:
                 elif req.op == "members":
                     waiting = waiting or Waiting(self, started)
                     waiting._members.append(waiting.slot(req.rid))
+                elif req.op == "drain":
+                    if self._drain is None or session.peer_id:
+                        self.counters.count("drain", "error")
+                        replies.append(codec.error(req.rid, ErrorCode.BAD_REQUEST, "drain is for clients of a node"))
+                    else:
+                        waiting = waiting or Waiting(self, started)
+                        waiting._drains.append(waiting.slot(req.rid))
                 elif req.op in ("handoff", "claim"):
                     replies.append(self._take_handoff(session, req))
                 else:

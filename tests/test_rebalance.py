@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import random
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 
@@ -16,7 +18,7 @@ from support import dcache_cli, serve
 
 import dcache
 from dcache.errors import RequestError
-from dcache.localcluster import EtcdServer, wait_until_serving
+from dcache.localcluster import EtcdServer, free_port, wait_until_serving
 
 TIMEOUT = 90
 WRITERS = 6
@@ -148,3 +150,50 @@ async def test_no_acknowledged_write_is_lost_while_a_node_joins_and_another_leav
             if proc.poll() is None:
                 proc.kill()
             proc.wait(10)
+
+
+def test_drain_hands_a_nodes_entries_over_and_stops_it(etcd_server: EtcdServer) -> None:
+    """`dcache drain HOST:PORT`: the node hands every shard over, says what
+    it moved, leaves and exits; every key reads back from the others."""
+    nodes = [serve(etcd_server.endpoint) for _ in range(3)]
+    try:
+        for _, address, _ in nodes:
+            assert wait_until_serving(address, 15)
+        deadline = time.monotonic() + 15
+        while (
+            len(json.loads(dcache_cli("members", "--json", "--server", nodes[0][1]).stdout or b'{"members": []}')["members"]) != 3
+        ):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        with dcache.SyncClient(nodes[0][1]) as client:
+            client.mset({f"k{i}": f"v{i}" for i in range(3000)})
+            r = dcache_cli("drain", nodes[2][1], "--json")
+            assert r.returncode == 0, r.stderr
+            report = json.loads(r.stdout)
+            assert report["shards_moved"] > 2000 and report["entries_moved"] > 500, report
+            assert report["entries_left_behind"] == 0
+            assert nodes[2][0].wait(15) == 0
+            assert client.mget([f"k{i}" for i in range(3000)]) == [f"v{i}".encode() for i in range(3000)]
+        r = dcache_cli("drain", f"127.0.0.1:{free_port()}")
+        assert r.returncode == 2 and r.stderr.startswith(b"error: cannot connect")  # nothing there: a clear error
+    finally:
+        for proc, _, _ in nodes:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+
+
+def test_drain_refuses_a_standalone_node() -> None:
+    address = f"127.0.0.1:{free_port()}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dcache", "serve", "--client-listen", address, "--listen", f"127.0.0.1:{free_port()}"],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert wait_until_serving(address, 15)
+        r = dcache_cli("drain", address)
+        assert r.returncode == 3 and b"standalone" in r.stderr, r.stderr
+        assert dcache_cli("ping", "--server", address).returncode == 0  # and it serves on
+    finally:
+        proc.kill()
+        proc.wait(10)
