@@ -101,13 +101,34 @@ def test_expiry_heap_stays_bounded_under_rewrites(store: Store, clock: Clock) ->
     for _ in range(20_000):
         store.set("", b"hot", b"v", ttl_ms=60_000)  # same instant: one heap item
     assert len(store._expiry_heap) == 1
-    for _ in range(20_000):
+    for i in range(20_000):
         clock.now += 0.001  # a new expiry each time: stale items pile up until compaction
         store.set("", b"hot", b"v", ttl_ms=60_000)
         store.set("", b"other", b"v", ttl_ms=60_000)
-    assert len(store._expiry_heap) <= 1024 + 2
+        if i % 100 == 0:
+            store.sweep()  # as the node does, every 0.1 s
+    assert len(store._expiry_heap) + len(store._compacting) <= 2 * 1024 + 200  # compacted as it goes
+    while store.sweep() == 1000:
+        pass
+    assert len(store._expiry_heap) + len(store._compacting) <= 1024
     clock.now += 61
     assert store.sweep() == 2 and len(store) == 0
+
+
+def test_compacting_the_expiry_heap_expires_what_is_due_and_keeps_every_deadline(store: Store, clock: Clock) -> None:
+    compacting = 0
+    for ttl in (1000, 1500, 2000):  # stale items pile up: compaction starts
+        for i in range(3000):
+            store.set("", b"k%d" % i, b"v", ttl_ms=ttl + i)
+            compacting += bool(store._compacting)
+            if i % 500 == 0:
+                store.sweep(100)
+    assert compacting > 100
+    clock.now += 2.5
+    while store.sweep(100) == 100:
+        pass
+    assert not store._compacting and len(store) == 3000 - 501
+    assert store.ttl_ms("", b"k2999") == 2499 and store.next_expiry() == pytest.approx(clock.now + 0.001)
 
 
 def test_counters_and_memory(store: Store) -> None:
