@@ -15,7 +15,10 @@ as both nodes live; a request that crosses the flip on the way is answered
 ``moved`` and retried (bounded) by the node that sent it.
 
 A shard whose holder has left the cluster (its lease lapsed) is served at
-once, empty: without replicas, its entries are gone with it.
+once, empty: without replicas, its entries are gone with it. A new owner
+asks the node it waits on (a claim) whether it holds the shard: nodes
+that started together each take the other for the holder, and the answer
+says that nobody holds it, or who does.
 
 :class:`Placement` is the bookkeeping (no I/O); :func:`hand_over` the task.
 """
@@ -36,8 +39,8 @@ from .shard import NUM_SHARDS, ShardMap, shard_of
 log = logging.getLogger(__name__)
 
 BATCH_BYTES = 256 * 1024  # entries per handoff message, about; one shard may take several
-ARRIVAL_TIMEOUT = 60.0  # seconds a new owner waits for a shard's entries before serving it empty
-RETRY_DELAY = 0.5  # seconds before a handoff the new owner did not acknowledge is tried again
+ARRIVAL_TIMEOUT = 30.0  # seconds without any entries arriving before a new owner serves what it waits for, empty
+RETRY_DELAY = 0.5  # seconds before a handoff the new owner did not take is tried again
 CLAIM_INTERVAL = 1.0  # seconds between claims while shards are on their way here
 ENTRY_OVERHEAD = 24  # wire bytes per entry besides its namespace, key and value, about
 
@@ -46,11 +49,11 @@ class Placement:
     """Which node serves each shard here, while shards move.
 
     ``owners`` is the serving owner of every shard, which the router routes
-    by; ``incoming`` maps the shards this node will serve once their entries
-    arrive to the node that holds them (requests for them are forwarded
-    there, even those from peers); ``outgoing`` maps the shards this node
-    holds and must hand over to their new owner. ``sending`` holds the
-    shards handed over and not yet acknowledged.
+    by: this node for the shards it holds (and hands over, ``outgoing``, to
+    their new owner), the holder for the shards this node waits for
+    (``incoming``: requests for them are passed there, even peers'), and the
+    target owner for the rest. ``sending`` holds the shards handed over and
+    not yet acknowledged (their owner is the new one already).
     """
 
     def __init__(self, node_id: str) -> None:
@@ -61,12 +64,20 @@ class Placement:
         self.incoming: dict[int, str] = {}
         self.outgoing: dict[int, str] = {}
         self.sending: set[int] = set()
+        self._holders: dict[int, str] = {}  # shards a view moved on while this node waited: who held them
+        self._asked: dict[int, set[str]] = {}  # incoming shards: the nodes asked about them, said elsewhere
         self._fresh = True  # the next view is taken as a first one
-        self.incoming_since = 0.0
+        self._progress = 0.0  # when entries last arrived, or the wait began
         self.moved_in = 0  # shards whose entries arrived
         self.moved_out = 0  # shards handed over and acknowledged
         self.entries_in = 0
         self.entries_out = 0
+        self.entries_dropped = 0  # handed to a node that served the shard already: lost
+
+    @property
+    def fresh(self) -> bool:
+        """No view applied since start or since :meth:`reset`: nothing is known."""
+        return self._fresh
 
     def reset(self) -> None:
         """Forget what this node serves (it lost its entries): the next view
@@ -75,6 +86,9 @@ class Placement:
         self.incoming.clear()
         self.outgoing.clear()
         self.sending.clear()
+        self._holders.clear()
+        self._asked.clear()
+        self._progress = 0.0
 
     def apply(
         self, epoch: int, members: tuple[str, ...], active: tuple[str, ...], now: float, target: ShardMap | None = None
@@ -83,7 +97,7 @@ class Placement:
         leaving (``target``: their placement, if built already). Returns the
         map to route by. Shards this node gains wait for their holders (the
         serving owner so far, or for a first view, the owner without this
-        node); shards it loses are to be handed over."""
+        node); shards it holds and loses are to be handed over."""
         me = self.node_id
         if target is None:
             target = self.target.changed(epoch, active) if self.target.members else ShardMap.build(epoch, active)
@@ -92,7 +106,8 @@ class Placement:
         want = target.shard_owners
         if not want:  # nobody to serve anything (every member is leaving): keep serving as is
             return self.serving(epoch)
-        incoming, outgoing = self.incoming, self.outgoing
+        incoming, outgoing, holders = self.incoming, self.outgoing, self._holders
+        waiting = len(incoming)
         if self._fresh:
             self._fresh = False
             before = target.changed(epoch, [m for m in active if m != me]).shard_owners if me in target.members else want
@@ -104,14 +119,18 @@ class Placement:
             owners = self.owners
             for shard in range(NUM_SHARDS):
                 new, current = want[shard], owners[shard]
-                if current == me:
+                if current == me:  # held here
                     if new == me:
                         outgoing.pop(shard, None)
                     else:
                         outgoing[shard] = new
+                elif shard in self.sending:
+                    if new == me:  # coming back from the node it was handed to
+                        incoming[shard] = current
                 elif shard in incoming:
                     if new != me:
-                        del incoming[shard]
+                        holders[shard] = incoming.pop(shard)  # (to answer claims for it)
+                        self._asked.pop(shard, None)
                         owners[shard] = new
                     elif incoming[shard] not in present:  # its holder is gone
                         del incoming[shard]
@@ -119,12 +138,13 @@ class Placement:
                 elif new == me:
                     if current in present:
                         incoming[shard] = current
+                        holders.pop(shard, None)
                     else:
                         owners[shard] = me
                 else:
                     owners[shard] = new
-        if incoming and not self.incoming_since:
-            self.incoming_since = now
+        if len(incoming) > waiting:  # (a new wait: its holders get their time)
+            self._progress = now
         return self.serving(epoch)
 
     def serving(self, epoch: int | None = None) -> ShardMap:
@@ -134,38 +154,48 @@ class Placement:
         return ShardMap(self.target.epoch if epoch is None else epoch, self.members, self.owners)  # type: ignore[arg-type]
 
     def give_up_waiting(self, now: float) -> list[int]:
-        """Serve, empty, the shards that have waited :data:`ARRIVAL_TIMEOUT`
-        for their entries; which they were."""
-        if not self.incoming or now - self.incoming_since < ARRIVAL_TIMEOUT:
+        """Serve, empty, the shards still awaited when no entries have
+        arrived for :data:`ARRIVAL_TIMEOUT` (and no new wait began); which
+        they were. (Their holder is silent: its handoff, if it ever comes,
+        is refused, and what it holds is dropped.)"""
+        if not self.incoming or now - self._progress < ARRIVAL_TIMEOUT:
             return []
         late = list(self.incoming)
         for shard in late:
             self.owners[shard] = self.node_id
         self.incoming.clear()
-        self.incoming_since = 0.0
+        self._asked.clear()
         return late
 
-    def accepts(self, shard: int) -> bool:
-        """Whether entries handed over for ``shard`` are taken: not if this
-        node serves it already (they would overwrite newer writes)."""
-        return not self._fresh and self.owners[shard] != self.node_id
+    def accepts(self, shard: int, sender: str) -> bool:
+        """Whether entries ``sender`` hands over for ``shard`` are taken: if
+        this node waits for them (from whoever holds them), or its view has
+        not caught up and still takes the sender for the shard's server;
+        never if it serves the shard already (they would overwrite newer
+        writes)."""
+        if self._fresh:
+            return False
+        return shard in self.incoming or self.owners[shard] == sender != self.node_id
 
-    def arrived(self, shards: list[int]) -> list[int]:
-        """The entries of ``shards`` have arrived: serve them. Returns those
-        this node must pass on at once (its view gives them to another)."""
-        me, owners, want = self.node_id, self.owners, self.target.shard_owners
+    def arrived(self, shards: list[int], epoch: int, now: float) -> list[int]:
+        """The entries of ``shards`` (taken: see :meth:`accepts`) have
+        arrived, sent from a view at ``epoch``: serve them. Returns those this
+        node must pass on at once: its view, as new as the sender's or
+        newer, gives them to another. (If the sender's view is newer, this
+        node's own is behind: it serves them, and its next view decides.)"""
+        me, owners = self.node_id, self.owners
+        want = self.target.shard_owners if epoch <= self.target.epoch else ()
         onward = []
         for shard in shards:
-            if not self.accepts(shard):
-                continue
             owners[shard] = me
             self.moved_in += 1
             self.incoming.pop(shard, None)
+            self._asked.pop(shard, None)
+            self._holders.pop(shard, None)
             if want and want[shard] != me:
                 self.outgoing[shard] = want[shard]
                 onward.append(shard)
-        if not self.incoming:
-            self.incoming_since = 0.0
+        self._progress = now
         return onward
 
     def next_batch(self) -> tuple[str, list[int]] | None:
@@ -184,66 +214,87 @@ class Placement:
             self.sending.add(shard)
 
     def acknowledged(self, shards: list[int]) -> list[int]:
-        """The new owner took ``shards``; those whose entries may go from here."""
+        """The new owner took ``shards``; those whose entries go from here
+        (all but those that came back already: those came whole)."""
         self.sending.difference_update(shards)
         self.moved_out += len(shards)
-        return [s for s in shards if self.owners[s] != self.node_id and s not in self.incoming]
+        return [s for s in shards if self.owners[s] != self.node_id]
 
     def refused(self, owner: str, shards: list[int]) -> None:
-        """Handing ``shards`` to ``owner`` failed. If it is still a member, hand
-        them again (it takes them if it still waits for them); if it left,
-        serve them here again, or hand them to their owner now."""
+        """Handing ``shards`` to ``owner`` failed (the link broke, or it was
+        not ready for them): serve them here again, from the entries still
+        held, and hand them to their owner by the current view later."""
         self.sending.difference_update(shards)
         me, want = self.node_id, self.target.shard_owners
         for shard in shards:
             if self.owners[shard] != owner:
-                continue  # a newer view moved it since
-            if owner in self.members:
-                self.outgoing[shard] = owner
-            else:
-                self.owners[shard] = me
-                if want[shard] != me:
-                    self.outgoing[shard] = want[shard]
+                continue  # (taken by a newer arrival meanwhile)
+            self.owners[shard] = me
+            self.incoming.pop(shard, None)
+            if want and want[shard] != me:
+                self.outgoing[shard] = want[shard]
 
     def answer_claim(self, claimant: str, shards: list[int]) -> dict[str, Any]:
         """What this node says to ``claimant``, which waits for the entries of
-        ``shards`` from it: nothing of the shards it serves or will (they
-        come when its view gives them to the claimant), ``absent`` those it
-        takes the claimant to serve already (nobody holds them: nodes that
-        started together), ``elsewhere`` [shard, node] for those it takes
-        another node to serve."""
+        ``shards`` from it: nothing of the shards it holds, hands over or
+        waits for (they come in time); ``elsewhere`` [shard, node] for those
+        it knows or takes another node to hold; ``absent`` those nobody else
+        can hold (the claimant and this node started together, or it
+        received them already)."""
         if self._fresh:
             return {"absent": [], "elsewhere": []}
-        me, owners, incoming, sending = self.node_id, self.owners, self.incoming, self.sending
-        absent, elsewhere = [], []
+        me, owners = self.node_id, self.owners
+        busy = (self.incoming, self.outgoing, self.sending)
+        absent: list[int] = []
+        elsewhere: list[list[Any]] = []
+        without: tuple[str, ...] | None = None
         for shard in shards:
-            owner = owners[shard]
-            if owner == me or shard in incoming or shard in sending:
+            if owners[shard] == me or any(shard in b for b in busy):
                 continue
-            if owner == claimant:
-                absent.append(shard)
+            holder = self._holders.get(shard)
+            if holder is None or holder == claimant or holder not in self.members:
+                # Never held here: the owner were neither of us there, if anyone.
+                if without is None:
+                    others = [m for m in self.target.members if m not in (me, claimant)]
+                    without = self.target.changed(self.target.epoch, others).shard_owners if others else ()
+                holder = without[shard] if without else ""
+            if holder:
+                elsewhere.append([shard, holder])
             else:
-                elsewhere.append([shard, owner])
+                absent.append(shard)
         return {"absent": absent, "elsewhere": elsewhere}
 
-    def claim_answered(self, source: str, answer: dict[str, Any]) -> None:
+    def claim_answered(self, source: str, answer: Any) -> bool:
         """Take ``source``'s answer to a claim (see :meth:`answer_claim`):
         serve at once, empty, the shards nobody holds; wait for the others
-        from the node said to hold them."""
+        from the node said to hold them, unless it was asked already.
+        Returns whether there are nodes to ask now."""
         me, incoming, owners = self.node_id, self.incoming, self.owners
-        for shard in answer.get("absent", ()):
-            if incoming.get(shard) == source:
+        if not isinstance(answer, dict):
+            return False
+        absent, elsewhere = answer.get("absent"), answer.get("elsewhere")
+        again = False
+        for shard in absent if isinstance(absent, list) else ():
+            if type(shard) is int and incoming.get(shard) == source:
                 del incoming[shard]
+                self._asked.pop(shard, None)
                 owners[shard] = me
-        for shard, holder in answer.get("elsewhere", ()):
-            if incoming.get(shard) == source:
-                if holder == me or holder not in self.members:
-                    del incoming[shard]
-                    owners[shard] = me
-                else:
-                    incoming[shard] = owners[shard] = holder
-        if not incoming:
-            self.incoming_since = 0.0
+        for item in elsewhere if isinstance(elsewhere, list) else ():
+            if not (isinstance(item, list) and len(item) == 2 and type(item[0]) is int and isinstance(item[1], str)):
+                continue
+            shard, holder = item
+            if incoming.get(shard) != source:
+                continue
+            asked = self._asked.setdefault(shard, set())
+            asked.add(source)
+            if holder == me or holder in asked or holder not in self.members:
+                del incoming[shard]  # nobody to ask that was not asked: nobody holds it
+                self._asked.pop(shard, None)
+                owners[shard] = me
+            else:
+                incoming[shard] = owners[shard] = holder
+                again = True
+        return again
 
     def claims(self) -> dict[str, list[int]]:
         """The shards this node waits for, by the node it waits on."""
@@ -260,20 +311,32 @@ class Placement:
             "shards_moved_out": self.moved_out,
             "entries_moved_in": self.entries_in,
             "entries_moved_out": self.entries_out,
+            "entries_dropped_in_moves": self.entries_dropped,
         }
 
 
-# -- the wire form ------------------------------------------------------------------------
-
-
-def absorb(placement: Placement, store: Any, args: dict[str, Any]) -> tuple[int, list[int]]:
-    """Take a ``handoff`` message into ``store``: entries of shards this node
-    does not serve yet, then serve the shards it says are done. Returns how
-    many entries were taken and the shards to pass on (see :meth:`Placement.arrived`)."""
+def absorb(placement: Placement, store: Any, sender: str, args: dict[str, Any], now: float) -> tuple[dict[str, Any], list[int]]:
+    """Take a ``handoff`` message from ``sender`` into ``store``: for each
+    shard it begins, what is held here of it goes first (it is stale); then
+    its entries and the shards it completes, for the shards this node takes
+    (see :meth:`Placement.accepts`). Returns the reply (entries taken, the
+    completed shards not taken: ``serving`` those this node serves already,
+    ``refused`` the others, to be sent again) and the shards to pass on."""
     accepts = placement.accepts
-    taken = store.absorb(e for e in args["entries"] if accepts(shard_of(e[0], e[1])))
+    involved = {*args["begin"], *args["done"]}
+    involved.update(shard_of(e[0], e[1]) for e in args["entries"])
+    taken_shards = {shard for shard in involved if accepts(shard, sender)}
+    for shard in args["begin"]:
+        if shard in taken_shards:
+            store.drop_shard(shard)
+    taken = store.absorb(e for e in args["entries"] if shard_of(e[0], e[1]) in taken_shards)
     placement.entries_in += taken
-    return taken, placement.arrived(args["done"])
+    done = [s for s in args["done"] if s in taken_shards]
+    refused = [s for s in args["done"] if s not in taken_shards]
+    me, owners = placement.node_id, placement.owners
+    serving = [] if placement.fresh else [s for s in refused if owners[s] == me]
+    reply = {"taken": taken, "serving": serving, "refused": [s for s in refused if s not in serving]}
+    return reply, placement.arrived(done, args["epoch"], now) if done else []
 
 
 # -- the tasks ----------------------------------------------------------------------------
@@ -281,19 +344,21 @@ def absorb(placement: Placement, store: Any, args: dict[str, Any]) -> tuple[int,
 
 async def claim(placement: Placement, peers: Any, wake: Callable[[], trio.Event]) -> None:
     """While shards are on their way to this node, ask each node it waits on
-    about them (at once after a view change, then every
-    :data:`CLAIM_INTERVAL`): shards nobody holds are served at once rather
-    than after :data:`ARRIVAL_TIMEOUT`."""
+    about them (at once after a view change or an answer naming another
+    node, then every :data:`CLAIM_INTERVAL`): shards nobody holds are
+    served at once rather than after :data:`ARRIVAL_TIMEOUT`."""
     while True:
+        again = False
         for source, shards in placement.claims().items():
             try:
                 [(status, body)] = await peers.forward(source, [("claim", {"shards": shards})])
             except PeerUnavailable:
                 continue  # its lease lapses, or the link comes back: either way, later
-            if status == Status.OK and isinstance(body, dict):
-                placement.claim_answered(source, body)
-        with trio.move_on_after(CLAIM_INTERVAL if placement.incoming else math.inf):
-            await wake().wait()
+            if status == Status.OK:
+                again |= placement.claim_answered(source, body)
+        if not again:
+            with trio.move_on_after(CLAIM_INTERVAL if placement.incoming else math.inf):
+                await wake().wait()
 
 
 async def hand_over(placement: Placement, store: Any, peers: Any, wake: Callable[[], trio.Event]) -> None:
@@ -329,50 +394,71 @@ async def _hand(
     shards = [s for s in shards if placement.outgoing.get(s) == owner and s not in placement.sending]  # (views change)
     if not shards:
         return
-    messages, sent, count = _messages(store, shards)
+    messages, sent, count = _messages(store, shards, placement.target.epoch)
     # From here to handed() with no checkpoint: no write comes between
     # the entries read and the requests forwarded after them.
     pendings = [submit(owner, [("handoff", message)]) for message in messages]
     placement.handed(owner, sent)
+    not_taken: list[int] = []
     try:
         for pending in pendings:
             [(status, body)] = await pending.wait()
-            if status != Status.OK:
-                raise PeerUnavailable(f"{owner} refused entries handed to it: {body[1]}")
-    except PeerUnavailable as exc:
-        log.warning("handing %d shard(s) to %s failed (%s); trying again", len(sent), owner, exc)
+            if status != Status.OK or not isinstance(body, dict):
+                raise PeerUnavailable(f"{owner} did not take entries handed to it: {body!r:.200}")
+            not_taken += body.get("refused", [])
+            serving = set(body.get("serving", []))
+            if serving:
+                # It serves them already (it gave up waiting for them): what is here is lost.
+                dropped = sum(store.drop_shard(s) for s in serving if placement.owners[s] == owner)
+                placement.entries_dropped += dropped
+                placement.sending.difference_update(serving)
+                log.warning(
+                    "%s serves %d shard(s) handed to it already; %d entries held here are dropped", owner, len(serving), dropped
+                )
+    except BaseException as exc:
         for pending in pendings:
             pending.release()
-        placement.refused(owner, sent)
-        await trio.sleep(RETRY_DELAY)
-        return
+        placement.refused(owner, [s for s in sent if s in placement.sending])
+        if isinstance(exc, PeerUnavailable):
+            log.warning("handing %d shard(s) to %s failed (%s); trying again", len(sent), owner, exc)
+            await trio.sleep(RETRY_DELAY)
+            return
+        raise
+    if not_taken:
+        placement.refused(owner, not_taken)
+        log.info("%s was not ready for %d shard(s); handing them again later", owner, len(not_taken))
+    done = [s for s in sent if s in placement.sending]
     placement.entries_out += count
-    for shard in placement.acknowledged(sent):
+    for shard in placement.acknowledged(done):
         store.drop_shard(shard)
-    log.debug("handed %d shard(s), %d entries, to %s", len(sent), count, owner)
+    log.debug("handed %d shard(s), %d entries, to %s", len(done), count, owner)
+    if not_taken:
+        await trio.sleep(RETRY_DELAY)
 
 
-def _messages(store: Any, shards: list[int]) -> tuple[list[dict[str, Any]], list[int], int]:
+def _messages(store: Any, shards: list[int], epoch: int) -> tuple[list[dict[str, Any]], list[int], int]:
     """Handoff messages for as many of ``shards`` as fit in about
     :data:`BATCH_BYTES` (at least one shard, whatever its size: a large
     shard is split over messages, in order); the shards they complete; how
     many entries they carry."""
     messages: list[dict[str, Any]] = []
     entries: list[list[Any]] = []
-    done: list[int] = []  # completed by the message being filled
+    begin: list[int] = []  # shards whose entries start in the message being filled
+    done: list[int] = []  # completed by it
     completed: list[int] = []
     size = count = 0
     for shard in shards:
         if completed and (size >= BATCH_BYTES or messages):
             break
+        begin.append(shard)
         for ns, key, value, ttl_ms, version in store.shard_entries(shard):
             entries.append([ns, key, value, ttl_ms, version])
             size += len(ns) + len(key) + len(value) + ENTRY_OVERHEAD
             count += 1
             if size >= BATCH_BYTES:
-                messages.append({"entries": entries, "done": done})
-                entries, done, size = [], [], 0
+                messages.append({"entries": entries, "begin": begin, "done": done, "epoch": epoch})
+                entries, begin, done, size = [], [], [], 0
         done.append(shard)
         completed.append(shard)
-    messages.append({"entries": entries, "done": done})
+    messages.append({"entries": entries, "begin": begin, "done": done, "epoch": epoch})
     return messages, completed, count

@@ -477,10 +477,10 @@ class Node:
         """Entries another node hands this one, or its claim on shards (the router's ``handoff``)."""
         if op == "claim":
             return self.placement.answer_claim(peer, args["shards"])
-        taken, onward = absorb(self.placement, self.store, args)
+        reply, onward = absorb(self.placement, self.store, peer, args, trio.current_time())
         if onward:
             self._more_to_hand.set()
-        return taken
+        return reply
 
     def _claim_wait(self) -> trio.Event:
         """The event set when shards may have started on their way here."""

@@ -313,11 +313,19 @@ def _mdelete(store: Any, a: dict[str, Any]) -> Any:
 
 def _handoff(args: dict[str, Any], limits: Limits) -> dict[str, Any]:
     """A node handing entries over (see :mod:`dcache.handoff`): ``entries`` as
-    [ns, key, value, ttl_ms, version] lists, and ``done``, the shards whose
-    entries are all sent with this message or before it."""
-    entries, done = args.get("entries"), args.get("done")
-    if args.keys() != {"entries", "done"} or type(entries) is not list or type(done) is not list:
-        raise WireError(ErrorCode.BAD_REQUEST, "handoff: args are {entries, done}")
+    [ns, key, value, ttl_ms, version] lists, ``begin`` the shards whose
+    entries start with this message, ``done`` those whose entries are all
+    sent with it or before it, and the ``epoch`` of the sender's view."""
+    entries, begin, done, epoch = args.get("entries"), args.get("begin"), args.get("done"), args.get("epoch")
+    if (
+        args.keys() != {"entries", "begin", "done", "epoch"}
+        or type(entries) is not list
+        or type(begin) is not list
+        or type(done) is not list
+        or type(epoch) is not int
+        or epoch < 0
+    ):
+        raise WireError(ErrorCode.BAD_REQUEST, "handoff: args are {entries, begin, done, epoch}")
     for item in entries:
         if not (
             type(item) is list
@@ -332,10 +340,10 @@ def _handoff(args: dict[str, Any], limits: Limits) -> dict[str, Any]:
             and item[4] >= 0
         ):
             raise WireError(ErrorCode.BAD_REQUEST, "handoff: each entry is [ns, key, value, ttl_ms, version]")
-    for shard in done:
+    for shard in (*begin, *done):
         if type(shard) is not int or not 0 <= shard < NUM_SHARDS:
-            raise WireError(ErrorCode.BAD_REQUEST, "handoff: done holds shard numbers")
-    return {"entries": entries, "done": done}
+            raise WireError(ErrorCode.BAD_REQUEST, "handoff: begin and done hold shard numbers")
+    return {"entries": entries, "begin": begin, "done": done, "epoch": epoch}
 
 
 def _claim(args: dict[str, Any], limits: Limits) -> dict[str, Any]:

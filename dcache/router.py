@@ -49,9 +49,10 @@ from .stats import RequestCounters
 
 log = logging.getLogger(__name__)
 
-# Retries of a request bounced with "moved" while views disagree; the waits
-# between them add up to under a second.
-MOVED_RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4)
+# Retries of a request bounced with "moved" while views disagree, or while
+# its shard is being handed over (then the entries are already on their way:
+# the first retry comes soon); the waits add up to under a second.
+MOVED_RETRY_DELAYS = (0.005, 0.025, 0.1, 0.25, 0.5)
 UNVOUCHED_MESSAGE = "this node lost contact with etcd for longer than its lease and is rejoining the cluster; try again"
 CHANGING_MESSAGE = "the cluster's membership is changing; try again"
 
@@ -457,7 +458,7 @@ class Router:
         if not by_owner or by_owner.keys() == {self.node_id}:
             replies.append(self._local(req))
             return waiting
-        if session.peer_id:
+        if session.peer_id and not self._passes_on_all(args["ns"], by_owner, op.keys_of(args)):
             other = next(o for o in by_owner if o != self.node_id)
             replies.append(self._moved(req.rid, other))
             return waiting
@@ -497,6 +498,19 @@ class Router:
         """Whether a peer's request for this key is passed on, not bounced:
         its shard is arriving here, and the node holding it answers."""
         return bool(self.arriving) and shard_of(args["ns"], args["key"]) in self.arriving
+
+    def _passes_on_all(self, ns: str, by_owner: dict[str, list[int]], keys: Iterable[bytes]) -> bool:
+        """Whether a peer's many-key request is passed on, not bounced: every
+        key it names that this node does not serve is in an arriving shard."""
+        if not self.arriving:
+            return False
+        keys = list(keys)
+        return all(
+            shard_of(ns, keys[i]) in self.arriving
+            for owner, positions in by_owner.items()
+            if owner != self.node_id
+            for i in positions
+        )
 
     def _take_handoff(self, session: ServerSession, req: Request) -> list[Any]:
         """A ``handoff`` or ``claim`` from another node (see :mod:`dcache.handoff`)."""

@@ -16,8 +16,8 @@ from dcache.codec import ErrorCode, Limits, Status
 from dcache.errors import PeerUnavailable
 from dcache.node import gather_members
 from dcache.protocol import ServerSession as Session
-from dcache.router import Router
-from dcache.shard import ShardMap
+from dcache.router import MOVED_RETRY_DELAYS, Router
+from dcache.shard import ShardMap, shard_of
 from dcache.store import Store
 
 NODES = ("a:1", "b:1", "c:1")
@@ -219,7 +219,7 @@ async def test_moved_retries_are_bounded(autojump_clock: trio.abc.Clock) -> None
     with trio.fail_after(5):
         [reply] = await call(a, [1, "get", {"key": key}])
     assert reply[1] == Status.ERROR and reply[2][0] == ErrorCode.UNAVAILABLE
-    assert a.counters.moved_retries == 4
+    assert a.counters.moved_retries == len(MOVED_RETRY_DELAYS)
 
 
 async def test_unreachable_owner_fails_only_its_requests() -> None:
@@ -413,10 +413,11 @@ async def test_a_request_placed_here_on_a_retry_is_checked_again(autojump_clock:
     [key] = keys_owned_by(new_map, "a:1", 1)
     assert a.shard_map.owner("", key) == "b:1"
     a.store.set("", key, b"old", 0)
-    a.vouched_until = trio.current_time() + 0.01
+    first_retry = MOVED_RETRY_DELAYS[0]
+    a.vouched_until = trio.current_time() + first_retry / 5
 
     async def catch_up() -> None:
-        await trio.sleep(0.02)  # past the bound, before the first retry
+        await trio.sleep(first_retry / 2)  # past the bound, before the first retry
         a.shard_map = new_map
 
     async with trio.open_nursery() as nursery:
@@ -424,3 +425,25 @@ async def test_a_request_placed_here_on_a_retry_is_checked_again(autojump_clock:
         [reply] = await call(a, [1, "get", {"key": key}])
     assert reply[1] == Status.ERROR and reply[2][0] == ErrorCode.UNAVAILABLE
     assert a.counters.moved_retries == 1
+
+
+async def test_requests_from_peers_for_an_arriving_shard_are_passed_to_its_holder(autojump_clock: trio.abc.Clock) -> None:
+    """b waits for shard S's entries from a; c routes S to b, its owner by
+    the view: b passes a lone request and a many-key one on to a (found by
+    review: the many-key one was bounced until c gave up)."""
+    a_id, b_id, c_id = "a:1", "b:1", "c:1"
+    wire = make_cluster(epoch=2, members=(a_id, b_id, c_id))
+    a, b, c = (wire.routers[n] for n in (a_id, b_id, c_id))
+    [key] = keys_owned_by(c.shard_map, b_id, 1)
+    [other] = keys_owned_by(c.shard_map, c_id, 1)
+    shard = shard_of("", key)
+    for router in (a, b):
+        owners = list(router.shard_map.shard_owners)
+        owners[shard] = a_id
+        router.shard_map = ShardMap(2, (a_id, b_id, c_id), owners)
+    b.arriving = {shard: a_id}
+    a.store.set("", key, b"held by a")
+    [get] = await call(c, [1, "get", {"key": key}])
+    assert get[2] == b"held by a"
+    [mget] = await call(c, [2, "mget", {"keys": [key, other]}])
+    assert mget[1] == Status.OK and mget[2] == [b"held by a", None]
