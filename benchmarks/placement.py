@@ -94,7 +94,7 @@ def real_node(sizes: list[int]) -> list[dict[str, Any]]:
         peer, client_address = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
         node = subprocess.Popen(
             [sys.executable, "-m", "dcache", "serve", "--etcd", etcd.endpoint, "--cluster", CLUSTER,
-             "--listen", peer, "--client-listen", client_address, "--log-level", "error"],
+             "--listen", peer, "--client-listen", client_address, "--log-level", "error", "--drain-timeout", "1"],
         )  # fmt: skip
         try:
             if not wait_until_serving(client_address, 30):
