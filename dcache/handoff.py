@@ -107,14 +107,18 @@ class Placement:
         if not want:  # nobody to serve anything (every member is leaving): keep serving as is
             return self.serving(epoch)
         incoming, outgoing, holders = self.incoming, self.outgoing, self._holders
-        waiting = len(incoming)
+        added = False
         if self._fresh:
             self._fresh = False
-            before = target.changed(epoch, [m for m in active if m != me]).shard_owners if me in target.members else want
+            # Who held each shard before this node came: the owner over every
+            # other member, leaving ones too (a leaving node holds its shards).
+            others = [m for m in members if m != me]
+            before = target.changed(epoch, others).shard_owners if me in target.members and others else ()
             self.owners = list(want)
             for shard, owner in enumerate(want):
-                if owner == me and before and before[shard] != me:
+                if owner == me and before:
                     incoming[shard] = self.owners[shard] = before[shard]
+                    added = True
         else:
             owners = self.owners
             for shard in range(NUM_SHARDS):
@@ -127,6 +131,9 @@ class Placement:
                 elif shard in self.sending:
                     if new == me:  # coming back from the node it was handed to
                         incoming[shard] = current
+                        added = True
+                    else:
+                        incoming.pop(shard, None)
                 elif shard in incoming:
                     if new != me:
                         holders[shard] = incoming.pop(shard)  # (to answer claims for it)
@@ -139,11 +146,14 @@ class Placement:
                     if current in present:
                         incoming[shard] = current
                         holders.pop(shard, None)
+                        added = True
                     else:
                         owners[shard] = me
                 else:
+                    if current != new and current in present:
+                        holders[shard] = current  # (it served it: a claim for it is sent there)
                     owners[shard] = new
-        if len(incoming) > waiting:  # (a new wait: its holders get their time)
+        if added:  # (a new wait: its holders get their time)
             self._progress = now
         return self.serving(epoch)
 
@@ -198,11 +208,15 @@ class Placement:
         self._progress = now
         return onward
 
-    def next_batch(self) -> tuple[str, list[int]] | None:
-        """A new owner and some of the shards to hand it, or None."""
+    def next_batch(self, resting: dict[str, float] | None = None) -> tuple[str, list[int]] | None:
+        """A new owner and some of the shards to hand it, or None; not one of
+        ``resting`` (owners whose links are down), and taking owners in turn."""
         for shard, owner in self.outgoing.items():
-            if shard not in self.sending:
-                return owner, [s for s, o in self.outgoing.items() if o == owner and s not in self.sending]
+            if shard not in self.sending and not (resting and owner in resting):
+                shards = [s for s, o in self.outgoing.items() if o == owner and s not in self.sending]
+                for s in shards:  # (to the end of the line: the next call starts with another owner's)
+                    self.outgoing[s] = self.outgoing.pop(s)
+                return owner, shards
         return None
 
     def handed(self, owner: str, shards: list[int]) -> None:
@@ -218,7 +232,12 @@ class Placement:
         (all but those that came back already: those came whole)."""
         self.sending.difference_update(shards)
         self.moved_out += len(shards)
-        return [s for s in shards if self.owners[s] != self.node_id]
+        me, owners, want = self.node_id, self.owners, self.target.shard_owners
+        for shard in shards:
+            # A view that came meanwhile gave it to a third node: route there (the new owner passes it on).
+            if want and owners[shard] != me and shard not in self.incoming and want[shard] != me:
+                owners[shard] = want[shard]
+        return [s for s in shards if owners[s] != me]
 
     def refused(self, owner: str, shards: list[int]) -> None:
         """Handing ``shards`` to ``owner`` failed (the link broke, or it was
@@ -264,15 +283,21 @@ class Placement:
                 absent.append(shard)
         return {"absent": absent, "elsewhere": elsewhere}
 
-    def claim_answered(self, source: str, answer: Any) -> bool:
-        """Take ``source``'s answer to a claim (see :meth:`answer_claim`):
-        serve at once, empty, the shards nobody holds; wait for the others
-        from the node said to hold them, unless it was asked already.
-        Returns whether there are nodes to ask now."""
+    def claim_answered(self, source: str, answer: Any, claimed: list[int] | None = None, now: float = 0.0) -> bool:
+        """Take ``source``'s answer to a claim on ``claimed`` (see
+        :meth:`answer_claim`): serve at once, empty, the shards nobody
+        holds; wait for the others from the node said to hold them, unless
+        it was asked already; and for those it holds, as long as it does
+        (an answer is a sign of life: the wait is not given up). Returns
+        whether there are nodes to ask now."""
         me, incoming, owners = self.node_id, self.incoming, self.owners
         if not isinstance(answer, dict):
             return False
         absent, elsewhere = answer.get("absent"), answer.get("elsewhere")
+        named = len(absent) if isinstance(absent, list) else 0
+        named += len(elsewhere) if isinstance(elsewhere, list) else 0
+        if claimed is not None and len(claimed) > named:
+            self._progress = now
         again = False
         for shard in absent if isinstance(absent, list) else ():
             if type(shard) is int and incoming.get(shard) == source:
@@ -355,7 +380,7 @@ async def claim(placement: Placement, peers: Any, wake: Callable[[], trio.Event]
             except PeerUnavailable:
                 continue  # its lease lapses, or the link comes back: either way, later
             if status == Status.OK:
-                again |= placement.claim_answered(source, body)
+                again |= placement.claim_answered(source, body, shards, trio.current_time())
         if not again:
             with trio.move_on_after(CLAIM_INTERVAL if placement.incoming else math.inf):
                 await wake().wait()
@@ -367,20 +392,26 @@ async def hand_over(placement: Placement, store: Any, peers: Any, wake: Callable
     large move neither floods the link nor holds more than a message's
     worth of entries twice. ``peers`` is the node's :class:`PeerLinks`;
     ``wake()`` gives the event set when there may be more to hand over."""
+    resting: dict[str, float] = {}  # new owners whose link is down or who were not ready: until when
     while True:
-        batch = placement.next_batch()
+        now = trio.current_time()
+        for owner, until in list(resting.items()):
+            if until <= now:
+                del resting[owner]
+        batch = placement.next_batch(resting)
         if batch is None:
-            await wake().wait()
+            with trio.move_on_after(min(resting.values()) - now if resting else math.inf):
+                await wake().wait()
             continue
         owner, shards = batch
         try:
-            if not await peers.linked(owner):  # (a shard is handed over only on a link that is up)
-                await trio.sleep(RETRY_DELAY)
-                continue
-            await _hand(placement, store, peers.submit, owner, shards)
+            # A shard is handed over only on a link that is up; one owner out
+            # of reach holds up no other.
+            if not await peers.linked(owner) or not await _hand(placement, store, peers.submit, owner, shards):
+                resting[owner] = trio.current_time() + RETRY_DELAY
         except Exception:  # a bug: log it, and go on (the node serves on)
             log.exception("handing shards over failed")
-            await trio.sleep(RETRY_DELAY)
+            resting[owner] = trio.current_time() + RETRY_DELAY
 
 
 async def _hand(
@@ -389,11 +420,13 @@ async def _hand(
     submit: Callable[[str, list[tuple[str, dict[str, Any]]]], Any],
     owner: str,
     shards: list[int],
-) -> None:
-    """Hand ``owner`` the first of ``shards`` (see :func:`_messages`), and wait for it to take them."""
+) -> bool:
+    """Hand ``owner`` the first of ``shards`` (see :func:`_messages`), and
+    wait for it to take them; False if it did not take them all (they are
+    to be handed again)."""
     shards = [s for s in shards if placement.outgoing.get(s) == owner and s not in placement.sending]  # (views change)
     if not shards:
-        return
+        return True
     messages, sent, count = _messages(store, shards, placement.target.epoch)
     # From here to handed() with no checkpoint: no write comes between
     # the entries read and the requests forwarded after them.
@@ -421,8 +454,7 @@ async def _hand(
         placement.refused(owner, [s for s in sent if s in placement.sending])
         if isinstance(exc, PeerUnavailable):
             log.warning("handing %d shard(s) to %s failed (%s); trying again", len(sent), owner, exc)
-            await trio.sleep(RETRY_DELAY)
-            return
+            return False
         raise
     if not_taken:
         placement.refused(owner, not_taken)
@@ -432,8 +464,7 @@ async def _hand(
     for shard in placement.acknowledged(done):
         store.drop_shard(shard)
     log.debug("handed %d shard(s), %d entries, to %s", len(done), count, owner)
-    if not_taken:
-        await trio.sleep(RETRY_DELAY)
+    return not not_taken
 
 
 def _messages(store: Any, shards: list[int], epoch: int) -> tuple[list[dict[str, Any]], list[int], int]:

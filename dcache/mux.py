@@ -193,22 +193,37 @@ class Channel:
         if self._flushing or not self._outbox or self.broken is not None:
             return
         batch, self._outbox = self._outbox, []
+        frames = self._frames(batch)
         try:
-            left = self._conn.send_nowait(self._proto.request_frame(batch))
+            left = self._conn.send_nowait(frames[0])
         except ConnectionClosed as exc:
             self.fail(ConnectionLost(f"lost the connection to {self.name}: {exc}"))
             return
-        if left is not None:
+        if left is not None or len(frames) > 1:
             assert self._nursery is not None
             self._flushing = True
-            self._nursery.start_soon(self._send_rest, *left)
+            self._nursery.start_soon(self._send_rest, left, frames[1:])
 
-    async def _send_rest(self, rest: bytes, reserved: bool) -> None:
+    def _frames(self, batch: list[Any]) -> list[bytes]:
+        """``batch`` as frames the other side takes: one, unless it would be
+        over the message limit (a node handing a large shard over queues
+        several large messages at once): then in halves, in order."""
+        payload = codec.encode_frame(batch)
+        if len(payload) <= self._proto.max_message or len(batch) == 1:
+            return [self._proto.frame(payload)]
+        half = len(batch) // 2
+        return self._frames(batch[:half]) + self._frames(batch[half:])
+
+    async def _send_rest(self, left: tuple[bytes, bool] | None, frames: list[bytes]) -> None:
         try:
-            await self._conn.send_rest(rest, reserved)
+            if left is not None:
+                await self._conn.send_rest(*left)
+            for frame in frames:
+                await self._conn.send_raw(frame, shield=True)
             while self._outbox:
                 batch, self._outbox = self._outbox, []
-                await self._conn.send_raw(self._proto.request_frame(batch), shield=True)
+                for frame in self._frames(batch):
+                    await self._conn.send_raw(frame, shield=True)
         except ConnectionClosed as exc:
             self.fail(ConnectionLost(f"lost the connection to {self.name}: {exc}"))
         finally:
@@ -229,7 +244,7 @@ class Channel:
             return True
         if answer:  # a pong: rare (only an idle link is pinged), so a task may write it
             assert self._nursery is not None
-            self._nursery.start_soon(self._send_rest, answer, False)
+            self._nursery.start_soon(self._send_rest, (answer, False), [])
         try:
             self._dispatch(payloads)
         except ProtocolError as exc:
@@ -320,7 +335,8 @@ class Channel:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             while self._outbox:
                 batch, self._outbox = self._outbox, []
-                await self._conn.send_raw(self._proto.request_frame(batch), shield=True)
+                for frame in self._frames(batch):
+                    await self._conn.send_raw(frame, shield=True)
         except ConnectionClosed as exc:
             self.fail(ConnectionLost(f"lost the connection to {self.name}: {exc}"))
             raise self._broken_error() from None

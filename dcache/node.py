@@ -131,6 +131,8 @@ class Node:
         self._applied = View(0, ())  # the last view applied (or set aside, if empty)
         self.placement = Placement("")
         self._nursery: trio.Nursery | None = None
+        self._drained: trio.Event | None = None  # set once a drain has handed everything over
+        self._drain_report: dict[str, int] = {}
         self._more_to_hand = trio.Event()
         self._new_claims = trio.Event()
 
@@ -183,13 +185,23 @@ class Node:
         (soon after, so that the reply goes out first)."""
         if not isinstance(self.membership, EtcdMembership):
             return Status.ERROR, [ErrorCode.BAD_REQUEST.value, "this node is standalone: there is no node to hand its entries to"]
-        if self._leaving:
-            return Status.ERROR, [ErrorCode.UNAVAILABLE.value, "this node is leaving already"]
-        log.info("drain requested: handing every shard over, then stopping")
-        report = await self.leave(close=False)
-        assert self._nursery is not None
-        self._nursery.start_soon(self._stop_after_reply)
-        return Status.OK, report
+        if self._drained is None:
+            if self._leaving:
+                return Status.ERROR, [ErrorCode.UNAVAILABLE.value, "this node is leaving already"]
+            log.info("drain requested: handing every shard over, then stopping")
+            self._drained = trio.Event()
+            assert self._nursery is not None
+            # In the node's nursery: a client that goes away does not stop it half way.
+            self._nursery.start_soon(self._drain_and_stop, self._drained)
+        await self._drained.wait()
+        return Status.OK, self._drain_report
+
+    async def _drain_and_stop(self, done: trio.Event) -> None:
+        try:
+            self._drain_report = await self.leave(close=False)
+        finally:
+            done.set()
+        await self._stop_after_reply()
 
     async def _stop_after_reply(self) -> None:
         await trio.sleep(STOP_AFTER_DRAIN)

@@ -99,6 +99,7 @@ class Connection:
         self.state = State.OPEN if upgraded else State.HANDSHAKE
         self._mask_key = mask_key
         self._parser = wsframe.FrameParser(expect_masked=not client_side, max_message=max_message)
+        self.max_message = max_message
         self._budget = budget
         self._held = 0  # of the budget, in unfinished messages
         self._out = bytearray()

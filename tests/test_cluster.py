@@ -1059,3 +1059,20 @@ async def test_entries_move_to_a_joining_node(nursery: trio.Nursery, etcd_server
                 async with dcache.connect(n.address) as each:
                     assert await each.mget([f"k{i}" for i in range(2000)]) == [f"v{i}".encode() for i in range(2000)]
                     assert 25 < await each.ttl("short") <= 30
+
+
+async def test_a_drain_goes_on_when_the_client_that_asked_goes_away(nursery: trio.Nursery, etcd_server: EtcdServer) -> None:
+    """The client of `drain` hangs up at once (Ctrl-C, a short --timeout):
+    the node still hands everything over, leaves and stops (it stopped half
+    way, marked leaving for good: found by review)."""
+    nodes = [await _start_node(nursery, etcd_server) for _ in range(2)]
+    with trio.fail_after(TIMEOUT):
+        await wait_for_members(nodes, 2)
+        await wait_ready(nodes)
+        async with dcache.connect(nodes[0].address) as client:
+            await client.mset({f"k{i}": "v" for i in range(2000)})
+        async with dcache.connect(nodes[1].address) as leaving:
+            with trio.move_on_after(0.005):
+                await leaving.drain()
+        await wait_for_members(nodes[:1], 1)
+        assert len(nodes[0].node.store) == 2000

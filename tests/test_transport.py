@@ -301,3 +301,30 @@ async def test_the_trio_internals_dcache_reads_are_still_there() -> None:
     with a, b:
         plain = transport.plain_socket(trio.SocketStream(a))
         assert isinstance(plain, socket.socket) and plain.fileno() == a.fileno(), "trio's socket no longer keeps _sock"
+
+
+async def test_requests_queued_together_go_in_frames_the_other_side_takes() -> None:
+    """Several large requests queued at once (a node handing a large shard
+    over) went out as one frame over the other side's message limit, which
+    closed the link every time (found by review): they go in frames within it."""
+    limit = 64 * 1024
+    a, b = trio.socket.socketpair()
+    client = transport.Connection(trio.SocketStream(a), protocol.ClientConnection(max_message=limit, upgraded=True))
+    server = transport.Connection(trio.SocketStream(b), protocol.Connection(client_side=False, max_message=limit, upgraded=True))
+    channel = Channel(client, name="test", timeout=10.0)
+    frames: list[int] = []
+
+    async def serve() -> None:
+        while True:
+            for payload in await server.receive():
+                frames.append(len(payload))
+                await server.send(cbor2.dumps([[rid, 0, len(args["blob"])] for rid, _, args in cbor2.loads(payload)]))
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            tickets = [channel.enqueue([("handoff", {"blob": bytes(20_000)})]) for _ in range(8)]  # 160 KB in all
+            for ticket in tickets:
+                assert await channel.complete(ticket) == [(0, 20_000)]
+            nursery.cancel_scope.cancel()
+    assert len(frames) >= 3 and max(frames) <= limit
