@@ -388,9 +388,9 @@ async def claim(placement: Placement, peers: Any, wake: Callable[[], trio.Event]
 
 async def hand_over(placement: Placement, store: Any, peers: Any, wake: Callable[[], trio.Event]) -> None:
     """Hand shards to their new owners for as long as the node runs: one
-    message in flight at a time, each acknowledged before the next, so a
-    large move neither floods the link nor holds more than a message's
-    worth of entries twice. ``peers`` is the node's :class:`PeerLinks`;
+    batch (about :data:`BATCH_BYTES`, or one larger shard in parts) in
+    flight at a time, acknowledged before the next, so a large move neither
+    floods the link nor holds more than a batch's worth of entries twice. ``peers`` is the node's :class:`PeerLinks`;
     ``wake()`` gives the event set when there may be more to hand over."""
     resting: dict[str, float] = {}  # new owners whose link is down or who were not ready: until when
     while True:
