@@ -23,10 +23,11 @@ not forwarded again: if this node does not own the key by its own view it
 answers ``moved`` with its epoch, and the sender retries with a fresher map,
 a bounded number of times. The one exception is a shard this node is to
 serve once its entries arrive (:attr:`Router.arriving`): it passes requests
-for it to the node holding them, whoever sent them, and that node never
-passes them back (it answers them, or ``moved`` once it has handed the
-shard over), so a request still crosses at most two links. A node that cannot vouch for its view (its lease
-may have lapsed) answers requests for keys ``unavailable`` instead.
+for it to the node holding them, whoever sent them; that node answers them,
+or ``moved`` once it has handed the shard over, and passes them on only if
+the shard is arriving there too, which happens only while views disagree.
+A node that cannot vouch for its view (its lease may have lapsed) answers
+requests for keys ``unavailable`` instead.
 """
 
 from __future__ import annotations
