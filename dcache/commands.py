@@ -302,7 +302,9 @@ def where(client: Operations, *, key: str, ns: str = "") -> Outcome:
     seconds = client.ttl(key, ns=ns)
     by_id = {m["node"]: m for m in view["members"]}
     shard = shard_of(ns, key.encode())
-    owner = rank(shard, by_id)[0]
+    # A leaving node owns nothing (it hands its shards over), unless every node is leaving.
+    staying = [n for n, m in by_id.items() if (m.get("stats") or {}).get("state") != "leaving"] or list(by_id)
+    owner = rank(shard, staying)[0]
     client_address = by_id[owner]["client"]
     data = {
         "key": key,

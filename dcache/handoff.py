@@ -104,7 +104,8 @@ class Placement:
         self.target, self.members = target, members
         present = set(members)
         want = target.shard_owners
-        if not want:  # nobody to serve anything (every member is leaving): keep serving as is
+        if not want:  # nobody to serve anything (every member is leaving): keep serving as is, hand nothing over
+            self.outgoing.clear()
             return self.serving(epoch)
         incoming, outgoing, holders = self.incoming, self.outgoing, self._holders
         added = False

@@ -529,3 +529,28 @@ def test_bench_in_several_processes(server: ServeProcess) -> None:
     bench.send_signal(signal.SIGINT)
     _, err = bench.communicate(timeout=60)
     assert bench.returncode == 130 and b"Traceback" not in err, err
+
+
+def test_where_names_no_leaving_node_as_the_owner() -> None:
+    """A leaving node owns nothing (it hands its shards over): `where` names
+    the owner among the others, as the nodes place keys."""
+    from dcache import commands
+    from dcache.shard import ShardMap, shard_of
+
+    members = ["a:1", "b:1", "c:1"]
+    key = next(f"k{i}" for i in range(10_000) if ShardMap.build(0, members).owner("", f"k{i}".encode()) == "c:1")
+
+    class Client:
+        def members(self) -> dict[str, object]:
+            state = {"a:1": "ready", "b:1": "ready", "c:1": "leaving"}
+            return {
+                "epoch": 5,
+                "members": [{"node": m, "client": m, "state": "up", "stats": {"state": state[m]}} for m in members],
+            }
+
+        def ttl(self, key: str, ns: str = "") -> None:
+            return None
+
+    outcome = commands.where(Client(), key=key)  # type: ignore[arg-type]
+    assert outcome.data["owner"] == ShardMap.build(0, ["a:1", "b:1"]).owner("", key.encode())
+    assert outcome.data["shard"] == shard_of("", key.encode())

@@ -481,3 +481,15 @@ async def test_and_after_30_s_a_serves_it_empty_beside_its_real_owner(autojump_c
     a.placement.acknowledged([shard])
     late = a.placement.give_up_waiting(trio.current_time() + handoff.ARRIVAL_TIMEOUT)
     assert shard not in late and a.placement.owners[shard] != A, "a serves c's shard, empty: writes to it through a are lost"
+
+
+def test_when_every_node_leaves_there_is_nobody_to_hand_shards_to() -> None:
+    """A whole cluster stopping (cluster up, Ctrl-C): once no member stays, a
+    node hands nothing over, so its leave does not wait out the drain timeout."""
+    a = Placement(A)
+    a.apply(1, (A, B), (A, B), 0.0)
+    a.claim_answered(B, {"absent": list(a.incoming), "elsewhere": []})
+    a.apply(2, (A, B), (B,), 0.0)  # a leaving: its shards go to b
+    assert a.outgoing
+    a.apply(3, (A, B), (), 0.0)  # b leaving too
+    assert not a.outgoing and not a.target.members
