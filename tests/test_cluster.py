@@ -1036,7 +1036,11 @@ async def _start_node(nursery: trio.Nursery, etcd_server: EtcdServer, **options:
 
 
 async def wait_ready(nodes: list[InProcessNode]) -> None:
-    while not all(n.node.readiness()[0] == "ready" for n in nodes):
+    """Until every node is ready and has nothing left to hand over (the old
+    owner drops a shard's entries when the new one has acknowledged them)."""
+    while not all(
+        n.node.readiness()[0] == "ready" and not (n.node.placement.outgoing or n.node.placement.sending) for n in nodes
+    ):
         await trio.sleep(0.02)
 
 
