@@ -84,6 +84,7 @@ def summary(times: list[float]) -> dict[str, float]:
     ordered = sorted(times)
     return {
         "gets": len(ordered),
+        "gets_per_s": round(len(ordered) / sum(ordered)),  # one client, one GET at a time: its throughput
         "p50_ms": round(statistics.median(ordered) * 1000, 3),
         "p99_ms": round(ordered[int(len(ordered) * 0.99)] * 1000, 3),
         "max_ms": round(ordered[-1] * 1000, 2),
@@ -157,7 +158,10 @@ def main() -> None:
                 times = gets.times
                 result["quiet"] = summary(times[: quiet[0]])
                 result["during_join"] = summary(times[quiet[0] : joined[0]])
+                result["after_join"] = summary(times[joined[0] : settled[0]])  # the keys are B's now: relayed
                 result["during_leave"] = summary(times[settled[0] : left[0]])
+                for phase in ("during_join", "after_join", "during_leave"):  # the share of steady state a client sees
+                    result[phase]["share_of_quiet"] = round(result[phase]["gets_per_s"] / result["quiet"]["gets_per_s"], 2)
                 result["misses"] = gets.misses
                 result["errors"] = gets.errors
                 assert client.mget([b"key:%012d" % i for i in range(0, args.keys, 997)]) == [VALUE] * len(

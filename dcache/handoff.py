@@ -38,7 +38,10 @@ from .shard import NUM_SHARDS, ShardMap, shard_of
 
 log = logging.getLogger(__name__)
 
-BATCH_BYTES = 256 * 1024  # entries per handoff message, about; one shard may take several
+BATCH_BYTES = 64 * 1024  # entries per handoff message, about (a few ms to read or take in); one shard may take several
+# After each batch, rest this many times as long as the batch took, so that a
+# move takes at most about half of each node's time from its clients.
+REST = 1.0
 ARRIVAL_TIMEOUT = 30.0  # seconds without any entries arriving before a new owner serves what it waits for, empty
 RETRY_DELAY = 0.5  # seconds before a handoff the new owner did not take is tried again
 CLAIM_INTERVAL = 1.0  # seconds between claims while shards are on their way here
@@ -408,7 +411,13 @@ async def hand_over(placement: Placement, store: Any, peers: Any, wake: Callable
         try:
             # A shard is handed over only on a link that is up; one owner out
             # of reach holds up no other.
-            if not await peers.linked(owner) or not await _hand(placement, store, peers.submit, owner, shards):
+            if not await peers.linked(owner):
+                resting[owner] = trio.current_time() + RETRY_DELAY
+                continue
+            started = trio.current_time()
+            if await _hand(placement, store, peers.submit, owner, shards):
+                await trio.sleep((trio.current_time() - started) * REST)
+            else:
                 resting[owner] = trio.current_time() + RETRY_DELAY
         except Exception:  # a bug: log it, and go on (the node serves on)
             log.exception("handing shards over failed")
