@@ -393,9 +393,11 @@ async def claim(placement: Placement, peers: Any, wake: Callable[[], trio.Event]
 async def hand_over(placement: Placement, store: Any, peers: Any, wake: Callable[[], trio.Event]) -> None:
     """Hand shards to their new owners for as long as the node runs: one
     batch (about :data:`BATCH_BYTES`, or one larger shard in parts) in
-    flight at a time, acknowledged before the next, so a large move neither
-    floods the link nor holds more than a batch's worth of entries twice. ``peers`` is the node's :class:`PeerLinks`;
-    ``wake()`` gives the event set when there may be more to hand over."""
+    flight at a time, acknowledged before the next and followed by a rest
+    (:data:`REST`), so a large move neither floods the link, nor holds more
+    than a batch's worth of entries twice, nor takes the nodes from their
+    clients. ``peers`` is the node's :class:`PeerLinks`; ``wake()`` gives
+    the event set when there may be more to hand over."""
     resting: dict[str, float] = {}  # new owners whose link is down or who were not ready: until when
     while True:
         now = trio.current_time()
