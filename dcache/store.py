@@ -7,12 +7,13 @@ Expiry works two ways, as in Redis: lazily (an expired entry is dropped when
 it is touched) and actively (:meth:`Store.sweep` drops a bounded number of
 expired entries per call, so keys nobody reads again do not hold memory).
 
-An entry is not an object: each namespace keeps its values, versions and
-deadlines in three dicts keyed by key (deadlines only for entries with a
-TTL). A dict holding only bytes, ints and floats is left alone by Python's
-cyclic garbage collector, however large, so a full collection costs the
-same at a million entries as at none; with an object per entry it walked
-every one (about 330 ms at a million, a stall for every client).
+An entry is not an object: each namespace of each shard keeps its values,
+versions and deadlines in three dicts keyed by key (deadlines only for
+entries with a TTL). A dict holding only bytes, ints and floats is left
+alone by Python's cyclic garbage collector, however large, so a full
+collection costs the same at a million entries as at none; with an object
+per entry it walked every one (about 330 ms at a million, a stall for
+every client).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import heapq
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from zlib import crc32
 
-from .shard import NUM_SHARDS, key_hash
+from .shard import NUM_SHARDS, shard_of
 
 # Compact the expiry heap when stale items outnumber live TTL entries by this
 # factor (an entry whose TTL changed, or that went, leaves its item behind).
@@ -31,9 +33,9 @@ from .shard import NUM_SHARDS, key_hash
 # entries, compacting at once took half a second); writes pay nothing for it.
 _HEAP_SLACK = 2
 _HEAP_MIN_REBUILD = 1024
-# Rough per-entry overhead (the slots in the value, version and shard-index
-# dicts, key and value headers), so "memory" means something for many small entries.
-ENTRY_OVERHEAD_BYTES = 160
+# Rough per-entry overhead (the slots in the value and version dicts, key and
+# value headers), so "memory" means something for many small entries.
+ENTRY_OVERHEAD_BYTES = 140
 
 
 @dataclass(slots=True)
@@ -46,7 +48,7 @@ class Counters:
 
 
 class _Space:
-    """One namespace's entries."""
+    """One namespace's entries in one shard."""
 
     __slots__ = ("values", "versions", "expires")
 
@@ -59,15 +61,17 @@ class _Space:
 class Store:
     """Namespaced key → value map with TTL, per-entry versions and stats.
 
-    Keys are also indexed by shard, so one shard's entries can be listed
-    (to hand them to another node) without walking the others: the index
-    is touched when a key comes or goes, not when it is read or rewritten.
+    Entries are kept by shard (then namespace), so one shard's entries can
+    be listed or dropped (to hand them to another node) without walking
+    the others, and no dict grows past a shard's share: when a dict runs
+    out of room Python rebuilds it whole, which for one dict of a million
+    entries took a whole 150-650 ms; a shard's holds about 1/8192 of them.
     """
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
-        self._spaces: dict[str, _Space] = {}
-        self._shards: dict[int, dict[str, dict[bytes, None]]] = {}  # shard → ns → keys (a dict: see the docstring)
+        self._shards: dict[int, dict[str, _Space]] = {}  # shard → ns → entries
+        self._namespaces: dict[str, int] = {}  # ns → how many keys
         self._expiry_heap: list[tuple[float, str, bytes]] = []
         self._compacting: list[tuple[float, str, bytes]] = []  # an older heap, its live items moving over
         self._ttl_entries = 0
@@ -79,7 +83,8 @@ class Store:
     # -- reads -----------------------------------------------------------------
 
     def get(self, ns: str, key: bytes) -> bytes | None:
-        space = self._spaces.get(ns)
+        spaces = self._shards.get(crc32(ns.encode() + b"\0" + key if ns else key) % NUM_SHARDS)  # (shard_of, inlined)
+        space = None if spaces is None else spaces.get(ns)
         if space is not None:
             value = space.values.get(key)
             if value is not None:
@@ -113,9 +118,13 @@ class Store:
 
     def set(self, ns: str, key: bytes, value: bytes, ttl_ms: int = 0) -> int:
         """Store ``value``; ``ttl_ms`` 0 means no expiry. Returns the new version."""
-        space = self._spaces.get(ns)
+        shard = crc32(ns.encode() + b"\0" + key if ns else key) % NUM_SHARDS
+        spaces = self._shards.get(shard)
+        if spaces is None:
+            spaces = self._shards[shard] = {}
+        space = spaces.get(ns)
         if space is None:
-            space = self._spaces[ns] = _Space()
+            space = spaces[ns] = _Space()
         self._version += 1
         values = space.values
         old = values.get(key)
@@ -124,7 +133,7 @@ class Store:
         if old is None:
             self._keys += 1
             self._bytes += len(key) + len(value)
-            self._index(ns, key)
+            self._namespaces[ns] = self._namespaces.get(ns, 0) + 1
         else:
             self._bytes += len(value) - len(old)
         expires = space.expires
@@ -166,7 +175,7 @@ class Store:
         while heap and heap[0][0] <= now and examined < limit:
             expires_at, ns, key = heapq.heappop(heap)
             examined += 1
-            space = self._spaces.get(ns)
+            space = self._space(ns, key)
             # A stale item: the key was deleted, or set again with another TTL.
             if space is not None and space.expires.get(key) == expires_at:
                 self._remove(ns, space, key)
@@ -190,16 +199,21 @@ class Store:
             "deletes": c.deletes,
             "expired": c.expired,
             "keys": self._keys,
-            "namespaces": len(self._spaces),
+            "namespaces": len(self._namespaces),
             "data_bytes": self._bytes,
             "memory_bytes": self._bytes + self._keys * ENTRY_OVERHEAD_BYTES,
         }
 
     # -- internals -------------------------------------------------------------
 
+    def _space(self, ns: str, key: bytes) -> _Space | None:
+        """The entries of ``key``'s shard and namespace, if any."""
+        spaces = self._shards.get(shard_of(ns, key))
+        return None if spaces is None else spaces.get(ns)
+
     def _live(self, ns: str, key: bytes) -> _Space | None:
-        """The namespace holding ``key`` if it holds it and it has not expired."""
-        space = self._spaces.get(ns)
+        """The entries holding ``key``, if they hold it and it has not expired."""
+        space = self._space(ns, key)
         if space is None or key not in space.values:
             return None
         if space.expires and self._expired(ns, space, key):
@@ -215,43 +229,33 @@ class Store:
         self.counters.expired += 1
         return True
 
-    def _index(self, ns: str, key: bytes) -> None:
-        shard = key_hash(ns, key) % NUM_SHARDS
-        spaces = self._shards.get(shard)
-        if spaces is None:
-            spaces = self._shards[shard] = {}
-        keys = spaces.get(ns)
-        if keys is None:
-            spaces[ns] = {key: None}
-        else:
-            keys[key] = None
-
     def _remove(self, ns: str, space: _Space, key: bytes) -> None:
         value = space.values.pop(key)
         del space.versions[key]
         if space.expires and space.expires.pop(key, None) is not None:
             self._ttl_entries -= 1
         if not space.values:
-            del self._spaces[ns]
-        self._keys -= 1
-        self._bytes -= len(key) + len(value)
-        shard = key_hash(ns, key) % NUM_SHARDS
-        spaces = self._shards[shard]
-        keys = spaces[ns]
-        del keys[key]
-        if not keys:
+            shard = shard_of(ns, key)
+            spaces = self._shards[shard]
             del spaces[ns]
             if not spaces:
                 del self._shards[shard]
+        self._keys -= 1
+        self._bytes -= len(key) + len(value)
+        left = self._namespaces[ns] - 1
+        if left:
+            self._namespaces[ns] = left
+        else:
+            del self._namespaces[ns]
 
     def _compact(self, count: int) -> int:
         """Move up to ``count`` items of the heap set aside to the heap in use,
         soonest first, dropping the stale ones; how many were taken."""
-        old, heap, spaces = self._compacting, self._expiry_heap, self._spaces
+        old, heap = self._compacting, self._expiry_heap
         taken = min(count, len(old))
         for _ in range(taken):
             item = heapq.heappop(old)
-            space = spaces.get(item[1])
+            space = self._space(item[1], item[2])
             if space is not None and space.expires.get(item[2]) == item[0]:
                 heapq.heappush(heap, item)
         return taken
@@ -259,19 +263,18 @@ class Store:
     # -- bulk access for the node's upkeep ----------------------------------------
 
     def namespaces(self) -> list[str]:
-        return list(self._spaces)
+        return list(self._namespaces)
 
     def keys(self, ns: str) -> list[bytes]:
         """A snapshot of the keys in ``ns`` (expired ones included)."""
-        space = self._spaces.get(ns)
-        return [] if space is None else list(space.values)
+        return [key for spaces in self._shards.values() if ns in spaces for key in spaces[ns].values]
 
     def clear(self) -> int:
         """Drop every entry without counting deletes (they may be stale); how many there were.
         Versions keep counting up."""
         dropped = self._keys
-        self._spaces = {}
         self._shards = {}
+        self._namespaces = {}
         self._expiry_heap = []
         self._compacting = []
         self._ttl_entries = self._bytes = self._keys = 0
@@ -279,7 +282,7 @@ class Store:
 
     def discard(self, ns: str, key: bytes) -> bool:
         """Drop an entry without counting a delete (it moved to another node)."""
-        space = self._spaces.get(ns)
+        space = self._space(ns, key)
         if space is None or key not in space.values:
             return False
         self._remove(ns, space, key)
@@ -296,26 +299,33 @@ class Store:
         ms or 0 for none, version); expired ones are skipped. Read it to the
         end before the store changes."""
         now = self._clock()
-        spaces = self._spaces
-        for ns, keys in self._shards.get(shard, {}).items():
-            space = spaces[ns]
-            values, versions, expires = space.values, space.versions, space.expires
-            for key in keys:
+        for ns, space in self._shards.get(shard, {}).items():
+            versions, expires = space.versions, space.expires
+            for key, value in space.values.items():
                 expires_at = expires.get(key)
                 if expires_at is None:
-                    yield ns, key, values[key], 0, versions[key]
+                    yield ns, key, value, 0, versions[key]
                 elif expires_at > now:
-                    yield ns, key, values[key], max(1, math.ceil((expires_at - now) * 1000)), versions[key]
+                    yield ns, key, value, max(1, math.ceil((expires_at - now) * 1000)), versions[key]
 
     def drop_shard(self, shard: int) -> int:
         """Drop every entry of ``shard`` without counting deletes (it moved
         to another node); how many there were."""
+        spaces = self._shards.pop(shard, None)
+        if spaces is None:
+            return 0
         dropped = 0
-        for ns, keys in list(self._shards.get(shard, {}).items()):
-            space = self._spaces[ns]
-            for key in list(keys):
-                self._remove(ns, space, key)
-                dropped += 1
+        for ns, space in spaces.items():
+            count = len(space.values)
+            dropped += count
+            self._bytes -= sum(len(key) + len(value) for key, value in space.values.items())
+            self._ttl_entries -= len(space.expires)
+            left = self._namespaces[ns] - count
+            if left:
+                self._namespaces[ns] = left
+            else:
+                del self._namespaces[ns]
+        self._keys -= dropped
         return dropped
 
     def absorb(self, entries: Iterable[tuple[str, bytes, bytes, int, int]]) -> int:
@@ -327,7 +337,9 @@ class Store:
         for ns, key, value, ttl_ms, version in entries:
             self.set(ns, key, value, ttl_ms)
             self.counters.sets -= 1  # not a client's write
-            self._spaces[ns].versions[key] = version
+            space = self._space(ns, key)
+            assert space is not None
+            space.versions[key] = version
             if version > self._version:
                 self._version = version
             taken += 1
