@@ -65,7 +65,7 @@ class Store:
     be listed or dropped (to hand them to another node) without walking
     the others, and no dict grows past a shard's share: when a dict runs
     out of room Python rebuilds it whole, which for one dict of a million
-    entries took a whole 150-650 ms; a shard's holds about 1/8192 of them.
+    entries took 150-650 ms; a shard's holds about 1/8192 of them.
     """
 
     def __init__(self, clock: Callable[[], float]) -> None:

@@ -80,6 +80,7 @@ async def cluster(nursery: trio.Nursery, etcd_server: EtcdServer) -> AsyncIterat
         nodes.append(await nursery.start(_scoped, node))
     with trio.fail_after(TIMEOUT):
         await wait_for_members(nodes, 3)
+        await wait_ready(nodes)  # (no shard on its way anywhere: no handoff or claim beside what a test does)
     yield nodes
 
 
