@@ -48,6 +48,22 @@ CLAIM_INTERVAL = 1.0  # seconds between claims while shards are on their way her
 ENTRY_OVERHEAD = 24  # wire bytes per entry besides its namespace, key and value, about
 
 
+class Signal:
+    """A wake-up that can be given again and again: :meth:`set` wakes whoever
+    waits on the event :meth:`event` gave last (a fresh one once it is set)."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def event(self) -> trio.Event:
+        if self._event.is_set():
+            self._event = trio.Event()
+        return self._event
+
+
 class Placement:
     """Which node serves each shard here, while shards move.
 

@@ -22,7 +22,7 @@ import trio
 from . import __version__, transport, wsframe
 from .codec import ErrorCode, Limits, Status
 from .errors import DcacheError
-from .handoff import Placement, absorb, claim, hand_over
+from .handoff import Placement, Signal, absorb, claim, hand_over
 from .membership import EtcdMembership, MembershipError, StandaloneMembership, View
 from .net import busy_poll_from_env, split_address
 from .peers import PeerLinks
@@ -132,8 +132,8 @@ class Node:
         self._nursery: trio.Nursery | None = None
         self._drained: trio.Event | None = None  # set once a drain has handed everything over
         self._drain_report: dict[str, int] = {}
-        self._more_to_hand = trio.Event()
-        self._new_claims = trio.Event()
+        self._more_to_hand = Signal()  # there may be shards to hand over
+        self._new_claims = Signal()  # shards may have started on their way here
 
     async def leave(self, drain: float = LEAVE_DRAIN, *, close: bool = True) -> dict[str, int]:
         """Step out of the cluster before stopping: say so in etcd, hand every
@@ -337,8 +337,8 @@ class Node:
             placed = await trio.to_thread.run_sync(ShardMap.build, view.epoch, _active(view))
             self._apply_view(view, placed)
             nursery.start_soon(self._follow_views, membership, views)
-            nursery.start_soon(hand_over, self.placement, self.store, self.peers, self._handoff_wait)
-            nursery.start_soon(claim, self.placement, self.peers, self._claim_wait)
+            nursery.start_soon(hand_over, self.placement, self.store, self.peers, self._more_to_hand.event)
+            nursery.start_soon(claim, self.placement, self.peers, self._new_claims.event)
             if config.etcd:
                 nursery.start_soon(self._check_advertised)
             nursery.start_soon(self._purge_unowned)
@@ -492,18 +492,6 @@ class Node:
         if onward:
             self._more_to_hand.set()
         return reply
-
-    def _claim_wait(self) -> trio.Event:
-        """The event set when shards may have started on their way here."""
-        if self._new_claims.is_set():
-            self._new_claims = trio.Event()
-        return self._new_claims
-
-    def _handoff_wait(self) -> trio.Event:
-        """The event set when there may be shards to hand over."""
-        if self._more_to_hand.is_set():
-            self._more_to_hand = trio.Event()
-        return self._more_to_hand
 
     # -- upkeep ---------------------------------------------------------------------
 

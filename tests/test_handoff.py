@@ -9,7 +9,7 @@ from typing import Any
 import trio
 
 from dcache import handoff
-from dcache.handoff import Placement, absorb, claim, hand_over
+from dcache.handoff import Placement, Signal, absorb, claim, hand_over
 from dcache.shard import NUM_SHARDS, ShardMap, shard_of
 from dcache.store import Store
 
@@ -23,8 +23,8 @@ class Node:
         self.id = node_id
         self.placement = Placement(node_id)
         self.store = Store(clock=trio.current_time)
-        self.wake = trio.Event()
-        self.claims = trio.Event()
+        self.wake = Signal()
+        self.claims = Signal()
 
     def view(self, epoch: int, members: tuple[str, ...], active: tuple[str, ...] | None = None) -> ShardMap:
         serving = self.placement.apply(epoch, members, members if active is None else active, trio.current_time())
@@ -33,14 +33,10 @@ class Node:
         return serving
 
     def waker(self) -> trio.Event:
-        if self.wake.is_set():
-            self.wake = trio.Event()
-        return self.wake
+        return self.wake.event()
 
     def claim_waker(self) -> trio.Event:
-        if self.claims.is_set():
-            self.claims = trio.Event()
-        return self.claims
+        return self.claims.event()
 
 
 class Reply:
