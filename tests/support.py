@@ -43,6 +43,14 @@ def serve(etcd: str, *extra: str) -> tuple[subprocess.Popen[bytes], str, str]:
     return proc, client, peer
 
 
+def kill_all(nodes: list[tuple[subprocess.Popen[bytes], str, str]]) -> None:
+    """Kill what :func:`serve` started and is still running, and reap it all."""
+    for proc, _, _ in nodes:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
 def dcache_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run([sys.executable, "-m", "dcache", *args], capture_output=True, timeout=20)
 

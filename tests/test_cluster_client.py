@@ -9,7 +9,7 @@ import sys
 import time
 
 import trio
-from support import serve
+from support import kill_all, serve
 
 import dcache
 from dcache.localcluster import EtcdServer, wait_until_serving
@@ -60,7 +60,4 @@ async def test_tasks_sharing_a_cluster_client_outlive_its_first_node_leaving(etc
         assert seed.wait(10) == 0
         assert done == [400] * 8
     finally:
-        for proc, _, _ in nodes:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(10)
+        kill_all(nodes)

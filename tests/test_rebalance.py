@@ -14,7 +14,7 @@ import time
 from collections import Counter
 
 import trio
-from support import dcache_cli, serve
+from support import dcache_cli, kill_all, serve
 
 import dcache
 from dcache.errors import RequestError
@@ -73,13 +73,30 @@ class Load:
             if value is None or int(value) < floor:
                 self.stale.append(f"{key}: read {value!r} after version {floor} was acknowledged")
 
-    async def run_for(self, seconds: float) -> None:
-        await trio.sleep(seconds)
+    def start(self, nursery: trio.Nursery) -> None:
+        for n in range(WRITERS):
+            nursery.start_soon(self.write, n)
+        for _ in range(READERS):
+            nursery.start_soon(self.read)
+
+    async def verify(self, client: dcache.Client) -> int:
+        """Read back every key written: each holds a version acknowledged or
+        sent since; how many keys."""
+        for key, acked in self.acked.items():
+            value = await client.get(key)
+            assert value is not None, f"{key}: version {acked} was acknowledged, and the key is gone"
+            assert acked <= int(value) <= self.tried[key], (key, acked, value)
+        return len(self.acked)
 
 
 async def _members(address: str) -> list[dict[str, object]]:
     r = await trio.to_thread.run_sync(dcache_cli, "members", "--json", "--server", address)
     return json.loads(r.stdout)["members"] if r.returncode == 0 else []  # type: ignore[no-any-return]
+
+
+async def _serving(nodes: list[tuple[subprocess.Popen[bytes], str, str]]) -> None:
+    for _, address, _ in nodes:
+        assert await trio.to_thread.run_sync(wait_until_serving, address, 15)
 
 
 async def _wait_for(address: str, count: int) -> None:
@@ -94,8 +111,7 @@ async def _wait_for(address: str, count: int) -> None:
 async def test_no_acknowledged_write_is_lost_while_a_node_joins_and_another_leaves(etcd_server: EtcdServer) -> None:
     nodes = [serve(etcd_server.endpoint) for _ in range(3)]
     try:
-        for _, address, _ in nodes:
-            assert await trio.to_thread.run_sync(wait_until_serving, address, 15)
+        await _serving(nodes)
         with trio.fail_after(TIMEOUT):
             await _wait_for(nodes[0][1], 3)
             # The load goes through the two nodes that stay; every request
@@ -105,10 +121,7 @@ async def test_no_acknowledged_write_is_lost_while_a_node_joins_and_another_leav
                     await first.mset({f"bulk:{i}": f"b{i}" for i in range(start, start + 1000)}, ttl=3600)
                 load = Load([first, second])
                 async with trio.open_nursery() as nursery:
-                    for n in range(WRITERS):
-                        nursery.start_soon(load.write, n)
-                    for _ in range(READERS):
-                        nursery.start_soon(load.read)
+                    load.start(nursery)
                     await trio.sleep(1.0)
                     ops_before = load.ops
 
@@ -128,12 +141,7 @@ async def test_no_acknowledged_write_is_lost_while_a_node_joins_and_another_leav
                     load.done.set()
                 assert status == 0
 
-                verified = 0
-                for key, acked in load.acked.items():
-                    value = await first.get(key)
-                    assert value is not None, f"{key}: version {acked} was acknowledged, and the key is gone"
-                    assert acked <= int(value) <= load.tried[key], (key, acked, value)
-                    verified += 1
+                verified = await load.verify(first)
                 for start in range(0, BULK, 1000):
                     keys = [f"bulk:{i}" for i in range(start, start + 1000)]
                     assert await second.mget(keys) == [f"b{i}".encode() for i in range(start, start + 1000)]
@@ -148,10 +156,7 @@ async def test_no_acknowledged_write_is_lost_while_a_node_joins_and_another_leav
         assert set(load.errors) <= {"unavailable"}, load.errors
         assert verified == WRITERS * KEYS_PER_WRITER + BULK
     finally:
-        for proc, _, _ in nodes:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(10)
+        kill_all(nodes)
 
 
 def test_drain_hands_a_nodes_entries_over_and_stops_it(etcd_server: EtcdServer) -> None:
@@ -179,10 +184,7 @@ def test_drain_hands_a_nodes_entries_over_and_stops_it(etcd_server: EtcdServer) 
         r = dcache_cli("drain", f"127.0.0.1:{free_port()}")
         assert r.returncode == 2 and r.stderr.startswith(b"error: cannot connect")  # nothing there: a clear error
     finally:
-        for proc, _, _ in nodes:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(10)
+        kill_all(nodes)
 
 
 def test_drain_refuses_a_standalone_node() -> None:
@@ -207,17 +209,13 @@ async def test_no_acknowledged_write_is_lost_while_etcd_is_stopped_for_ten_secon
     older value, and every acknowledged write is there afterwards."""
     nodes = [serve(etcd_server.endpoint) for _ in range(3)]
     try:
-        for _, address, _ in nodes:
-            assert await trio.to_thread.run_sync(wait_until_serving, address, 15)
+        await _serving(nodes)
         with trio.fail_after(TIMEOUT):
             await _wait_for(nodes[0][1], 3)
             async with dcache.connect(nodes[0][1]) as first, dcache.connect(nodes[1][1]) as second:
                 load = Load([first, second])
                 async with trio.open_nursery() as nursery:
-                    for n in range(WRITERS):
-                        nursery.start_soon(load.write, n)
-                    for _ in range(READERS):
-                        nursery.start_soon(load.read)
+                    load.start(nursery)
                     await trio.sleep(1.0)
                     await trio.to_thread.run_sync(etcd_server.stop)
                     await trio.sleep(10)
@@ -232,11 +230,7 @@ async def test_no_acknowledged_write_is_lost_while_etcd_is_stopped_for_ten_secon
                         if load.ops > before + 100:
                             break
                     load.done.set()
-                verified = 0
-                for key, acked in load.acked.items():
-                    value = await first.get(key)
-                    assert value is not None and acked <= int(value) <= load.tried[key], (key, acked, value)
-                    verified += 1
+                verified = await load.verify(first)
         print(
             f"\netcd stopped for 10 s under load: {load.ops} ops ({ops_during} by the end of the outage), "
             f"errors {dict(load.errors) or 'none'}, {verified} keys verified, every node ready {back_in:.2f} s after etcd was back"
@@ -245,7 +239,4 @@ async def test_no_acknowledged_write_is_lost_while_etcd_is_stopped_for_ten_secon
         assert set(load.errors) <= {"unavailable"}, load.errors
         assert verified == WRITERS * KEYS_PER_WRITER
     finally:
-        for proc, _, _ in nodes:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(10)
+        kill_all(nodes)
