@@ -368,13 +368,13 @@ def absorb(placement: Placement, store: Any, sender: str, args: dict[str, Any], 
     completed shards not taken: ``serving`` those this node serves already,
     ``refused`` the others, to be sent again) and the shards to pass on."""
     accepts = placement.accepts
-    involved = {*args["begin"], *args["done"]}
-    involved.update(shard_of(e[0], e[1]) for e in args["entries"])
-    taken_shards = {shard for shard in involved if accepts(shard, sender)}
+    entries = args["entries"]
+    shards = [shard_of(e[0], e[1]) for e in entries]
+    taken_shards = {shard for shard in {*args["begin"], *args["done"], *shards} if accepts(shard, sender)}
     for shard in args["begin"]:
         if shard in taken_shards:
             store.drop_shard(shard)
-    taken = store.absorb(e for e in args["entries"] if shard_of(e[0], e[1]) in taken_shards)
+    taken = store.absorb(e for e, shard in zip(entries, shards) if shard in taken_shards)
     placement.entries_in += taken
     done = [s for s in args["done"] if s in taken_shards]
     refused = [s for s in args["done"] if s not in taken_shards]
