@@ -27,6 +27,7 @@ from .client import (
     _identity,
     _outcome,
     check_timeout,
+    is_leaving,
 )
 from .codec import Limits
 from .errors import (
@@ -206,11 +207,7 @@ class ClusterClient(Operations):
         self._refreshed_at = trio.current_time()
         status, view = await self._via_seed("members", {})
         view = _outcome(status, view, _identity)
-        up = {
-            m["node"]: m["client"]
-            for m in view["members"]
-            if m["state"] == "up" and m["client"] and (m.get("stats") or {}).get("state") != "leaving"  # (it owns nothing)
-        }
+        up = {m["node"]: m["client"] for m in view["members"] if m["state"] == "up" and m["client"] and not is_leaving(m)}
         # A change costs milliseconds; a first view of hundreds of members a second: off the loop.
         self.shard_map = await trio.to_thread.run_sync(self.shard_map.changed, view["epoch"], up)
         self._addresses = up

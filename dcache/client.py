@@ -95,6 +95,12 @@ def check_timeout(timeout: float) -> float:
     return timeout
 
 
+def is_leaving(member: dict[str, Any]) -> bool:
+    """Whether a ``members`` row is a node that is leaving: it owns no shard
+    (it hands its own over), so keys are placed over the others."""
+    return (member.get("stats") or {}).get("state") == "leaving"
+
+
 def _identity(body: Any) -> Any:
     return body
 

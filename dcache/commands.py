@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .client import DEFAULT_ADDRESS, DEFAULT_TIMEOUT, MAX_TIMEOUT, MAX_TTL, Operations
+from .client import DEFAULT_ADDRESS, DEFAULT_TIMEOUT, MAX_TIMEOUT, MAX_TTL, Operations, is_leaving
 from .errors import (
     ConnectError,
     ConnectionLost,
@@ -302,8 +302,7 @@ def where(client: Operations, *, key: str, ns: str = "") -> Outcome:
     seconds = client.ttl(key, ns=ns)
     by_id = {m["node"]: m for m in view["members"]}
     shard = shard_of(ns, key.encode())
-    # A leaving node owns nothing (it hands its shards over), unless every node is leaving.
-    staying = [n for n, m in by_id.items() if (m.get("stats") or {}).get("state") != "leaving"] or list(by_id)
+    staying = [n for n, m in by_id.items() if not is_leaving(m)] or list(by_id)  # (unless every node is leaving)
     owner = rank(shard, staying)[0]
     client_address = by_id[owner]["client"]
     data = {

@@ -14,8 +14,9 @@ null, ...]; mset → [version, ...]; mdelete → number deleted; stats → map o
 counters; members → {"epoch", "members": [{"node", "client", "state",
 "stats"}, ...]}; drain → what the node handed over
 ({"shards_moved", "entries_moved", "shards_left_behind", "entries_left_behind"}),
-after which it stops; handoff (from a node handing entries over) → number taken; claim (from a
-node waiting for shards) → {"absent", "elsewhere"}.
+after which it stops; handoff (from a node handing entries over) →
+{"taken", "serving", "refused"}; claim (from a node waiting for shards) →
+{"absent", "elsewhere"}.
 
 A hello with ``peer`` (the sender's node id) opens a node-to-node link: its
 keyed requests are served only if the receiving node owns the key, else
