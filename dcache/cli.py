@@ -95,6 +95,7 @@ def shell(address: str | None, server: str, timeout: float) -> NoReturn:
     sys.exit(shell_main(address or server, timeout=timeout))
 
 
+MAX_REPLICAS = 9
 DRAIN_CLIENT_TIMEOUT = 60.0  # seconds: the node's default --drain-timeout (30 s) and its goodbyes
 
 
@@ -195,6 +196,23 @@ def completion(shell_name: str | None, directory: str | None) -> None:
     show_default=True,
     help="On SIGTERM or Ctrl-C, how long the node may take to hand its entries to the other nodes before it stops.",
 )
+@click.option(
+    "--replicas",
+    type=click.IntRange(1, MAX_REPLICAS),
+    default=1,
+    metavar="N",
+    show_default=True,
+    help="Copies of each entry in the cluster, on N nodes: a crash of N-1 nodes loses none. Cluster-wide: "
+    "the first node records it in etcd, and a node started with another value refuses to join.",
+)
+@click.option(
+    "--replication",
+    type=click.Choice(["sync", "async"]),
+    default="sync",
+    show_default=True,
+    help="sync: a write is answered once every replica has it; async: at once, and a crash may lose "
+    "what was still on its way to the replicas.",
+)
 @click.option("--log-level", default="info", metavar="LEVEL", show_default=True, help="debug, info, warning or error.")
 @click.option(
     "--busy-poll-us", envvar="DCACHE_BUSY_POLL_US", type=click.IntRange(0, MAX_BUSY_POLL_US), default=int(DEFAULT_BUSY_POLL_US),
@@ -210,6 +228,8 @@ def serve(
     metrics_listen: str | None,
     lease_ttl: float,
     drain_timeout: float,
+    replicas: int,
+    replication: str,
     log_level: str,
     busy_poll_us: int,
 ) -> None:
@@ -247,6 +267,8 @@ def serve(
             metrics_listen=metrics_listen,
             lease_ttl=lease_ttl,
             drain_timeout=drain_timeout,
+            replicas=replicas,
+            replication=replication,
             busy_poll=busy_poll_us / 1e6,
         )
         trio.run(_serve_until_signalled, Node(config))

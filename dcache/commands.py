@@ -262,11 +262,13 @@ def members(client: Operations) -> Outcome:
             "shards": m["shards"],
             "shards_arriving": stats.get("shards_arriving", 0),
             "shards_leaving": stats.get("shards_leaving", 0),
+            "shards_under_replicated": stats.get("shards_under_replicated", 0),
             "keys": stats.get("keys"),
             "uptime_s": stats.get("uptime_s"),
         }
         moving = [f"{entry['shards_arriving']:,} in"] if entry["shards_arriving"] else []
         moving += [f"{entry['shards_leaving']:,} out"] if entry["shards_leaving"] else []
+        moving += [f"{entry['shards_under_replicated']:,} to copy"] if entry["shards_under_replicated"] else []
         data.append(entry)
         rows.append(
             (
@@ -281,7 +283,7 @@ def members(client: Operations) -> Outcome:
         )
     columns = ("node", "client address", "state", "shards", "moving", "keys", "uptime")
     plain = _plain_table(
-        ("node", "client", "state", "shards", "shards_arriving", "shards_leaving", "keys", "uptime_s"),
+        ("node", "client", "state", "shards", "shards_arriving", "shards_leaving", "shards_under_replicated", "keys", "uptime_s"),
         [tuple("" if v is None else v for v in e.values()) for e in data],
     )
     return Outcome(
@@ -455,7 +457,7 @@ COMMANDS: dict[str, Command] = {
         ),
         Command(
             "members",
-            "List the cluster's nodes: address, state, shards owned and moving, keys, uptime.",
+            "List the cluster's nodes: address, state, shards owned, moving and still to copy to replicas, keys, uptime.",
             lambda for_shell: [],
             members,
         ),

@@ -75,9 +75,9 @@ class Placement:
     not yet acknowledged (their owner is the new one already).
     """
 
-    def __init__(self, node_id: str) -> None:
+    def __init__(self, node_id: str, copies: int = 1) -> None:
         self.node_id = node_id
-        self.target = ShardMap(0, (), ())
+        self.target = ShardMap(0, (), (), copies=copies)
         self.members: tuple[str, ...] = ()
         self.owners: list[str] = []
         self.incoming: dict[int, str] = {}
@@ -92,6 +92,14 @@ class Placement:
         self.entries_in = 0
         self.entries_out = 0
         self.entries_dropped = 0  # handed to a node that served the shard already: lost
+        # Replicas (see dcache.replication): shards whose copy this node keeps
+        # for their owner, complete and kept up to date by it; and those whose
+        # copy is on its way. A shard whose owner is gone is served at once
+        # from such a copy; any other shard whose holder is gone, empty.
+        self.copies: dict[int, str] = {}
+        self.copies_begun: dict[int, str] = {}
+        self.emptied: list[int] = []  # by the last apply: shards served now with nothing from their holder
+        self.failed_over = 0  # shards served from a copy here when their owner went
 
     @property
     def fresh(self) -> bool:
@@ -108,6 +116,8 @@ class Placement:
         self._holders.clear()
         self._asked.clear()
         self._progress = 0.0
+        self.copies.clear()
+        self.copies_begun.clear()
 
     def apply(
         self, epoch: int, members: tuple[str, ...], active: tuple[str, ...], now: float, target: ShardMap | None = None
@@ -119,8 +129,11 @@ class Placement:
         node); shards it holds and loses are to be handed over."""
         me = self.node_id
         if target is None:
-            target = self.target.changed(epoch, active) if self.target.members else ShardMap.build(epoch, active)
+            target = (
+                self.target.changed(epoch, active) if self.target.members else ShardMap.build(epoch, active, self.target.copies)
+            )
         self.target, self.members = target, members
+        self.emptied = []
         present = set(members)
         want = target.shard_owners
         if not want:  # nobody to serve anything (every member is leaving): keep serving as is, hand nothing over
@@ -167,15 +180,42 @@ class Placement:
                         incoming[shard] = current
                         holders.pop(shard, None)
                         added = True
-                    else:
+                    else:  # its owner is gone: serve it now, from the copy kept here if there is one
                         owners[shard] = me
+                        if self.copies.get(shard) == current:
+                            self.failed_over += 1
+                        else:
+                            self.emptied.append(shard)
                 else:
                     if current != new and current in present:
                         holders[shard] = current  # (it served it: a claim for it is sent there)
                     owners[shard] = new
         if added:  # (a new wait: its holders get their time)
             self._progress = now
+        self._check_copies()
         return self.serving(epoch)
+
+    def _check_copies(self) -> None:
+        """Forget the copies this node is no longer sent the writes of: their
+        owner is no longer the shard's settled owner, or this node no longer
+        one of its replicas (the purge then drops their entries)."""
+        me, want, owners = self.node_id, self.target.shard_owners, self.owners
+        for held in (self.copies, self.copies_begun):
+            for shard, owner in list(held.items()):
+                if not want or want[shard] != owner or owners[shard] != owner or me not in self.target.replicas_of(shard):
+                    del held[shard]
+
+    def keeps_copy(self, shard: int, sender: str) -> bool:
+        """Whether this node is to keep a copy of ``shard`` for ``sender``:
+        the settled owner of the shard, of which this node is a replica."""
+        want = self.target.shard_owners
+        return (
+            not self._fresh
+            and bool(want)
+            and want[shard] == sender
+            and self.owners[shard] == sender
+            and self.node_id in self.target.replicas_of(shard)
+        )
 
     def serving(self, epoch: int | None = None) -> ShardMap:
         """The map the router routes by: the serving owners, over every member.
@@ -449,13 +489,13 @@ async def _hand(
     owner: str,
     shards: list[int],
 ) -> bool:
-    """Hand ``owner`` the first of ``shards`` (see :func:`_messages`), and
+    """Hand ``owner`` the first of ``shards`` (see :func:`shard_messages`), and
     wait for it to take them; False if it did not take them all (they are
     to be handed again)."""
     shards = [s for s in shards if placement.outgoing.get(s) == owner and s not in placement.sending]  # (views change)
     if not shards:
         return True
-    messages, sent, count = _messages(store, shards, placement.target.epoch)
+    messages, sent, count = shard_messages(store, shards, placement.target.epoch)
     # From here to handed() with no checkpoint: no write comes between
     # the entries read and the requests forwarded after them.
     pendings = [submit(owner, [("handoff", message)]) for message in messages]
@@ -495,7 +535,7 @@ async def _hand(
     return not not_taken
 
 
-def _messages(store: Any, shards: list[int], epoch: int) -> tuple[list[dict[str, Any]], list[int], int]:
+def shard_messages(store: Any, shards: list[int], epoch: int) -> tuple[list[dict[str, Any]], list[int], int]:
     """Handoff messages for as many of ``shards`` as fit in about
     :data:`BATCH_BYTES` (at least one shard, whatever its size: a large
     shard is split over messages, in order); the shards they complete; how

@@ -82,6 +82,10 @@ def members_prefix(cluster: str) -> str:
     return f"/dcache/{cluster}/members/"
 
 
+def settings_key(cluster: str) -> str:
+    return f"/dcache/{cluster}/settings"
+
+
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
     """``http://host:port`` or ``host:port`` → (host, port); default port 2379."""
     try:
@@ -186,8 +190,11 @@ class EtcdMembership:
         connect_timeout: float = CONNECT_TIMEOUT,
         on_lapse: Callable[[], None] | None = None,
         on_vouch: Callable[[float], None] | None = None,
+        settings: dict[str, Any] | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self.cluster = cluster
+        self._settings = settings or {}
         self._on_lapse = on_lapse
         self._on_vouch = on_vouch
         self._host, self._port = parse_endpoint(endpoint)
@@ -239,6 +246,7 @@ class EtcdMembership:
         self._client = etcd3.MultiEndpointEtcd3Client(endpoints=[endpoint], timeout=self._connect_timeout)
         try:
             with self._starting():
+                await self._agree()
                 value, meta = await self._call(self._client.get, self._key)
             if value is not None:
                 await self._wait_until_free(meta.lease_id)
@@ -267,6 +275,32 @@ class EtcdMembership:
             raise MembershipError(f"cannot reach etcd at {self.endpoint}: no answer within {self._connect_timeout:g} s") from None
         except self._etcd_errors() as exc:
             raise MembershipError(f"cannot reach etcd at {self.endpoint}: {_describe(exc)}") from None
+
+    async def _agree(self) -> None:
+        """Check this node's cluster-wide settings (``--replicas``) against
+        those etcd records for the cluster; the first node records its own.
+        A node started with other values would place copies where no other
+        node looks for them: it refuses to join."""
+        if not self._settings:
+            return
+        key = settings_key(self.cluster)
+        if await self._call(self._client.put_if_not_exists, key, cbor2.dumps(self._settings)):
+            log.info("recorded the cluster's settings in etcd: %s", _flags(self._settings))
+            return
+        value, _ = await self._call(self._client.get, key)
+        try:
+            recorded = cbor2.loads(value) if value is not None else {}
+        except Exception:
+            recorded = None
+        if not isinstance(recorded, dict):
+            raise MembershipError(f"etcd holds unreadable settings for cluster {self.cluster!r} at {key}; delete that key")
+        for name, mine in self._settings.items():
+            theirs = recorded.get(name, mine)
+            if theirs != mine:
+                raise MembershipError(
+                    f"cluster {self.cluster!r} runs with --{name} {theirs} (recorded in etcd at {key}); "
+                    f"this node was started with --{name} {mine}"
+                )
 
     async def _wait_until_free(self, lease_id: int) -> None:
         """Our id is registered already: by a run of ours that died, whose
@@ -528,6 +562,10 @@ def _patch_etcd3_watcher() -> None:
 
     if not hasattr(etcd3.watch, "six"):
         etcd3.watch.six = types.SimpleNamespace(itervalues=lambda d: iter(d.values()))
+
+
+def _flags(settings: dict[str, Any]) -> str:
+    return " ".join(f"--{name} {value}" for name, value in settings.items())
 
 
 def _describe(exc: BaseException) -> str:

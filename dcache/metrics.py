@@ -72,6 +72,25 @@ class NodeCollector(Collector):
             "dcache_membership_epoch", "Epoch (etcd revision) of this node's membership view.", value=router.shard_map.epoch
         )
         yield GaugeMetricFamily("dcache_connections", "Open client and peer connections.", value=node.connections)
+        replicator = node.replicator
+        if replicator is not None:
+            yield GaugeMetricFamily(
+                "dcache_shards_under_replicated",
+                "Shards this node owns that lack a copy on one of their replicas.",
+                value=replicator.under_replicated(),
+            )
+            yield GaugeMetricFamily(
+                "dcache_shard_copies", "Shards this node keeps a copy of for their owner.", value=len(node.placement.copies)
+            )
+            yield CounterMetricFamily("dcache_replicated_writes", "Writes sent to replicas.", value=replicator.writes)
+            yield CounterMetricFamily(
+                "dcache_replica_refusals", "Writes answered unavailable for want of a replica.", value=replicator.refused
+            )
+            yield CounterMetricFamily(
+                "dcache_shards_failed_over",
+                "Shards served from a copy here when their owner went.",
+                value=node.placement.failed_over,
+            )
         hist = router.counters.latency
         buckets = [("+Inf" if bound == float("inf") else repr(bound), count) for bound, count in hist.cumulative()]
         yield HistogramMetricFamily(

@@ -28,6 +28,7 @@ from .net import busy_poll_from_env, split_address
 from .peers import PeerLinks
 from .protocol import Budget, ConnectionClosed, ServerSession
 from .reactor import Reactor
+from .replication import SYNC, Replicator, replica_summary, take
 from .router import Forwarder, Router, Waiting
 from .shard import ShardMap
 from .store import Store
@@ -72,6 +73,8 @@ class NodeConfig:
     busy_poll: float | None = None  # seconds a reader spins before sleeping (see net.BusyPoll); None: DCACHE_BUSY_POLL_US
     reactor: bool = True  # serve connections from one task (see reactor.py); False: a task each
     drain_timeout: float = DRAIN_TIMEOUT
+    replicas: int = 1  # copies of each shard, the owner's included (cluster-wide: recorded in etcd)
+    replication: str = SYNC  # sync: a write is answered once every replica has it; async: at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,12 +126,13 @@ class Node:
         self.peers: PeerLinks
         self.router: Router
         self.reactor: Reactor
+        self.replicator: Replicator | None = None
         self._started_at = 0.0
         self._purge_needed: trio.Event | None = None
         self.membership: EtcdMembership | StandaloneMembership | None = None
         self._leaving = False
         self._applied = View(0, ())  # the last view applied (or set aside, if empty)
-        self.placement = Placement("")
+        self.placement = Placement("", config.replicas)
         self._nursery: trio.Nursery | None = None
         self._drained: trio.Event | None = None  # set once a drain has handed everything over
         self._drain_report: dict[str, int] = {}
@@ -158,7 +162,11 @@ class Node:
             "shards_left_behind": len(placement.outgoing)
             + len(placement.sending)
             + (self.router.shard_map.shards_owned(self.node_id) if self.node_id in placement.target.members else 0),
-            "entries_left_behind": len(self.store),
+            "entries_left_behind": sum(
+                self.store.shard_size(shard)
+                for shard in self.store.shards()
+                if (placement.owners and placement.owners[shard] == self.node_id) or shard in placement.sending
+            ),
         }
         if report["shards_moved"] or report["shards_left_behind"] or report["entries_left_behind"]:
             log.info(
@@ -224,6 +232,10 @@ class Node:
             return "joining", f"the entries of {len(placement.incoming)} shard(s) are still on their way to this node"
         if self.router.vouched_until <= trio.current_time():
             return "rejoining", "this node lost contact with etcd for longer than its lease"
+        if self.replicator is not None:
+            missing = self.replicator.under_replicated()
+            if missing:
+                return "replicating", f"{missing} shard(s) of this node lack a copy on one of their replicas; copying them"
         return "ready", "this node is in the cluster and serving its shards"
 
     def stats(self) -> dict[str, Any]:
@@ -235,6 +247,7 @@ class Node:
             state=self.readiness()[0],
             shards=router.shard_map.shards_owned(self.node_id),
             **self.placement.state(),
+            **replica_summary(self.placement, self.replicator),
             members=len(router.shard_map.members),
             epoch=router.shard_map.epoch,
             forwarded=router.counters.forwarded,
@@ -271,7 +284,7 @@ class Node:
         bound_client = (client_host, client_listeners[0].socket.getsockname()[1])
         # With port 0 the node id can only be known now.
         self.node_id = config.advertise or join_address(*bound_peer)
-        self.placement = Placement(self.node_id)
+        self.placement = Placement(self.node_id, config.replicas)
         advertised_host = split_address(self.node_id, DEFAULT_PEER_PORT)[0]
         client_address = join_address(advertised_host if client_host in _WILDCARDS else client_host, bound_client[1])
         metrics_listeners = None
@@ -293,6 +306,9 @@ class Node:
             clock=trio.lowlevel.current_clock().current_time,  # the clock membership vouches on
         )
         self.router.arriving = self.placement.incoming
+        if config.replicas > 1:
+            self.replicator = Replicator(self.placement, self.store, self.peers, mode=config.replication)
+            self.router.replicator = self.replicator
         self.reactor = Reactor(
             router=self.router,
             idle_timeout=config.idle_timeout,
@@ -310,11 +326,14 @@ class Node:
                     lease_ttl=config.lease_ttl,
                     on_lapse=self._lapsed,
                     on_vouch=self._vouch,
+                    settings={"replicas": config.replicas},
                 )
             except MembershipError as exc:  # a malformed --etcd
                 raise NodeStartError(str(exc)) from None
             self.router.vouched_until = -math.inf  # until membership vouches for its first view
         else:
+            if config.replicas > 1:
+                raise NodeStartError("--replicas needs a cluster (--etcd): a standalone node has no other node to keep copies on")
             membership = StandaloneMembership(node_id=self.node_id, client_address=client_address)
 
         async with trio.open_nursery() as nursery:
@@ -334,11 +353,13 @@ class Node:
             # more (300 members: about 1 s): off the event loop, which keeps
             # the membership's lease alive meanwhile. Later views cost
             # milliseconds each (ShardMap.changed).
-            placed = await trio.to_thread.run_sync(ShardMap.build, view.epoch, _active(view))
+            placed = await trio.to_thread.run_sync(ShardMap.build, view.epoch, _active(view), config.replicas)
             self._apply_view(view, placed)
             nursery.start_soon(self._follow_views, membership, views)
             nursery.start_soon(hand_over, self.placement, self.store, self.peers, self._more_to_hand.event)
             nursery.start_soon(claim, self.placement, self.peers, self._new_claims.event)
+            if self.replicator is not None:
+                await nursery.start(self.replicator.run)
             if config.etcd:
                 nursery.start_soon(self._check_advertised)
             nursery.start_soon(self._purge_unowned)
@@ -384,6 +405,10 @@ class Node:
         self.peers.update(shard_map.members)
         for shard in self.placement.incoming.keys() - arriving - self.placement.sending:
             self.store.drop_shard(shard)  # (what is left from when it was here before is stale)
+        for shard in self.placement.emptied:
+            self.store.drop_shard(shard)  # (its owner is gone, and no copy of it was kept here)
+        if self.replicator is not None:
+            self.replicator.prune()
         if self.placement.outgoing:
             self._more_to_hand.set()
         if self.placement.incoming:
@@ -476,6 +501,8 @@ class Node:
                     and owners[shard] != self.node_id
                     and shard not in placement.incoming
                     and shard not in placement.sending
+                    and shard not in placement.copies
+                    and shard not in placement.copies_begun
                 ):
                     dropped += self.store.drop_shard(shard)
                     work += 1
@@ -485,9 +512,12 @@ class Node:
                 log.info("dropped %d entries of shards now owned by other nodes", dropped)
 
     def _take_handoff(self, peer: str, op: str, args: dict[str, Any]) -> Any:
-        """Entries another node hands this one, or its claim on shards (the router's ``handoff``)."""
+        """Entries another node hands this one, its claim on shards, or the
+        writes of a shard this node keeps a copy of (the router's ``handoff``)."""
         if op == "claim":
             return self.placement.answer_claim(peer, args["shards"])
+        if op == "replicate":
+            return take(self.placement, self.store, peer, args)
         reply, onward = absorb(self.placement, self.store, peer, args, trio.current_time())
         if onward:
             self._more_to_hand.set()

@@ -16,7 +16,8 @@ counters; members → {"epoch", "members": [{"node", "client", "state",
 ({"shards_moved", "entries_moved", "shards_left_behind", "entries_left_behind"}),
 after which it stops; handoff (from a node handing entries over) →
 {"taken", "serving", "refused"}; claim (from a node waiting for shards) →
-{"absent", "elsewhere"}.
+{"absent", "elsewhere"}; replicate (from a shard's owner to its replicas) →
+{"refused"}.
 
 A hello with ``peer`` (the sender's node id) opens a node-to-node link: its
 keyed requests are served only if the receiving node owns the key, else
@@ -312,39 +313,45 @@ def _mdelete(store: Any, a: dict[str, Any]) -> Any:
     return sum(store.delete(ns, key) for key in a["keys"])
 
 
-def _handoff(args: dict[str, Any], limits: Limits) -> dict[str, Any]:
-    """A node handing entries over (see :mod:`dcache.handoff`): ``entries`` as
-    [ns, key, value, ttl_ms, version] lists, ``begin`` the shards whose
-    entries start with this message, ``done`` those whose entries are all
-    sent with it or before it, and the ``epoch`` of the sender's view."""
-    entries, begin, done, epoch = args.get("entries"), args.get("begin"), args.get("done"), args.get("epoch")
-    if (
-        args.keys() != {"entries", "begin", "done", "epoch"}
-        or type(entries) is not list
-        or type(begin) is not list
-        or type(done) is not list
-        or type(epoch) is not int
-        or epoch < 0
-    ):
-        raise WireError(ErrorCode.BAD_REQUEST, "handoff: args are {entries, begin, done, epoch}")
-    for item in entries:
-        if not (
-            type(item) is list
-            and len(item) == 5
-            and type(item[0]) is str
-            and type(item[1]) is bytes
-            and item[1]
-            and type(item[2]) is bytes
-            and type(item[3]) is int
-            and 0 <= item[3] <= MAX_TTL_MS
-            and type(item[4]) is int
-            and item[4] >= 0
+def _entries(op: str, *, gone: bool) -> Callable[[dict[str, Any], Limits], dict[str, Any]]:
+    """The check of a message that carries entries between nodes: ``entries``
+    as [ns, key, value, ttl_ms, version] lists (value null: the key is gone,
+    where ``gone``), ``begin`` the shards whose entries start with this
+    message, ``done`` those whose entries are all sent with it or before it,
+    and the ``epoch`` of the sender's view."""
+    shape = f"{op}: each entry is [ns, key, value{' or null' if gone else ''}, ttl_ms, version]"
+
+    def check(args: dict[str, Any], limits: Limits) -> dict[str, Any]:
+        entries, begin, done, epoch = args.get("entries"), args.get("begin"), args.get("done"), args.get("epoch")
+        if (
+            args.keys() != {"entries", "begin", "done", "epoch"}
+            or type(entries) is not list
+            or type(begin) is not list
+            or type(done) is not list
+            or type(epoch) is not int
+            or epoch < 0
         ):
-            raise WireError(ErrorCode.BAD_REQUEST, "handoff: each entry is [ns, key, value, ttl_ms, version]")
-    for shard in (*begin, *done):
-        if type(shard) is not int or not 0 <= shard < NUM_SHARDS:
-            raise WireError(ErrorCode.BAD_REQUEST, "handoff: begin and done hold shard numbers")
-    return {"entries": entries, "begin": begin, "done": done, "epoch": epoch}
+            raise WireError(ErrorCode.BAD_REQUEST, f"{op}: args are {{entries, begin, done, epoch}}")
+        for item in entries:
+            if not (
+                type(item) is list
+                and len(item) == 5
+                and type(item[0]) is str
+                and type(item[1]) is bytes
+                and item[1]
+                and (type(item[2]) is bytes or (gone and item[2] is None))
+                and type(item[3]) is int
+                and 0 <= item[3] <= MAX_TTL_MS
+                and type(item[4]) is int
+                and item[4] >= 0
+            ):
+                raise WireError(ErrorCode.BAD_REQUEST, shape)
+        for shard in (*begin, *done):
+            if type(shard) is not int or not 0 <= shard < NUM_SHARDS:
+                raise WireError(ErrorCode.BAD_REQUEST, f"{op}: begin and done hold shard numbers")
+        return {"entries": entries, "begin": begin, "done": done, "epoch": epoch}
+
+    return check
 
 
 def _claim(args: dict[str, Any], limits: Limits) -> dict[str, Any]:
@@ -367,8 +374,9 @@ OPS: dict[str, Op] = {
         Op("stats", _no_args("stats")),
         Op("members", _no_args("members")),
         Op("drain", _no_args("drain")),
-        Op("handoff", _handoff),  # from peers only
+        Op("handoff", _entries("handoff", gone=False)),  # from peers only
         Op("claim", _claim),  # from peers only
+        Op("replicate", _entries("replicate", gone=True)),  # from peers only
         Op("get", _keyed("get"), Keys.ONE, apply=_get),
         Op("set", _set, Keys.ONE, write=True, apply=_set_in),
         Op("delete", _keyed("delete"), Keys.ONE, write=True, apply=_delete),

@@ -122,6 +122,16 @@ class PeerLinks:
         """:meth:`submit` for one request encoded but for its rid; its reply likewise."""
         return Forward(self, node_id, None, rest)
 
+    def session(self, node_id: str) -> object | None:
+        """The link to ``node_id`` as it is now, if it is up: the same object
+        for as long as that connection lasts, another once it reconnects
+        (what went over one connection may not have reached the peer).
+        None if the link is down."""
+        link = self._links.get(node_id)
+        if link is None or link.state != "up" or link.channel is None or link.channel.broken is not None:
+            return None
+        return link.channel
+
     async def linked(self, node_id: str) -> bool:
         """Whether the link to ``node_id`` is up, waiting up to
         :data:`WAIT_FOR_LINK` for it if it is (re)connecting."""

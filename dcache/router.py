@@ -36,7 +36,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -47,6 +47,9 @@ from .ops import KEYED, OPS, Keys, Op, Request, check_request, parse_request
 from .protocol import ServerSession
 from .shard import ShardMap, shard_of
 from .stats import RequestCounters
+
+if TYPE_CHECKING:
+    from .replication import Replicated, Replicator
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +181,7 @@ class Waiting:
     :meth:`finish` waits for them and returns their reply frame;
     :meth:`release` gives up on them (the connection went away)."""
 
-    __slots__ = ("_router", "_replies", "_forwards", "_relay", "_members", "_drains", "_started")
+    __slots__ = ("_router", "_replies", "_forwards", "_relay", "_members", "_drains", "_replicated", "_started")
 
     def __init__(self, router: Router, started: float) -> None:
         self._router = router
@@ -187,6 +190,7 @@ class Waiting:
         self._relay: tuple[int, Request, str, Pending] | None = None
         self._members: list[_Reply] = []
         self._drains: list[_Reply] = []
+        self._replicated: list[tuple[Callable[[int, Any], None], str, int, Any, Replicated]] = []  # writes done here
         self._started = started
 
     def slot(self, rid: int) -> _Reply:
@@ -210,6 +214,8 @@ class Waiting:
                     for owner, jobs, pending in self._forwards:
                         nursery.start_soon(router._collect, owner, jobs, pending.wait, bounced)
             await router._retry(bounced)
+            for deliver, op, status, body, replicated in self._replicated:
+                deliver(*await router._replicated(op, status, body, replicated))
             for slot in self._members:
                 slot.deliver(Status.OK, await router._members())
                 router.counters.count("members", "ok")
@@ -246,7 +252,7 @@ class Waiting:
         or the link failed): :meth:`finish` then completes it from what
         came. None, and no call, if this cannot be done: :meth:`finish` as
         usual."""
-        if self._relay is None or self._forwards or self._members or self._drains:
+        if self._relay is None or self._forwards or self._members or self._drains or self._replicated:
             return None
         rid, _, _, pending = self._relay
         router = self._router
@@ -266,6 +272,8 @@ class Waiting:
             pending.release()
         if self._relay is not None:
             self._relay[3].release()
+        for *_, replicated in self._replicated:
+            replicated.release()
 
     def owners(self) -> Iterable[str]:
         """The nodes this waits for."""
@@ -273,6 +281,8 @@ class Waiting:
             yield self._relay[2]
         for owner, _, _ in self._forwards:
             yield owner
+        for *_, replicated in self._replicated:
+            yield from replicated.replicas()
 
 
 class Router:
@@ -317,6 +327,7 @@ class Router:
         self.counters = RequestCounters()
         self.vouched_until = math.inf
         self.arriving: dict[int, str] = {}  # shard → the node holding its entries, until they arrive here
+        self.replicator: Replicator | None = None  # with replicas: sends this node's writes to them
         self._handoff = handoff
         self._drain = drain
         self._clock = clock
@@ -380,6 +391,14 @@ class Router:
                     replies.append(codec.error(req.rid, ErrorCode.UNAVAILABLE, UNVOUCHED_MESSAGE))
                 elif op.keys is Keys.ONE:
                     owner = self.shard_map.owner(req.args["ns"], req.args["key"])
+                    if owner == self.node_id and op.write and self.replicator is not None:
+                        status, body, replicated = self._write(op, req.args)
+                        if replicated is None:
+                            replies.append([req.rid, status, body])
+                        else:
+                            waiting = waiting or Waiting(self, started)
+                            waiting._replicated.append((waiting.slot(req.rid).deliver, op.name, status, body, replicated))
+                        continue
                     reply = self._answer_here(session, req, owner)
                     if reply is not None:
                         replies.append(reply)
@@ -398,7 +417,7 @@ class Router:
                     else:
                         waiting = waiting or Waiting(self, started)
                         waiting._drains.append(waiting.slot(req.rid))
-                elif req.op in ("handoff", "claim"):
+                elif req.op in ("handoff", "claim", "replicate"):
                     replies.append(self._take_handoff(session, req))
                 else:
                     replies.append(self._local(req))
@@ -429,7 +448,14 @@ class Router:
             return codec.encode_frame([self._invalid(exc)]), None
         owner = self.shard_map.owner(args["ns"], args["key"])
         if owner == self.node_id:
-            status, body = self._execute(op, args)
+            if op.write and self.replicator is not None:
+                status, body, replicated = self._write(op, args)
+                if replicated is not None:
+                    waiting = Waiting(self, started)
+                    waiting._replicated.append((waiting.slot(rid).deliver, op.name, status, body, replicated))
+                    return None, waiting
+            else:
+                status, body = self._execute(op, args)
             self.counters.latency.observe(self._clock() - started)
             return codec.reply_frame(rid, status, body), None
         if session.peer_id and not self._passes_on(args):
@@ -457,6 +483,14 @@ class Router:
         elements = op.elements(args)
         by_owner = self.shard_map.group_by_owner(args["ns"], op.keys_of(args))
         if not by_owner or by_owner.keys() == {self.node_id}:
+            if op.write and self.replicator is not None and by_owner:
+                status, body, replicated = self._write(op, args)
+                if replicated is None:
+                    replies.append([req.rid, status, body])
+                    return waiting
+                waiting = waiting or Waiting(self, started)
+                waiting._replicated.append((waiting.slot(req.rid).deliver, op.name, status, body, replicated))
+                return waiting
             replies.append(self._local(req))
             return waiting
         if session.peer_id and not self._passes_on_all(args["ns"], by_owner, op.keys_of(args)):
@@ -468,7 +502,14 @@ class Router:
         for owner, indexes in by_owner.items():
             part = _Job(op, op.part(args, [elements[i] for i in indexes]), merge=merge, indexes=indexes)
             if owner == self.node_id:
-                part.deliver(*self._execute(op, part.args))
+                if op.write and self.replicator is not None:
+                    status, body, replicated = self._write(op, part.args)
+                    if replicated is not None:
+                        waiting._replicated.append((part.deliver, op.name, status, body, replicated))
+                        continue
+                    part.deliver(status, body)
+                else:
+                    part.deliver(*self._execute(op, part.args))
             else:
                 remote.append(part)
         return waiting
@@ -545,6 +586,31 @@ class Router:
         self.counters.count(op.name, "ok")
         return Status.OK, body
 
+    def _write(self, op: Op, args: dict[str, Any]) -> tuple[int, Any, Replicated | None]:
+        """A write this node owns the keys of, with replicas: refused if one
+        of them is unreachable (synchronous replication), else applied here
+        and sent to them; the reply, and what to await before giving it (None:
+        nothing)."""
+        replicator = self.replicator
+        assert replicator is not None
+        keys = [args["key"]] if op.keys is Keys.ONE else list(op.keys_of(args))
+        problem = replicator.check(args["ns"], keys)
+        if problem is not None:
+            self.counters.count(op.name, "unavailable")
+            return Status.ERROR, [ErrorCode.UNAVAILABLE.value, problem], None
+        status, body = self._execute(op, args)
+        if status != Status.OK:
+            return status, body, None
+        return status, body, replicator.send(args["ns"], keys)
+
+    async def _replicated(self, op: str, status: int, body: Any, replicated: Replicated) -> tuple[int, Any]:
+        """The reply to a write once its replicas have it (see :meth:`_write`)."""
+        problem = await replicated.wait()
+        if problem is None:
+            return status, body
+        self.counters.count(op, "unavailable")
+        return Status.ERROR, [ErrorCode.UNAVAILABLE.value, problem]
+
     def _moved(self, rid: int, owner: str) -> list[Any]:
         self.counters.count("moved", "error")
         return codec.error(
@@ -615,7 +681,7 @@ class Router:
         for job in self._reroute(jobs):
             owner = job.owner(self.shard_map)
             if owner == self.node_id:
-                self._execute_job(job)
+                await self._execute_job(job)
             else:
                 by_owner.setdefault(owner, []).append(job)
         if len(by_owner) == 1:
@@ -634,12 +700,15 @@ class Router:
         peers = self.peers
         await self._collect(owner, jobs, lambda: peers.forward(owner, requests), bounced)
 
-    def _execute_job(self, job: _Job) -> None:
+    async def _execute_job(self, job: _Job) -> None:
         """Run a job placed here on a second look (its owner changed, or it
         was bounced): time has passed since the batch's check, so check again."""
         if self._clock() >= self.vouched_until:
             self.counters.count(job.op.name, "unavailable")
             job.deliver(Status.ERROR, [ErrorCode.UNAVAILABLE.value, UNVOUCHED_MESSAGE])
+        elif job.op.write and self.replicator is not None:
+            status, body, replicated = self._write(job.op, job.args)
+            job.deliver(*(await self._replicated(job.op.name, status, body, replicated) if replicated else (status, body)))
         else:
             job.deliver(*self._execute(job.op, job.args))
 

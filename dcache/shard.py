@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 NUM_SHARDS = 8192
 
@@ -92,54 +93,117 @@ def owners(members: Sequence[str]) -> tuple[str, ...]:
     return tuple(_place(sorted(set(members)))[0])
 
 
+def _join_top(tops: list[list[tuple[bytes, str]]], member: str, weights: list[bytes], copies: int) -> None:
+    """Rank ``member`` into every shard's top ``copies`` (highest weight first;
+    ties: the greater id). A top it enters is replaced, not changed: other
+    maps may share it."""
+    for shard, weight in enumerate(weights):
+        top = tops[shard]
+        item = (weight, member)
+        if len(top) < copies or item > top[-1]:
+            top = tops[shard] = list(top)
+            i = len(top)
+            while i and item > top[i - 1]:
+                i -= 1
+            top.insert(i, item)
+            if len(top) > copies:
+                top.pop()
+
+
+def _top(shard: int, weighers: list[tuple[str, Callable[[], Any]]], copies: int) -> list[tuple[bytes, str]]:
+    """``shard``'s top ``copies`` members of ``weighers``, ranked."""
+    shard_bytes = _SHARD_BYTES[shard]
+    items = []
+    for member, copy in weighers:
+        h = copy()
+        h.update(shard_bytes)
+        items.append((h.digest(), member))
+    items.sort(reverse=True)
+    return items[:copies]
+
+
 @dataclass(frozen=True, slots=True)
 class ShardMap:
-    """Who owns what at one membership epoch (the etcd revision, or 0 standalone)."""
+    """Who owns what at one membership epoch (the etcd revision, or 0 standalone).
+
+    With ``copies`` above one, each shard also has ``copies - 1`` replicas:
+    the members ranked next for it (:meth:`replicas_of`), fewer when there
+    are not that many members.
+    """
 
     epoch: int
     members: tuple[str, ...]
     shard_owners: tuple[str, ...] = field(repr=False)
     weights: tuple[bytes, ...] = field(default=(), repr=False, compare=False)  # each owner's, for changed()
+    copies: int = 1
+    backups: tuple[tuple[str, ...], ...] = field(default=(), repr=False)  # with copies > 1: each shard's replicas, ranked
+    tops: tuple[list[tuple[bytes, str]], ...] = field(default=(), repr=False, compare=False)  # ranks and weights
 
     @classmethod
-    def build(cls, epoch: int, members: Iterable[str]) -> ShardMap:
+    def build(cls, epoch: int, members: Iterable[str], copies: int = 1) -> ShardMap:
         ordered = tuple(sorted(set(members)))
         if not ordered:
-            return cls(epoch, (), ())
+            return cls(epoch, (), (), copies=copies)
+        if copies > 1:
+            tops: list[list[tuple[bytes, str]]] = [[] for _ in range(NUM_SHARDS)]
+            for member in ordered:
+                _join_top(tops, member, _weights(member), copies)
+            return cls._ranked(epoch, ordered, tops, copies)
         owners, weights = _place(ordered)
         return cls(epoch, ordered, tuple(owners), tuple(weights))
+
+    @classmethod
+    def _ranked(cls, epoch: int, ordered: tuple[str, ...], tops: list[list[tuple[bytes, str]]], copies: int) -> ShardMap:
+        return cls(
+            epoch,
+            ordered,
+            tuple(top[0][1] for top in tops),
+            tuple(top[0][0] for top in tops),
+            copies,
+            tuple([tuple([member for _, member in top[1:]]) for top in tops]),
+            tuple(tops),  # (lists, never changed: changed() copies those it changes)
+        )
 
     def changed(self, epoch: int, members: Iterable[str]) -> ShardMap:
         """The map for ``members`` at ``epoch``, the same as :meth:`build`
         gives, from this one: a member that joined is weighed once per
-        shard against the owner, and only the shards of a member that left
-        are ranked again, over every member. A change costs 8192 weights per
-        member that joined or left, where a build costs 8192 per member;
-        the cheaper of the two is done."""
+        shard against the owner (and replicas), and only the shards of a
+        member that left are ranked again, over every member. A change costs
+        8192 weights per member that joined or left (times the copies, for
+        one that left), where a build costs 8192 per member; the cheaper of
+        the two is done."""
         ordered = tuple(sorted(set(members)))
+        copies = self.copies
         if ordered == self.members:
-            return ShardMap(epoch, self.members, self.shard_owners, self.weights)
+            return ShardMap(epoch, self.members, self.shard_owners, self.weights, copies, self.backups, self.tops)
         joined = sorted(set(ordered) - set(self.members))
         left = set(self.members) - set(ordered)
         if not self.weights or not ordered or len(joined) + len(left) >= len(ordered):
-            return ShardMap.build(epoch, ordered)
+            return ShardMap.build(epoch, ordered, copies)
+        weighers = [(member, _weigher(member).copy) for member in ordered if member not in joined] if left else []
+        if copies > 1:
+            tops = list(self.tops)
+            if left:
+                for shard, top in enumerate(tops):
+                    for _, member in top:
+                        if member in left:
+                            tops[shard] = _top(shard, weighers, copies)
+                            break
+            for member in joined:
+                _join_top(tops, member, _weights(member), copies)
+            return ShardMap._ranked(epoch, ordered, tops, copies)
         owners, best = list(self.shard_owners), list(self.weights)
         if left:
-            orphans = [shard for shard, owner in enumerate(owners) if owner in left]
-            weighers = [(member, _weigher(member).copy) for member in ordered]
-            for shard in orphans:
-                shard_bytes = _SHARD_BYTES[shard]
-                top, owner = b"", ""
-                for member, copy in weighers:
-                    h = copy()
-                    h.update(shard_bytes)
-                    weight = h.digest()
-                    if weight > top or (weight == top and member > owner):
-                        top, owner = weight, member
-                owners[shard], best[shard] = owner, top
-        for member in joined:  # (shards ranked again above weighed it already: no change there)
+            for shard, owner in enumerate(owners):
+                if owner in left:
+                    [(best[shard], owners[shard])] = _top(shard, weighers, 1)
+        for member in joined:
             _join(owners, best, member, _weights(member))
         return ShardMap(epoch, ordered, tuple(owners), tuple(best))
+
+    def replicas_of(self, shard: int) -> tuple[str, ...]:
+        """The members that keep copies of ``shard`` besides its owner, ranked."""
+        return self.backups[shard] if self.backups else ()
 
     def owner(self, ns: str, key: bytes) -> str:
         return self.shard_owners[key_hash(ns, key) % NUM_SHARDS]  # (shard_of, without a call)

@@ -107,6 +107,16 @@ class Store:
             return -1
         return max(0, round((expires_at - self._clock()) * 1000))
 
+    def entry(self, ns: str, key: bytes) -> tuple[bytes, int, int] | None:
+        """``key``'s value, remaining TTL in ms (0 for none) and version, as
+        :meth:`shard_entries` gives them; None if missing. Counts no hit."""
+        space = self._live(ns, key)
+        if space is None:
+            return None
+        expires_at = space.expires.get(key)
+        ttl_ms = 0 if expires_at is None else max(1, math.ceil((expires_at - self._clock()) * 1000))
+        return space.values[key], ttl_ms, space.versions[key]
+
     def version(self, ns: str, key: bytes) -> int | None:
         space = self._live(ns, key)
         return None if space is None else space.versions[key]
@@ -293,6 +303,10 @@ class Store:
     def shards(self) -> list[int]:
         """The shards holding at least one entry (expired ones included)."""
         return list(self._shards)
+
+    def shard_size(self, shard: int) -> int:
+        """How many entries ``shard`` holds (expired ones included)."""
+        return sum(len(space.values) for space in self._shards.get(shard, {}).values())
 
     def shard_entries(self, shard: int) -> Iterator[tuple[str, bytes, bytes, int, int]]:
         """The live entries of ``shard`` as (ns, key, value, remaining TTL in

@@ -46,6 +46,10 @@ VALID = [
     ),
     ([15, "claim", {"shards": [0, 8191]}], {"shards": [0, 8191]}),
     ([16, "drain", {}], {}),
+    (
+        [17, "replicate", {"entries": [["", b"k", b"v", 5, 7], ["", b"g", None, 0, 0]], "begin": [], "done": [], "epoch": 2}],
+        {"entries": [["", b"k", b"v", 5, 7], ["", b"g", None, 0, 0]], "begin": [], "done": [], "epoch": 2},
+    ),
 ]
 
 
@@ -340,6 +344,13 @@ def test_a_malformed_rest_is_a_wire_error() -> None:
         ("handoff", {"entries": [], "begin": [-1], "done": [], "epoch": 1}),
         ("handoff", {"entries": [], "begin": [], "done": []}),
         ("handoff", {"entries": [], "begin": [], "done": [], "epoch": -1}),
+        (
+            "handoff",
+            {"entries": [["", b"k", None, 0, 1]], "begin": [], "done": [], "epoch": 1},
+        ),  # (only replicas hear of deletes)
+        ("replicate", {"entries": [["", b"k", 1, 0, 1]], "begin": [], "done": [], "epoch": 1}),
+        ("replicate", {"entries": [], "begin": [8192], "done": [], "epoch": 1}),
+        ("replicate", {"entries": []}),
         ("claim", {"shards": [-1]}),
         ("claim", {"shards": 3}),
         ("claim", {}),

@@ -198,11 +198,11 @@ def test_one_large_shard_goes_in_parts_and_a_batch_stops_near_its_size() -> None
     for shard in small:
         key = next(b"s%d" % i for i in range(100_000) if shard_of("", b"s%d" % i) == shard)
         store.set("", key, b"y")
-    messages, done, count = handoff._messages(store, [7, *small], 1)
+    messages, done, count = handoff.shard_messages(store, [7, *small], 1)
     assert done == [7] and count == len(big) and len(messages) >= 3  # 800 KB in parts of about 256 KiB
     assert [m["done"] for m in messages[:-1]] == [[]] * (len(messages) - 1) and messages[-1]["done"] == [7]
     assert messages[0]["begin"] == [7] and all(m["begin"] == [] for m in messages[1:])
-    messages, done, count = handoff._messages(store, small, 1)
+    messages, done, count = handoff.shard_messages(store, small, 1)
     assert done == small and len(messages) == 1 and count == 40
 
 
@@ -328,7 +328,7 @@ async def test_a_shard_that_comes_back_mid_handoff_brings_no_deleted_key_back(au
     shard = next(iter(a.placement.outgoing))
     key = next(b"k%d" % i for i in range(10**6) if shard_of("", b"k%d" % i) == shard)
     a.store.set("", key, b"old")
-    messages, sent, _ = handoff._messages(a.store, [shard], 2)
+    messages, sent, _ = handoff.shard_messages(a.store, [shard], 2)
     a.placement.handed(B, sent)
     for message in messages:
         absorb(b.placement, b.store, A, message, 0.0)
@@ -336,7 +336,7 @@ async def test_a_shard_that_comes_back_mid_handoff_brings_no_deleted_key_back(au
     a.placement.apply(3, (A, B), (A,), 0.0)  # b leaving before a read its ack: the shard comes back
     a.placement.acknowledged([shard])
     b.placement.apply(3, (A, B), (A,), 0.0)
-    messages, sent, _ = handoff._messages(b.store, [shard], 3)
+    messages, sent, _ = handoff.shard_messages(b.store, [shard], 3)
     b.placement.handed(A, sent)
     for message in messages:
         absorb(a.placement, a.store, B, message, 0.0)
@@ -387,7 +387,7 @@ async def test_a_view_change_while_a_shard_is_in_flight_leaves_it_routed_to_a_no
     b.view(2, (A, B))
     t3 = ShardMap.build(3, (A, B, C))
     shard = next(s for s in a.placement.outgoing if t3.shard_owners[s] == C)
-    messages, sent, _ = handoff._messages(a.store, [shard], 2)
+    messages, sent, _ = handoff.shard_messages(a.store, [shard], 2)
     a.placement.handed(B, sent)  # on the link to b ...
     a.view(3, (A, B, C))  # ... when c joins (a's view changes while it waits for b's ack)
     for message in messages:
@@ -454,7 +454,7 @@ async def test_a_shard_that_comes_back_and_goes_again_while_in_flight_is_waited_
     b.view(2, (A, B))
     t4 = ShardMap.build(4, (A, C))
     shard = next(s for s in a.placement.outgoing if t4.shard_owners[s] == C)
-    messages, sent, _ = handoff._messages(a.store, [shard], 2)
+    messages, sent, _ = handoff.shard_messages(a.store, [shard], 2)
     a.placement.handed(B, sent)  # on its way to b, when ...
     a.view(3, (A, B), active=(A,))  # ... b is marked leaving: the shard comes back (a waits for it from b)
     a.view(4, (A, B, C), active=(A, C))  # ... and c joins: it goes to c now

@@ -13,6 +13,7 @@ import sys
 import time
 from collections import Counter
 
+import pytest
 import trio
 from support import dcache_cli, kill_all, serve
 
@@ -108,8 +109,11 @@ async def _wait_for(address: str, count: int) -> None:
         await trio.sleep(0.1)
 
 
-async def test_no_acknowledged_write_is_lost_while_a_node_joins_and_another_leaves(etcd_server: EtcdServer) -> None:
-    nodes = [serve(etcd_server.endpoint) for _ in range(3)]
+@pytest.mark.parametrize("replicas", [1, 2])
+async def test_no_acknowledged_write_is_lost_while_a_node_joins_and_another_leaves(
+    etcd_server: EtcdServer, replicas: int
+) -> None:
+    nodes = [serve(etcd_server.endpoint, "--replicas", str(replicas)) for _ in range(3)]
     try:
         await _serving(nodes)
         with trio.fail_after(TIMEOUT):
@@ -126,7 +130,7 @@ async def test_no_acknowledged_write_is_lost_while_a_node_joins_and_another_leav
                     ops_before = load.ops
 
                     started = time.monotonic()
-                    nodes.append(serve(etcd_server.endpoint))
+                    nodes.append(serve(etcd_server.endpoint, "--replicas", str(replicas)))
                     await _wait_for(nodes[0][1], 4)
                     joined_in = time.monotonic() - started
                     await trio.sleep(1.0)
@@ -148,9 +152,51 @@ async def test_no_acknowledged_write_is_lost_while_a_node_joins_and_another_leav
                     verified += len(keys)
                 assert 3500 < await second.ttl("bulk:7") <= 3600  # the TTL moved with it
         print(
-            f"\nrebalance under load: {load.ops} ops ({ops_before} before the join), "
+            f"\nrebalance under load, --replicas {replicas}: {load.ops} ops ({ops_before} before the join), "
             f"errors {dict(load.errors) or 'none'}, {verified} keys verified, "
             f"a fourth node ready in {joined_in:.2f} s, a node stopped by SIGTERM gone in {left_in:.2f} s"
+        )
+        assert load.stale == []
+        assert set(load.errors) <= {"unavailable"}, load.errors
+        assert verified == WRITERS * KEYS_PER_WRITER + BULK
+    finally:
+        kill_all(nodes)
+
+
+async def test_no_acknowledged_write_is_lost_when_a_node_is_killed_with_two_replicas(etcd_server: EtcdServer) -> None:
+    """kill -9 of one node of three under load, with --replicas 2: its
+    shards are served at once by their replicas when its lease lapses, and
+    every acknowledged write is there afterwards."""
+    nodes = [serve(etcd_server.endpoint, "--replicas", "2") for _ in range(3)]
+    try:
+        await _serving(nodes)
+        with trio.fail_after(TIMEOUT):
+            await _wait_for(nodes[0][1], 3)
+            async with dcache.connect(nodes[0][1]) as first, dcache.connect(nodes[1][1]) as second:
+                for start in range(0, BULK, 1000):
+                    await first.mset({f"bulk:{i}": f"b{i}" for i in range(start, start + 1000)}, ttl=3600)
+                load = Load([first, second])
+                async with trio.open_nursery() as nursery:
+                    load.start(nursery)
+                    await trio.sleep(1.0)
+                    ops_before = load.ops
+                    started = time.monotonic()
+                    nodes[2][0].kill()
+                    await _wait_for(nodes[0][1], 2)  # (ready: the copies are made again, on the two left)
+                    ready_in = time.monotonic() - started
+                    await trio.sleep(1.0)
+                    load.done.set()
+                verified = await load.verify(first)
+                for start in range(0, BULK, 1000):
+                    keys = [f"bulk:{i}" for i in range(start, start + 1000)]
+                    assert await second.mget(keys) == [f"b{i}".encode() for i in range(start, start + 1000)]
+                    verified += len(keys)
+                stats = [(await client.stats()) for client in (first, second)]
+        print(
+            f"\nkill -9 under load, --replicas 2: {load.ops} ops ({ops_before} before the kill), "
+            f"errors {dict(load.errors) or 'none'}, {verified} keys verified, "
+            f"shards served from copies {sum(s['shards_failed_over'] for s in stats)}, "
+            f"both nodes left ready with every copy made again {ready_in:.2f} s after the kill"
         )
         assert load.stale == []
         assert set(load.errors) <= {"unavailable"}, load.errors

@@ -129,16 +129,31 @@ def test_sans_io_cores_import_no_io_layer() -> None:
 
 @settings(max_examples=25, deadline=None)
 @given(
-    st.lists(st.sets(st.sampled_from(["a:1", "b:1", "c:1", "d:1", "e:1", "10.0.0.1:47000"]), max_size=5), min_size=1, max_size=4)
+    st.lists(st.sets(st.sampled_from(["a:1", "b:1", "c:1", "d:1", "e:1", "10.0.0.1:47000"]), max_size=5), min_size=1, max_size=4),
+    st.sampled_from([1, 2, 3]),
 )
-def test_a_changed_map_is_the_map_built_afresh(views: list[set[str]]) -> None:
+def test_a_changed_map_is_the_map_built_afresh(views: list[set[str]], copies: int) -> None:
     """Whatever joins and leaves, in whatever steps: a map changed step by
-    step places every shard exactly as a map built for the last view."""
-    placed = ShardMap.build(0, [])
+    step places every shard, and its replicas, exactly as a map built for
+    the last view."""
+    placed = ShardMap.build(0, [], copies)
     for epoch, members in enumerate(views, 1):
         placed = placed.changed(epoch, members)
-        built = ShardMap.build(epoch, members)
-        assert placed == built and placed.weights == built.weights
+        built = ShardMap.build(epoch, members, copies)
+        assert placed == built and placed.weights == built.weights and placed.tops == built.tops
+
+
+def test_replicas_are_the_members_ranked_next() -> None:
+    members = ["a:1", "b:1", "c:1", "d:1"]
+    for copies in (2, 3):
+        placed = ShardMap.build(1, members, copies)
+        assert placed.shard_owners == ShardMap.build(1, members).shard_owners
+        for shard in (0, 1, 4097, NUM_SHARDS - 1):
+            ranked = rank(shard, members)
+            assert placed.owner_of_shard(shard) == ranked[0]
+            assert placed.replicas_of(shard) == tuple(ranked[1:copies])
+    assert ShardMap.build(1, ["a:1"], 3).replicas_of(5) == ()  # fewer members than copies
+    assert ShardMap.build(1, members).replicas_of(5) == ()
 
 
 def test_a_change_weighs_only_what_changed(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,354 @@
+"""Replicas: copies of each shard on the next nodes in its rendezvous order,
+kept up to date by its owner, so that a node's crash loses no entry.
+
+With ``--replicas N`` each shard has an owner and ``N - 1`` replicas: the
+members ranked next for it (:meth:`ShardMap.replicas_of`). Only the owner
+writes; each write it applies goes, as the entries of the keys it wrote
+(value, remaining TTL, version, or gone), to every replica over the peer
+link, and with ``--replication sync`` (the default) the client is answered
+only once every replica has applied it. A replica refuses what it does not
+take itself to be the replica of (views disagree for a moment): the write
+is then answered ``unavailable``, as is a write while a replica in the view
+is unreachable, so no acknowledged write is missing from any copy the
+cluster may serve from later. With ``--replication async`` the owner
+answers at once and sends on; a crash loses what was still on its way.
+
+A replica first needs the shard's entries: the owner copies a shard to a
+replica before the first write that needs it there, and a task copies the
+rest in the background, in batches with a rest between them, as handoff
+does. A copy and the writes after it go over one link connection in order;
+a copy counts only on the connection it went over, so after a reconnect
+the shard is copied again. When the owner dies, the first replica becomes
+the owner by the same rendezvous order and serves the shard at once from
+its copy (see :meth:`handoff.Placement.apply`); copies are then made anew
+to restore ``N``.
+
+During a move (handoff) a shard is not replicated: its holder hands it over
+and the new owner copies it to its replicas once it has arrived.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import trio
+
+from .codec import Status
+from .errors import PeerUnavailable
+from .handoff import REST, RETRY_DELAY, Placement, Signal, shard_messages
+from .shard import NUM_SHARDS, shard_of
+
+log = logging.getLogger(__name__)
+
+CHECK_INTERVAL = 1.0  # seconds between looks for copies to make, besides view changes
+MAX_ASYNC_BACKLOG = 4096  # replications on their way (async) before more are dropped (and copied again later)
+SYNC, ASYNC = "sync", "async"
+
+
+class Replicator:
+    """The owner's side: which of its shards are copied to which replica
+    (over which link connection), the write path's sending, the counters.
+
+    ``peers`` is the node's :class:`PeerLinks` (``session``, ``submit``).
+    """
+
+    def __init__(self, placement: Placement, store: Any, peers: Any, *, mode: str = SYNC) -> None:
+        self.placement = placement
+        self.store = store
+        self.peers = peers
+        self.sync = mode == SYNC
+        self._copied: dict[str, tuple[object, set[int]]] = {}  # replica → (link connection, shards copied over it)
+        self.wake = Signal()  # there may be copies to make
+        self._backlog: trio.MemorySendChannel[tuple[str, list[int], Any]] | None = None
+        self.writes = 0  # writes sent to replicas
+        self.refused = 0  # writes answered unavailable for want of a replica
+        self.shards_copied = 0
+        self.entries_copied = 0
+
+    # -- who keeps what --------------------------------------------------------------
+
+    def replicas(self, shard: int) -> tuple[str, ...]:
+        """The replicas of ``shard`` if this node is its settled owner (it
+        serves it, and no move is under way), else none."""
+        placement, me = self.placement, self.placement.node_id
+        owners, want = placement.owners, placement.target.shard_owners
+        if not want or owners[shard] != me or want[shard] != me:
+            return ()
+        return placement.target.replicas_of(shard)
+
+    def copied_to(self, replica: str) -> set[int] | None:
+        """The shards copied to ``replica`` over its link as it is now (to
+        which its writes go); None if the link is down."""
+        session = self.peers.session(replica)
+        if session is None:
+            return None
+        held = self._copied.get(replica)
+        if held is None or held[0] is not session:
+            held = self._copied[replica] = (session, set())
+        return held[1]
+
+    def forget(self, replica: str, shards: Iterable[int]) -> None:
+        held = self._copied.get(replica)
+        if held is not None:
+            held[1].difference_update(shards)
+
+    def missing(self) -> dict[str, list[int]]:
+        """The copies to make, by replica: shards this node owns whose replica
+        lacks them (over a link that is up; the others wait for it)."""
+        out: dict[str, list[int]] = {}
+        for shard in range(NUM_SHARDS):
+            for replica in self.replicas(shard):
+                copied = self.copied_to(replica)
+                if copied is not None and shard not in copied:
+                    out.setdefault(replica, []).append(shard)
+        return out
+
+    def under_replicated(self) -> int:
+        """Shards this node owns with a replica that lacks their entries."""
+        count = 0
+        for shard in range(NUM_SHARDS):
+            for replica in self.replicas(shard):
+                copied = self.copied_to(replica)
+                if copied is None or shard not in copied:
+                    count += 1
+                    break
+        return count
+
+    def prune(self) -> None:
+        """After a view change: forget copies on nodes that are no longer
+        replicas of those shards (should they become so again, their copy
+        will have been dropped there)."""
+        for replica, (_, shards) in self._copied.items():
+            shards.intersection_update(s for s in list(shards) if replica in self.replicas(s))
+        self.wake.set()
+
+    # -- the write path ---------------------------------------------------------------
+
+    def check(self, ns: str, keys: Iterable[bytes]) -> str | None:
+        """Before a write: why it must be refused (synchronous replication,
+        and a replica of one of its keys is unreachable), or None."""
+        if not self.sync:
+            return None
+        for key in keys:
+            for replica in self.replicas(shard_of(ns, key)):
+                if self.peers.session(replica) is None:
+                    self.refused += 1
+                    return f"{replica}, which keeps a copy of this key, is unreachable; try again"
+        return None
+
+    def send(self, ns: str, keys: Iterable[bytes]) -> Replicated | None:
+        """After a write of ``keys``: send their entries as they are now to
+        the replicas of their shards (a shard not yet copied to one goes
+        whole first). Returns what to await before answering (synchronous
+        replication), or None if there is nothing to wait for."""
+        store, epoch = self.store, self.placement.target.epoch
+        plans: dict[str, tuple[list[int], list[list[Any]]]] = {}
+        for key in keys:
+            shard = shard_of(ns, key)
+            replicas = self.replicas(shard)
+            if not replicas:
+                continue
+            entry = store.entry(ns, key)
+            item = [ns, key, None, 0, 0] if entry is None else [ns, key, *entry]
+            for replica in replicas:
+                copied = self.copied_to(replica)
+                if copied is None:  # (async: skipped; it gets a copy once its link is back)
+                    continue
+                plan = plans.get(replica)
+                if plan is None:
+                    plan = plans[replica] = ([], [])
+                if shard not in copied and shard not in plan[0]:
+                    plan[0].append(shard)
+                plan[1].append(item)
+        if not plans:
+            return None
+        self.writes += 1
+        sent: list[tuple[str, list[int], Any]] = []
+        for replica, (to_copy, items) in plans.items():
+            copied = self.copied_to(replica)
+            assert copied is not None
+            shards = sorted({shard_of(item[0], item[1]) for item in items})
+            if not self.sync and self.peers.crowded([replica]) is not None:
+                copied.difference_update(shards)  # too much on its way: copy these again later
+                continue
+            messages = self._copy_messages(to_copy, epoch) if to_copy else []
+            copied.update(to_copy)
+            messages.append({"entries": items, "begin": [], "done": [], "epoch": epoch})
+            sent.append((replica, shards, self.peers.submit(replica, [("replicate", m) for m in messages])))
+        if self.sync:
+            return Replicated(self, sent)
+        for replication in sent:
+            self._queue_async(replication)
+        return None
+
+    def _copy_messages(self, shards: list[int], epoch: int) -> list[dict[str, Any]]:
+        messages: list[dict[str, Any]] = []
+        while shards:
+            batch, completed, count = shard_messages(self.store, shards, epoch)
+            messages += batch
+            self.shards_copied += len(completed)
+            self.entries_copied += count
+            shards = shards[len(completed) :]
+        return messages
+
+    def _queue_async(self, item: tuple[str, list[int], Any]) -> None:
+        try:
+            assert self._backlog is not None
+            self._backlog.send_nowait(item)
+        except (trio.WouldBlock, AssertionError):
+            item[2].release()
+            self.forget(item[0], item[1])
+
+    # -- tasks -------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Make missing copies for as long as the node runs (and, with
+        asynchronous replication, see its writes answered)."""
+        send, receive = trio.open_memory_channel[tuple[str, list[int], Any]](MAX_ASYNC_BACKLOG)
+        self._backlog = send
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._collect, receive)
+            task_status.started()
+            await self._copy_missing()
+
+    async def _collect(self, backlog: trio.MemoryReceiveChannel[tuple[str, list[int], Any]]) -> None:
+        async for replica, shards, pending in backlog:
+            await _answered(self, replica, shards, pending)
+
+    async def _copy_missing(self) -> None:
+        """Copy shards to the replicas that lack them: a batch (about
+        :data:`handoff.BATCH_BYTES`) at a time, acknowledged before the
+        next and followed by a rest as long as it took."""
+        while True:
+            work = self.missing()
+            if not work:
+                with trio.move_on_after(CHECK_INTERVAL):
+                    await self.wake.event().wait()
+                continue
+            for replica, shards in work.items():
+                while shards:
+                    copied = self.copied_to(replica)
+                    if copied is None:
+                        break
+                    shards = [s for s in shards if s not in copied and replica in self.replicas(s)]
+                    if not shards:
+                        break
+                    started = trio.current_time()
+                    messages, completed, count = shard_messages(self.store, shards, self.placement.target.epoch)
+                    copied.update(completed)
+                    pending = self.peers.submit(replica, [("replicate", m) for m in messages])
+                    shards = shards[len(completed) :]
+                    self.shards_copied += len(completed)
+                    self.entries_copied += count
+                    if await _answered(self, replica, completed, pending) is not None:
+                        await trio.sleep(RETRY_DELAY)
+                        break
+                    await trio.sleep((trio.current_time() - started) * REST)
+
+
+class Replicated:
+    """A write's replications on their way: :meth:`wait` returns None once
+    every replica applied it, else why not (it is then to be answered
+    ``unavailable``)."""
+
+    __slots__ = ("_replicator", "_sent")
+
+    def __init__(self, replicator: Replicator, sent: list[tuple[str, list[int], Any]]) -> None:
+        self._replicator = replicator
+        self._sent = sent
+
+    def replicas(self) -> list[str]:
+        return [replica for replica, _, _ in self._sent]
+
+    async def wait(self) -> str | None:
+        problem = None
+        try:
+            for replica, shards, pending in self._sent:
+                problem = await _answered(self._replicator, replica, shards, pending) or problem
+        finally:
+            self.release()
+        if problem is not None:
+            self._replicator.refused += 1
+        return problem
+
+    def release(self) -> None:
+        for _, _, pending in self._sent:
+            pending.release()
+
+
+async def _answered(replicator: Replicator, replica: str, shards: list[int], pending: Any) -> str | None:
+    """Wait for ``replica``'s answers to what was sent to it for ``shards``:
+    None if it applied all of it; else why not (what it did not take is to
+    be copied again)."""
+    try:
+        replies = await pending.wait()
+    except PeerUnavailable as exc:
+        replicator.forget(replica, shards)
+        return f"{replica}, which keeps a copy of this key, did not confirm the write: {exc}; try again"
+    refused: set[int] = set()
+    for status, body in replies:
+        if status != Status.OK or not isinstance(body, dict):
+            refused.update(shards)
+        else:
+            refused.update(s for s in body.get("refused", ()) if type(s) is int)
+    if refused:
+        replicator.forget(replica, refused)
+        return f"{replica} does not keep a copy of this key yet (the cluster's membership is changing); try again"
+    return None
+
+
+def take(placement: Placement, store: Any, sender: str, args: dict[str, Any]) -> dict[str, Any]:
+    """Take a ``replicate`` message from ``sender`` into ``store``: the
+    shards it begins (a copy: what is held here of them goes first), their
+    entries and the writes after them, for the shards this node keeps a
+    copy of for ``sender`` (see :meth:`Placement.keeps_copy`). Entries of
+    other shards are refused, and named in the reply: the sender copies
+    them again once views agree."""
+    copies, begun = placement.copies, placement.copies_begun
+    refused: set[int] = set()
+    for shard in args["begin"]:
+        if placement.keeps_copy(shard, sender):
+            store.drop_shard(shard)
+            copies.pop(shard, None)
+            begun[shard] = sender
+        else:
+            refused.add(shard)
+    taken = []
+    gone = []
+    for item in args["entries"]:
+        ns, key, value = item[0], item[1], item[2]
+        shard = shard_of(ns, key)
+        if shard in refused:
+            continue
+        if (copies.get(shard) != sender and begun.get(shard) != sender) or not placement.keeps_copy(shard, sender):
+            refused.add(shard)
+            continue
+        if value is None:
+            gone.append((ns, key))
+        else:
+            taken.append(item)
+    store.absorb(taken)
+    for ns, key in gone:
+        store.discard(ns, key)
+    for shard in args["done"]:
+        if begun.get(shard) == sender and shard not in refused:
+            del begun[shard]
+            copies[shard] = sender
+    return {"refused": sorted(refused)}
+
+
+def replica_summary(placement: Placement, replicator: Replicator | None) -> dict[str, int]:
+    """A node's replica counters, for ``stats`` and metrics."""
+    if replicator is None:
+        return {"replicas": placement.target.copies}
+    return {
+        "replicas": placement.target.copies,
+        "shards_under_replicated": replicator.under_replicated(),
+        "shard_copies_held": len(placement.copies),
+        "shards_failed_over": placement.failed_over,
+        "replicated_writes": replicator.writes,
+        "writes_refused_for_replicas": replicator.refused,
+        "shards_copied_to_replicas": replicator.shards_copied,
+    }
