@@ -366,9 +366,24 @@ def cluster() -> None:
 )
 @click.option("--etcd", envvar="DCACHE_ETCD", metavar="URL", help="Use this etcd instead of starting one (also DCACHE_ETCD).")
 @click.option("--cluster", "cluster_name", default="default", metavar="NAME", show_default=True, help="Cluster name.")
+@click.option(
+    "--replicas",
+    type=click.IntRange(1, MAX_REPLICAS),
+    default=1,
+    metavar="N",
+    show_default=True,
+    help="Copies of each entry, on N nodes (see dcache serve --help).",
+)
 @click.option("--log-level", default="warning", metavar="LEVEL", show_default=True, help="The nodes' log level.")
 def cluster_up(
-    nodes: int, client_port: int, peer_port: int, metrics_port: int, etcd: str | None, cluster_name: str, log_level: str
+    nodes: int,
+    client_port: int,
+    peer_port: int,
+    metrics_port: int,
+    etcd: str | None,
+    cluster_name: str,
+    replicas: int,
+    log_level: str,
 ) -> NoReturn:
     """Start etcd and N nodes on this machine; Ctrl-C stops them all."""
     from . import localcluster
@@ -382,6 +397,7 @@ def cluster_up(
             metrics_port=metrics_port or None,
             etcd=etcd,
             cluster=cluster_name,
+            replicas=replicas,
             log_level=log_level,
         )  # fmt: skip
     )

@@ -150,6 +150,11 @@ def single_frame(rid: int, rest: bytes) -> bytes:
     return b"\x81\x83" + _uint(rid) + rest
 
 
+def request_rest(op: str, args: Any) -> bytes:
+    """The rest of a request after its rid (see :func:`message`), to send it raw."""
+    return cbor2.dumps(op) + cbor2.dumps(args)
+
+
 def encode_rest(status: int, body: Any) -> bytes:
     """The rest of a reply after its rid, as :func:`split_single` finds it."""
     return cbor2.dumps(status) + cbor2.dumps(body)

@@ -276,7 +276,7 @@ def plan_nodes(
     return nodes
 
 
-def node_command(node: NodeAddresses, *, etcd: str, cluster: str, log_level: str) -> list[str]:
+def node_command(node: NodeAddresses, *, etcd: str, cluster: str, log_level: str, replicas: int = 1) -> list[str]:
     cmd = [
         sys.executable, "-m", "dcache", "serve",
         "--etcd", etcd,
@@ -286,6 +286,8 @@ def node_command(node: NodeAddresses, *, etcd: str, cluster: str, log_level: str
         "--client-listen", node.client,
         "--log-level", log_level,
     ]  # fmt: skip
+    if replicas > 1:
+        cmd += ["--replicas", str(replicas)]
     if node.metrics:
         cmd += ["--metrics-listen", node.metrics]
     return cmd
@@ -334,6 +336,7 @@ def up(
     etcd: str | None,
     cluster: str,
     log_level: str,
+    replicas: int = 1,
 ) -> int:
     """Start etcd (unless ``etcd`` names one) and ``nodes`` nodes, print their
     addresses, and stop them all on Ctrl-C, SIGTERM or SIGHUP (its terminal
@@ -358,7 +361,7 @@ def up(
                 etcd = etcd_server.endpoint
         with console.status(f"starting {nodes} node(s)…"):
             for node in plan:
-                command = node_command(node, etcd=etcd, cluster=cluster, log_level=log_level)
+                command = node_command(node, etcd=etcd, cluster=cluster, log_level=log_level, replicas=replicas)
                 # Own sessions: Ctrl-C reaches only us, and we stop nodes before etcd.
                 procs.append(subprocess.Popen(command, env=inherit_env(), start_new_session=True, preexec_fn=node_death_signal))
             for node, proc in zip(plan, procs):

@@ -30,12 +30,13 @@ and the new owner copies it to its replicas once it has arrived.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import trio
 
-from .codec import Status
+from . import codec
+from .codec import Status, WireError
 from .errors import PeerUnavailable
 from .handoff import REST, RETRY_DELAY, Placement, Signal, shard_messages
 from .shard import NUM_SHARDS, shard_of
@@ -173,10 +174,15 @@ class Replicator:
             if not self.sync and self.peers.crowded([replica]) is not None:
                 copied.difference_update(shards)  # too much on its way: copy these again later
                 continue
-            messages = self._copy_messages(to_copy, epoch) if to_copy else []
-            copied.update(to_copy)
-            messages.append({"entries": items, "begin": [], "done": [], "epoch": epoch})
-            sent.append((replica, shards, self.peers.submit(replica, [("replicate", m) for m in messages])))
+            write = {"entries": items, "begin": [], "done": [], "epoch": epoch}
+            if to_copy:
+                messages = self._copy_messages(to_copy, epoch)
+                copied.update(to_copy)
+                messages.append(write)
+                pending = self.peers.submit(replica, [("replicate", m) for m in messages])
+            else:  # (the usual case: sent encoded, so that its reply can be read with no task waiting; see notify)
+                pending = self.peers.submit_raw(replica, codec.request_rest("replicate", write))
+            sent.append((replica, shards, pending))
         if self.sync:
             return Replicated(self, sent)
         for replication in sent:
@@ -262,6 +268,23 @@ class Replicated:
     def replicas(self) -> list[str]:
         return [replica for replica, _, _ in self._sent]
 
+    def notify(self, callback: Callable[[bool], None]) -> Any | None:
+        """For a write sent to one replica as a lone encoded request (the
+        usual case with ``--replicas 2``): have ``callback(True)`` called as
+        soon as the replica's confirmation is read, with no task waiting,
+        or ``callback(False)`` if it did not confirm (then :meth:`wait`
+        says why); return what will read it (the peer link's channel, see
+        :meth:`peers.Forward.notify`). None, and no call, if this cannot
+        be done: :meth:`wait` as usual."""
+        if len(self._sent) != 1:
+            return None
+        _, _, pending = self._sent[0]
+
+        def read(rest: bytes | None) -> None:
+            callback(rest is not None and _confirmed(rest))
+
+        return pending.notify(read)
+
     async def wait(self) -> str | None:
         problem = None
         try:
@@ -278,6 +301,17 @@ class Replicated:
             pending.release()
 
 
+def _confirmed(rest: bytes) -> bool:
+    """Whether a replica's encoded reply to a write says it applied all of it."""
+    if rest[0] != Status.OK:
+        return False
+    try:
+        _, body = codec.decode_rest(rest)
+    except WireError:
+        return False
+    return isinstance(body, dict) and not body.get("refused")
+
+
 async def _answered(replicator: Replicator, replica: str, shards: list[int], pending: Any) -> str | None:
     """Wait for ``replica``'s answers to what was sent to it for ``shards``:
     None if it applied all of it; else why not (what it did not take is to
@@ -287,6 +321,11 @@ async def _answered(replicator: Replicator, replica: str, shards: list[int], pen
     except PeerUnavailable as exc:
         replicator.forget(replica, shards)
         return f"{replica}, which keeps a copy of this key, did not confirm the write: {exc}; try again"
+    if isinstance(replies, bytes):  # one request sent encoded: its reply likewise
+        try:
+            replies = [codec.decode_rest(replies)]
+        except WireError:
+            replies = [(Status.ERROR, None)]
     refused: set[int] = set()
     for status, body in replies:
         if status != Status.OK or not isinstance(body, dict):

@@ -252,7 +252,11 @@ class Waiting:
         or the link failed): :meth:`finish` then completes it from what
         came. None, and no call, if this cannot be done: :meth:`finish` as
         usual."""
-        if self._relay is None or self._forwards or self._members or self._drains or self._replicated:
+        if self._forwards or self._members or self._drains:
+            return None
+        if self._relay is None:
+            return self._notify_replicated(done)
+        if self._replicated:
             return None
         rid, _, _, pending = self._relay
         router = self._router
@@ -266,6 +270,25 @@ class Waiting:
             done(codec.single_frame(rid, rest))
 
         return pending.notify(relayed)
+
+    def _notify_replicated(self, done: Callable[[bytes | None], None]) -> Any | None:
+        """:meth:`notify` for a frame whose one request is a write done here
+        that waits for its replica's confirmation only."""
+        if len(self._replicated) != 1:
+            return None
+        deliver, _, status, body, replicated = self._replicated[0]
+        router = self._router
+
+        def confirmed(ok: bool) -> None:
+            if not ok:  # (rare) finish() answers it
+                done(None)
+                return
+            self.release()
+            deliver(status, body)
+            router.counters.latency.observe(router._clock() - self._started)
+            done(codec.encode_frame(self._replies))
+
+        return replicated.notify(confirmed)
 
     def release(self) -> None:
         for _, _, pending in self._forwards:

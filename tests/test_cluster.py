@@ -319,7 +319,7 @@ def test_cluster_up_runs_etcd_and_nodes_and_stops_them() -> None:
     client, peer, metrics = (consecutive_free_ports(nodes) for _ in range(3))
     proc = subprocess.Popen(
         [sys.executable, "-m", "dcache", "cluster", "up", "--nodes", str(nodes), "--client-port", str(client),
-         "--peer-port", str(peer), "--metrics-port", str(metrics)],
+         "--peer-port", str(peer), "--metrics-port", str(metrics), "--replicas", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
@@ -327,16 +327,23 @@ def test_cluster_up_runs_etcd_and_nodes_and_stops_them() -> None:
         for address in addresses:
             assert wait_until_serving(address, 30)
         deadline = time.monotonic() + 15
-        while len(json.loads(dcache_cli("members", "--json", "--server", addresses[0]).stdout)["members"]) != nodes:
+        while True:
+            members = json.loads(dcache_cli("members", "--json", "--server", addresses[0]).stdout)["members"]
+            if len(members) == nodes and all(m["state"] == "ready" for m in members):
+                break
             assert time.monotonic() < deadline
             time.sleep(0.1)
+        assert all(m["shards_under_replicated"] == 0 for m in members)
         assert dcache_cli("set", "user:1001", "Alice", "--server", addresses[0]).returncode == 0
         assert dcache_cli("get", "user:1001", "--server", addresses[1]).stdout == b"Alice"
+        stats = [json.loads(dcache_cli("stats", "--json", "--server", address).stdout) for address in addresses]
+        assert [s["keys"] for s in stats] == [1, 1] and [s["replicas"] for s in stats] == [2, 2]  # on both nodes
         import urllib.request
 
         with urllib.request.urlopen(f"http://localhost:{metrics + 1}/metrics", timeout=5) as response:
             text = response.read().decode()
         assert "dcache_members 2.0" in text and "dcache_ops_total" in text
+        assert "dcache_shards_under_replicated 0.0" in text and "dcache_replicated_writes_total" in text
     finally:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=20)
