@@ -2,6 +2,7 @@
 
     python benchmarks/placement.py             # about two minutes
     python benchmarks/placement.py --quick     # 3, 10 and 100 members only
+    python benchmarks/placement.py --replicas 2  # each shard's top two kept (writes placement-replicas2.json)
 
 Part one, in this process: for 3, 10, 100, 300 and 1,000 members, the time
 to place every shard afresh (a node's first view; before incremental
@@ -46,14 +47,14 @@ def fake_id(i: int) -> str:
     return f"127.0.{1 + i // 250}.{1 + i % 250}:9"  # loopback, a closed port: connections are refused at once
 
 
-def in_process(sizes: list[int]) -> list[dict[str, Any]]:
+def in_process(sizes: list[int], copies: int) -> list[dict[str, Any]]:
     rows = []
     for n in sizes:
         members = [fake_id(i) for i in range(n)]
         built, joined, left = [], [], []
         for _ in range(5):
             started = time.perf_counter()
-            placed = ShardMap.build(1, members)
+            placed = ShardMap.build(1, members, copies)
             built.append(time.perf_counter() - started)
             started = time.perf_counter()
             placed.changed(2, [*members, fake_id(n)])
@@ -85,7 +86,7 @@ def longest_get(client: SyncClient, key: str, seconds: float) -> float:
     return longest
 
 
-def real_node(sizes: list[int]) -> list[dict[str, Any]]:
+def real_node(sizes: list[int], copies: int) -> list[dict[str, Any]]:
     rows = []
     with EtcdServer() as etcd:
         host, port = parse_endpoint(etcd.endpoint)
@@ -94,7 +95,8 @@ def real_node(sizes: list[int]) -> list[dict[str, Any]]:
         peer, client_address = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
         node = subprocess.Popen(
             [sys.executable, "-m", "dcache", "serve", "--etcd", etcd.endpoint, "--cluster", CLUSTER,
-             "--listen", peer, "--client-listen", client_address, "--log-level", "error", "--drain-timeout", "1"],
+             "--listen", peer, "--client-listen", client_address, "--log-level", "error", "--drain-timeout", "1",
+             "--replicas", str(copies)],
         )  # fmt: skip
         try:
             if not wait_until_serving(client_address, 30):
@@ -115,8 +117,7 @@ def real_node(sizes: list[int]) -> list[dict[str, Any]]:
                         for k in (f"k{i}" for i in range(1_000_000))
                         if now.owner("", k.encode()) == after.owner("", k.encode()) == peer
                     )
-                    client.set(key, "v")
-                    quiet = longest_get(client, key, 2.0)
+                    quiet = longest_get(client, key, 2.0)  # (a miss: with replicas, a write would wait for a fake member)
 
                     def join_and_leave(n: int = n) -> None:
                         time.sleep(0.3)
@@ -143,12 +144,18 @@ def real_node(sizes: list[int]) -> list[dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="3, 10 and 100 members only")
-    parser.add_argument("--out", type=Path, default=HERE / "placement.json")
+    parser.add_argument("--replicas", type=int, default=1, help="copies of each shard (top-N ranks kept)")
+    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    out = args.out or HERE / ("placement.json" if args.replicas == 1 else f"placement-replicas{args.replicas}.json")
     sizes = [n for n in SIZES if not args.quick or n <= 100]
-    result = {"in_process": in_process(sizes), "real_node": real_node(sizes)}
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    result = {
+        "replicas": args.replicas,
+        "in_process": in_process(sizes, args.replicas),
+        "real_node": real_node(sizes, args.replicas),
+    }
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -93,10 +93,11 @@ class Placement:
         self.entries_out = 0
         self.entries_dropped = 0  # handed to a node that served the shard already: lost
         # Replicas (see dcache.replication): shards whose copy this node keeps
-        # for their owner, complete and kept up to date by it; and those whose
-        # copy is on its way. A shard whose owner is gone is served at once
-        # from such a copy; any other shard whose holder is gone, empty.
-        self.copies: dict[int, str] = {}
+        # for their owner (or for their holder, while they move here),
+        # complete and kept up to date by it; and those whose copy is on its
+        # way (not counted). A shard whose holder is gone is served at once
+        # from a copy kept for that holder; any other, empty.
+        self.copies_kept: dict[int, str] = {}
         self.copies_begun: dict[int, str] = {}
         self.emptied: list[int] = []  # by the last apply: shards served now with nothing from their holder
         self.failed_over = 0  # shards served from a copy here when their owner went
@@ -116,7 +117,7 @@ class Placement:
         self._holders.clear()
         self._asked.clear()
         self._progress = 0.0
-        self.copies.clear()
+        self.copies_kept.clear()
         self.copies_begun.clear()
 
     def apply(
@@ -172,7 +173,9 @@ class Placement:
                         holders[shard] = incoming.pop(shard)  # (to answer claims for it)
                         self._asked.pop(shard, None)
                         owners[shard] = new
-                    elif incoming[shard] not in present:  # its holder is gone
+                    elif incoming[shard] not in present:  # its holder is gone: serve what arrived, or the copy
+                        if self.copies_kept.get(shard) == incoming[shard]:
+                            self.failed_over += 1
                         del incoming[shard]
                         owners[shard] = me
                 elif new == me:
@@ -182,7 +185,7 @@ class Placement:
                         added = True
                     else:  # its owner is gone: serve it now, from the copy kept here if there is one
                         owners[shard] = me
-                        if self.copies.get(shard) == current:
+                        if self.copies_kept.get(shard) == current:
                             self.failed_over += 1
                         else:
                             self.emptied.append(shard)
@@ -196,13 +199,22 @@ class Placement:
         return self.serving(epoch)
 
     def _check_copies(self) -> None:
-        """Forget the copies this node is no longer sent the writes of: their
-        owner is no longer the shard's settled owner, or this node no longer
-        one of its replicas (the purge then drops their entries)."""
-        me, want, owners = self.node_id, self.target.shard_owners, self.owners
-        for held in (self.copies, self.copies_begun):
+        """Forget the copies this node is no longer sent the writes of (the
+        purge then drops their entries): their owner is no longer the
+        shard's settled owner, nor its holder moving it here, or this node
+        no longer one of its replicas. A copy whose owner left while another
+        replica took the shard over from its own copy is as good as that
+        one: it is kept for the new owner (two crashes in a row with three
+        copies lose nothing)."""
+        me, want, present = self.node_id, self.target.shard_owners, self.members
+        for held in (self.copies_kept, self.copies_begun):
             for shard, owner in list(held.items()):
-                if not want or want[shard] != owner or owners[shard] != owner or me not in self.target.replicas_of(shard):
+                if self.keeps_copy(shard, owner) or self.incoming.get(shard) == owner:
+                    continue
+                new = want[shard] if want else ""
+                if held is self.copies_kept and owner not in present and new not in (me, "") and self.keeps_copy(shard, new):
+                    held[shard] = new
+                else:
                     del held[shard]
 
     def keeps_copy(self, shard: int, sender: str) -> bool:
@@ -215,6 +227,14 @@ class Placement:
             and want[shard] == sender
             and self.owners[shard] == sender
             and self.node_id in self.target.replicas_of(shard)
+        )
+
+    def takes_writes(self, shard: int, sender: str) -> bool:
+        """Whether this node applies ``sender``'s writes of ``shard`` to the
+        copy it keeps: as a replica of the settled owner, or as the new
+        owner it is moving to while its copy from that holder stays current."""
+        return self.copies_kept.get(shard) == sender and (
+            self.keeps_copy(shard, sender) or (not self._fresh and self.incoming.get(shard) == sender)
         )
 
     def serving(self, epoch: int | None = None) -> ShardMap:
@@ -260,6 +280,7 @@ class Placement:
             owners[shard] = me
             self.moved_in += 1
             self.incoming.pop(shard, None)
+            self.copies_kept.pop(shard, None)
             self._asked.pop(shard, None)
             self._holders.pop(shard, None)
             if want and want[shard] != me:
@@ -316,7 +337,8 @@ class Placement:
     def answer_claim(self, claimant: str, shards: list[int]) -> dict[str, Any]:
         """What this node says to ``claimant``, which waits for the entries of
         ``shards`` from it: nothing of the shards it holds, hands over or
-        waits for (they come in time); ``elsewhere`` [shard, node] for those
+        waits for (they come in time), nor of those it keeps a copy of for
+        the claimant (it hands the copy over); ``elsewhere`` [shard, node] for those
         it knows or takes another node to hold; ``absent`` those nobody else
         can hold (the claimant and this node started together, or it
         received them already)."""
@@ -329,6 +351,14 @@ class Placement:
         without: tuple[str, ...] | None = None
         for shard in shards:
             if owners[shard] == me or any(shard in b for b in busy):
+                continue
+            if self.copies_kept.get(shard) == claimant:
+                # It owned the shard, and waits for it: it lost its entries
+                # (it restarted, or its lease lapsed) before this node saw it
+                # go. The copy kept here is the shard: hand it over.
+                del self.copies_kept[shard]
+                owners[shard] = me
+                self.outgoing[shard] = claimant
                 continue
             holder = self._holders.get(shard)
             if holder is None or holder == claimant or holder not in self.members:
@@ -414,6 +444,8 @@ def absorb(placement: Placement, store: Any, sender: str, args: dict[str, Any], 
     for shard in args["begin"]:
         if shard in taken_shards:
             store.drop_shard(shard)
+            placement.copies_kept.pop(shard, None)  # (what the entries replace)
+            placement.copies_begun.pop(shard, None)
     taken = store.absorb(e for e, shard in zip(entries, shards) if shard in taken_shards)
     placement.entries_in += taken
     done = [s for s in args["done"] if s in taken_shards]
@@ -510,7 +542,9 @@ async def _hand(
             serving = set(body.get("serving", []))
             if serving:
                 # It serves them already (it gave up waiting for them): what is here is lost.
-                dropped = sum(store.drop_shard(s) for s in serving if placement.owners[s] == owner)
+                dropped = sum(
+                    store.drop_shard(s) for s in serving if placement.owners[s] == owner and not _copy_here(placement, s)
+                )
                 placement.entries_dropped += dropped
                 placement.sending.difference_update(serving)
                 log.warning(
@@ -530,9 +564,17 @@ async def _hand(
     done = [s for s in sent if s in placement.sending]
     placement.entries_out += count
     for shard in placement.acknowledged(done):
-        store.drop_shard(shard)
+        if not _copy_here(placement, shard):
+            store.drop_shard(shard)
     log.debug("handed %d shard(s), %d entries, to %s", len(done), count, owner)
     return not not_taken
+
+
+def _copy_here(placement: Placement, shard: int) -> bool:
+    """Whether the new owner of ``shard`` has begun copying it back here
+    (this node is its replica, and the copy may reach it before the
+    acknowledgement of the handoff does): the entries here are that copy."""
+    return shard in placement.copies_kept or shard in placement.copies_begun
 
 
 def shard_messages(store: Any, shards: list[int], epoch: int) -> tuple[list[dict[str, Any]], list[int], int]:

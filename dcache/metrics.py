@@ -80,7 +80,7 @@ class NodeCollector(Collector):
                 value=replicator.under_replicated(),
             )
             yield GaugeMetricFamily(
-                "dcache_shard_copies", "Shards this node keeps a copy of for their owner.", value=len(node.placement.copies)
+                "dcache_shard_copies", "Shards this node keeps a copy of for their owner.", value=len(node.placement.copies_kept)
             )
             yield CounterMetricFamily("dcache_replicated_writes", "Writes sent to replicas.", value=replicator.writes)
             yield CounterMetricFamily(

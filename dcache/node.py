@@ -28,7 +28,7 @@ from .net import busy_poll_from_env, split_address
 from .peers import PeerLinks
 from .protocol import Budget, ConnectionClosed, ServerSession
 from .reactor import Reactor
-from .replication import SYNC, Replicator, replica_summary, take
+from .replication import SYNC, Replicator, held_for, replica_summary, take
 from .router import Forwarder, Router, Waiting
 from .shard import ShardMap
 from .store import Store
@@ -236,6 +236,8 @@ class Node:
             missing = self.replicator.under_replicated()
             if missing:
                 return "replicating", f"{missing} shard(s) of this node lack a copy on one of their replicas; copying them"
+            if self.replicator.audit_due:
+                return "replicating", "the membership changed: checking that every replica keeps its copies"
         return "ready", "this node is in the cluster and serving its shards"
 
     def stats(self) -> dict[str, Any]:
@@ -403,8 +405,10 @@ class Node:
         self.router.shard_map = shard_map
         self.router.client_addresses = {m.node_id: m.client_address for m in view.members}
         self.peers.update(shard_map.members)
-        for shard in self.placement.incoming.keys() - arriving - self.placement.sending:
-            self.store.drop_shard(shard)  # (what is left from when it was here before is stale)
+        placement = self.placement
+        for shard in placement.incoming.keys() - arriving - placement.sending:
+            if placement.copies_kept.get(shard) != placement.incoming[shard]:  # (a copy kept for its holder stays current)
+                self.store.drop_shard(shard)  # (what is left from when it was here before is stale)
         for shard in self.placement.emptied:
             self.store.drop_shard(shard)  # (its owner is gone, and no copy of it was kept here)
         if self.replicator is not None:
@@ -436,6 +440,8 @@ class Node:
             dropped = self.store.clear()
             # Take the next view as a first one: this node's shards come back from whoever served them meanwhile.
             self.placement.reset()
+            if self.replicator is not None:
+                self.replicator.reset()
             self._applied = View(0, ())
             log.warning("this node's lease lapsed; dropped its %d entries, which others may have changed meanwhile", dropped)
 
@@ -501,7 +507,7 @@ class Node:
                     and owners[shard] != self.node_id
                     and shard not in placement.incoming
                     and shard not in placement.sending
-                    and shard not in placement.copies
+                    and shard not in placement.copies_kept
                     and shard not in placement.copies_begun
                 ):
                     dropped += self.store.drop_shard(shard)
@@ -515,12 +521,19 @@ class Node:
         """Entries another node hands this one, its claim on shards, or the
         writes of a shard this node keeps a copy of (the router's ``handoff``)."""
         if op == "claim":
-            return self.placement.answer_claim(peer, args["shards"])
+            answer = self.placement.answer_claim(peer, args["shards"])
+            if self.placement.outgoing:  # (it may hand a copy kept here to the claimant)
+                self._more_to_hand.set()
+            return answer
         if op == "replicate":
             return take(self.placement, self.store, peer, args)
+        if op == "copies":
+            return held_for(self.placement, peer)
         reply, onward = absorb(self.placement, self.store, peer, args, trio.current_time())
         if onward:
             self._more_to_hand.set()
+        if self.replicator is not None and args["done"]:
+            self.replicator.wake.set()  # (shards arrived: copies to make)
         return reply
 
     # -- upkeep ---------------------------------------------------------------------

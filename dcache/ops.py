@@ -17,7 +17,7 @@ counters; members → {"epoch", "members": [{"node", "client", "state",
 after which it stops; handoff (from a node handing entries over) →
 {"taken", "serving", "refused"}; claim (from a node waiting for shards) →
 {"absent", "elsewhere"}; replicate (from a shard's owner to its replicas) →
-{"refused"}.
+{"refused"}; copies (from an owner to a replica) → {"held": [shard, ...]}.
 
 A hello with ``peer`` (the sender's node id) opens a node-to-node link: its
 keyed requests are served only if the receiving node owns the key, else
@@ -377,6 +377,7 @@ OPS: dict[str, Op] = {
         Op("handoff", _entries("handoff", gone=False)),  # from peers only
         Op("claim", _claim),  # from peers only
         Op("replicate", _entries("replicate", gone=True)),  # from peers only
+        Op("copies", _no_args("copies")),  # from peers only
         Op("get", _keyed("get"), Keys.ONE, apply=_get),
         Op("set", _set, Keys.ONE, write=True, apply=_set_in),
         Op("delete", _keyed("delete"), Keys.ONE, write=True, apply=_delete),

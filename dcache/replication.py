@@ -44,6 +44,9 @@ from .shard import NUM_SHARDS, shard_of
 log = logging.getLogger(__name__)
 
 CHECK_INTERVAL = 1.0  # seconds between looks for copies to make, besides view changes
+AUDIT_INTERVAL = 2.0  # seconds between asking each replica which copies it keeps
+AUDIT_DELAY = 0.3  # seconds after a view change before asking (so that the change has reached the replicas)
+REFUSAL_RETRY_DELAYS = (0.005, 0.05)  # before sending a write a replica refused (with its shard's copy) again
 MAX_ASYNC_BACKLOG = 4096  # replications on their way (async) before more are dropped (and copied again later)
 SYNC, ASYNC = "sync", "async"
 
@@ -61,6 +64,9 @@ class Replicator:
         self.peers = peers
         self.sync = mode == SYNC
         self._copied: dict[str, tuple[object, set[int]]] = {}  # replica → (link connection, shards copied over it)
+        self._moving: dict[int, str] = {}  # shards this node hands over to a node that keeps a copy of them: to whom
+        self._audit_at = 0.0  # when to ask the replicas next which copies they keep (see _audit)
+        self.audit_due = False  # a view changed since the last audit: copies taken for made may be gone
         self.wake = Signal()  # there may be copies to make
         self._backlog: trio.MemorySendChannel[tuple[str, list[int], Any]] | None = None
         self.writes = 0  # writes sent to replicas
@@ -71,13 +77,43 @@ class Replicator:
     # -- who keeps what --------------------------------------------------------------
 
     def replicas(self, shard: int) -> tuple[str, ...]:
-        """The replicas of ``shard`` if this node is its settled owner (it
-        serves it, and no move is under way), else none."""
+        """Where this node's writes of ``shard`` go: its replicas if this node
+        is its settled owner (it serves it, and no move is under way); while
+        it hands the shard to a node that kept a copy of it (its first
+        replica, when this node leaves), that node; else nowhere."""
         placement, me = self.placement, self.placement.node_id
         owners, want = placement.owners, placement.target.shard_owners
-        if not want or owners[shard] != me or want[shard] != me:
+        if placement.fresh or not want or owners[shard] != me:
             return ()
-        return placement.target.replicas_of(shard)
+        if want[shard] == me:
+            return placement.target.replicas_of(shard)
+        moving = self._moving.get(shard)
+        return (moving,) if moving == want[shard] else ()
+
+    def reset(self) -> None:
+        """This node lost its entries (its lease lapsed): it keeps no shard's
+        replicas up to date until it owns shards again, and copies them anew."""
+        self._copied.clear()
+        self._moving.clear()
+
+    def kept_by(self, replica: str) -> set[int]:
+        """The shards this node takes ``replica`` to keep a copy of, on any link connection."""
+        held = self._copied.get(replica)
+        return set() if held is None else set(held[1])
+
+    def audited(self, replica: str, session: object, sent: set[int], held: Any) -> int:
+        """``replica`` said which shards it keeps a copy of for this node
+        (``held``), asked over ``session`` when this node took it to keep
+        ``sent``: forget those it does not keep (it dropped them since, or
+        never took them, and nobody read its refusal); how many."""
+        entry = self._copied.get(replica)
+        if entry is None or entry[0] is not session or not isinstance(held, list):
+            return 0
+        lost = sent - set(held)
+        entry[1].difference_update(lost)
+        if lost:
+            self.wake.set()
+        return len(lost)
 
     def copied_to(self, replica: str) -> set[int] | None:
         """The shards copied to ``replica`` over its link as it is now (to
@@ -100,6 +136,8 @@ class Replicator:
         lacks them (over a link that is up; the others wait for it)."""
         out: dict[str, list[int]] = {}
         for shard in range(NUM_SHARDS):
+            if shard in self._moving:
+                continue  # (it goes by handoff)
             for replica in self.replicas(shard):
                 copied = self.copied_to(replica)
                 if copied is not None and shard not in copied:
@@ -110,6 +148,8 @@ class Replicator:
         """Shards this node owns with a replica that lacks their entries."""
         count = 0
         for shard in range(NUM_SHARDS):
+            if shard in self._moving:
+                continue
             for replica in self.replicas(shard):
                 copied = self.copied_to(replica)
                 if copied is None or shard not in copied:
@@ -118,11 +158,41 @@ class Replicator:
         return count
 
     def prune(self) -> None:
-        """After a view change: forget copies on nodes that are no longer
-        replicas of those shards (should they become so again, their copy
-        will have been dropped there)."""
-        for replica, (_, shards) in self._copied.items():
-            shards.intersection_update(s for s in list(shards) if replica in self.replicas(s))
+        """After a view change: note the shards this node now hands over to a
+        node that keeps an up-to-date copy of them (their writes keep going
+        there until the handoff), and forget copies on nodes that are no
+        longer replicas of those shards (should they become so again, their
+        copy will have been dropped there)."""
+        placement, me = self.placement, self.placement.node_id
+        owners, want = placement.owners, placement.target.shard_owners
+        moving = self._moving
+        for shard, to in list(moving.items()):
+            if not want or owners[shard] != me or want[shard] != to:
+                del moving[shard]
+        if want and not placement.fresh:
+            for shard, owner in enumerate(owners):
+                new = want[shard]
+                if owner == me and new != me and shard not in moving and shard in (self.copied_to(new) or ()):
+                    moving[shard] = new
+        members = set(placement.members)
+        for replica in [r for r in self._copied if r not in members]:
+            del self._copied[replica]
+        for replica, (session, shards) in self._copied.items():
+            dropped = [s for s in shards if replica not in self.replicas(s)]
+            if not dropped:
+                continue
+            shards.difference_update(dropped)
+            if session is self.peers.session(replica):
+                # Tell it to drop them too: should its view skip this change,
+                # it would take the copies for current, and serve them if this
+                # node died. (A copy begun and not done is not served.)
+                withdraw = {"entries": [], "begin": sorted(dropped), "done": [], "epoch": placement.target.epoch}
+                self._queue_async((replica, [], self.peers.submit(replica, [("replicate", withdraw)])))
+        # A replica whose view passed through one this node skipped may have
+        # dropped copies this node takes for made: ask soon (once the change
+        # has reached it too), and say "replicating" until then.
+        self.audit_due = True
+        self._audit_at = min(self._audit_at, trio.current_time() + AUDIT_DELAY)
         self.wake.set()
 
     # -- the write path ---------------------------------------------------------------
@@ -133,13 +203,18 @@ class Replicator:
         if not self.sync:
             return None
         for key in keys:
-            for replica in self.replicas(shard_of(ns, key)):
-                if self.peers.session(replica) is None:
+            shard = shard_of(ns, key)
+            for replica in self.replicas(shard):
+                copied = self.copied_to(replica)
+                if copied is None:
                     self.refused += 1
                     return f"{replica}, which keeps a copy of this key, is unreachable; try again"
+                if shard in self._moving and shard not in copied:  # (its copy there may lack a write lost on the way)
+                    self.refused += 1
+                    return f"this key's shard is moving to {replica}, and the link to it was broken; try again"
         return None
 
-    def send(self, ns: str, keys: Iterable[bytes]) -> Replicated | None:
+    def send(self, ns: str, keys: list[bytes]) -> Replicated | None:
         """After a write of ``keys``: send their entries as they are now to
         the replicas of their shards (a shard not yet copied to one goes
         whole first). Returns what to await before answering (synchronous
@@ -184,7 +259,7 @@ class Replicator:
                 pending = self.peers.submit_raw(replica, codec.request_rest("replicate", write))
             sent.append((replica, shards, pending))
         if self.sync:
-            return Replicated(self, sent)
+            return Replicated(self, sent, ns, keys)
         for replication in sent:
             self._queue_async(replication)
         return None
@@ -226,32 +301,67 @@ class Replicator:
     async def _copy_missing(self) -> None:
         """Copy shards to the replicas that lack them: a batch (about
         :data:`handoff.BATCH_BYTES`) at a time, acknowledged before the
-        next and followed by a rest as long as it took."""
+        next and followed by a rest as long as it took. Every
+        :data:`AUDIT_INTERVAL`, ask each replica which copies it keeps."""
+        self._audit_at = trio.current_time() + AUDIT_INTERVAL
         while True:
-            work = self.missing()
-            if not work:
-                with trio.move_on_after(CHECK_INTERVAL):
-                    await self.wake.event().wait()
+            try:
+                if trio.current_time() >= self._audit_at:
+                    self._audit_at = trio.current_time() + AUDIT_INTERVAL
+                    due, self.audit_due = self.audit_due, False
+                    try:
+                        await self._audit()
+                    except BaseException:
+                        self.audit_due |= due
+                        raise
+                await self._copy_some()
+            except Exception:  # a bug: log it, and go on (the node serves on)
+                log.exception("making copies for replicas failed")
+                await trio.sleep(RETRY_DELAY)
+
+    async def _audit(self) -> None:
+        """Ask every replica which shards it keeps a copy of for this node,
+        and forget the others (see :meth:`audited`)."""
+        for replica in list(self._copied):
+            session = self.peers.session(replica)
+            if session is None:
                 continue
-            for replica, shards in work.items():
-                while shards:
-                    copied = self.copied_to(replica)
-                    if copied is None:
-                        break
-                    shards = [s for s in shards if s not in copied and replica in self.replicas(s)]
-                    if not shards:
-                        break
-                    started = trio.current_time()
-                    messages, completed, count = shard_messages(self.store, shards, self.placement.target.epoch)
-                    copied.update(completed)
-                    pending = self.peers.submit(replica, [("replicate", m) for m in messages])
-                    shards = shards[len(completed) :]
-                    self.shards_copied += len(completed)
-                    self.entries_copied += count
-                    if await _answered(self, replica, completed, pending) is not None:
-                        await trio.sleep(RETRY_DELAY)
-                        break
-                    await trio.sleep((trio.current_time() - started) * REST)
+            sent = self.kept_by(replica)
+            try:
+                [(status, body)] = await self.peers.forward(replica, [("copies", {})])
+            except PeerUnavailable:
+                continue
+            if status == Status.OK and isinstance(body, dict):
+                lost = self.audited(replica, session, sent, body.get("held"))
+                if lost:
+                    log.warning("%s lacks %d shard copies this node had sent it; copying them again", replica, lost)
+
+    async def _copy_some(self) -> None:
+        """One round: the copies missing now, replica by replica, batch by batch."""
+        work = self.missing()
+        if not work:
+            with trio.move_on_after(max(0.0, min(CHECK_INTERVAL, self._audit_at - trio.current_time()))):
+                await self.wake.event().wait()
+            return
+        for replica, shards in work.items():
+            while shards:
+                copied = self.copied_to(replica)
+                if copied is None:
+                    break
+                shards = [s for s in shards if s not in copied and replica in self.replicas(s)]
+                if not shards:
+                    break
+                started = trio.current_time()
+                messages, completed, count = shard_messages(self.store, shards, self.placement.target.epoch)
+                copied.update(completed)
+                pending = self.peers.submit(replica, [("replicate", m) for m in messages])
+                shards = shards[len(completed) :]
+                self.shards_copied += len(completed)
+                self.entries_copied += count
+                if (await _answered(self, replica, completed, pending))[0] is not None:
+                    await trio.sleep(RETRY_DELAY)
+                    break
+                await trio.sleep((trio.current_time() - started) * REST)
 
 
 class Replicated:
@@ -259,11 +369,13 @@ class Replicated:
     every replica applied it, else why not (it is then to be answered
     ``unavailable``)."""
 
-    __slots__ = ("_replicator", "_sent")
+    __slots__ = ("_replicator", "_sent", "_ns", "_keys")
 
-    def __init__(self, replicator: Replicator, sent: list[tuple[str, list[int], Any]]) -> None:
+    def __init__(self, replicator: Replicator, sent: list[tuple[str, list[int], Any]], ns: str, keys: list[bytes]) -> None:
         self._replicator = replicator
         self._sent = sent
+        self._ns = ns
+        self._keys = keys
 
     def replicas(self) -> list[str]:
         return [replica for replica, _, _ in self._sent]
@@ -286,15 +398,40 @@ class Replicated:
         return pending.notify(read)
 
     async def wait(self) -> str | None:
-        problem = None
+        """None once every replica has applied the write. A replica that
+        refused it (it did not keep the shard's copy: its view and this
+        node's disagreed for a moment) is sent the shard's copy and the
+        write's entries again, after :data:`REFUSAL_RETRY_DELAYS`."""
+        replicator = self._replicator
+        problem, refused = await self._answers()
+        for delay in REFUSAL_RETRY_DELAYS:
+            if problem is None or not refused:
+                break
+            await trio.sleep(delay)
+            problem = replicator.check(self._ns, self._keys)  # (counts its refusal)
+            if problem is not None:
+                return problem
+            again = replicator.send(self._ns, self._keys)
+            if again is None:
+                return None
+            problem, refused = await again._answers()
+        if problem is not None:
+            replicator.refused += 1
+        return problem
+
+    async def _answers(self) -> tuple[str | None, bool]:
+        """Why not every replica applied the write, if so, and whether only for refusals."""
+        problems: list[str] = []
+        refusals = True
         try:
             for replica, shards, pending in self._sent:
-                problem = await _answered(self._replicator, replica, shards, pending) or problem
+                problem, refused = await _answered(self._replicator, replica, shards, pending)
+                if problem is not None:
+                    problems.append(problem)
+                    refusals = refusals and refused
         finally:
             self.release()
-        if problem is not None:
-            self._replicator.refused += 1
-        return problem
+        return (problems[0] if problems else None), refusals
 
     def release(self) -> None:
         for _, _, pending in self._sent:
@@ -312,15 +449,15 @@ def _confirmed(rest: bytes) -> bool:
     return isinstance(body, dict) and not body.get("refused")
 
 
-async def _answered(replicator: Replicator, replica: str, shards: list[int], pending: Any) -> str | None:
+async def _answered(replicator: Replicator, replica: str, shards: list[int], pending: Any) -> tuple[str | None, bool]:
     """Wait for ``replica``'s answers to what was sent to it for ``shards``:
     None if it applied all of it; else why not (what it did not take is to
-    be copied again)."""
+    be copied again), and whether it refused (rather than not answering)."""
     try:
         replies = await pending.wait()
     except PeerUnavailable as exc:
         replicator.forget(replica, shards)
-        return f"{replica}, which keeps a copy of this key, did not confirm the write: {exc}; try again"
+        return f"{replica}, which keeps a copy of this key, did not confirm the write: {exc}; try again", False
     if isinstance(replies, bytes):  # one request sent encoded: its reply likewise
         try:
             replies = [codec.decode_rest(replies)]
@@ -334,18 +471,18 @@ async def _answered(replicator: Replicator, replica: str, shards: list[int], pen
             refused.update(s for s in body.get("refused", ()) if type(s) is int)
     if refused:
         replicator.forget(replica, refused)
-        return f"{replica} does not keep a copy of this key yet (the cluster's membership is changing); try again"
-    return None
+        return f"{replica} does not keep a copy of this key yet (the cluster's membership is changing); try again", True
+    return None, False
 
 
 def take(placement: Placement, store: Any, sender: str, args: dict[str, Any]) -> dict[str, Any]:
     """Take a ``replicate`` message from ``sender`` into ``store``: the
     shards it begins (a copy: what is held here of them goes first), their
-    entries and the writes after them, for the shards this node keeps a
-    copy of for ``sender`` (see :meth:`Placement.keeps_copy`). Entries of
-    other shards are refused, and named in the reply: the sender copies
-    them again once views agree."""
-    copies, begun = placement.copies, placement.copies_begun
+    entries, and the writes of shards whose copy this node keeps for
+    ``sender`` (see :meth:`Placement.keeps_copy` and
+    :meth:`Placement.takes_writes`). Entries of other shards are refused,
+    and named in the reply: the sender copies them again once views agree."""
+    copies, begun = placement.copies_kept, placement.copies_begun
     refused: set[int] = set()
     for shard in args["begin"]:
         if placement.keeps_copy(shard, sender):
@@ -361,7 +498,7 @@ def take(placement: Placement, store: Any, sender: str, args: dict[str, Any]) ->
         shard = shard_of(ns, key)
         if shard in refused:
             continue
-        if (copies.get(shard) != sender and begun.get(shard) != sender) or not placement.keeps_copy(shard, sender):
+        if not (placement.takes_writes(shard, sender) or (begun.get(shard) == sender and placement.keeps_copy(shard, sender))):
             refused.add(shard)
             continue
         if value is None:
@@ -378,6 +515,11 @@ def take(placement: Placement, store: Any, sender: str, args: dict[str, Any]) ->
     return {"refused": sorted(refused)}
 
 
+def held_for(placement: Placement, sender: str) -> dict[str, Any]:
+    """The answer to ``sender``'s ``copies``: the shards whose copy this node keeps for it."""
+    return {"held": [shard for shard, owner in placement.copies_kept.items() if owner == sender]}
+
+
 def replica_summary(placement: Placement, replicator: Replicator | None) -> dict[str, int]:
     """A node's replica counters, for ``stats`` and metrics."""
     if replicator is None:
@@ -385,7 +527,7 @@ def replica_summary(placement: Placement, replicator: Replicator | None) -> dict
     return {
         "replicas": placement.target.copies,
         "shards_under_replicated": replicator.under_replicated(),
-        "shard_copies_held": len(placement.copies),
+        "shard_copies_held": len(placement.copies_kept),
         "shards_failed_over": placement.failed_over,
         "replicated_writes": replicator.writes,
         "writes_refused_for_replicas": replicator.refused,

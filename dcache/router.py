@@ -440,7 +440,7 @@ class Router:
                     else:
                         waiting = waiting or Waiting(self, started)
                         waiting._drains.append(waiting.slot(req.rid))
-                elif req.op in ("handoff", "claim", "replicate"):
+                elif req.op in ("handoff", "claim", "replicate", "copies"):
                     replies.append(self._take_handoff(session, req))
                 else:
                     replies.append(self._local(req))
@@ -578,7 +578,8 @@ class Router:
         )
 
     def _take_handoff(self, session: ServerSession, req: Request) -> list[Any]:
-        """A ``handoff`` or ``claim`` from another node (see :mod:`dcache.handoff`)."""
+        """A ``handoff`` or ``claim`` from another node (see :mod:`dcache.handoff`),
+        or a ``replicate`` or ``copies`` (see :mod:`dcache.replication`)."""
         if not session.peer_id or self._handoff is None:
             self.counters.count(req.op, "error")
             return codec.error(req.rid, ErrorCode.BAD_REQUEST, f"{req.op} is for nodes of the cluster only")

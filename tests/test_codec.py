@@ -50,6 +50,7 @@ VALID = [
         [17, "replicate", {"entries": [["", b"k", b"v", 5, 7], ["", b"g", None, 0, 0]], "begin": [], "done": [], "epoch": 2}],
         {"entries": [["", b"k", b"v", 5, 7], ["", b"g", None, 0, 0]], "begin": [], "done": [], "epoch": 2},
     ),
+    ([18, "copies", {}], {}),
 ]
 
 

@@ -205,6 +205,52 @@ async def test_no_acknowledged_write_is_lost_when_a_node_is_killed_with_two_repl
         kill_all(nodes)
 
 
+async def test_a_hung_replica_costs_writes_an_error_not_their_copy(etcd_server: EtcdServer) -> None:
+    """SIGSTOP of one node of three under load, with --replicas 2: writes of
+    the shards it owns or keeps copies of are refused (unavailable) until
+    its lease lapses, never acknowledged without their copy; the others go
+    on. It comes back (SIGCONT), drops what it held, rejoins and gets its
+    shards and copies again. Then the node that owned most keys meanwhile is
+    killed with -9: every acknowledged write is still there."""
+    nodes = [serve(etcd_server.endpoint, "--replicas", "2") for _ in range(3)]
+    try:
+        await _serving(nodes)
+        with trio.fail_after(TIMEOUT):
+            await _wait_for(nodes[0][1], 3)
+            async with dcache.connect(nodes[0][1]) as first, dcache.connect(nodes[1][1]) as second:
+                load = Load([first, second])
+                async with trio.open_nursery() as nursery:
+                    load.start(nursery)
+                    await trio.sleep(1.0)
+                    hung = nodes[2][0]
+                    hung.send_signal(signal.SIGSTOP)
+                    await trio.sleep(3 * 2.0)  # three leases
+                    ops_while_hung = load.ops
+                    hung.send_signal(signal.SIGCONT)
+                    started = time.monotonic()
+                    await _wait_for(nodes[0][1], 3)
+                    back_in = time.monotonic() - started
+                    await trio.sleep(1.0)
+                    hung.kill()  # it got its shards back, and their copies were made: nothing may be lost
+                    await _wait_for(nodes[0][1], 2)
+                    await trio.sleep(0.5)
+                    load.done.set()
+                verified = await load.verify(first)
+        print(
+            f"\na hung replica, --replicas 2: {load.ops} ops ({ops_while_hung} by the end of the pause), "
+            f"errors {dict(load.errors) or 'none'}, {verified} keys verified after a kill -9 that followed, "
+            f"every node ready {back_in:.2f} s after SIGCONT"
+        )
+        assert load.stale == []
+        assert set(load.errors) <= {"unavailable"}, load.errors
+        assert verified == WRITERS * KEYS_PER_WRITER
+    finally:
+        for proc, _, _ in nodes:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+        kill_all(nodes)
+
+
 def test_drain_hands_a_nodes_entries_over_and_stops_it(etcd_server: EtcdServer) -> None:
     """`dcache drain HOST:PORT`: the node hands every shard over, says what
     it moved, leaves and exits; every key reads back from the others."""

@@ -14,16 +14,16 @@ import trio
 from support import LEASE_TTL, dcache_cli, start_node
 
 import dcache
-from dcache import codec
+from dcache import codec, handoff
 from dcache.errors import PeerUnavailable
-from dcache.handoff import Placement
+from dcache.handoff import Placement, absorb
 from dcache.localcluster import EtcdServer
 from dcache.node import NodeStartError
-from dcache.replication import ASYNC, SYNC, Replicator, take
+from dcache.replication import ASYNC, SYNC, Replicator, held_for, take
 from dcache.shard import NUM_SHARDS, ShardMap, shard_of
 from dcache.store import Store
 
-A, B, C = "a:1", "b:1", "c:1"
+A, B, C, D = "a:1", "b:1", "c:1", "d:1"
 
 
 class Reply:
@@ -72,6 +72,13 @@ class Links:
             target = self.nodes[node_id]
             replies.append((0, take(target.placement, target.store, self.sender.id, args)))
         return Reply(replies)
+
+    async def forward(self, node_id: str, requests: list[tuple[str, dict[str, Any]]]) -> list[tuple[int, Any]]:
+        [(op, args)] = requests
+        assert op == "copies"
+        if node_id in self.down:
+            raise PeerUnavailable("the link is down")
+        return [(0, held_for(self.nodes[node_id].placement, self.sender.id))]
 
     def submit_raw(self, node_id: str, rest: bytes) -> Reply:
         decoder = cbor2.CBORDecoder(io.BytesIO(rest))
@@ -142,7 +149,7 @@ async def test_a_write_reaches_its_replica_after_a_copy_of_its_shard() -> None:
     assert 59_000 < (nodes[B].store.ttl_ms("", neighbour.encode()) or 0) <= 60_000
     assert nodes[B].store.version("", key.encode()) == nodes[A].store.version("", key.encode())
     assert len(nodes[C].store) == 0  # not a replica of that shard
-    assert nodes[B].placement.copies == {shard: A}
+    assert nodes[B].placement.copies_kept == {shard: A}
 
     sent = len(nodes[A].links.sent)
     assert await nodes[A].write(key, "v2") is None
@@ -256,15 +263,175 @@ async def test_without_a_copy_a_shard_whose_owner_went_is_served_empty() -> None
         assert shard in nodes[B].placement.emptied
 
 
-async def test_copies_are_forgotten_when_their_owner_is_no_longer_settled() -> None:
+async def test_copies_are_forgotten_and_withdrawn_when_their_node_is_no_longer_a_replica() -> None:
+    """d joins and becomes the shard's replica in b's place: b forgets its
+    copy, and a tells it to (should b's view skip the change, it would take
+    the copy for current while a writes to d only)."""
+    nodes = cluster()
+    abcd = ShardMap.build(2, (A, B, C, D), 2)
+    key = next(
+        f"k{i}"
+        for i in range(100_000)
+        if ShardMap.build(1, (A, B, C), 2).replicas_of(shard_of("", f"k{i}".encode())) == (B,)
+        and abcd.owner("", f"k{i}".encode()) == A
+        and abcd.replicas_of(shard_of("", f"k{i}".encode())) == (D,)
+    )
+    shard = shard_of("", key.encode())
+    assert await nodes[A].write(key, "v") is None
+    assert nodes[B].placement.copies_kept == {shard: A}
+    nodes[A].view(2, (A, B, C, D))  # (b has not seen d yet)
+    assert nodes[B].placement.copies_kept == {} and shard in nodes[B].placement.copies_begun  # withdrawn: never served
+    assert nodes[B].store.get("", key.encode()) is None
+    nodes[B].view(2, (A, B, C, D))
+    assert shard not in nodes[B].placement.copies_kept and shard not in nodes[B].placement.copies_begun
+
+
+async def test_the_old_owner_keeps_the_copy_its_new_owner_makes_before_the_handoff_is_acknowledged() -> None:
+    """b hands a shard to a, which joined; a writes at once and copies the
+    shard back to b, its replica, before b reads a's acknowledgement of the
+    handoff: the acknowledgement must not drop that copy."""
+    nodes: dict[str, Node] = {}
+    a, b = Node(A, nodes), Node(B, nodes)
+    b.view(1, (B,))
+    key = key_owned_by(A, B, members=(A, B))
+    shard = shard_of("", key.encode())
+    old = next(f"old{i}" for i in range(10**6) if shard_of("", f"old{i}".encode()) == shard)
+    b.store.set("", old.encode(), b"acknowledged before the join")
+    a.view(2, (A, B))
+    b.view(2, (A, B))
+    assert a.placement.incoming.get(shard) == B and b.placement.outgoing.get(shard) == A
+
+    class Ack:
+        def __init__(self, reply: Any) -> None:
+            self.reply = reply
+
+        async def wait(self) -> Any:
+            assert await a.write(key, "new") is None  # a serves the shard now: the write is copied to b
+            return self.reply
+
+        def release(self) -> None:
+            pass
+
+    def submit(owner: str, requests: list[tuple[str, dict[str, Any]]]) -> Ack:
+        [(_, args)] = requests
+        return Ack([(0, absorb(a.placement, a.store, B, args, trio.current_time())[0])])
+
+    assert await handoff._hand(b.placement, b.store, submit, A, [shard])
+    assert b.placement.copies_kept.get(shard) == A
+    b.view(3, (B,))  # a crashes
+    assert b.placement.failed_over == 1
+    assert b.store.get("", key.encode()) == b"new"
+    assert b.store.get("", old.encode()) == b"acknowledged before the join"
+
+
+async def test_a_restarted_owner_gets_back_the_copy_its_replica_kept() -> None:
+    """a restarts with the same id before b saw it go (views are snapshots):
+    fresh, it waits for its shards from b and claims them; b hands over the
+    copy it kept for a, rather than saying nobody holds them."""
+    nodes: dict[str, Node] = {}
+    a, b = Node(A, nodes), Node(B, nodes)
+    for node in (a, b):
+        node.view(1, (A, B))
+    for node in (a, b):
+        for source, shards in node.placement.claims().items():
+            node.placement.claim_answered(source, nodes[source].placement.answer_claim(node.id, shards))
+    key = key_owned_by(A, B, members=(A, B))
+    shard = shard_of("", key.encode())
+    assert await a.write(key, "acknowledged") is None
+
+    a2 = Node(A, nodes)  # kill -9, and started again
+    a2.view(2, (A, B))
+    assert a2.placement.incoming.get(shard) == B
+    for source, shards in a2.placement.claims().items():
+        assert a2.placement.claim_answered(source, b.placement.answer_claim(A, shards)) is False
+    assert a2.placement.incoming.get(shard) == B and b.placement.outgoing.get(shard) == A  # b holds it now: it comes
+
+    def submit(owner: str, requests: list[tuple[str, dict[str, Any]]]) -> Reply:
+        [(_, args)] = requests
+        return Reply([(0, absorb(a2.placement, a2.store, B, args, trio.current_time())[0])])
+
+    assert await handoff._hand(b.placement, b.store, submit, A, [shard])
+    assert a2.placement.owners[shard] == A and a2.store.get("", key.encode()) == b"acknowledged"
+
+
+async def test_the_audit_finds_a_copy_whose_refusal_nobody_read() -> None:
+    """A write's client went away before its replica's refusal was read: the
+    owner took the copy for made. Asking the replica which copies it keeps
+    corrects that."""
+    nodes = cluster()
+    abc, abcd = ShardMap.build(1, (A, B, C), 2), ShardMap.build(1, (A, B, C, D), 2)
+    key = next(
+        f"k{i}"
+        for i in range(10**6)
+        if abc.owner("", f"k{i}".encode()) == A
+        and abc.replicas_of(shard_of("", f"k{i}".encode())) == (B,)
+        and abcd.owner("", f"k{i}".encode()) == A
+        and abcd.replicas_of(shard_of("", f"k{i}".encode())) == (D,)
+    )
+    shard = shard_of("", key.encode())
+    nodes[B].view(2, (A, B, C, D))  # b takes d for the replica, a does not (d is leaving, as a saw)
+    assert nodes[A].replicator.check("", [key.encode()]) is None
+    nodes[A].store.set("", key.encode(), b"v")
+    replicated = nodes[A].replicator.send("", [key.encode()])
+    assert replicated is not None
+    replicated.release()  # the client's connection closed: nobody reads b's refusal
+    nodes[B].view(3, (A, B, C))
+    assert shard not in nodes[A].replicator.missing().get(B, [])  # (taken for made)
+    await nodes[A].replicator._audit()
+    assert shard in nodes[A].replicator.missing().get(B, [])
+
+
+async def test_a_lapsed_owner_copies_nothing_until_it_owns_shards_again() -> None:
+    nodes = cluster()
+    key = key_owned_by(A, B)
+    assert await nodes[A].write(key, "acknowledged") is None
+    nodes[A].store.clear()  # what Node._lapsed does
+    nodes[A].placement.reset()
+    nodes[A].replicator.reset()
+    assert nodes[A].replicator.missing() == {} and nodes[A].replicator.replicas(shard_of("", key.encode())) == ()
+    assert nodes[A].replicator.check("", [key.encode()]) is None and nodes[A].replicator.send("", [key.encode()]) is None
+    assert nodes[B].store.get("", key.encode()) == b"acknowledged"
+
+
+async def test_a_drained_owners_writes_reach_the_copy_of_the_node_it_hands_over_to() -> None:
+    """a is leaving: b, its replica, is the shard's new owner and keeps its
+    copy, which a's writes keep current until the handoff; a's drain runs
+    out of time (or a is killed) before this shard: b serves its copy."""
     nodes = cluster()
     key = key_owned_by(A, B)
     shard = shard_of("", key.encode())
-    assert await nodes[A].write(key, "v") is None
-    assert nodes[B].placement.copies == {shard: A}
-    # A is leaving (in the view, owning nothing): its shards move by handoff; B's copy gets no more writes.
-    nodes[B].placement.apply(2, (A, B, C), (B, C), 0.0)
-    assert shard not in nodes[B].placement.copies
+    assert ShardMap.build(2, (B, C), 2).owner("", key.encode()) == B
+    assert await nodes[A].write(key, "before the drain") is None
+    for node in nodes.values():
+        node.placement.apply(2, (A, B, C), (B, C), trio.current_time())  # a is marked leaving
+        node.replicator.prune()
+    assert nodes[B].placement.incoming.get(shard) == A and nodes[B].placement.copies_kept.get(shard) == A
+    assert nodes[A].placement.outgoing.get(shard) == B and nodes[A].replicator.replicas(shard) == (B,)
+    assert await nodes[A].write(key, "during the drain") is None
+    nodes[A].links.reconnect(B)  # a write that may have been lost on the way: no more writes until the handoff
+    problem = await nodes[A].write(key, "after a reconnect")
+    assert problem is not None and "moving" in problem
+    nodes[B].view(3, (B, C))  # a is gone before it handed this shard over
+    assert nodes[B].placement.owners[shard] == B and nodes[B].placement.failed_over == 1
+    assert nodes[B].store.get("", key.encode()) == b"during the drain"
+
+
+async def test_with_three_copies_two_crashes_in_a_row_lose_nothing() -> None:
+    nodes = cluster(copies=3)
+    placed = ShardMap.build(1, (A, B, C), 3)
+    key = next(
+        f"k{i}"
+        for i in range(10**5)
+        if placed.owner("", f"k{i}".encode()) == A and placed.replicas_of(shard_of("", f"k{i}".encode())) == (B, C)
+    )
+    shard = shard_of("", key.encode())
+    assert await nodes[A].write(key, "acknowledged by three nodes") is None
+    for n in (B, C):
+        nodes[n].view(2, (B, C))  # a dies: b serves its copy; c keeps its own, for b now
+    assert nodes[C].placement.copies_kept.get(shard) == B
+    nodes[C].view(3, (C,))  # b dies before it copied the shard to c again
+    assert nodes[C].placement.owners[shard] == C and shard not in nodes[C].placement.emptied
+    assert nodes[C].store.get("", key.encode()) == b"acknowledged by three nodes"
 
 
 async def test_the_copies_task_makes_every_missing_copy(autojump_clock: trio.testing.MockClock) -> None:
@@ -282,7 +449,7 @@ async def test_the_copies_task_makes_every_missing_copy(autojump_clock: trio.tes
         nursery.cancel_scope.cancel()
     assert sum(len(node.store) for node in nodes.values()) == 2 * 3000  # every entry twice, on its owner and its replica
     for node in nodes.values():
-        assert len(node.placement.copies) == sum(
+        assert len(node.placement.copies_kept) == sum(
             1 for shard in range(NUM_SHARDS) if node.id in node.placement.target.replicas_of(shard)
         )
 
