@@ -175,7 +175,13 @@ STAT_ROWS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
     ("connections", "connections", str),
     ("uptime_s", "uptime", lambda v: human_seconds(float(v))),
     ("version", "version", str),
+    # with replicas only:
+    ("replicas", "replicas", str),
+    ("shards_under_replicated", "shards to copy to replicas", lambda v: f"{v:,}"),
+    ("shard_copies_held", "shard copies kept for others", lambda v: f"{v:,}"),
+    ("shards_failed_over", "shards taken over from a copy", lambda v: f"{v:,}"),
 )
+_REPLICA_STATS = frozenset({"replicas", "shards_under_replicated", "shard_copies_held", "shards_failed_over"})
 
 
 def _with_hit_ratio(stats: dict[str, Any]) -> dict[str, Any]:
@@ -189,8 +195,13 @@ def stats(client: Operations, *, cluster: bool = False) -> Outcome:
     if cluster:
         return cluster_stats(client)
     data = _with_hit_ratio(client.stats())
-    rows = [(label, fmt(data[name])) for name, label, fmt in STAT_ROWS if name in data]
-    plain = "\n".join(f"{name}\t{data[name]}" for name, _, _ in STAT_ROWS if name in data)
+    shown = [
+        (name, label, fmt)
+        for name, label, fmt in STAT_ROWS
+        if name in data and (name not in _REPLICA_STATS or data.get("replicas", 1) > 1)
+    ]
+    rows = [(label, fmt(data[name])) for name, label, fmt in shown]
+    plain = "\n".join(f"{name}\t{data[name]}" for name, _, _ in shown)
     members = data.get("members", 1)
     note = f"this node only; `stats --cluster` shows all {members} members" if members > 1 else None
     return Outcome(data, stdout=plain, table=TableData(rows, numeric=(1,)), note=note)

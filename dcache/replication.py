@@ -7,10 +7,11 @@ writes; each write it applies goes, as the entries of the keys it wrote
 (value, remaining TTL, version, or gone), to every replica over the peer
 link, and with ``--replication sync`` (the default) the client is answered
 only once every replica has applied it. A replica refuses what it does not
-take itself to be the replica of (views disagree for a moment): the write
-is then answered ``unavailable``, as is a write while a replica in the view
-is unreachable, so no acknowledged write is missing from any copy the
-cluster may serve from later. With ``--replication async`` the owner
+take itself to be the replica of (views disagree for a moment): the owner
+copies the shard and sends the write again, and answers ``unavailable`` if
+it is refused still, as it does a write while a replica in the view is
+unreachable; an acknowledged write is on every copy the owner's view
+knows of. With ``--replication async`` the owner
 answers at once and sends on; a crash loses what was still on its way.
 
 A replica first needs the shard's entries: the owner copies a shard to a
@@ -18,13 +19,19 @@ replica before the first write that needs it there, and a task copies the
 rest in the background, in batches with a rest between them, as handoff
 does. A copy and the writes after it go over one link connection in order;
 a copy counts only on the connection it went over, so after a reconnect
-the shard is copied again. When the owner dies, the first replica becomes
-the owner by the same rendezvous order and serves the shard at once from
-its copy (see :meth:`handoff.Placement.apply`); copies are then made anew
-to restore ``N``.
+the shard is copied again. The owner asks each replica which copies it
+keeps (``copies``) after each view change and every :data:`AUDIT_INTERVAL`,
+and copies again what a replica dropped without its knowing. When the
+owner dies, the first replica becomes the owner by the same rendezvous
+order and serves the shard at once from its copy (see
+:meth:`handoff.Placement.apply`); copies are then made anew to restore
+``N``.
 
-During a move (handoff) a shard is not replicated: its holder hands it over
-and the new owner copies it to its replicas once it has arrived.
+While a shard moves (handoff), its holder's writes go only to the node it
+moves to, and only if that node keeps the holder's copy (a leaving owner
+hands each shard to its first replica); otherwise they are not
+replicated, and the new owner copies the shard to its replicas once it
+has arrived.
 """
 
 from __future__ import annotations
@@ -55,7 +62,8 @@ class Replicator:
     """The owner's side: which of its shards are copied to which replica
     (over which link connection), the write path's sending, the counters.
 
-    ``peers`` is the node's :class:`PeerLinks` (``session``, ``submit``).
+    ``peers`` is the node's :class:`PeerLinks` (``session``, ``submit``,
+    ``submit_raw``, ``forward``, ``crowded``).
     """
 
     def __init__(self, placement: Placement, store: Any, peers: Any, *, mode: str = SYNC) -> None:

@@ -338,6 +338,8 @@ def test_cluster_up_runs_etcd_and_nodes_and_stops_them() -> None:
         assert dcache_cli("get", "user:1001", "--server", addresses[1]).stdout == b"Alice"
         stats = [json.loads(dcache_cli("stats", "--json", "--server", address).stdout) for address in addresses]
         assert [s["keys"] for s in stats] == [1, 1] and [s["replicas"] for s in stats] == [2, 2]  # on both nodes
+        plain = dcache_cli("stats", "--server", addresses[0]).stdout
+        assert b"\nreplicas\t2\n" in plain and b"\nshards_under_replicated\t0\n" in plain
         import urllib.request
 
         with urllib.request.urlopen(f"http://localhost:{metrics + 1}/metrics", timeout=5) as response:
