@@ -18,7 +18,9 @@ A shard whose holder has left the cluster (its lease lapsed) is served at
 once, empty: without replicas, its entries are gone with it. A new owner
 asks the node it waits on (a claim) whether it holds the shard: nodes
 that started together each take the other for the holder, and the answer
-says that nobody holds it, or who does.
+says that nobody holds it, or who does; a node that kept a replica's copy
+of it for the claimant (which lost its entries: it restarted) holds it
+from then on and hands it over.
 
 :class:`Placement` is the bookkeeping (no I/O); :func:`hand_over` the task.
 """
@@ -253,9 +255,15 @@ class Placement:
         late = list(self.incoming)
         for shard in late:
             self.owners[shard] = self.node_id
+            self._unlabel(shard)
         self.incoming.clear()
         self._asked.clear()
         return late
+
+    def _unlabel(self, shard: int) -> None:
+        """``shard`` is served here now: what is held of it is no copy kept for another node."""
+        self.copies_kept.pop(shard, None)
+        self.copies_begun.pop(shard, None)
 
     def accepts(self, shard: int, sender: str) -> bool:
         """Whether entries ``sender`` hands over for ``shard`` are taken: if
@@ -394,6 +402,7 @@ class Placement:
                 del incoming[shard]
                 self._asked.pop(shard, None)
                 owners[shard] = me
+                self._unlabel(shard)
         for item in elsewhere if isinstance(elsewhere, list) else ():
             if not (isinstance(item, list) and len(item) == 2 and type(item[0]) is int and isinstance(item[1], str)):
                 continue
@@ -406,6 +415,7 @@ class Placement:
                 del incoming[shard]  # nobody to ask that was not asked: nobody holds it
                 self._asked.pop(shard, None)
                 owners[shard] = me
+                self._unlabel(shard)
             else:
                 incoming[shard] = owners[shard] = holder
                 again = True
@@ -441,6 +451,9 @@ def absorb(placement: Placement, store: Any, sender: str, args: dict[str, Any], 
     entries = args["entries"]
     shards = [shard_of(e[0], e[1]) for e in entries]
     taken_shards = {shard for shard in {*args["begin"], *args["done"], *shards} if accepts(shard, sender)}
+    # Shards whose copy here the sender kept current (see Replicator.current_at): no entries come, the copy is the shard.
+    kept = args.get("kept", [])
+    taken_shards.update(s for s in kept if accepts(s, sender) and placement.copies_kept.get(s) == sender)
     for shard in args["begin"]:
         if shard in taken_shards:
             store.drop_shard(shard)
@@ -448,8 +461,8 @@ def absorb(placement: Placement, store: Any, sender: str, args: dict[str, Any], 
             placement.copies_begun.pop(shard, None)
     taken = store.absorb(e for e, shard in zip(entries, shards) if shard in taken_shards)
     placement.entries_in += taken
-    done = [s for s in args["done"] if s in taken_shards]
-    refused = [s for s in args["done"] if s not in taken_shards]
+    done = [s for s in (*args["done"], *kept) if s in taken_shards]
+    refused = [s for s in (*args["done"], *kept) if s not in taken_shards]
     me, owners = placement.node_id, placement.owners
     serving = [] if placement.fresh else [s for s in refused if owners[s] == me]
     reply = {"taken": taken, "serving": serving, "refused": [s for s in refused if s not in serving]}
@@ -478,14 +491,18 @@ async def claim(placement: Placement, peers: Any, wake: Callable[[], trio.Event]
                 await wake().wait()
 
 
-async def hand_over(placement: Placement, store: Any, peers: Any, wake: Callable[[], trio.Event]) -> None:
+async def hand_over(
+    placement: Placement, store: Any, peers: Any, wake: Callable[[], trio.Event], copies: Any = None
+) -> None:
     """Hand shards to their new owners for as long as the node runs: one
     batch (about :data:`BATCH_BYTES`, or one larger shard in parts) in
     flight at a time, acknowledged before the next and followed by a rest
     (:data:`REST`), so a large move neither floods the link, nor holds more
     than a batch's worth of entries twice, nor takes the nodes from their
     clients. ``peers`` is the node's :class:`PeerLinks`; ``wake()`` gives
-    the event set when there may be more to hand over."""
+    the event set when there may be more to hand over. ``copies`` (the
+    node's :class:`Replicator`, with replicas) says which new owners keep
+    a current copy of a shard already: those get no entries."""
     resting: dict[str, float] = {}  # new owners whose link is down or who were not ready: until when
     while True:
         now = trio.current_time()
@@ -505,7 +522,7 @@ async def hand_over(placement: Placement, store: Any, peers: Any, wake: Callable
                 resting[owner] = trio.current_time() + RETRY_DELAY
                 continue
             started = trio.current_time()
-            if await _hand(placement, store, peers.submit, owner, shards):
+            if await _hand(placement, store, peers.submit, owner, shards, copies):
                 await trio.sleep((trio.current_time() - started) * REST)
             else:
                 resting[owner] = trio.current_time() + RETRY_DELAY
@@ -520,14 +537,23 @@ async def _hand(
     submit: Callable[[str, list[tuple[str, dict[str, Any]]]], Any],
     owner: str,
     shards: list[int],
+    copies: Any = None,
 ) -> bool:
     """Hand ``owner`` the first of ``shards`` (see :func:`shard_messages`), and
-    wait for it to take them; False if it did not take them all (they are
-    to be handed again)."""
+    those whose copy it keeps current (named in ``kept``, with no entries),
+    and wait for it to take them; False if it did not take them all (they
+    are to be handed again)."""
     shards = [s for s in shards if placement.outgoing.get(s) == owner and s not in placement.sending]  # (views change)
     if not shards:
         return True
-    messages, sent, count = shard_messages(store, shards, placement.target.epoch)
+    kept = [s for s in shards if copies.current_at(owner, s)] if copies is not None else []
+    rest = [s for s in shards if s not in kept] if kept else shards
+    messages, sent, count = shard_messages(store, rest, placement.target.epoch) if rest else ([], [], 0)
+    if kept:
+        if not messages:
+            messages = [{"entries": [], "begin": [], "done": [], "epoch": placement.target.epoch}]
+        messages[0]["kept"] = kept
+        sent = [*sent, *kept]
     # From here to handed() with no checkpoint: no write comes between
     # the entries read and the requests forwarded after them.
     pendings = [submit(owner, [("handoff", message)]) for message in messages]
@@ -559,6 +585,8 @@ async def _hand(
             return False
         raise
     if not_taken:
+        if kept and copies is not None:
+            copies.forget(owner, [s for s in not_taken if s in kept])  # (its copy was not current: entries next time)
         placement.refused(owner, not_taken)
         log.info("%s was not ready for %d shard(s); handing them again later", owner, len(not_taken))
     done = [s for s in sent if s in placement.sending]

@@ -358,7 +358,7 @@ class Node:
             placed = await trio.to_thread.run_sync(ShardMap.build, view.epoch, _active(view), config.replicas)
             self._apply_view(view, placed)
             nursery.start_soon(self._follow_views, membership, views)
-            nursery.start_soon(hand_over, self.placement, self.store, self.peers, self._more_to_hand.event)
+            nursery.start_soon(hand_over, self.placement, self.store, self.peers, self._more_to_hand.event, self.replicator)
             nursery.start_soon(claim, self.placement, self.peers, self._new_claims.event)
             if self.replicator is not None:
                 await nursery.start(self.replicator.run)

@@ -318,13 +318,19 @@ def _entries(op: str, *, gone: bool) -> Callable[[dict[str, Any], Limits], dict[
     as [ns, key, value, ttl_ms, version] lists (value null: the key is gone,
     where ``gone``), ``begin`` the shards whose entries start with this
     message, ``done`` those whose entries are all sent with it or before it,
-    and the ``epoch`` of the sender's view."""
+    the ``epoch`` of the sender's view, and for a handoff, optionally,
+    ``kept``: shards whose copy at the receiver the sender kept current,
+    which come with no entries."""
     shape = f"{op}: each entry is [ns, key, value{' or null' if gone else ''}, ttl_ms, version]"
+    fields = {"entries", "begin", "done", "epoch"}
 
     def check(args: dict[str, Any], limits: Limits) -> dict[str, Any]:
         entries, begin, done, epoch = args.get("entries"), args.get("begin"), args.get("done"), args.get("epoch")
+        kept = args.get("kept", []) if not gone else []  # (handoff: shards whose copy at the receiver is current)
         if (
-            args.keys() != {"entries", "begin", "done", "epoch"}
+            args.keys() - {"kept"} != fields
+            or (gone and "kept" in args)
+            or type(kept) is not list
             or type(entries) is not list
             or type(begin) is not list
             or type(done) is not list
@@ -346,10 +352,13 @@ def _entries(op: str, *, gone: bool) -> Callable[[dict[str, Any], Limits], dict[
                 and item[4] >= 0
             ):
                 raise WireError(ErrorCode.BAD_REQUEST, shape)
-        for shard in (*begin, *done):
+        for shard in (*begin, *done, *kept):
             if type(shard) is not int or not 0 <= shard < NUM_SHARDS:
-                raise WireError(ErrorCode.BAD_REQUEST, f"{op}: begin and done hold shard numbers")
-        return {"entries": entries, "begin": begin, "done": done, "epoch": epoch}
+                raise WireError(ErrorCode.BAD_REQUEST, f"{op}: begin, done and kept hold shard numbers")
+        checked = {"entries": entries, "begin": begin, "done": done, "epoch": epoch}
+        if kept:
+            checked["kept"] = kept
+        return checked
 
     return check
 

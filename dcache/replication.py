@@ -58,6 +58,20 @@ MAX_ASYNC_BACKLOG = 4096  # replications on their way (async) before more are dr
 SYNC, ASYNC = "sync", "async"
 
 
+class _Copies:
+    """What one replica keeps for this node, as far as this node knows: the
+    shards copied over the link connection as it is now (``current``: their
+    writes go there), and those it may keep from an earlier connection
+    (``maybe``, a superset: a copy that missed a write lost on the way)."""
+
+    __slots__ = ("session", "current", "maybe")
+
+    def __init__(self, session: object) -> None:
+        self.session = session
+        self.current: set[int] = set()
+        self.maybe: set[int] = set()
+
+
 class Replicator:
     """The owner's side: which of its shards are copied to which replica
     (over which link connection), the write path's sending, the counters.
@@ -71,10 +85,11 @@ class Replicator:
         self.store = store
         self.peers = peers
         self.sync = mode == SYNC
-        self._copied: dict[str, tuple[object, set[int]]] = {}  # replica → (link connection, shards copied over it)
+        self._copied: dict[str, _Copies] = {}
         self._moving: dict[int, str] = {}  # shards this node hands over to a node that keeps a copy of them: to whom
         self._audit_at = 0.0  # when to ask the replicas next which copies they keep (see _audit)
         self.audit_due = False  # a view changed since the last audit: copies taken for made may be gone
+        self._changes = 0  # views seen (by prune)
         self.wake = Signal()  # there may be copies to make
         self._backlog: trio.MemorySendChannel[tuple[str, list[int], Any]] | None = None
         self.writes = 0  # writes sent to replicas
@@ -105,39 +120,79 @@ class Replicator:
         self._moving.clear()
 
     def kept_by(self, replica: str) -> set[int]:
-        """The shards this node takes ``replica`` to keep a copy of, on any link connection."""
-        held = self._copied.get(replica)
-        return set() if held is None else set(held[1])
+        """The shards this node takes ``replica`` to keep a copy of, from any link connection."""
+        copies = self._copied.get(replica)
+        return set() if copies is None else set(copies.maybe)
 
     def audited(self, replica: str, session: object, sent: set[int], held: Any) -> int:
         """``replica`` said which shards it keeps a copy of for this node
         (``held``), asked over ``session`` when this node took it to keep
         ``sent``: forget those it does not keep (it dropped them since, or
         never took them, and nobody read its refusal); how many."""
-        entry = self._copied.get(replica)
-        if entry is None or entry[0] is not session or not isinstance(held, list):
+        copies = self._copied.get(replica)
+        if copies is None or copies.session is not session or not isinstance(held, list):
             return 0
         lost = sent - set(held)
-        entry[1].difference_update(lost)
+        self.forget(replica, lost)
         if lost:
             self.wake.set()
         return len(lost)
 
     def copied_to(self, replica: str) -> set[int] | None:
         """The shards copied to ``replica`` over its link as it is now (to
-        which its writes go); None if the link is down."""
+        which its writes go); None if the link is down. Add to it with
+        :meth:`_copied_now`."""
         session = self.peers.session(replica)
         if session is None:
             return None
-        held = self._copied.get(replica)
-        if held is None or held[0] is not session:
-            held = self._copied[replica] = (session, set())
-        return held[1]
+        copies = self._copied.get(replica)
+        if copies is None:
+            copies = self._copied[replica] = _Copies(session)
+        elif copies.session is not session:
+            copies.session, copies.current = session, set()
+        return copies.current
+
+    def _copied_now(self, replica: str, shards: Iterable[int]) -> None:
+        copies = self._copied[replica]
+        copies.current.update(shards)
+        copies.maybe.update(shards)
+
+    def current_at(self, replica: str, shard: int) -> bool:
+        """Whether ``replica``'s copy of ``shard`` has every write this node
+        acknowledged, so that a handoff to it may skip the entries (see
+        :func:`handoff.shard_messages`): the shard moves to it, its writes
+        went there synchronously, over the link connection as it is now."""
+        copied = self.copied_to(replica)
+        return self.sync and self._moving.get(shard) == replica and copied is not None and shard in copied
+
+    def unsent(self, replica: str, shards: Iterable[int]) -> None:
+        """What went to ``replica`` for ``shards`` may not have arrived (the link failed)."""
+        copies = self._copied.get(replica)
+        if copies is not None:
+            copies.current.difference_update(shards)
 
     def forget(self, replica: str, shards: Iterable[int]) -> None:
-        held = self._copied.get(replica)
-        if held is not None:
-            held[1].difference_update(shards)
+        """``replica`` keeps no copy of ``shards`` (it said so): copy them
+        again, and a move of one to it is no longer replicated."""
+        copies = self._copied.get(replica)
+        if copies is not None:
+            shards = set(shards)
+            copies.current -= shards
+            copies.maybe -= shards
+            moving = [shard for shard in shards if self._moving.get(shard) == replica]
+            for shard in moving:
+                del self._moving[shard]
+            if moving:
+                # Its writes go there no more: have it drop the copy it keeps
+                # for this shard's move, which would be served stale if this
+                # node went before handing the shard over.
+                self._withdraw(replica, moving)
+
+    def _withdraw(self, replica: str, shards: list[int]) -> None:
+        """Tell ``replica`` to drop the copies of ``shards`` it keeps for this
+        node (a ``replicate`` that begins them and never completes them)."""
+        withdraw = {"entries": [], "begin": sorted(shards), "done": [], "epoch": self.placement.target.epoch}
+        self._queue_async((replica, [], self.peers.submit(replica, [("replicate", withdraw)])))
 
     def missing(self) -> dict[str, list[int]]:
         """The copies to make, by replica: shards this node owns whose replica
@@ -180,26 +235,29 @@ class Replicator:
         if want and not placement.fresh:
             for shard, owner in enumerate(owners):
                 new = want[shard]
-                if owner == me and new != me and shard not in moving and shard in (self.copied_to(new) or ()):
-                    moving[shard] = new
+                if owner == me and new != me and shard not in moving:
+                    copies = self._copied.get(new)
+                    if copies is not None and shard in copies.maybe:  # (it may keep a copy: keep it current, or refuse)
+                        moving[shard] = new
         members = set(placement.members)
         for replica in [r for r in self._copied if r not in members]:
             del self._copied[replica]
-        for replica, (session, shards) in self._copied.items():
-            dropped = [s for s in shards if replica not in self.replicas(s)]
+        for replica, copies in self._copied.items():
+            dropped = [s for s in copies.maybe if replica not in self.replicas(s)]
             if not dropped:
                 continue
-            shards.difference_update(dropped)
-            if session is self.peers.session(replica):
+            copies.current.difference_update(dropped)
+            copies.maybe.difference_update(dropped)
+            if copies.session is self.peers.session(replica):
                 # Tell it to drop them too: should its view skip this change,
                 # it would take the copies for current, and serve them if this
                 # node died. (A copy begun and not done is not served.)
-                withdraw = {"entries": [], "begin": sorted(dropped), "done": [], "epoch": placement.target.epoch}
-                self._queue_async((replica, [], self.peers.submit(replica, [("replicate", withdraw)])))
+                self._withdraw(replica, dropped)
         # A replica whose view passed through one this node skipped may have
         # dropped copies this node takes for made: ask soon (once the change
         # has reached it too), and say "replicating" until then.
         self.audit_due = True
+        self._changes += 1
         self._audit_at = min(self._audit_at, trio.current_time() + AUDIT_DELAY)
         self.wake.set()
 
@@ -255,12 +313,12 @@ class Replicator:
             assert copied is not None
             shards = sorted({shard_of(item[0], item[1]) for item in items})
             if not self.sync and self.peers.crowded([replica]) is not None:
-                copied.difference_update(shards)  # too much on its way: copy these again later
+                self.forget(replica, shards)  # too much on its way: copy these again later
                 continue
             write = {"entries": items, "begin": [], "done": [], "epoch": epoch}
             if to_copy:
                 messages = self._copy_messages(to_copy, epoch)
-                copied.update(to_copy)
+                self._copied_now(replica, to_copy)
                 messages.append(write)
                 pending = self.peers.submit(replica, [("replicate", m) for m in messages])
             else:  # (the usual case: sent encoded, so that its reply can be read with no task waiting; see notify)
@@ -288,7 +346,7 @@ class Replicator:
             self._backlog.send_nowait(item)
         except (trio.WouldBlock, AssertionError):
             item[2].release()
-            self.forget(item[0], item[1])
+            self.forget(item[0], item[1])  # (not known to have arrived: copy again)
 
     # -- tasks -------------------------------------------------------------------------
 
@@ -316,33 +374,36 @@ class Replicator:
             try:
                 if trio.current_time() >= self._audit_at:
                     self._audit_at = trio.current_time() + AUDIT_INTERVAL
-                    due, self.audit_due = self.audit_due, False
-                    try:
-                        await self._audit()
-                    except BaseException:
-                        self.audit_due |= due
-                        raise
+                    changes = self._changes
+                    if await self._audit() and changes == self._changes:
+                        self.audit_due = False  # (every replica answered, and no view came meanwhile)
                 await self._copy_some()
             except Exception:  # a bug: log it, and go on (the node serves on)
                 log.exception("making copies for replicas failed")
                 await trio.sleep(RETRY_DELAY)
 
-    async def _audit(self) -> None:
+    async def _audit(self) -> bool:
         """Ask every replica which shards it keeps a copy of for this node,
-        and forget the others (see :meth:`audited`)."""
+        and forget the others (see :meth:`audited`); whether all answered."""
+        answered = True
         for replica in list(self._copied):
             session = self.peers.session(replica)
             if session is None:
+                answered = False
                 continue
             sent = self.kept_by(replica)
             try:
                 [(status, body)] = await self.peers.forward(replica, [("copies", {})])
             except PeerUnavailable:
+                answered = False
                 continue
             if status == Status.OK and isinstance(body, dict):
                 lost = self.audited(replica, session, sent, body.get("held"))
                 if lost:
                     log.warning("%s lacks %d shard copies this node had sent it; copying them again", replica, lost)
+            else:
+                answered = False
+        return answered
 
     async def _copy_some(self) -> None:
         """One round: the copies missing now, replica by replica, batch by batch."""
@@ -361,7 +422,7 @@ class Replicator:
                     break
                 started = trio.current_time()
                 messages, completed, count = shard_messages(self.store, shards, self.placement.target.epoch)
-                copied.update(completed)
+                self._copied_now(replica, completed)
                 pending = self.peers.submit(replica, [("replicate", m) for m in messages])
                 shards = shards[len(completed) :]
                 self.shards_copied += len(completed)
@@ -416,12 +477,12 @@ class Replicated:
             if problem is None or not refused:
                 break
             await trio.sleep(delay)
-            problem = replicator.check(self._ns, self._keys)  # (counts its refusal)
-            if problem is not None:
-                return problem
+            unreachable = replicator.check(self._ns, self._keys)  # (counts its refusal)
+            if unreachable is not None:
+                return unreachable
             again = replicator.send(self._ns, self._keys)
-            if again is None:
-                return None
+            if again is None:  # (no replica to send it to now, as when this node lapsed: not acknowledged)
+                break
             problem, refused = await again._answers()
         if problem is not None:
             replicator.refused += 1
@@ -464,7 +525,7 @@ async def _answered(replicator: Replicator, replica: str, shards: list[int], pen
     try:
         replies = await pending.wait()
     except PeerUnavailable as exc:
-        replicator.forget(replica, shards)
+        replicator.unsent(replica, shards)
         return f"{replica}, which keeps a copy of this key, did not confirm the write: {exc}; try again", False
     if isinstance(replies, bytes):  # one request sent encoded: its reply likewise
         try:
@@ -497,6 +558,12 @@ def take(placement: Placement, store: Any, sender: str, args: dict[str, Any]) ->
             store.drop_shard(shard)
             copies.pop(shard, None)
             begun[shard] = sender
+        elif copies.get(shard) == sender and placement.incoming.get(shard) == sender:
+            # The shard moves here from the sender, which stopped keeping this
+            # copy current: it is no copy to serve should the sender go.
+            store.drop_shard(shard)
+            del copies[shard]
+            refused.add(shard)
         else:
             refused.add(shard)
     taken = []

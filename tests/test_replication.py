@@ -508,3 +508,108 @@ async def test_a_node_with_another_replica_count_refuses_to_join(nursery: trio.N
         r.returncode == 2
         and r.stderr == b"error: --replicas needs a cluster (--etcd): a standalone node has no other node to keep copies on\n"
     )
+
+
+async def _drain_view(nodes: dict[str, Node]) -> None:
+    for node in nodes.values():
+        node.placement.apply(2, (A, B, C), (B, C), trio.current_time())  # a is marked leaving
+        node.replicator.prune()
+
+
+async def test_a_drain_keeps_the_new_owners_copy_current_across_a_link_blip() -> None:
+    """The a→b link is down as the drain begins: a still counts b's copy
+    (from before) as the one its writes of the moving shard must reach."""
+    nodes = cluster()
+    a, b = nodes[A], nodes[B]
+    key = key_owned_by(A, B)
+    shard = shard_of("", key.encode())
+    assert await a.write(key, "old") is None
+    a.links.down.add(B)
+    await _drain_view(nodes)
+    assert a.replicator.replicas(shard) == (B,)
+    assert await a.write(key, None) is not None  # refused while b is out of reach: b's copy would miss it
+    a.links.down.clear()
+    assert await a.write(key, None) is None  # (the same connection: b's copy is current)
+    b.view(3, (B, C))  # a's drain runs out of time, or a is killed
+    assert b.placement.failed_over == 1 and b.store.get("", key.encode()) is None
+
+
+async def test_a_drain_refuses_writes_its_new_owners_copy_may_miss() -> None:
+    """The link reconnected just before the drain: what went over the old
+    connection may be lost, so the moving shard's writes are refused until
+    the handoff; b's copy holds every acknowledged write."""
+    nodes = cluster()
+    a, b = nodes[A], nodes[B]
+    key = key_owned_by(A, B)
+    assert await a.write(key, "v1") is None
+    a.links.reconnect(B)
+    await _drain_view(nodes)
+    problem = await a.write(key, "v2")
+    assert problem is not None and "moving" in problem
+    b.view(3, (B, C))
+    assert b.placement.failed_over == 1 and b.store.get("", key.encode()) == b"v1"
+
+
+async def test_a_copy_the_holder_stops_keeping_current_is_withdrawn_not_served() -> None:
+    """--replication async: a write of the moving shard is dropped (the link
+    was crowded). a stops sending the shard's writes to b and tells b to
+    drop its copy: b never serves a copy that misses acknowledged writes."""
+    nodes = cluster(mode=ASYNC)
+    a, b = nodes[A], nodes[B]
+    backlog, unread = trio.open_memory_channel[Any](4096)  # (what Replicator.run sets up)
+    a.replicator._backlog = backlog
+    key = key_owned_by(A, B)
+    shard = shard_of("", key.encode())
+    assert await a.write(key, "v1") is None
+    await _drain_view(nodes)
+    a.links.crowded = lambda ids: B  # type: ignore[method-assign]
+    assert await a.write(key, "written while crowded") is None
+    assert a.replicator.replicas(shard) == () and shard not in b.placement.copies_kept
+    assert b.store.get("", key.encode()) is None  # (withdrawn)
+    b.view(3, (B, C))
+    assert b.placement.failed_over == 0
+
+
+async def test_a_drain_hands_a_current_copy_over_without_its_entries() -> None:
+    nodes = cluster()
+    a, b = nodes[A], nodes[B]
+    key = key_owned_by(A, B)
+    shard = shard_of("", key.encode())
+    for i in range(20):
+        assert await a.write(f"{key}-{i}", "x" * 1000) is None
+    assert await a.write(key, "v") is None
+    await _drain_view(nodes)
+    handed: list[dict[str, Any]] = []
+
+    def submit(owner: str, requests: list[tuple[str, dict[str, Any]]]) -> Reply:
+        [(_, args)] = requests
+        handed.append(args)
+        return Reply([(0, absorb(b.placement, b.store, A, args, trio.current_time())[0])])
+
+    assert await handoff._hand(a.placement, a.store, submit, B, [shard], a.replicator)
+    assert [(m.get("kept"), m["entries"], m["begin"]) for m in handed] == [([shard], [], [])]
+    assert b.placement.owners[shard] == B and b.store.get("", key.encode()) == b"v"
+
+
+async def test_a_refused_write_is_not_acknowledged_when_the_owner_lapses_before_the_retry(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    nodes = cluster()
+    a = nodes[A]
+    key = key_owned_by(A, B)
+    assert await a.write(key, "v1") is None
+    for n in (B, C):
+        nodes[n].view(2, (B, C))  # a was stopped longer than its lease
+    a.store.set("", key.encode(), b"v2")
+    replicated = a.replicator.send("", [key.encode()])  # b refuses it: it owns the shard now
+    assert replicated is not None
+
+    async def lapse() -> None:
+        await trio.sleep(0.003)  # after the refusal, before the retry
+        a.store.clear()
+        a.placement.reset()
+        a.replicator.reset()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lapse)
+        assert await replicated.wait() is not None
