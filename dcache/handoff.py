@@ -491,9 +491,7 @@ async def claim(placement: Placement, peers: Any, wake: Callable[[], trio.Event]
                 await wake().wait()
 
 
-async def hand_over(
-    placement: Placement, store: Any, peers: Any, wake: Callable[[], trio.Event], copies: Any = None
-) -> None:
+async def hand_over(placement: Placement, store: Any, peers: Any, wake: Callable[[], trio.Event], copies: Any = None) -> None:
     """Hand shards to their new owners for as long as the node runs: one
     batch (about :data:`BATCH_BYTES`, or one larger shard in parts) in
     flight at a time, acknowledged before the next and followed by a rest
