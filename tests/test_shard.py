@@ -140,7 +140,7 @@ def test_a_changed_map_is_the_map_built_afresh(views: list[set[str]], copies: in
     for epoch, members in enumerate(views, 1):
         placed = placed.changed(epoch, members)
         built = ShardMap.build(epoch, members, copies)
-        assert placed == built and placed.weights == built.weights and placed.tops == built.tops
+        assert placed == built and placed.weights == built.weights and placed.ranked_weights == built.ranked_weights
 
 
 def test_replicas_are_the_members_ranked_next() -> None:
