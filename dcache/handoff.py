@@ -552,6 +552,7 @@ async def _hand(
             messages = [{"entries": [], "begin": [], "done": [], "epoch": placement.target.epoch}]
         messages[0]["kept"] = kept
         sent = [*sent, *kept]
+        count += sum(store.shard_size(s) for s in kept)  # (moved as well: its copy there serves them)
     # From here to handed() with no checkpoint: no write comes between
     # the entries read and the requests forwarded after them.
     pendings = [submit(owner, [("handoff", message)]) for message in messages]

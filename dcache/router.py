@@ -632,6 +632,7 @@ class Router:
         problem = await replicated.wait()
         if problem is None:
             return status, body
+        self.counters.count(op, "ok", -1)  # (counted when it was applied here; it is answered unavailable)
         self.counters.count(op, "unavailable")
         return Status.ERROR, [ErrorCode.UNAVAILABLE.value, problem]
 

@@ -46,6 +46,6 @@ class RequestCounters:
     moved_retries: int = 0
     latency: Histogram = field(default_factory=Histogram)
 
-    def count(self, op: str, result: str) -> None:
+    def count(self, op: str, result: str, n: int = 1) -> None:
         key = (op, result)
-        self.ops[key] = self.ops.get(key, 0) + 1
+        self.ops[key] = self.ops.get(key, 0) + n

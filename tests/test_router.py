@@ -447,3 +447,37 @@ async def test_requests_from_peers_for_an_arriving_shard_are_passed_to_its_holde
     assert get[2] == b"held by a"
     [mget] = await call(c, [2, "mget", {"keys": [key, other]}])
     assert mget[1] == Status.OK and mget[2] == [b"held by a", None]
+
+
+class RefusingReplicator:
+    """A replicator whose replicas never confirm: as when a replica's view disagrees for good."""
+
+    def check(self, ns: str, keys: list[bytes]) -> None:
+        return None
+
+    def send(self, ns: str, keys: list[bytes]) -> Any:
+        class Refused:
+            def replicas(self) -> list[str]:
+                return []
+
+            def notify(self, callback: Any) -> None:
+                return None
+
+            async def wait(self) -> str:
+                return "b:1 does not keep a copy of this key yet; try again"
+
+            def release(self) -> None:
+                pass
+
+        return Refused()
+
+
+async def test_a_write_its_replicas_did_not_confirm_is_answered_and_counted_unavailable() -> None:
+    wire = make_cluster(members=("a:1",))
+    router = wire.routers["a:1"]
+    router.replicator = RefusingReplicator()  # type: ignore[assignment]
+    single = await call(router, [1, "set", {"key": b"k", "value": b"v"}])
+    batch = await call(router, [2, "set", {"key": b"k", "value": b"v"}], [3, "get", {"key": b"k"}])
+    assert [r[:2] for r in single + batch] == [[1, 1], [2, 1], [3, 0]]
+    assert single[0][2][0] == ErrorCode.UNAVAILABLE.value
+    assert router.counters.ops.get(("set", "unavailable")) == 2 and router.counters.ops.get(("set", "ok"), 0) == 0
