@@ -214,7 +214,13 @@ class Placement:
                 if self.keeps_copy(shard, owner) or self.incoming.get(shard) == owner:
                     continue
                 new = want[shard] if want else ""
-                if held is self.copies_kept and owner not in present and new not in (me, "") and self.keeps_copy(shard, new):
+                if (
+                    self.target.copies > 2  # (with two, no other replica can have taken it over from a copy)
+                    and held is self.copies_kept
+                    and owner not in present
+                    and new not in (me, "")
+                    and self.keeps_copy(shard, new)
+                ):
                     held[shard] = new
                 else:
                     del held[shard]
@@ -476,12 +482,22 @@ async def claim(placement: Placement, peers: Any, wake: Callable[[], trio.Event]
     """While shards are on their way to this node, ask each node it waits on
     about them (at once after a view change or an answer naming another
     node, then every :data:`CLAIM_INTERVAL`): shards nobody holds are
-    served at once rather than after :data:`ARRIVAL_TIMEOUT`."""
+    served at once rather than after :data:`ARRIVAL_TIMEOUT`.
+
+    A claim names the shards still awaited from that node when it is put
+    on the link, never earlier: a node keeping a replica's copy of a shard
+    for this one hands that copy over when claimed (this node lost its
+    entries), so a claim must not reach it after the shard arrived here
+    and was copied back to it."""
     while True:
         again = False
-        for source, shards in placement.claims().items():
+        for source in list(placement.claims()):
+            shards = placement.claims().get(source)  # (now: see above)
+            if not shards:
+                continue
+            pending = peers.submit(source, [("claim", {"shards": shards})])
             try:
-                [(status, body)] = await peers.forward(source, [("claim", {"shards": shards})])
+                [(status, body)] = await pending.wait()
             except PeerUnavailable:
                 continue  # its lease lapses, or the link comes back: either way, later
             if status == Status.OK:

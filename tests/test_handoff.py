@@ -64,6 +64,8 @@ class Links:
 
     def submit(self, node_id: str, requests: list[tuple[str, dict[str, Any]]]) -> Reply:
         [(op, args)] = requests
+        if op == "claim":
+            return Reply([(0, self.nodes[node_id].placement.answer_claim(self.sender.id, args["shards"]))])
         assert op == "handoff"
         self.handed.append(args)
         reply, onward = absorb(
@@ -489,3 +491,37 @@ def test_when_every_node_leaves_there_is_nobody_to_hand_shards_to() -> None:
     assert a.outgoing
     a.apply(3, (A, B), (), 0.0)  # b leaving too
     assert not a.outgoing and not a.target.members
+
+
+async def test_a_claim_names_only_the_shards_still_awaited_when_it_is_sent(autojump_clock: Any) -> None:
+    """x joins and waits on a and on b. While its claim to the first of
+    them is out, b's shards arrive (and, with replicas, x copies them back
+    to b): the claim then sent to b must not name them, or b would take x
+    for a node that lost them and hand them over again (as the copy it
+    keeps), serving them itself meanwhile."""
+    a, b, x = Node(A), Node(B), Node(X)
+    for node in (a, b):
+        node.view(1, (A, B))
+    settle({A: a, B: b})
+    x.view(2, (A, B, X))
+    assert {*x.placement.incoming.values()} == {A, B}
+    nodes = {A: a, B: b}
+    sent: list[tuple[str, list[int]]] = []
+
+    class Recording(Links):
+        def submit(self, node_id: str, requests: list[tuple[str, dict[str, Any]]]) -> Reply:
+            [(op, args)] = requests
+            if op == "claim":
+                sent.append((node_id, list(args["shards"])))
+                if len(sent) == 1:  # while the first claim is out, the other holder's shards arrive
+                    other = B if node_id == A else A
+                    arriving = [s for s, holder in x.placement.incoming.items() if holder == other]
+                    x.placement.arrived(arriving, 2, trio.current_time())
+            return super().submit(node_id, requests)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(claim, x.placement, Recording(x, nodes), x.claim_waker)
+        await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    first = sent[0][0]
+    assert all(node == first for node, _ in sent), sent  # nothing claimed from the other: it has handed all over
