@@ -428,10 +428,14 @@ class Placement:
         return again
 
     def claims(self) -> dict[str, list[int]]:
-        """The shards this node waits for, by the node it waits on."""
+        """The shards this node waits for, by the node it waits on; not those
+        it handed to that node itself and has no answer about yet (it
+        learns their fate from the handoff's answer, and a claim could make
+        that node adopt a copy of one while the handoff failed on the way)."""
         by_source: dict[str, list[int]] = {}
         for shard, source in self.incoming.items():
-            by_source.setdefault(source, []).append(shard)
+            if shard not in self.sending:
+                by_source.setdefault(source, []).append(shard)
         return by_source
 
     def state(self) -> dict[str, int]:
@@ -493,8 +497,8 @@ async def claim(placement: Placement, peers: Any, wake: Callable[[], trio.Event]
         again = False
         for source in list(placement.claims()):
             shards = placement.claims().get(source)  # (now: see above)
-            if not shards:
-                continue
+            if not shards or peers.session(source) is None:
+                continue  # (a claim queued for a link that reconnects would go out later than it names its shards)
             pending = peers.submit(source, [("claim", {"shards": shards})])
             try:
                 [(status, body)] = await pending.wait()

@@ -62,6 +62,9 @@ class Links:
     async def linked(self, node_id: str) -> bool:
         return node_id in self.nodes
 
+    def session(self, node_id: str) -> object | None:
+        return self if node_id in self.nodes else None
+
     def submit(self, node_id: str, requests: list[tuple[str, dict[str, Any]]]) -> Reply:
         [(op, args)] = requests
         if op == "claim":
@@ -525,3 +528,22 @@ async def test_a_claim_names_only_the_shards_still_awaited_when_it_is_sent(autoj
         nursery.cancel_scope.cancel()
     first = sent[0][0]
     assert all(node == first for node, _ in sent), sent  # nothing claimed from the other: it has handed all over
+
+
+def test_a_shard_handed_over_and_coming_back_is_not_claimed_before_the_handoff_is_answered() -> None:
+    """a hands a shard to b, and a view gives it back to a before b's answer:
+    a waits for it from b, but claims it only once the handoff is answered
+    (b keeping a's copy would take the claim for a lost shard and adopt it,
+    while a, if the handoff failed on the way, serves it again)."""
+    a = Placement(A)
+    a.apply(1, (A, B), (A, B), 0.0)
+    a.incoming.clear()
+    shard = next(s for s in range(NUM_SHARDS) if a.target.shard_owners[s] == A)
+    a.owners = [A] * NUM_SHARDS
+    a.apply(2, (A, B), (B,), 0.0)  # a is leaving: it hands its shards to b
+    a.handed(B, [shard])
+    a.apply(3, (A, B), (A, B), 0.0)  # and stays after all
+    assert a.incoming.get(shard) == B and shard in a.sending
+    assert shard not in a.claims().get(B, [])
+    a.refused(B, [shard])  # the handoff failed on the way: a serves it again
+    assert a.owners[shard] == A and shard not in a.incoming
