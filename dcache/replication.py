@@ -362,7 +362,11 @@ class Replicator:
 
     async def _collect(self, backlog: trio.MemoryReceiveChannel[tuple[str, list[int], Any]]) -> None:
         async for replica, shards, pending in backlog:
-            await _answered(self, replica, shards, pending)
+            try:
+                await _answered(self, replica, shards, pending)
+            except Exception:  # a bug: log it, and go on (the node serves on)
+                log.exception("reading a replica's answer failed")
+                self.forget(replica, shards)
 
     async def _copy_missing(self) -> None:
         """Copy shards to the replicas that lack them: a batch (about
@@ -399,8 +403,8 @@ class Replicator:
                 continue
             if status == Status.OK and isinstance(body, dict):
                 lost = self.audited(replica, session, sent, body.get("held"))
-                if lost:
-                    log.warning("%s lacks %d shard copies this node had sent it; copying them again", replica, lost)
+                if lost:  # (usual around a view change: it dropped copies this node now forgets too)
+                    log.info("%s lacks %d shard copies this node had sent it; copying them again", replica, lost)
             else:
                 answered = False
         return answered
