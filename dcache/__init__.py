@@ -27,11 +27,13 @@ _LAZY = {
     "connect": "aio",
     "SyncClient": "client",
     "SyncPipeline": "client",
+    "Entry": "client",
+    "CasResult": "client",
 }
 
 if TYPE_CHECKING:
     from .aio import Client, ClusterClient, Pipeline, connect
-    from .client import SyncClient, SyncPipeline
+    from .client import CasResult, Entry, SyncClient, SyncPipeline
 
 
 def __getattr__(name: str) -> Any:
@@ -51,6 +53,8 @@ __all__ = [
     "Pipeline",
     "SyncClient",
     "SyncPipeline",
+    "Entry",
+    "CasResult",
     "connect",
     "DcacheError",
     "ConnectError",

@@ -27,6 +27,8 @@ from .commands import CONTEXT_SETTINGS, EXIT_UNAVAILABLE, Command, Outcome, prin
 from .errors import DcacheError
 from .net import DEFAULT_BUSY_POLL_US, MAX_BUSY_POLL_US, split_address
 
+MIN_MAX_MEMORY = 2**20  # a node's shards take a few MB of dicts once filled; below this a limit means little
+
 
 def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
     if value and not ctx.resilient_parsing:
@@ -66,6 +68,8 @@ def _one_shot(command: Command) -> click.Command:
             args[command.stdin] = sys.stdin.buffer.read()
         from .client import SyncClient
 
+        if command.json_arg:
+            args["as_json"] = as_json
         assert command.action is not None
         try:
             with SyncClient(server, timeout=timeout) as client:
@@ -213,6 +217,31 @@ def completion(shell_name: str | None, directory: str | None) -> None:
     help="sync: a write is answered once every replica has it; async: at once, and a crash may lose "
     "what was still on its way to the replicas.",
 )
+@click.option(
+    "--max-memory",
+    envvar="DCACHE_MAX_MEMORY",
+    type=commands.ByteSize(minimum=MIN_MAX_MEMORY),
+    default="0",
+    metavar="SIZE",
+    help="Memory the entries may take (512MB, 2GiB; also DCACHE_MAX_MEMORY). At the limit a write evicts "
+    "others, as --eviction says. The process takes more than this: see the README. [default: no limit]",
+)
+@click.option(
+    "--eviction",
+    type=click.Choice(["lru", "lfu", "noeviction"]),
+    default="lru",
+    show_default=True,
+    help="At --max-memory: evict the least recently (lru) or least frequently (lfu) used entries, "
+    "or evict nothing and refuse writes with out_of_memory (noeviction).",
+)
+@click.option(
+    "--compress-min",
+    type=commands.ByteSize(),
+    default="1KiB",
+    metavar="SIZE",
+    show_default=True,
+    help="Keep values of this size or more compressed (zstd) when that saves space; 0 turns it off.",
+)
 @click.option("--log-level", default="info", metavar="LEVEL", show_default=True, help="debug, info, warning or error.")
 @click.option(
     "--busy-poll-us", envvar="DCACHE_BUSY_POLL_US", type=click.IntRange(0, MAX_BUSY_POLL_US), default=int(DEFAULT_BUSY_POLL_US),
@@ -230,6 +259,9 @@ def serve(
     drain_timeout: float,
     replicas: int,
     replication: str,
+    max_memory: int,
+    eviction: str,
+    compress_min: int,
     log_level: str,
     busy_poll_us: int,
 ) -> None:
@@ -269,6 +301,9 @@ def serve(
             drain_timeout=drain_timeout,
             replicas=replicas,
             replication=replication,
+            max_memory=max_memory,
+            eviction=eviction,
+            compress_min=compress_min,
             busy_poll=busy_poll_us / 1e6,
         )
         trio.run(_serve_until_signalled, Node(config))

@@ -16,7 +16,7 @@ import select
 import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import __version__, codec, protocol
 from .codec import Limits, Status
@@ -115,6 +115,43 @@ def _count(body: Any) -> int:
     return int(body)
 
 
+class Entry(NamedTuple):
+    """An entry as :meth:`Operations.get_meta` returns it: ``ttl`` in seconds,
+    ``math.inf`` without one; ``version`` is what :meth:`Operations.cas` takes."""
+
+    value: bytes
+    version: int
+    ttl: float
+
+
+class CasResult(NamedTuple):
+    """What :meth:`Operations.cas` did: ``stored`` and the entry's version now
+    (the new one if stored; None if the key is missing)."""
+
+    stored: bool
+    version: int | None
+
+
+def _entry(body: Any) -> Entry | None:
+    if body is None:
+        return None
+    value, version, ttl_ms = body
+    return Entry(value, version, math.inf if ttl_ms < 0 else ttl_ms / 1000)
+
+
+def _cas(body: Any) -> CasResult:
+    return CasResult(bool(body[0]), body[1])
+
+
+MAX_INCR = 2**63 - 1
+
+
+def _by(by: int) -> int:
+    if isinstance(by, bool) or not isinstance(by, int) or not -MAX_INCR <= by <= MAX_INCR:
+        raise ValueError(f"by must be an integer that fits in 64 bits, not {by!r}")
+    return by
+
+
 class Operations:
     """The cache operations both clients offer.
 
@@ -158,15 +195,65 @@ class Operations:
 
     def set(self, key: Key, value: Value, *, ttl: float | None = None, ns: str = "") -> Any:
         """Store ``value`` under ``key``; returns the entry's new version number."""
-        args = self._keyed(key, ns)
-        args["value"] = self._value(value)
-        if ttl is not None:
-            args["ttl_ms"] = _ttl_ms(ttl)
-        return self._call("set", args, _identity)
+        return self._call("set", self._entry_args(key, value, ttl, ns), _identity)
 
     def delete(self, key: Key, *, ns: str = "") -> Any:
         """Remove ``key``; True if it existed."""
         return self._call("delete", self._keyed(key, ns), bool)
+
+    def get_meta(self, key: Key, *, ns: str = "") -> Any:
+        """``key``'s :class:`Entry` (value, version, ttl), or None if it is missing."""
+        return self._call("getmeta", self._keyed(key, ns), _entry)
+
+    def add(self, key: Key, value: Value, *, ttl: float | None = None, ns: str = "") -> Any:
+        """Store ``value`` only if ``key`` is missing; its new version, or None if the key was there."""
+        return self._call("add", self._entry_args(key, value, ttl, ns), _identity)
+
+    def replace(self, key: Key, value: Value, *, ttl: float | None = None, ns: str = "") -> Any:
+        """Store ``value`` only if ``key`` is there; its new version, or None if the key was missing."""
+        return self._call("replace", self._entry_args(key, value, ttl, ns), _identity)
+
+    def cas(self, key: Key, value: Value, *, version: int, ttl: float | None = None, ns: str = "") -> Any:
+        """Store ``value`` only if ``key``'s version is still ``version`` (from
+        :meth:`get_meta` or a write's return); a :class:`CasResult`."""
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise ValueError(f"version must be an entry's version (an integer from 0), not {version!r}")
+        args = self._entry_args(key, value, ttl, ns)
+        args["version"] = version
+        return self._call("cas", args, _cas)
+
+    def incr(self, key: Key, by: int = 1, *, ns: str = "") -> Any:
+        """Add ``by`` to the integer at ``key`` (a missing key counts as 0) and
+        return the result; the entry keeps its TTL. RequestError
+        ``not_integer`` if the value is not an integer."""
+        args = self._keyed(key, ns)
+        args["by"] = _by(by)
+        return self._call("incr", args, _identity)
+
+    def decr(self, key: Key, by: int = 1, *, ns: str = "") -> Any:
+        """:meth:`incr` by ``-by``."""
+        return self.incr(key, -_by(by), ns=ns)
+
+    def getdel(self, key: Key, *, ns: str = "") -> Any:
+        """Remove ``key`` and return its value, or None if it was missing."""
+        return self._call("getdel", self._keyed(key, ns), _identity)
+
+    def expire(self, key: Key, ttl: float, *, ns: str = "") -> Any:
+        """Let ``key`` live ``ttl`` more seconds; False if it is missing."""
+        args = self._keyed(key, ns)
+        args["ttl_ms"] = _ttl_ms(ttl)
+        return self._call("expire", args, bool)
+
+    def persist(self, key: Key, *, ns: str = "") -> Any:
+        """Remove ``key``'s TTL; False if it is missing."""
+        return self._call("persist", self._keyed(key, ns), bool)
+
+    def _entry_args(self, key: Key, value: Value, ttl: float | None, ns: str) -> dict[str, Any]:
+        args = self._keyed(key, ns)
+        args["value"] = self._value(value)
+        if ttl is not None:
+            args["ttl_ms"] = _ttl_ms(ttl)
+        return args
 
     def ttl(self, key: Key, *, ns: str = "") -> Any:
         """Seconds left to live: ``math.inf`` without a TTL, None if the key is missing."""

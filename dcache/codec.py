@@ -55,6 +55,8 @@ class ErrorCode(enum.StrEnum):
     MOVED = "moved"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
+    OUT_OF_MEMORY = "out_of_memory"  # the node is at --max-memory and evicts nothing
+    NOT_INTEGER = "not_integer"  # incr on a value that is not an integer
 
 
 @dataclass(frozen=True, slots=True)

@@ -127,11 +127,108 @@ def _binary(value: bytes) -> str:
 # -- actions ------------------------------------------------------------------
 
 
-def get(client: Operations, *, key: str, ns: str = "") -> Outcome:
-    value = client.get(key, ns=ns)
+def _missing(key: str, **data: Any) -> Outcome:
+    return Outcome({"key": key, "found": False, **data}, note=f"{key}: not found", exit_code=EXIT_NOT_FOUND)
+
+
+def get(client: Operations, *, key: str, ns: str = "", meta: bool = False, as_json: bool = False) -> Outcome:
+    if not (meta or as_json):
+        value = client.get(key, ns=ns)
+        if value is None:
+            return _missing(key)
+        return Outcome({"key": key, "found": True, **value_json(value)}, stdout=value)
+    entry = client.get_meta(key, ns=ns)
+    if entry is None:
+        return _missing(key)
+    ttl = None if entry.ttl == math.inf else entry.ttl
+    data = {"key": key, "found": True, **value_json(entry.value), "version": entry.version, "ttl": ttl}
+    if not meta:
+        return Outcome(data, stdout=entry.value)
+    rows = [("value", show_value(entry.value)), ("version", str(entry.version)), ("ttl", human_seconds(entry.ttl))]
+    plain = "\n".join(f"{name}\t{value}" for name, value in rows)
+    return Outcome(data, stdout=plain, table=TableData(rows))
+
+
+def getdel(client: Operations, *, key: str, ns: str = "") -> Outcome:
+    value = client.getdel(key, ns=ns)
     if value is None:
-        return Outcome({"key": key, "found": False}, note=f"{key}: not found", exit_code=EXIT_NOT_FOUND)
+        return _missing(key)
     return Outcome({"key": key, "found": True, **value_json(value)}, stdout=value)
+
+
+def mget(client: Operations, *, keys: tuple[str, ...] | list[str], ns: str = "") -> Outcome:
+    keys = list(keys)
+    values = client.mget(keys, ns=ns)
+    missing = [key for key, value in zip(keys, values) if value is None]
+    data = {
+        "values": [
+            {"key": key, "found": value is not None, **({} if value is None else value_json(value))}
+            for key, value in zip(keys, values)
+        ],
+        "missing": missing,
+    }
+    rows = [(key, "(missing)" if value is None else show_value(value)) for key, value in zip(keys, values)]
+    plain = "\n".join(f"{printable(key)}\t{shown}" for key, shown in rows)
+    note = None
+    if missing:
+        note = f"{missing[0]}: not found" if len(missing) == 1 else f"{len(missing)} of {len(keys)} keys not found"
+    return Outcome(
+        data, stdout=plain, note=note, exit_code=EXIT_NOT_FOUND if missing else EXIT_OK, table=TableData(rows, ("key", "value"))
+    )
+
+
+def mset(client: Operations, *, items: tuple[str, ...] | list[str], ttl: float | None = None, ns: str = "") -> Outcome:
+    if len(items) % 2:
+        raise ValueError("mset takes pairs: KEY VALUE [KEY VALUE ...]")
+    pairs = [(items[i], os.fsencode(items[i + 1])) for i in range(0, len(items), 2)]
+    versions = client.mset(pairs, ttl=ttl, ns=ns)
+    keys = [key for key, _ in pairs]
+    return Outcome({"keys": keys, "versions": versions, "ttl": ttl}, stdout=f"OK ({len(keys)} set)")
+
+
+def incr(client: Operations, *, key: str, by: int = 1, ns: str = "") -> Outcome:
+    number = client.incr(key, by, ns=ns)
+    return Outcome({"key": key, "value": number}, stdout=str(number))
+
+
+def decr(client: Operations, *, key: str, by: int = 1, ns: str = "") -> Outcome:
+    number = client.decr(key, by, ns=ns)
+    return Outcome({"key": key, "value": number}, stdout=str(number))
+
+
+def add(client: Operations, *, key: str, value: bytes, ttl: float | None = None, ns: str = "") -> Outcome:
+    version = client.add(key, value, ttl=ttl, ns=ns)
+    if version is None:
+        return Outcome({"key": key, "stored": False}, note=f"{key}: exists; not stored", exit_code=EXIT_NOT_FOUND)
+    return Outcome({"key": key, "stored": True, "version": version, "ttl": ttl}, stdout="OK")
+
+
+def replace(client: Operations, *, key: str, value: bytes, ttl: float | None = None, ns: str = "") -> Outcome:
+    version = client.replace(key, value, ttl=ttl, ns=ns)
+    if version is None:
+        return Outcome({"key": key, "stored": False}, note=f"{key}: not found; not stored", exit_code=EXIT_NOT_FOUND)
+    return Outcome({"key": key, "stored": True, "version": version, "ttl": ttl}, stdout="OK")
+
+
+def cas(client: Operations, *, key: str, value: bytes, version: int, ttl: float | None = None, ns: str = "") -> Outcome:
+    result = client.cas(key, value, version=version, ttl=ttl, ns=ns)
+    data = {"key": key, "stored": result.stored, "version": result.version}
+    if result.stored:
+        return Outcome(data, stdout=f"OK (version {result.version})")
+    now = "it is missing" if result.version is None else f"its version is now {result.version}"
+    return Outcome(data, note=f"{key}: changed since version {version} ({now}); not stored", exit_code=EXIT_NOT_FOUND)
+
+
+def expire(client: Operations, *, key: str, seconds: float, ns: str = "") -> Outcome:
+    if not client.expire(key, seconds, ns=ns):
+        return _missing(key)
+    return Outcome({"key": key, "found": True, "ttl": seconds}, stdout="OK")
+
+
+def persist(client: Operations, *, key: str, ns: str = "") -> Outcome:
+    if not client.persist(key, ns=ns):
+        return _missing(key)
+    return Outcome({"key": key, "found": True, "ttl": None}, stdout="OK")
 
 
 def set_(client: Operations, *, key: str, value: bytes, ttl: float | None = None, ns: str = "") -> Outcome:
@@ -155,7 +252,7 @@ def delete(client: Operations, *, keys: tuple[str, ...] | list[str], ns: str = "
 def ttl(client: Operations, *, key: str, ns: str = "") -> Outcome:
     seconds = client.ttl(key, ns=ns)
     if seconds is None:
-        return Outcome({"key": key, "found": False}, note=f"{key}: not found", exit_code=EXIT_NOT_FOUND)
+        return _missing(key)
     data = {"key": key, "found": True, "ttl": None if seconds == math.inf else seconds}
     return Outcome(data, stdout=human_seconds(seconds))
 
@@ -169,8 +266,11 @@ STAT_ROWS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
     ("sets", "sets", lambda v: f"{v:,}"),
     ("deletes", "deletes", lambda v: f"{v:,}"),
     ("expired", "expired", lambda v: f"{v:,}"),
+    ("evicted", "evicted", lambda v: f"{v:,}"),
     ("data_bytes", "data", human_bytes),
     ("memory_bytes", "memory (est.)", human_bytes),
+    ("max_memory_bytes", "memory limit", lambda v: human_bytes(v) if v else "none"),
+    ("compression_saved_bytes", "saved by compression", human_bytes),
     ("process_memory_bytes", "process memory", human_bytes),
     ("connections", "connections", str),
     ("uptime_s", "uptime", lambda v: human_seconds(float(v))),
@@ -207,7 +307,7 @@ def stats(client: Operations, *, cluster: bool = False) -> Outcome:
     return Outcome(data, stdout=plain, table=TableData(rows, numeric=(1,)), note=note)
 
 
-CLUSTER_COUNTERS = ("keys", "hits", "misses", "sets", "deletes", "expired", "data_bytes", "memory_bytes")
+CLUSTER_COUNTERS = ("keys", "hits", "misses", "sets", "deletes", "expired", "evicted", "data_bytes", "memory_bytes")
 
 
 def _plain_table(columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
@@ -229,7 +329,7 @@ def cluster_stats(client: Operations) -> Outcome:
         row.update(node=member["node"], state=member["state"])
         nodes.append(row)
     total = _with_hit_ratio(total)
-    columns = ("node", "state", "keys", "hits", "misses", "hit ratio", "sets", "deletes", "expired", "memory")
+    columns = ("node", "state", "keys", "hits", "misses", "hit ratio", "sets", "deletes", "expired", "evicted", "memory")
 
     def cells(row: dict[str, Any]) -> tuple[str, ...]:
         def count(name: str) -> str:
@@ -242,7 +342,7 @@ def cluster_stats(client: Operations) -> Outcome:
             row["state"],
             *map(count, ("keys", "hits", "misses")),
             ratio,
-            *map(count, ("sets", "deletes", "expired")),
+            *map(count, ("sets", "deletes", "expired", "evicted")),
             memory,
         )
 
@@ -386,6 +486,34 @@ class Seconds(click.ParamType):
         return number
 
 
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+class ByteSize(click.ParamType):
+    """A size in bytes: a number with an optional unit (B, KB, MB, GB, TB in
+    powers of 1000; KiB, MiB, GiB, TiB in powers of 1024), 0, or at least
+    ``minimum``."""
+
+    name = "size"
+
+    def __init__(self, *, minimum: int = 0) -> None:
+        self.minimum = minimum
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower().replace(" ", "")
+        number, unit = text.rstrip("abcdefghijklmnopqrstuvwxyz"), text.lstrip("0123456789.")
+        try:
+            size = float(number) * _UNITS[unit or "b"]
+        except (ValueError, KeyError):
+            size = math.nan
+        if not (size == 0 or self.minimum <= size < 2**63):
+            at_least = f"at least {human_bytes(self.minimum)}, or 0" if self.minimum else "a size"
+            self.fail(f"{value!r} is not {at_least} (units: B, KB, MB, GB, KiB, MiB, GiB)", param, ctx)
+        return int(size)
+
+
 class ValueBytes(click.ParamType):
     """A value from the command line, as the bytes the user typed."""
 
@@ -424,15 +552,45 @@ class Command:
     stdin: str | None = None
     shell_only: bool = False
     cli_help: str = ""  # more help, for the one-shot command only
+    json_arg: bool = False  # the action takes ``as_json`` (it asks for more when it is shown as JSON)
 
 
 def _set_params(for_shell: bool) -> list[click.Parameter]:
     return [
         _key(),
         click.Argument(["value"], metavar="VALUE" if for_shell else "[VALUE]", required=for_shell, type=ValueBytes()),
-        click.Option(["--ttl"], type=TTL, metavar="SECONDS", help="Expire the entry after this many seconds."),
+        _ttl_option(),
         _ns(),
     ]
+
+
+def _ttl_option() -> click.Option:
+    return click.Option(
+        ["--ttl"], type=TTL, metavar="SECONDS", help="Expire the entry after this many seconds (fractions allowed)."
+    )
+
+
+def _cas_params(for_shell: bool) -> list[click.Parameter]:
+    version = click.Option(
+        ["--version", "version"],
+        type=click.IntRange(min=0),
+        required=True,
+        metavar="N",
+        help="The version the entry must still have (from get --meta or --json).",
+    )
+    return [*_set_params(for_shell), version]
+
+
+def _by(for_shell: bool) -> list[click.Parameter]:
+    return [_key(), click.Argument(["by"], metavar="[BY]", required=False, default=1, type=_STEP), _ns()]
+
+
+_STEP = click.IntRange(min=-(2**63 - 1), max=2**63 - 1)
+
+_SET_HELP = (
+    "With no VALUE, or '-', the value is read from stdin (dcache set logo < logo.png). "
+    "A value that starts with '-' goes after '--' (dcache set temp -- -5)."
+)
 
 
 COMMANDS: dict[str, Command] = {
@@ -441,18 +599,64 @@ COMMANDS: dict[str, Command] = {
         Command(
             "get",
             "Print the value of KEY (raw bytes, so it pipes); exit 1 if it is missing.",
-            lambda for_shell: [_key(), _ns()],
+            lambda for_shell: [
+                _key(),
+                _ns(),
+                click.Option(["--meta"], is_flag=True, help="Show the entry's version and TTL with its value."),
+            ],
             get,
+            json_arg=True,
+        ),
+        Command("set", "Store VALUE under KEY, optionally with a TTL.", _set_params, set_, stdin="value", cli_help=_SET_HELP),
+        Command(
+            "add",
+            "Store VALUE under KEY only if KEY is missing; exit 1 if it exists.",
+            _set_params,
+            add,
+            "value",
+            cli_help=_SET_HELP,
         ),
         Command(
-            "set",
-            "Store VALUE under KEY, optionally with a TTL.",
+            "replace",
+            "Store VALUE under KEY only if KEY exists; exit 1 if it is missing.",
             _set_params,
-            set_,
-            stdin="value",
-            cli_help="With no VALUE, or '-', the value is read from stdin (dcache set logo < logo.png). "
-            "A value that starts with '-' goes after '--' (dcache set temp -- -5).",
+            replace,
+            "value",
+            cli_help=_SET_HELP,
         ),
+        Command(
+            "cas",
+            "Store VALUE under KEY only if its version is still N (compare and set); exit 1 with the current version otherwise.",
+            _cas_params,
+            cas,
+            stdin="value",
+            cli_help=_SET_HELP,
+        ),
+        Command(
+            "getdel",
+            "Delete KEY and print the value it had; exit 1 if it was missing.",
+            lambda for_shell: [_key(), _ns()],
+            getdel,
+        ),
+        Command(
+            "mget",
+            "Print the values of many keys, one line each; exit 1 if any is missing.",
+            lambda for_shell: [click.Argument(["keys"], metavar="KEY...", nargs=-1, required=True), _ns()],
+            mget,
+        ),
+        Command(
+            "mset",
+            "Store many entries in one request: KEY VALUE [KEY VALUE ...].",
+            lambda for_shell: [click.Argument(["items"], metavar="KEY VALUE...", nargs=-1, required=True), _ttl_option(), _ns()],
+            mset,
+        ),
+        Command(
+            "incr",
+            "Add BY (default 1) to the integer at KEY (a missing key counts as 0) and print the result.",
+            _by,
+            incr,
+        ),
+        Command("decr", "Subtract BY (default 1) from the integer at KEY and print the result.", _by, decr),
         Command(
             "delete",
             "Delete keys; exit 1 if none of them existed.",
@@ -460,6 +664,13 @@ COMMANDS: dict[str, Command] = {
             delete,
         ),
         Command("ttl", "Show how long KEY has left to live; exit 1 if it is missing.", lambda for_shell: [_key(), _ns()], ttl),
+        Command(
+            "expire",
+            "Let KEY live SECONDS more (fractions allowed); exit 1 if it is missing.",
+            lambda for_shell: [_key(), click.Argument(["seconds"], metavar="SECONDS", type=TTL), _ns()],
+            expire,
+        ),
+        Command("persist", "Remove KEY's TTL; exit 1 if it is missing.", lambda for_shell: [_key(), _ns()], persist),
         Command(
             "stats",
             "Show the node's counters: hits, misses, keys, sets, deletes, expired, memory.",

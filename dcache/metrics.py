@@ -53,10 +53,22 @@ class NodeCollector(Collector):
             ("sets", "Entries written."),
             ("deletes", "Entries deleted."),
             ("expired", "Entries dropped because their TTL ran out."),
+            ("evicted", "Entries evicted to stay within --max-memory."),
         ):
             yield CounterMetricFamily(f"dcache_{name}", doc, value=stats[name])
         yield GaugeMetricFamily("dcache_keys", "Entries held by this node.", value=stats["keys"])
-        yield GaugeMetricFamily("dcache_data_bytes", "Bytes of keys and values held.", value=stats["data_bytes"])
+        yield GaugeMetricFamily(
+            "dcache_data_bytes", "Bytes of keys and values held (values as stored).", value=stats["data_bytes"]
+        )
+        yield GaugeMetricFamily(
+            "dcache_memory_bytes", "Memory the entries take, as estimated for --max-memory.", value=stats["memory_bytes"]
+        )
+        yield GaugeMetricFamily("dcache_max_memory_bytes", "--max-memory (0: no limit).", value=stats["max_memory_bytes"])
+        yield GaugeMetricFamily(
+            "dcache_compression_saved_bytes",
+            "Bytes saved by keeping large values compressed.",
+            value=stats["compression_saved_bytes"],
+        )
         yield CounterMetricFamily(
             "dcache_forwarded_requests", "Requests forwarded to the owning node.", value=router.counters.forwarded
         )

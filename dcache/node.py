@@ -31,7 +31,7 @@ from .reactor import Reactor
 from .replication import SYNC, Replicator, held_for, replica_summary, take
 from .router import Forwarder, Router, Waiting
 from .shard import ShardMap
-from .store import Store
+from .store import DEFAULT_COMPRESS_MIN, Store
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,9 @@ class NodeConfig:
     drain_timeout: float = DRAIN_TIMEOUT
     replicas: int = 1  # copies of each shard, the owner's included (cluster-wide: recorded in etcd)
     replication: str = SYNC  # sync: a write is answered once every replica has it; async: at once
+    max_memory: int = 0  # bytes the entries may take (the store's estimate); 0: no limit
+    eviction: str = "lru"  # at the limit: lru, lfu or noeviction (writes refused)
+    compress_min: int = DEFAULT_COMPRESS_MIN  # values this large or larger are kept compressed; 0: never
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +122,9 @@ class NodeStartError(DcacheError):
 class Node:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
-        self.store = Store(clock=trio.current_time)
+        self.store = Store(
+            clock=trio.current_time, max_bytes=config.max_memory, eviction=config.eviction, compress_min=config.compress_min
+        )
         self.node_id = ""
         self.connections = 0
         self.unfinished = Budget(config.max_unfinished_bytes)

@@ -8,9 +8,13 @@ all read it: adding an op is one entry here, one store method and one
 command in :mod:`dcache.commands`.
 
 Replies: hello → {"version", "server", "node", "epoch", "limits"}; ping → null;
-get → value or null; set → the entry's new version; delete → true if it
-existed; ttl → remaining ms, -1 for no TTL, null if missing; mget → [value or
-null, ...]; mset → [version, ...]; mdelete → number deleted; stats → map of
+get → value or null; getmeta → [value, version, remaining ms or -1] or null;
+set → the entry's new version; add → version, or null if the key is there;
+replace → version, or null if it is missing; cas → [true, new version] or
+[false, current version or null]; incr → the new number; getdel → the value
+removed or null; expire and persist → true if the key is there; delete → true
+if it existed; ttl → remaining ms, -1 for no TTL, null if missing; mget →
+[value or null, ...]; mset → [version, ...]; mdelete → number deleted; stats → map of
 counters; members → {"epoch", "members": [{"node", "client", "state",
 "stats"}, ...]}; drain → what the node handed over
 ({"shards_moved", "entries_moved", "shards_left_behind", "entries_left_behind"}),
@@ -36,6 +40,7 @@ from typing import Any, NamedTuple
 
 from .codec import MAX_NAMESPACE_BYTES, MAX_RID, MAX_TTL_MS, ErrorCode, Limits, WireError
 from .shard import NUM_SHARDS
+from .store import MAX_INCR, MIN_INCR
 
 
 class Request(NamedTuple):  # a tuple: made for every request, at half a frozen dataclass's cost
@@ -203,6 +208,9 @@ def _no_args(op: str) -> Callable[[dict[str, Any], Limits], dict[str, Any]]:
 _HELLO = frozenset({"version", "client", "peer"})
 _KEYED = frozenset({"ns", "key"})
 _SET = frozenset({"ns", "key", "value", "ttl_ms"})
+_CAS = frozenset({"ns", "key", "value", "ttl_ms", "version"})
+_INCR = frozenset({"ns", "key", "by"})
+_EXPIRE = frozenset({"ns", "key", "ttl_ms"})
 _MULTI = frozenset({"ns", "keys"})
 _MSET = frozenset({"ns", "items", "ttl_ms"})
 
@@ -247,16 +255,51 @@ def _keyed(op: str) -> Callable[[dict[str, Any], Limits], dict[str, Any]]:
     return check
 
 
-def _set(args: dict[str, Any], limits: Limits) -> dict[str, Any]:
-    _fields(args, _SET, "set")
-    if "key" not in args or "value" not in args:
-        raise WireError(ErrorCode.BAD_REQUEST, "set: key and value are required")
-    return {
-        "ns": _ns(args),
-        "key": _key(args["key"], limits),
-        "value": _value(args["value"], limits),
-        "ttl_ms": _ttl(args),
-    }
+def _set_like(op: str) -> Callable[[dict[str, Any], Limits], dict[str, Any]]:
+    """The check of set and its conditional forms (add, replace, cas)."""
+    allowed = _CAS if op == "cas" else _SET
+
+    def check(args: dict[str, Any], limits: Limits) -> dict[str, Any]:
+        _fields(args, allowed, op)
+        if "key" not in args or "value" not in args:
+            raise WireError(ErrorCode.BAD_REQUEST, f"{op}: key and value are required")
+        checked = {
+            "ns": _ns(args),
+            "key": _key(args["key"], limits),
+            "value": _value(args["value"], limits),
+            "ttl_ms": _ttl(args),
+        }
+        if op == "cas":
+            version = args.get("version")
+            if type(version) is not int or not 0 <= version <= MAX_RID:
+                raise WireError(ErrorCode.BAD_REQUEST, "cas: version must be an entry's version (an integer from 0)")
+            checked["version"] = version
+        return checked
+
+    return check
+
+
+_set = _set_like("set")
+
+
+def _incr(args: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    _fields(args, _INCR, "incr")
+    if "key" not in args:
+        raise WireError(ErrorCode.BAD_REQUEST, "incr: key is required")
+    by = args.get("by", 1)
+    if type(by) is not int or not MIN_INCR <= by <= MAX_INCR:
+        raise WireError(ErrorCode.BAD_REQUEST, "incr: by must be a signed 64-bit integer")
+    return {"ns": _ns(args), "key": _key(args["key"], limits), "by": by}
+
+
+def _expire(args: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    _fields(args, _EXPIRE, "expire")
+    if "key" not in args or "ttl_ms" not in args:
+        raise WireError(ErrorCode.BAD_REQUEST, "expire: key and ttl_ms are required")
+    ttl = args["ttl_ms"]
+    if type(ttl) is not int or not 0 < ttl <= MAX_TTL_MS:
+        raise WireError(ErrorCode.BAD_REQUEST, f"expire: ttl_ms must be an integer from 1 to {MAX_TTL_MS}")
+    return {"ns": _ns(args), "key": _key(args["key"], limits), "ttl_ms": ttl}
 
 
 def _multi(op: str) -> Callable[[dict[str, Any], Limits], dict[str, Any]]:
@@ -294,6 +337,39 @@ def _delete(store: Any, a: dict[str, Any]) -> Any:
     return store.delete(a["ns"], a["key"])
 
 
+def _getmeta(store: Any, a: dict[str, Any]) -> Any:
+    entry = store.meta(a["ns"], a["key"])
+    return None if entry is None else list(entry)
+
+
+def _add(store: Any, a: dict[str, Any]) -> Any:
+    return store.add(a["ns"], a["key"], a["value"], a["ttl_ms"])
+
+
+def _replace(store: Any, a: dict[str, Any]) -> Any:
+    return store.replace(a["ns"], a["key"], a["value"], a["ttl_ms"])
+
+
+def _cas(store: Any, a: dict[str, Any]) -> Any:
+    return list(store.cas(a["ns"], a["key"], a["value"], a["version"], a["ttl_ms"]))
+
+
+def _incr_in(store: Any, a: dict[str, Any]) -> Any:
+    return store.incr(a["ns"], a["key"], a["by"])
+
+
+def _getdel(store: Any, a: dict[str, Any]) -> Any:
+    return store.getdel(a["ns"], a["key"])
+
+
+def _expire_in(store: Any, a: dict[str, Any]) -> Any:
+    return store.expire(a["ns"], a["key"], a["ttl_ms"])
+
+
+def _persist(store: Any, a: dict[str, Any]) -> Any:
+    return store.expire(a["ns"], a["key"], 0)
+
+
 def _ttl_of(store: Any, a: dict[str, Any]) -> Any:
     return store.ttl_ms(a["ns"], a["key"])
 
@@ -304,8 +380,9 @@ def _mget(store: Any, a: dict[str, Any]) -> Any:
 
 
 def _mset_in(store: Any, a: dict[str, Any]) -> Any:
-    ns, ttl = a["ns"], a["ttl_ms"]
-    return [store.set(ns, key, value, ttl) for key, value in a["items"]]
+    ns, ttl, items = a["ns"], a["ttl_ms"], a["items"]
+    store.room_for(sum(len(key) + len(value) for key, value in items))  # (all or none: a refusal changes nothing)
+    return [store.set(ns, key, value, ttl) for key, value in items]
 
 
 def _mdelete(store: Any, a: dict[str, Any]) -> Any:
@@ -388,7 +465,15 @@ OPS: dict[str, Op] = {
         Op("replicate", _entries("replicate", gone=True)),  # from peers only
         Op("copies", _no_args("copies")),  # from peers only
         Op("get", _keyed("get"), Keys.ONE, apply=_get),
+        Op("getmeta", _keyed("getmeta"), Keys.ONE, apply=_getmeta),
         Op("set", _set, Keys.ONE, write=True, apply=_set_in),
+        Op("add", _set_like("add"), Keys.ONE, write=True, apply=_add),
+        Op("replace", _set_like("replace"), Keys.ONE, write=True, apply=_replace),
+        Op("cas", _set_like("cas"), Keys.ONE, write=True, apply=_cas),
+        Op("incr", _incr, Keys.ONE, write=True, apply=_incr_in),
+        Op("getdel", _keyed("getdel"), Keys.ONE, write=True, apply=_getdel),
+        Op("expire", _expire, Keys.ONE, write=True, apply=_expire_in),
+        Op("persist", _keyed("persist"), Keys.ONE, write=True, apply=_persist),
         Op("delete", _keyed("delete"), Keys.ONE, write=True, apply=_delete),
         Op("ttl", _keyed("ttl"), Keys.ONE, apply=_ttl_of),
         Op("mget", _multi("mget"), Keys.MANY, apply=_mget, field="keys"),

@@ -47,6 +47,7 @@ from .ops import KEYED, OPS, Keys, Op, Request, check_request, parse_request
 from .protocol import ServerSession
 from .shard import ShardMap, shard_of
 from .stats import RequestCounters
+from .store import StoreError
 
 if TYPE_CHECKING:
     from .replication import Replicated, Replicator
@@ -603,6 +604,9 @@ class Router:
         assert op.apply is not None
         try:
             body = op.apply(self.store, args)
+        except StoreError as exc:  # (refused, and nothing changed)
+            self.counters.count(op.name, "error")
+            return Status.ERROR, [exc.code, str(exc)]
         except Exception:
             log.exception("internal error serving %s", op.name)
             self.counters.count(op.name, "error")

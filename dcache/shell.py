@@ -11,6 +11,7 @@ if any command failed.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import select
@@ -212,6 +213,8 @@ class ShellSession:
         action = commands.COMMANDS[name].action
         if action is None:  # run by the shell itself
             return self.top(**params)
+        if commands.COMMANDS[name].json_arg:
+            action = functools.partial(action, as_json=as_json)
         return self.run(action, as_json=as_json, **params)
 
     def _status(self, status: int) -> int:
@@ -234,7 +237,7 @@ class ShellSession:
                 self._plain(outcome.stdout)
         elif outcome.table is not None:
             self.console.print(commands.rich_table(outcome.table))
-        elif command is commands.get and isinstance(outcome.stdout, bytes):
+        elif isinstance(outcome.stdout, bytes):  # a value
             self.console.print(show_value(outcome.stdout), markup=False, highlight=False)
         elif command is commands.delete and outcome.exit_code == 0:
             self.console.print(f"(deleted {outcome.data['deleted']})")

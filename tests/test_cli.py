@@ -107,7 +107,9 @@ def test_values_pipe_in_and_out_as_bytes(server: ServeProcess) -> None:
 def test_json_output(server: ServeProcess) -> None:
     dcache("set", "j", "héllo", server=server)
     r = dcache("get", "j", "--json", server=server)
-    assert json.loads(r.stdout) == {"key": "j", "found": True, "value": "héllo"}
+    got = json.loads(r.stdout)
+    assert got == {"key": "j", "found": True, "value": "héllo", "version": got["version"], "ttl": None}
+    assert type(got["version"]) is int and got["version"] > 0
     dcache("set", "bin", server=server, stdin=b"\xff\x00")
     assert json.loads(dcache("get", "bin", "--json", server=server).stdout)["value_base64"] == "/wA="
     r = dcache("get", "absent", "--json", server=server)
@@ -338,7 +340,7 @@ def test_cluster_stats_shows_an_unreachable_node_as_unknown_not_zero() -> None:
     down = outcome.data["nodes"][1]
     assert down["keys"] is None and down["memory_bytes"] is None and down["hit_ratio"] is None
     assert outcome.data["total"]["keys"] == 5
-    assert outcome.table is not None and outcome.table.rows[1][2:] == ("-",) * 8
+    assert outcome.table is not None and outcome.table.rows[1][2:] == ("-",) * 9
     assert outcome.stdout is not None and "b:1\tunreachable\t-\t-" in outcome.stdout
     assert outcome.note == "unreachable: b:1"
 

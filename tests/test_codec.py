@@ -51,6 +51,18 @@ VALID = [
         {"entries": [["", b"k", b"v", 5, 7], ["", b"g", None, 0, 0]], "begin": [], "done": [], "epoch": 2},
     ),
     ([18, "copies", {}], {}),
+    ([19, "getmeta", {"key": b"k"}], {"ns": "", "key": b"k"}),
+    ([20, "add", {"key": b"k", "value": b"v"}], {"ns": "", "key": b"k", "value": b"v", "ttl_ms": 0}),
+    ([21, "replace", {"key": b"k", "value": b"v", "ttl_ms": 9}], {"ns": "", "key": b"k", "value": b"v", "ttl_ms": 9}),
+    (
+        [22, "cas", {"key": b"k", "value": b"v", "version": 4}],
+        {"ns": "", "key": b"k", "value": b"v", "ttl_ms": 0, "version": 4},
+    ),
+    ([23, "incr", {"key": b"k"}], {"ns": "", "key": b"k", "by": 1}),
+    ([24, "incr", {"key": b"k", "by": -(2**63)}], {"ns": "", "key": b"k", "by": -(2**63)}),
+    ([25, "getdel", {"key": b"k"}], {"ns": "", "key": b"k"}),
+    ([26, "expire", {"key": b"k", "ttl_ms": 1500}], {"ns": "", "key": b"k", "ttl_ms": 1500}),
+    ([27, "persist", {"key": b"k", "ns": "a"}], {"ns": "a", "key": b"k"}),
 ]
 
 
@@ -175,6 +187,27 @@ def test_key_validation(args: dict[str, Any], code: ErrorCode) -> None:
 )
 def test_set_validation(args: dict[str, Any], code: ErrorCode) -> None:
     rejects([1, "set", args], code)
+
+
+@pytest.mark.parametrize(
+    ("op", "args"),
+    [
+        ("cas", {"key": b"k", "value": b"v"}),  # no version
+        ("cas", {"key": b"k", "value": b"v", "version": -1}),
+        ("cas", {"key": b"k", "value": b"v", "version": "3"}),
+        ("add", {"key": b"k", "value": b"v", "version": 3}),  # only cas takes a version
+        ("incr", {"key": b"k", "by": 2**63}),
+        ("incr", {"key": b"k", "by": 1.5}),
+        ("incr", {"key": b"k", "by": "1"}),
+        ("incr", {"by": 1}),
+        ("expire", {"key": b"k"}),
+        ("expire", {"key": b"k", "ttl_ms": 0}),  # persist removes a TTL
+        ("expire", {"key": b"k", "ttl_ms": codec.MAX_TTL_MS + 1}),
+        ("persist", {"key": b"k", "ttl_ms": 5}),
+    ],
+)
+def test_the_other_writes_check_their_arguments(op: str, args: dict[str, Any]) -> None:
+    rejects([1, op, args], ErrorCode.BAD_REQUEST)
 
 
 def test_a_namespace_of_up_to_255_bytes_is_taken_whatever_its_characters() -> None:

@@ -157,15 +157,15 @@ def test_tab_completes_at_once_when_keys_arrive_together() -> None:
     lines: list[str] = []
     session.execute = lines.append  # type: ignore[method-assign,assignment]
     with create_pipe_input() as pipe, create_app_session(input=pipe, output=DummyOutput()):
-        pipe.send_text("ge\t")  # in one write, as a paste or a fast typist sends it
+        pipe.send_text("pi\t")  # in one write, as a paste or a fast typist sends it
         pipe.send_text("\r")
-        pipe.send_text("de\t\r")  # two candidates: their common part
-        pipe.send_text("de\t\t\t\r")  # the second Tab selects the first, the third the next
+        pipe.send_text("ge\t\r")  # two candidates (get, getdel): their common part
+        pipe.send_text("ge\t\t\t\r")  # the second Tab selects the first, the third the next
         pipe.close()
         prompt = make_prompt_session(session, input=pipe, output=DummyOutput())
         assert prompt.default_buffer.complete_while_typing()
         assert run_interactive(session, prompt) == 0
-    assert lines == ["get", "del", "delete"]
+    assert lines == ["ping", "get", "getdel"]
 
 
 # -- the REPL against a real node ---------------------------------------------------
@@ -396,7 +396,7 @@ def test_tables_align_text_left_and_numbers_right() -> None:
             return 30.0
 
     cluster = commands.rich_table(commands.cluster_stats(Node()).table)  # type: ignore[arg-type,union-attr]
-    assert [c.justify for c in cluster.columns] == ["left", "left", *["right"] * 8]  # node, state, then counts
+    assert [c.justify for c in cluster.columns] == ["left", "left", *["right"] * 9]  # node, state, then counts
     where = commands.rich_table(commands.where(Node(), key="k").table)  # type: ignore[arg-type,union-attr]
     assert [c.justify for c in where.columns] == ["left", "left"]  # labels and values, as the README shows them
     stats = commands.rich_table(commands.TableData([("keys", "5")], numeric=(1,)))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from dcache.store import Store
+from dcache.shard import shard_of
+from dcache.store import NotAnInteger, OutOfMemory, Store
 
 
 class Clock:
@@ -235,3 +238,209 @@ def test_the_shard_index_holds_exactly_the_live_entries() -> None:
             assert _shard_contents(store) == live
 
     check()
+
+
+# -- the other writes -------------------------------------------------------------------
+
+
+def test_add_and_replace_write_only_on_their_condition(store: Store) -> None:
+    assert store.replace("", b"k", b"no") is None and store.get("", b"k") is None
+    v1 = store.add("", b"k", b"first")
+    assert v1 is not None and store.add("", b"k", b"second") is None
+    assert store.get("", b"k") == b"first" and store.version("", b"k") == v1
+    v2 = store.replace("", b"k", b"third")
+    assert v2 is not None and v2 > v1 and store.get("", b"k") == b"third"
+
+
+def test_add_takes_an_expired_key_for_missing(store: Store, clock: Clock) -> None:
+    store.set("", b"k", b"old", ttl_ms=1000)
+    clock.now += 1.0
+    assert store.add("", b"k", b"new") is not None and store.get("", b"k") == b"new"
+
+
+def test_cas_writes_only_over_the_version_it_names(store: Store) -> None:
+    v1 = store.set("", b"k", b"a")
+    v2 = store.set("", b"k", b"b")
+    assert store.cas("", b"k", b"stale", v1) == (False, v2)
+    stored, v3 = store.cas("", b"k", b"c", v2)
+    assert stored and v3 is not None and v3 > v2 and store.get("", b"k") == b"c"
+    assert store.cas("", b"missing", b"x", 0) == (False, None)
+
+
+def test_incr_counts_in_decimal_text_and_keeps_the_ttl(store: Store, clock: Clock) -> None:
+    assert store.incr("", b"n", 1) == 1  # a missing key counts as 0
+    assert store.incr("", b"n", -5) == -4 and store.get("", b"n") == b"-4"
+    store.set("", b"t", b"10", ttl_ms=5000)
+    clock.now += 2.0
+    assert store.incr("", b"t", 1) == 11
+    assert store.ttl_ms("", b"t") == 3000  # not reset, not lengthened
+    clock.now += 3.0
+    assert store.get("", b"t") is None
+
+
+@pytest.mark.parametrize("value", [b"abc", b"", b" 1", b"1 ", b"01", b"+1", b"1_000", b"1.5", b"\xff", "١".encode()])
+def test_incr_refuses_anything_but_an_integer_and_changes_nothing(store: Store, value: bytes) -> None:
+    version = store.set("", b"k", value)
+    with pytest.raises(NotAnInteger):
+        store.incr("", b"k", 1)
+    assert store.get("", b"k") == value and store.version("", b"k") == version
+
+
+def test_incr_stays_within_64_bits(store: Store) -> None:
+    store.set("", b"k", b"%d" % (2**63 - 2))
+    assert store.incr("", b"k", 1) == 2**63 - 1
+    with pytest.raises(NotAnInteger, match="64-bit"):
+        store.incr("", b"k", 1)
+    assert store.get("", b"k") == b"%d" % (2**63 - 1)
+
+
+def test_getdel_returns_what_it_removed(store: Store) -> None:
+    store.set("", b"k", b"v")
+    assert store.getdel("", b"k") == b"v" and store.getdel("", b"k") is None
+    assert len(store) == 0 and store.counters.deletes == 1
+
+
+def test_expire_and_persist_change_the_ttl_and_the_version(store: Store, clock: Clock) -> None:
+    v1 = store.set("", b"k", b"v")
+    assert store.expire("", b"k", 1500) and store.ttl_ms("", b"k") == 1500
+    v2 = store.version("", b"k")
+    assert v2 is not None and v2 > v1
+    assert store.expire("", b"k", 0) and store.ttl_ms("", b"k") == -1  # persist
+    clock.now += 2.0
+    assert store.get("", b"k") == b"v"
+    assert not store.expire("", b"missing", 1000)
+    assert store.counters.sets == 1  # a new TTL is not a value written
+
+
+def test_meta_gives_value_version_and_ttl(store: Store, clock: Clock) -> None:
+    assert store.meta("", b"k") is None
+    version = store.set("", b"k", b"v", ttl_ms=2000)
+    clock.now += 0.5
+    assert store.meta("", b"k") == (b"v", version, 1500)
+    store.set("", b"p", b"v")
+    assert store.meta("", b"p") == (b"v", version + 1, -1)
+
+
+# -- the memory limit ---------------------------------------------------------------------
+
+
+def fill(store: Store, count: int, *, size: int = 100, ns: str = "") -> None:
+    for i in range(count):
+        store.set(ns, b"key:%08d" % i, b"%0*d" % (size, i))
+
+
+def test_a_store_with_a_limit_stays_within_it_by_evicting(clock: Clock) -> None:
+    store = Store(clock, max_bytes=200_000)
+    fill(store, 10_000)
+    assert store.memory() <= 200_000
+    assert store.counters.evicted == 10_000 - len(store) > 9_000
+    assert store.stats()["evicted"] == store.counters.evicted
+
+
+def test_lru_keeps_what_is_read(clock: Clock) -> None:
+    store = Store(clock, max_bytes=10**9)
+    fill(store, 3000)
+    store.max_bytes = store.memory() + 1000  # (full from here on)
+    hot = [b"key:%08d" % i for i in range(0, 3000, 10)]
+    for key in hot:
+        assert store.get("", key) is not None
+    for i in range(3000, 5000):  # (exact LRU would evict 2,000 of the 2,700 cold keys, and keep every hot one)
+        store.set("", b"key:%08d" % i, b"%0100d" % i)
+    kept_hot = sum(store.get("", key) is not None for key in hot) / len(hot)
+    kept_cold = sum(store.get("", b"key:%08d" % i) is not None for i in range(3000) if i % 10) / 2700
+    assert kept_hot > 0.85 and kept_cold < 0.5, (kept_hot, kept_cold)
+
+
+def test_lfu_keeps_what_is_read_often(clock: Clock) -> None:
+    store = Store(clock, max_bytes=10**9, eviction="lfu")
+    fill(store, 3000)
+    store.max_bytes = store.memory() + 1000
+    hot = [b"key:%08d" % i for i in range(0, 3000, 10)]
+    for _ in range(20):
+        for key in hot:
+            store.get("", key)
+    for i in range(3000, 6000):
+        store.set("", b"key:%08d" % i, b"%0100d" % i)
+    kept_hot = sum(store.get("", key) is not None for key in hot) / len(hot)
+    assert kept_hot > 0.9, kept_hot
+
+
+def test_noeviction_refuses_writes_and_changes_nothing(clock: Clock) -> None:
+    store = Store(clock, max_bytes=100_000, eviction="noeviction")
+    with pytest.raises(OutOfMemory):
+        fill(store, 10_000)
+    count, memory = len(store), store.memory()
+    assert 0 < count < 10_000 and memory <= 100_000
+    with pytest.raises(OutOfMemory, match="noeviction"):
+        store.set("", b"another", b"v" * 100)
+    with pytest.raises(OutOfMemory):
+        store.room_for(1000)  # (an mset checks its whole batch first)
+    assert len(store) == count and store.memory() == memory and store.counters.evicted == 0
+    assert store.get("", b"key:%08d" % 0) is not None  # reads go on
+    assert store.delete("", b"key:%08d" % 0)  # deletes make room
+    store.set("", b"another", b"v" * 100)
+
+
+def test_an_entry_larger_than_the_limit_is_refused_without_evicting(clock: Clock) -> None:
+    store = Store(clock, max_bytes=50_000)
+    fill(store, 10)
+    with pytest.raises(OutOfMemory, match="cannot fit"):
+        store.set("", b"big", b"x" * 60_000)
+    assert len(store) == 10
+
+
+def test_entries_taken_from_other_nodes_evict_at_the_limit_but_are_never_refused(clock: Clock) -> None:
+    store = Store(clock, max_bytes=100_000)
+    assert store.absorb(("", b"key:%08d" % i, b"%0100d" % i, 0, i + 1) for i in range(2000)) > 0
+    assert store.memory() <= 100_000 and store.counters.evicted > 0
+    full = Store(clock, max_bytes=100_000, eviction="noeviction")
+    assert full.absorb(("", b"key:%08d" % i, b"%0100d" % i, 0, i + 1) for i in range(2000)) == 2000  # over it
+
+
+def test_the_memory_estimate_is_close_to_what_python_allocates(clock: Clock) -> None:
+    """The estimate behind --max-memory, against tracemalloc, for the shapes
+    the README's figures speak of (the README gives the per-entry costs)."""
+    import tracemalloc
+
+    shapes = [
+        ("no limit", {}, 0),
+        ("with ttl", {}, 60_000),
+        ("lru", {"max_bytes": 10**10}, 0),
+        ("lfu", {"max_bytes": 10**10, "eviction": "lfu"}, 0),
+    ]
+    for name, options, ttl in shapes:
+        tracemalloc.start()
+        try:
+            store = Store(clock, **options)  # type: ignore[arg-type]
+            base = tracemalloc.get_traced_memory()[0]
+            for i in range(50_000):
+                store.set("", b"key:%08d" % i, b"%0100d" % i, ttl)
+            used = tracemalloc.get_traced_memory()[0] - base
+        finally:
+            tracemalloc.stop()
+        assert 0.85 < store.memory() / used < 1.15, name
+
+
+# -- compression -------------------------------------------------------------------------
+
+
+def test_large_values_are_kept_compressed_and_read_back_whole(clock: Clock) -> None:
+    store = Store(clock, compress_min=1024)
+    text = b"".join(b"<li>item %d of the list</li>\n" % i for i in range(100))
+    noise = os.urandom(2000)
+    store.set("", b"text", text)
+    store.set("", b"noise", noise)  # does not shrink: kept as it is
+    store.set("", b"small", b"a" * 1000)  # under the threshold
+    stats = store.stats()
+    assert stats["compressed_values"] == 1 and 0 < stats["compression_saved_bytes"] < len(text)
+    assert stats["data_bytes"] < len(text) + len(noise) + 1000
+    assert store.get("", b"text") == text and store.getdel("", b"noise") == noise
+    assert store.entry("", b"text") is not None and store.entry("", b"text")[0] == text  # type: ignore[index]
+    assert store.meta("", b"text") is not None and store.meta("", b"text")[0] == text  # type: ignore[index]
+    shard = shard_of("", b"text")
+    assert [e[2] for e in store.shard_entries(shard) if e[1] == b"text"] == [text]  # handed on whole
+    assert store.expire("", b"text", 5000) and store.get("", b"text") == text
+    store.set("", b"text", b"short now")
+    assert store.stats()["compressed_values"] == 0 and store.stats()["compression_saved_bytes"] == 0
+    store.set("", b"text", text)
+    assert store.drop_shard(shard) >= 1 and store.stats()["compression_saved_bytes"] == 0
