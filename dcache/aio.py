@@ -20,8 +20,10 @@ from .client import (
     CLIENT_NAME,
     DEFAULT_ADDRESS,
     DEFAULT_PORT,
+    DEFAULT_SCAN_PAGE,
     DEFAULT_TIMEOUT,
     IDLE_CHECK,
+    Key,
     Operations,
     QueuedOperations,
     _identity,
@@ -131,6 +133,21 @@ class Client(Operations):
         """Queue operations and send them in one frame: ``p = client.pipeline();
         p.get("a"); p.set("b", "x"); results = await p.execute()``."""
         return Pipeline(self)
+
+    def scan(self, prefix: Key = "", *, ns: str = "", page: int = DEFAULT_SCAN_PAGE) -> AsyncIterator[bytes]:
+        """Every key of ``ns`` that starts with ``prefix``, across the cluster:
+        ``async for key in client.scan("user:")`` (see :meth:`scan_page`)."""
+        return _scan(self, prefix, ns, page)
+
+
+async def _scan(client: Operations, prefix: Key, ns: str, page: int) -> AsyncIterator[bytes]:
+    cursor = None
+    while True:
+        keys, cursor = await client.scan_page(cursor, prefix=prefix, ns=ns, limit=page)
+        for key in keys:
+            yield key
+        if cursor is None:
+            return
 
 
 class Pipeline(QueuedOperations):
@@ -310,6 +327,10 @@ class ClusterClient(Operations):
         if errors:
             raise errors[0]
         return decode(spec.merged(len(elements), parts))
+
+    def scan(self, prefix: Key = "", *, ns: str = "", page: int = DEFAULT_SCAN_PAGE) -> AsyncIterator[bytes]:
+        """Every key of ``ns`` that starts with ``prefix``, across the cluster (see :meth:`Client.scan`)."""
+        return _scan(self, prefix, ns, page)
 
 
 @asynccontextmanager

@@ -60,6 +60,20 @@ def _error(message: str, *, as_json: bool = False, kind: str = "bad_input") -> N
     sys.exit(EXIT_UNAVAILABLE)
 
 
+def _confirmed(command: Command, args: dict[str, Any], *, as_json: bool) -> bool:
+    """Whether the user wants ``command`` run: asked on a terminal; --yes elsewhere."""
+    assert command.confirm is not None
+    try:
+        question = command.confirm(args)
+    except click.UsageError as exc:
+        _error(f"{command.name}: {exc.format_message()}", as_json=as_json)
+    if question is None or args["yes"]:
+        return True
+    if sys.stdin is None or not sys.stdin.isatty():
+        _error(f"{command.name}: add --yes to do it when not on a terminal", as_json=as_json)
+    return click.confirm(question, default=False, err=True)
+
+
 def _one_shot(command: Command) -> click.Command:
     def run(*, server: str, timeout: float, as_json: bool, **args: Any) -> NoReturn:
         if command.stdin is not None and args[command.stdin] in (None, b"-"):
@@ -68,6 +82,9 @@ def _one_shot(command: Command) -> click.Command:
             args[command.stdin] = sys.stdin.buffer.read()
         from .client import SyncClient
 
+        if command.confirm is not None and not _confirmed(command, args, as_json=as_json):
+            print("not done", file=sys.stderr)
+            sys.exit(commands.EXIT_NOT_FOUND)
         if command.json_arg:
             args["as_json"] = as_json
         assert command.action is not None

@@ -15,7 +15,7 @@ import math
 import select
 import socket
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 from . import __version__, codec, protocol
@@ -144,6 +144,16 @@ def _cas(body: Any) -> CasResult:
 
 
 MAX_INCR = 2**63 - 1
+DEFAULT_SCAN_PAGE = 100
+MAX_SCAN_PAGE = 1000  # the node's limit per page
+
+
+def _flushed(body: Any) -> int:
+    return int(body["flushed"])
+
+
+def _page(body: Any) -> tuple[list[bytes], Any]:
+    return body["keys"], body["cursor"]
 
 
 def _by(by: int) -> int:
@@ -248,6 +258,21 @@ class Operations:
         """Remove ``key``'s TTL; False if it is missing."""
         return self._call("persist", self._keyed(key, ns), bool)
 
+    def scan_page(self, cursor: Any = None, *, prefix: Key = "", ns: str = "", limit: int = DEFAULT_SCAN_PAGE) -> Any:
+        """One page of a walk over the keys of ``ns`` that start with
+        ``prefix``, across the cluster: ``(keys, cursor)``; pass the cursor
+        back for the next page, until it is None. A key present for the whole
+        walk is listed once, unless shards move meanwhile (nodes join or
+        leave). ``scan()`` walks every page for you."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_SCAN_PAGE:
+            raise ValueError(f"limit must be an integer from 1 to {MAX_SCAN_PAGE}, not {limit!r}")
+        args: dict[str, Any] = {"cursor": cursor, "limit": limit}
+        if prefix:
+            args["prefix"] = _as_bytes(prefix, "prefix")
+        if ns:
+            args["ns"] = ns
+        return self._call("scan", args, _page)
+
     def _entry_args(self, key: Key, value: Value, ttl: float | None, ns: str) -> dict[str, Any]:
         args = self._keyed(key, ns)
         args["value"] = self._value(value)
@@ -281,6 +306,19 @@ class Operations:
     def stats(self) -> Any:
         """Counters of the node this client is connected to."""
         return self._call("stats", {}, _identity)
+
+    def namespace_stats(self, ns: str) -> Any:
+        """Keys and bytes of namespace ``ns`` across the cluster:
+        ``{"keys", "data_bytes", "nodes": {node: {"keys", "data_bytes"}}}``."""
+        return self._call("nsstats", {"ns": ns}, _identity)
+
+    def flush(self, ns: str) -> Any:
+        """Delete every key of namespace ``ns`` on every node; how many there were."""
+        return self._call("flush", {"ns": ns}, _flushed)
+
+    def flush_all(self) -> Any:
+        """Delete every key of every namespace on every node; how many there were."""
+        return self._call("flush", {"all": True}, _flushed)
 
     def ping(self) -> Any:
         return self._call("ping", {}, _identity)
@@ -474,6 +512,16 @@ class SyncClient(Operations):
     def _call(self, op: str, args: dict[str, Any], decode: Callable[[Any], Any]) -> Any:
         [(status, body)] = self._exchange([(op, args)])
         return _outcome(status, body, decode)
+
+    def scan(self, prefix: Key = "", *, ns: str = "", page: int = DEFAULT_SCAN_PAGE) -> Iterator[bytes]:
+        """Every key of ``ns`` that starts with ``prefix``, across the cluster,
+        a page of ``page`` keys per request (see :meth:`scan_page`)."""
+        cursor = None
+        while True:
+            keys, cursor = self.scan_page(cursor, prefix=prefix, ns=ns, limit=page)
+            yield from keys
+            if cursor is None:
+                return
 
     def pipeline(self) -> SyncPipeline:
         """Queue operations and send them in one frame: ``p = client.pipeline();

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .client import DEFAULT_ADDRESS, DEFAULT_TIMEOUT, MAX_TIMEOUT, MAX_TTL, Operations, is_leaving
+from .client import DEFAULT_ADDRESS, DEFAULT_TIMEOUT, MAX_SCAN_PAGE, MAX_TIMEOUT, MAX_TTL, Operations, is_leaving
 from .errors import (
     ConnectError,
     ConnectionLost,
@@ -186,6 +186,21 @@ def mset(client: Operations, *, items: tuple[str, ...] | list[str], ttl: float |
     return Outcome({"keys": keys, "versions": versions, "ttl": ttl}, stdout=f"OK ({len(keys)} set)")
 
 
+def scan(client: Operations, *, prefix: str = "", limit: int | None = None, ns: str = "") -> Outcome:
+    """Every key (or the first ``limit``) that starts with ``prefix``, across the cluster, a page at a time."""
+    keys: list[bytes] = []
+    cursor = None
+    while True:
+        page = MAX_SCAN_PAGE if limit is None else min(MAX_SCAN_PAGE, limit - len(keys))
+        found, cursor = client.scan_page(cursor, prefix=prefix, ns=ns, limit=page)
+        keys.extend(found)
+        if cursor is None or (limit is not None and len(keys) >= limit):
+            break
+    texts = [key.decode("utf-8", "backslashreplace") for key in keys]
+    data = {"keys": texts, "count": len(texts), "complete": cursor is None}
+    return Outcome(data, stdout="\n".join(map(printable, texts)) if texts else None)
+
+
 def incr(client: Operations, *, key: str, by: int = 1, ns: str = "") -> Outcome:
     number = client.incr(key, by, ns=ns)
     return Outcome({"key": key, "value": number}, stdout=str(number))
@@ -291,7 +306,9 @@ def _with_hit_ratio(stats: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def stats(client: Operations, *, cluster: bool = False) -> Outcome:
+def stats(client: Operations, *, cluster: bool = False, ns: str | None = None) -> Outcome:
+    if ns is not None:
+        return namespace_stats(client, ns)
     if cluster:
         return cluster_stats(client)
     data = _with_hit_ratio(client.stats())
@@ -308,6 +325,37 @@ def stats(client: Operations, *, cluster: bool = False) -> Outcome:
 
 
 CLUSTER_COUNTERS = ("keys", "hits", "misses", "sets", "deletes", "expired", "evicted", "data_bytes", "memory_bytes")
+
+
+def namespace_stats(client: Operations, ns: str) -> Outcome:
+    """One namespace's keys and bytes on each node, and their total."""
+    found = client.namespace_stats(ns)
+    nodes = sorted(found["nodes"].items())
+    rows = [(node, f"{n['keys']:,}", human_bytes(n["data_bytes"])) for node, n in nodes]
+    rows.append(("total", f"{found['keys']:,}", human_bytes(found["data_bytes"])))
+    plain_rows = [(node, n["keys"], n["data_bytes"]) for node, n in nodes] + [("total", found["keys"], found["data_bytes"])]
+    title = f"namespace {ns!r}" if ns else "the default namespace"
+    return Outcome(
+        {"ns": ns, **found},
+        stdout=_plain_table(("node", "keys", "data_bytes"), plain_rows),
+        table=TableData(rows, ("node", "keys", "data"), title=title, numeric=(1, 2)),
+    )
+
+
+def flush(client: Operations, *, ns: str | None = None, all_: bool = False, yes: bool = False) -> Outcome:
+    count = client.flush_all() if all_ else client.flush(ns or "")
+    where = "every namespace" if all_ else (f"namespace {ns!r}" if ns else "the default namespace")
+    return Outcome({"ns": None if all_ else ns, "flushed": count}, stdout=f"flushed {count:,} key(s) from {where}")
+
+
+def flush_question(args: dict[str, Any]) -> str | None:
+    """What ``flush`` asks before it runs, or None if the command line is wrong (the action says how)."""
+    if args["all_"] == (args["ns"] is not None):
+        raise click.UsageError("give --ns NAME (--ns '' for the default namespace) or --all")
+    if args["all_"]:
+        return "Delete every key of every namespace on every node of the cluster?"
+    name = f"namespace {args['ns']!r}" if args["ns"] else "the default namespace"
+    return f"Delete every key of {name} on every node of the cluster?"
 
 
 def _plain_table(columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
@@ -553,6 +601,9 @@ class Command:
     shell_only: bool = False
     cli_help: str = ""  # more help, for the one-shot command only
     json_arg: bool = False  # the action takes ``as_json`` (it asks for more when it is shown as JSON)
+    # A question to answer yes to before the action runs, from its args (it
+    # takes ``yes``, which skips it); raises click.UsageError for bad args.
+    confirm: Callable[[dict[str, Any]], str | None] | None = None
 
 
 def _set_params(for_shell: bool) -> list[click.Parameter]:
@@ -651,6 +702,18 @@ COMMANDS: dict[str, Command] = {
             mset,
         ),
         Command(
+            "scan",
+            "List the keys that start with PREFIX (all keys without one), across the cluster, one per line.",
+            lambda for_shell: [
+                click.Argument(["prefix"], metavar="[PREFIX]", required=False, default=""),
+                click.Option(["--limit"], type=click.IntRange(min=1), metavar="N", help="Stop after N keys."),
+                _ns(),
+            ],
+            scan,
+            cli_help="Keys come a page at a time, in no meaningful order; a key that is there for the whole walk is "
+            "listed once (unless nodes join or leave meanwhile). Keys that are not UTF-8 are shown with \\x escapes.",
+        ),
+        Command(
             "incr",
             "Add BY (default 1) to the integer at KEY (a missing key counts as 0) and print the result.",
             _by,
@@ -673,9 +736,23 @@ COMMANDS: dict[str, Command] = {
         Command("persist", "Remove KEY's TTL; exit 1 if it is missing.", lambda for_shell: [_key(), _ns()], persist),
         Command(
             "stats",
-            "Show the node's counters: hits, misses, keys, sets, deletes, expired, memory.",
-            lambda for_shell: [click.Option(["--cluster"], is_flag=True, help="One row per node and a cluster total.")],
+            "Show the node's counters: hits, misses, keys, sets, deletes, expired, evicted, memory.",
+            lambda for_shell: [
+                click.Option(["--cluster"], is_flag=True, help="One row per node and a cluster total."),
+                click.Option(["--ns"], metavar="NAME", help="One namespace's keys and bytes on each node, and the total."),
+            ],
             stats,
+        ),
+        Command(
+            "flush",
+            "Delete every key of a namespace (--ns NAME, '' for the default one) or of all (--all), on every node.",
+            lambda for_shell: [
+                click.Option(["--ns"], metavar="NAME", help="The namespace to empty."),
+                click.Option(["--all", "all_"], is_flag=True, help="Every namespace."),
+                click.Option(["--yes", "-y"], is_flag=True, help="Do not ask first (needed when not on a terminal)."),
+            ],
+            flush,
+            confirm=flush_question,
         ),
         Command(
             "members",

@@ -14,7 +14,11 @@ replace → version, or null if it is missing; cas → [true, new version] or
 [false, current version or null]; incr → the new number; getdel → the value
 removed or null; expire and persist → true if the key is there; delete → true
 if it existed; ttl → remaining ms, -1 for no TTL, null if missing; mget →
-[value or null, ...]; mset → [version, ...]; mdelete → number deleted; stats → map of
+[value or null, ...]; mset → [version, ...]; mdelete → number deleted; scan →
+{"keys": [key, ...], "cursor": the next page's cursor, null at the end};
+scanshards → [[shard, key], ...]; flush → {"flushed": total, "nodes": {node:
+count}}; nsstats → {"keys", "data_bytes", "nodes": {node: {"keys",
+"data_bytes"}}}; stats → map of
 counters; members → {"epoch", "members": [{"node", "client", "state",
 "stats"}, ...]}; drain → what the node handed over
 ({"shards_moved", "entries_moved", "shards_left_behind", "entries_left_behind"}),
@@ -440,6 +444,78 @@ def _entries(op: str, *, gone: bool) -> Callable[[dict[str, Any], Limits], dict[
     return check
 
 
+MAX_SCAN_LIMIT = 1000  # keys in one page of a scan
+DEFAULT_SCAN_LIMIT = 100
+_SCAN = frozenset({"ns", "prefix", "cursor", "limit"})
+_SCAN_SHARDS = frozenset({"ns", "prefix", "shards", "after", "limit"})
+
+
+def _scan_common(args: dict[str, Any], limits: Limits, op: str) -> dict[str, Any]:
+    prefix = args.get("prefix", b"")
+    if type(prefix) is str:
+        prefix = prefix.encode()
+    if type(prefix) is not bytes or len(prefix) > limits.max_key_bytes:
+        raise WireError(ErrorCode.BAD_REQUEST, f"{op}: prefix must be bytes or text no longer than a key")
+    limit = args.get("limit", DEFAULT_SCAN_LIMIT)
+    if type(limit) is not int or not 1 <= limit <= MAX_SCAN_LIMIT:
+        raise WireError(ErrorCode.BAD_REQUEST, f"{op}: limit must be an integer from 1 to {MAX_SCAN_LIMIT}")
+    return {"ns": _ns(args), "prefix": prefix, "limit": limit}
+
+
+def _after(value: Any, limits: Limits, op: str) -> bytes | None:
+    if value is None:
+        return None
+    if type(value) is not bytes or len(value) > limits.max_key_bytes:
+        raise WireError(ErrorCode.BAD_REQUEST, f"{op}: a cursor's key must be bytes no longer than a key")
+    return value
+
+
+def _scan(args: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    """A page of a walk over every key of a namespace (see :meth:`Router._scan`):
+    ``cursor`` is null to start, else the ``cursor`` of the page before."""
+    _fields(args, _SCAN, "scan")
+    checked = _scan_common(args, limits, "scan")
+    cursor = args.get("cursor")
+    if cursor is None:
+        checked["cursor"] = (0, None)
+    elif type(cursor) is list and len(cursor) == 2 and type(cursor[0]) is int and 0 <= cursor[0] < NUM_SHARDS:
+        checked["cursor"] = (cursor[0], _after(cursor[1], limits, "scan"))
+    else:
+        raise WireError(ErrorCode.BAD_REQUEST, "scan: cursor must be null or the cursor a page of the scan gave")
+    return checked
+
+
+def _scan_shards(args: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    """One owner's share of a page of a scan (from the node serving it)."""
+    _fields(args, _SCAN_SHARDS, "scanshards")
+    checked = _scan_common(args, limits, "scanshards")
+    shards = args.get("shards")
+    if type(shards) is not list or len(shards) > NUM_SHARDS or not all(type(s) is int and 0 <= s < NUM_SHARDS for s in shards):
+        raise WireError(ErrorCode.BAD_REQUEST, "scanshards: shards must be shard numbers")
+    checked["shards"] = shards
+    checked["after"] = _after(args.get("after"), limits, "scanshards")
+    return checked
+
+
+def _namespace_op(op: str) -> Callable[[dict[str, Any], Limits], dict[str, Any]]:
+    """``flush`` and ``nsstats``: run on every node of the cluster by the node
+    a client asks (``here``: on this node only, as that node asks the
+    others). ``flush`` takes ``ns``, or ``all`` for every namespace."""
+    allowed = frozenset({"ns", "here"} | ({"all"} if op == "flush" else set()))
+
+    def check(args: dict[str, Any], limits: Limits) -> dict[str, Any]:
+        _fields(args, allowed, op)
+        every, here = args.get("all", False), args.get("here", False)
+        if type(every) is not bool or type(here) is not bool:
+            raise WireError(ErrorCode.BAD_REQUEST, f"{op}: all and here are true or false")
+        if every == ("ns" in args):
+            what = "ns, or all: true" if op == "flush" else "ns"
+            raise WireError(ErrorCode.BAD_REQUEST, f"{op}: give {what}")
+        return {"ns": None if every else _ns(args), "here": here}
+
+    return check
+
+
 def _claim(args: dict[str, Any], limits: Limits) -> dict[str, Any]:
     """A node asking about shards it waits for (see :mod:`dcache.handoff`)."""
     shards = args.get("shards")
@@ -464,6 +540,10 @@ OPS: dict[str, Op] = {
         Op("claim", _claim),  # from peers only
         Op("replicate", _entries("replicate", gone=True)),  # from peers only
         Op("copies", _no_args("copies")),  # from peers only
+        Op("scan", _scan),
+        Op("flush", _namespace_op("flush"), write=True),
+        Op("nsstats", _namespace_op("nsstats")),
+        Op("scanshards", _scan_shards),  # from peers only
         Op("get", _keyed("get"), Keys.ONE, apply=_get),
         Op("getmeta", _keyed("getmeta"), Keys.ONE, apply=_getmeta),
         Op("set", _set, Keys.ONE, write=True, apply=_set_in),

@@ -32,6 +32,7 @@ requests for keys ``unavailable`` instead.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -45,7 +46,7 @@ from .codec import ErrorCode, Limits, Status, WireError
 from .errors import PeerUnavailable
 from .ops import KEYED, OPS, Keys, Op, Request, check_request, parse_request
 from .protocol import ServerSession
-from .shard import ShardMap, shard_of
+from .shard import NUM_SHARDS, ShardMap, shard_of
 from .stats import RequestCounters
 from .store import StoreError
 
@@ -58,6 +59,8 @@ log = logging.getLogger(__name__)
 # its shard is being handed over (then the entries are already on their way:
 # the first retry comes soon); the waits add up to under a second.
 MOVED_RETRY_DELAYS = (0.005, 0.025, 0.1, 0.25, 0.5)
+SCAN_BLOCK = 512  # shards a page of a scan asks their owners about at once
+MAX_SCAN_BYTES = 1024 * 1024  # of keys in one page of a scan
 UNVOUCHED_MESSAGE = "this node lost contact with etcd for longer than its lease and is rejoining the cluster; try again"
 CHANGING_MESSAGE = "the cluster's membership is changing; try again"
 
@@ -182,7 +185,7 @@ class Waiting:
     :meth:`finish` waits for them and returns their reply frame;
     :meth:`release` gives up on them (the connection went away)."""
 
-    __slots__ = ("_router", "_replies", "_forwards", "_relay", "_members", "_drains", "_replicated", "_started")
+    __slots__ = ("_router", "_replies", "_forwards", "_relay", "_members", "_drains", "_gathers", "_replicated", "_started")
 
     def __init__(self, router: Router, started: float) -> None:
         self._router = router
@@ -191,6 +194,7 @@ class Waiting:
         self._relay: tuple[int, Request, str, Pending] | None = None
         self._members: list[_Reply] = []
         self._drains: list[_Reply] = []
+        self._gathers: list[tuple[_Reply, Callable[[], Awaitable[tuple[int, Any]]]]] = []  # scan, flush, nsstats
         self._replicated: list[tuple[Callable[[int, Any], None], str, int, Any, Replicated]] = []  # writes done here
         self._started = started
 
@@ -220,6 +224,8 @@ class Waiting:
             for slot in self._members:
                 slot.deliver(Status.OK, await router._members())
                 router.counters.count("members", "ok")
+            for slot, gather in self._gathers:
+                slot.deliver(*await gather())
             for slot in self._drains:
                 assert router._drain is not None
                 status, body = await router._drain()
@@ -253,7 +259,7 @@ class Waiting:
         or the link failed): :meth:`finish` then completes it from what
         came. None, and no call, if this cannot be done: :meth:`finish` as
         usual."""
-        if self._forwards or self._members or self._drains:
+        if self._forwards or self._members or self._drains or self._gathers:
             return None
         if self._relay is None:
             return self._notify_replicated(done)
@@ -443,6 +449,19 @@ class Router:
                         waiting._drains.append(waiting.slot(req.rid))
                 elif req.op in ("handoff", "claim", "replicate", "copies"):
                     replies.append(self._take_handoff(session, req))
+                elif req.op == "scan":
+                    waiting = waiting or Waiting(self, started)
+                    waiting._gathers.append((waiting.slot(req.rid), functools.partial(self._scan, req.args)))
+                elif req.op == "scanshards":
+                    replies.append(self._scan_here(req))
+                elif req.op in ("flush", "nsstats"):
+                    if req.args["here"]:
+                        self.counters.count(req.op, "ok")
+                        replies.append(codec.ok(req.rid, self._namespace_here(req.op, req.args["ns"])))
+                    else:
+                        waiting = waiting or Waiting(self, started)
+                        gather = functools.partial(self._on_every_node, req.op, req.args["ns"])
+                        waiting._gathers.append((waiting.slot(req.rid), gather))
                 else:
                     replies.append(self._local(req))
         if remote:
@@ -639,6 +658,109 @@ class Router:
         self.counters.count(op, "ok", -1)  # (counted when it was applied here; it is answered unavailable)
         self.counters.count(op, "unavailable")
         return Status.ERROR, [ErrorCode.UNAVAILABLE.value, problem]
+
+    async def _scan(self, args: dict[str, Any]) -> tuple[int, Any]:
+        """A page of a scan: the keys after the cursor, in the order of their
+        shards and by key within a shard, from whichever nodes own them, a
+        block of shards at a time. A key present from the first page to the
+        last is listed once, if the shards do not move meanwhile."""
+        ns, prefix, limit = args["ns"], args["prefix"], args["limit"]
+        shard, after = args["cursor"]
+        owners = self.shard_map.shard_owners
+        keys: list[bytes] = []
+        size = 0
+        while shard < NUM_SHARDS:
+            by_owner: dict[str, list[int]] = {}
+            for s in range(shard, min(shard + SCAN_BLOCK, NUM_SHARDS)):
+                by_owner.setdefault(owners[s] if owners else self.node_id, []).append(s)
+            want = limit - len(keys)
+            found: list[tuple[int, bytes]] = []
+            problems: list[str] = []
+            async with trio.open_nursery() as nursery:
+                for owner, shards in by_owner.items():
+                    part = {"ns": ns, "prefix": prefix, "shards": shards, "after": after if shards[0] == shard else None}
+                    nursery.start_soon(self._scan_part, owner, {**part, "limit": want}, found, problems)
+            if problems:
+                self.counters.count("scan", "unavailable")
+                return Status.ERROR, [ErrorCode.UNAVAILABLE.value, f"{problems[0]}; the scan can go on from the same cursor"]
+            found.sort()
+            taken = 0
+            for _, key in found:
+                if taken == want or size >= MAX_SCAN_BYTES:
+                    break
+                keys.append(key)
+                size += len(key)
+                taken += 1
+            if taken < len(found) or len(keys) == limit or size >= MAX_SCAN_BYTES:
+                last = found[taken - 1] if taken else (shard, after)
+                self.counters.count("scan", "ok")
+                return Status.OK, {"keys": keys, "cursor": [last[0], last[1]]}
+            shard, after = shard + SCAN_BLOCK, None
+        self.counters.count("scan", "ok")
+        return Status.OK, {"keys": keys, "cursor": None}
+
+    async def _scan_part(self, owner: str, args: dict[str, Any], found: list[tuple[int, bytes]], problems: list[str]) -> None:
+        """One owner's keys for a page of a scan, into ``found``; what went wrong, into ``problems``."""
+        if owner == self.node_id or self.peers is None:
+            found.extend(self._scan_shards(args))
+            return
+        try:
+            [(status, body)] = await self.peers.forward(owner, [("scanshards", args)])
+        except PeerUnavailable as exc:
+            problems.append(str(exc))
+            return
+        if status != Status.OK:
+            problems.append(f"{owner} could not list its keys: {body[1] if isinstance(body, list) else body}")
+            return
+        found.extend((shard, key) for shard, key in body)
+
+    def _scan_shards(self, args: dict[str, Any]) -> list[tuple[int, bytes]]:
+        return self.store.scan(args["shards"], args["ns"], args["prefix"], args["after"], args["limit"], MAX_SCAN_BYTES)
+
+    def _scan_here(self, req: Request) -> list[Any]:
+        """A ``scanshards`` from the node serving a page of a scan."""
+        self.counters.count("scanshards", "ok")
+        return codec.ok(req.rid, [list(item) for item in self._scan_shards(req.args)])
+
+    def _namespace_here(self, op: str, ns: str | None) -> dict[str, Any]:
+        if op == "flush":
+            count = self.store.flush(ns)
+            return {"flushed": count, "nodes": {self.node_id: count}}
+        found = self.store.namespace_stats(ns)
+        return {**found, "nodes": {self.node_id: found}}
+
+    async def _on_every_node(self, op: str, ns: str | None) -> tuple[int, Any]:
+        """A ``flush`` or ``nsstats`` on every member, the answers summed."""
+        here = {"here": True, **({"all": True} if ns is None else {"ns": ns})}
+        nodes: dict[str, Any] = {}
+        problems: list[str] = []
+
+        async def ask(member: str) -> None:
+            if member == self.node_id or self.peers is None:
+                nodes.update(self._namespace_here(op, ns)["nodes"])
+                return
+            try:
+                [(status, body)] = await self.peers.forward(member, [(op, here)])
+            except PeerUnavailable as exc:
+                problems.append(str(exc))
+                return
+            if status != Status.OK:
+                problems.append(f"{member}: {body[1] if isinstance(body, list) else body}")
+                return
+            nodes.update(body["nodes"])
+
+        async with trio.open_nursery() as nursery:
+            for member in self.shard_map.members or (self.node_id,):
+                nursery.start_soon(ask, member)
+        if problems:
+            self.counters.count(op, "unavailable")
+            done = f"; flushed {sum(nodes.values()):,} key(s) on {len(nodes)} node(s), run it again" if op == "flush" else ""
+            return Status.ERROR, [ErrorCode.UNAVAILABLE.value, f"{problems[0]}{done}"]
+        self.counters.count(op, "ok")
+        if op == "flush":
+            return Status.OK, {"flushed": sum(nodes.values()), "nodes": nodes}
+        total = {name: sum(found[name] for found in nodes.values()) for name in ("keys", "data_bytes")}
+        return Status.OK, {**total, "nodes": nodes}
 
     def _moved(self, rid: int, owner: str) -> list[Any]:
         self.counters.count("moved", "error")

@@ -44,7 +44,7 @@ from rich.text import Text
 
 from . import commands, shellwords
 from .client import DEFAULT_TIMEOUT, SyncClient
-from .codec import Limits
+from .codec import MAX_NAMESPACE_BYTES, Limits
 from .commands import Outcome, show_value
 from .errors import ConnectError, ConnectionLost, DcacheError
 from .shellwords import Word
@@ -60,6 +60,7 @@ class ShellCommand:
 
 SHELL_COMMANDS = {
     "help": ShellCommand("help [COMMAND]", "List the commands, or show one command's options."),
+    "use": ShellCommand("use [NAMESPACE]", "Work in NAMESPACE from now on (commands' --ns); with none, the default namespace."),
     "exit": ShellCommand("exit", "Leave the shell (also quit or Ctrl-D)."),
 }
 ALIASES = {"del": "delete", "quit": "exit", "?": "help"}
@@ -73,6 +74,7 @@ NOT_IN_SHELL = {
 
 
 CONNECTION_OPTIONS = ("--server", "-s", "--timeout")
+COMPLETION_KEYS = 50  # keys offered by Tab, asked of the node with a scan
 
 
 def command_group() -> click.Group:
@@ -100,6 +102,8 @@ class ShellSession:
         self.client: SyncClient | None = None
         self.known_addresses: list[str] = [address]
         self.seen_keys: set[str] = set()
+        self.namespace = ""  # what `use` chose: the --ns of commands that do not give one
+        self._scanned: tuple[str, str, list[str] | None] = ("", "", None)  # the last complete scan for Tab: ns, prefix, keys
         self.group = command_group()
         self.failures = 0
         self.worst_status = 0
@@ -154,6 +158,7 @@ class ShellSession:
 
     def run(self, command: Callable[..., Outcome], *, as_json: bool, **args: Any) -> int:
         """Run one of :mod:`dcache.commands` on this shell's connection; print it; return its status."""
+        self._scanned = ("", "", None)  # (it may change the keys)
         if self.client is None and not self.connect():
             return commands.EXIT_UNAVAILABLE
         assert self.client is not None
@@ -186,6 +191,8 @@ class ShellSession:
             return EXIT
         if name == "help":
             return self._status(self.help([word.text for word in args]))
+        if name == "use":
+            return self._status(self.use([word.text for word in args]))
         if name in NOT_IN_SHELL:
             return self._status(self.error(f"{name}: not in the shell; {NOT_IN_SHELL[name]}"))
         command = self.group.commands.get(name)
@@ -210,12 +217,58 @@ class ShellSession:
         except click.ClickException as exc:
             return self.error(f"{name}: {exc.format_message()}")
         as_json = params.pop("as_json", False)
+        if params.get("ns") == "" and "--ns" not in args and not any(a.startswith("--ns=") for a in args):
+            params["ns"] = self.namespace
         action = commands.COMMANDS[name].action
         if action is None:  # run by the shell itself
             return self.top(**params)
-        if commands.COMMANDS[name].json_arg:
+        spec = commands.COMMANDS[name]
+        if spec.confirm is not None:
+            try:
+                question = spec.confirm(params)
+            except click.UsageError as exc:
+                return self.error(f"{name}: {exc.format_message()}")
+            if question is not None and not params["yes"]:
+                if not self.interactive:
+                    return self.error(f"{name}: add --yes to do it in a script")
+                if not click.confirm(question, default=False):
+                    self.note("not done")
+                    return commands.EXIT_NOT_FOUND
+        if spec.json_arg:
             action = functools.partial(action, as_json=as_json)
         return self.run(action, as_json=as_json, **params)
+
+    def use(self, args: list[str]) -> int:
+        if len(args) > 1:
+            return self.error("use takes one namespace (or none, for the default one)")
+        name = args[0] if args else ""
+        if len(name.encode()) > MAX_NAMESPACE_BYTES:
+            return self.error(f"a namespace is at most {MAX_NAMESPACE_BYTES} bytes")
+        self.namespace = name
+        if self.interactive:
+            self.note(f"in namespace {name!r}" if name else "in the default namespace")
+        return 0
+
+    def keys_like(self, prefix: str, *, ns: str | None = None, count: int = COMPLETION_KEYS) -> list[str]:
+        """Up to ``count`` keys that start with ``prefix``, from the node (a
+        scan) when connected, with the keys seen in this session."""
+        keys = {key for key in self.seen_keys if key.startswith(prefix)}
+        ns = self.namespace if ns is None else ns
+        cached_ns, cached_prefix, cached = self._scanned
+        if cached is not None and cached_ns == ns and prefix.startswith(cached_prefix):
+            keys.update(key for key in cached if key.startswith(prefix))  # (that scan found every key it could)
+        elif self.client is not None:
+            try:
+                found, cursor = self.client.scan_page(prefix=prefix, ns=ns, limit=count)
+            except (DcacheError, ValueError):
+                found, cursor = [], True
+            texts = [key.decode("utf-8", "replace") for key in found]
+            self._scanned = (ns, prefix, texts if cursor is None else None)
+            keys.update(texts)
+        return sorted(keys)[:count]
+
+    def prompt(self) -> str:
+        return f"dcache {self.address}{f' [{self.namespace}]' if self.namespace else ''}> "
 
     def _status(self, status: int) -> int:
         if status:
@@ -411,7 +464,8 @@ def expand_shorthand(command: Any, args: list[Word]) -> list[str]:
 
 
 class ShellCompleter(Completer):
-    """Completes command names, then the command's options and the keys seen so far."""
+    """Completes command names, then the command's options and keys: those
+    the node has (a scan) and those used in the session."""
 
     def __init__(self, session: ShellSession) -> None:
         self.session = session
@@ -444,9 +498,11 @@ class ShellCompleter(Completer):
                 if option.startswith(current):
                     yield Completion(option, start_position=-len(current))
             return
-        for key in sorted(self.session.seen_keys):
-            if key.startswith(current):
-                yield Completion(shellwords.quote(key), start_position=-len(current))
+        ns = None
+        if "--ns" in words[:-1]:
+            ns = words[words.index("--ns") + 1] if words.index("--ns") + 1 < len(words) else None
+        for key in self.session.keys_like(current, ns=ns):
+            yield Completion(shellwords.quote(key), start_position=-len(current))
 
 
 def _history() -> History:
@@ -515,7 +571,7 @@ def run_interactive(session: ShellSession, prompt_session: PromptSession[str] | 
     )
     while True:
         try:
-            line = prompt_session.prompt(f"dcache {session.address}> ")
+            line = prompt_session.prompt(session.prompt())
         except KeyboardInterrupt:
             continue
         except EOFError:

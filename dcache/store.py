@@ -25,6 +25,7 @@ or more are kept compressed with zstd when that saves space.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import math
@@ -145,6 +146,7 @@ class Store:
         self._clock = clock
         self._shards: dict[int, dict[str, _Space]] = {}  # shard → ns → entries
         self._namespaces: dict[str, int] = {}  # ns → how many keys
+        self._ns_bytes: dict[str, int] = {}  # ns → bytes of its keys and values
         self._expiry_heap: list[tuple[float, str, bytes]] = []
         self._compacting: list[tuple[float, str, bytes]] = []  # an older heap, its live items moving over
         self._ttl_entries = 0
@@ -415,8 +417,10 @@ class Store:
             self._keys += 1
             self._bytes += len(key) + len(value)
             self._namespaces[ns] = self._namespaces.get(ns, 0) + 1
+            self._ns_bytes[ns] = self._ns_bytes.get(ns, 0) + len(key) + len(value)
         else:
             self._bytes += len(value) - len(old)
+            self._ns_bytes[ns] += len(value) - len(old)
             if space.packed:
                 was = space.packed.pop(key, 0)
                 if was:
@@ -582,11 +586,17 @@ class Store:
                 del self._shards[shard]
         self._keys -= 1
         self._bytes -= len(key) + len(value)
-        left = self._namespaces[ns] - 1
+        self._ns_left(ns, 1, len(key) + len(value))
+
+    def _ns_left(self, ns: str, count: int, size: int) -> None:
+        """``count`` entries of ``size`` bytes of ``ns`` went."""
+        left = self._namespaces[ns] - count
         if left:
             self._namespaces[ns] = left
+            self._ns_bytes[ns] -= size
         else:
             del self._namespaces[ns]
+            del self._ns_bytes[ns]
 
     def _compact(self, count: int) -> int:
         """Move up to ``count`` items of the heap set aside to the heap in use,
@@ -605,6 +615,10 @@ class Store:
     def namespaces(self) -> list[str]:
         return list(self._namespaces)
 
+    def namespace_stats(self, ns: str) -> dict[str, int]:
+        """How many keys ``ns`` has here and the bytes of their keys and values (expired ones included)."""
+        return {"keys": self._namespaces.get(ns, 0), "data_bytes": self._ns_bytes.get(ns, 0)}
+
     def keys(self, ns: str) -> list[bytes]:
         """A snapshot of the keys in ``ns`` (expired ones included)."""
         return [key for spaces in self._shards.values() if ns in spaces for key in spaces[ns].values]
@@ -615,6 +629,7 @@ class Store:
         dropped = self._keys
         self._shards = {}
         self._namespaces = {}
+        self._ns_bytes = {}
         self._expiry_heap = []
         self._compacting = []
         self._sample_shards = []
@@ -629,6 +644,33 @@ class Store:
             return False
         self._remove(ns, space, key)
         return True
+
+    def scan(
+        self, shards: Iterable[int], ns: str, prefix: bytes, after: bytes | None, limit: int, max_bytes: int
+    ) -> list[tuple[int, bytes]]:
+        """Live keys of ``ns`` that start with ``prefix`` in ``shards``, in
+        the order of the shards given and by key within a shard, as (shard,
+        key): in the first shard only keys after ``after`` (None: all); at
+        most ``limit`` keys and, past ``max_bytes`` of keys, no more."""
+        found: list[tuple[int, bytes]] = []
+        size = 0
+        now = self._clock()
+        for i, shard in enumerate(shards):
+            space = self._shards.get(shard, {}).get(ns)
+            if space is None:
+                continue
+            expires = space.expires
+            keys = sorted(
+                key for key in space.values if key.startswith(prefix) and (not expires or expires.get(key, math.inf) > now)
+            )
+            if i == 0 and after is not None:
+                keys = keys[bisect.bisect_right(keys, after) :]
+            for key in keys:
+                found.append((shard, key))
+                size += len(key)
+                if len(found) >= limit or size >= max_bytes:
+                    return found
+        return found
 
     # -- by shard, to hand entries to another node ---------------------------------
 
@@ -661,25 +703,35 @@ class Store:
         """Drop every entry of ``shard`` without counting deletes (it moved
         to another node); how many there were."""
         spaces = self._shards.pop(shard, None)
-        if spaces is None:
-            return 0
+        return 0 if spaces is None else sum(self._drop_space(ns, space) for ns, space in spaces.items())
+
+    def flush(self, ns: str | None) -> int:
+        """Drop every entry of namespace ``ns`` (None: of every namespace)
+        without counting deletes; how many there were."""
+        if ns is None:
+            return self.clear()
         dropped = 0
-        self._spaces -= len(spaces)
-        for ns, space in spaces.items():
-            count = len(space.values)
-            dropped += count
-            self._bytes -= sum(len(key) + len(value) for key, value in space.values.items())
-            self._ttl_entries -= len(space.expires)
-            if space.packed:
-                self._packed -= len(space.packed)
-                self._saved -= sum(was - len(space.values[key]) for key, was in space.packed.items())
-            left = self._namespaces[ns] - count
-            if left:
-                self._namespaces[ns] = left
-            else:
-                del self._namespaces[ns]
-        self._keys -= dropped
+        for shard, spaces in list(self._shards.items()):
+            space = spaces.pop(ns, None)
+            if space is not None:
+                dropped += self._drop_space(ns, space)
+                if not spaces:
+                    del self._shards[shard]
         return dropped
+
+    def _drop_space(self, ns: str, space: _Space) -> int:
+        """Account for the entries of ``space`` (of ``ns``), taken out of its shard."""
+        count = len(space.values)
+        size = sum(len(key) + len(value) for key, value in space.values.items())
+        self._spaces -= 1
+        self._keys -= count
+        self._bytes -= size
+        self._ttl_entries -= len(space.expires)
+        if space.packed:
+            self._packed -= len(space.packed)
+            self._saved -= sum(was - len(space.values[key]) for key, was in space.packed.items())
+        self._ns_left(ns, count, size)
+        return count
 
     def absorb(self, entries: Iterable[tuple[str, bytes, bytes, int, int]]) -> int:
         """Take entries handed over by another node, as :meth:`shard_entries`

@@ -63,6 +63,18 @@ VALID = [
     ([25, "getdel", {"key": b"k"}], {"ns": "", "key": b"k"}),
     ([26, "expire", {"key": b"k", "ttl_ms": 1500}], {"ns": "", "key": b"k", "ttl_ms": 1500}),
     ([27, "persist", {"key": b"k", "ns": "a"}], {"ns": "a", "key": b"k"}),
+    ([28, "scan", {}], {"ns": "", "prefix": b"", "limit": 100, "cursor": (0, None)}),
+    (
+        [29, "scan", {"ns": "a", "prefix": "user:", "limit": 1000, "cursor": [17, b"user:9"]}],
+        {"ns": "a", "prefix": b"user:", "limit": 1000, "cursor": (17, b"user:9")},
+    ),
+    (
+        [30, "scanshards", {"shards": [1, 5], "after": None, "limit": 3}],
+        {"ns": "", "prefix": b"", "limit": 3, "shards": [1, 5], "after": None},
+    ),
+    ([31, "flush", {"ns": "a"}], {"ns": "a", "here": False}),
+    ([32, "flush", {"all": True, "here": True}], {"ns": None, "here": True}),
+    ([33, "nsstats", {"ns": ""}], {"ns": "", "here": False}),
 ]
 
 
@@ -204,6 +216,17 @@ def test_set_validation(args: dict[str, Any], code: ErrorCode) -> None:
         ("expire", {"key": b"k", "ttl_ms": 0}),  # persist removes a TTL
         ("expire", {"key": b"k", "ttl_ms": codec.MAX_TTL_MS + 1}),
         ("persist", {"key": b"k", "ttl_ms": 5}),
+        ("scan", {"limit": 0}),
+        ("scan", {"limit": 1001}),
+        ("scan", {"cursor": [8192, None]}),
+        ("scan", {"cursor": [1, "text"]}),
+        ("scan", {"cursor": 5}),
+        ("scan", {"prefix": 5}),
+        ("scanshards", {"shards": [8192]}),
+        ("flush", {}),  # a namespace, or all: never by default
+        ("flush", {"ns": "a", "all": True}),
+        ("flush", {"all": 1}),
+        ("nsstats", {"all": True}),
     ],
 )
 def test_the_other_writes_check_their_arguments(op: str, args: dict[str, Any]) -> None:

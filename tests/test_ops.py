@@ -12,7 +12,7 @@ def test_every_op_says_where_it_runs() -> None:
     keyed_writes = {"set", "add", "replace", "cas", "incr", "getdel", "expire", "persist", "delete"}
     assert {name for name, op in OPS.items() if op.keys is Keys.ONE} == {"get", "getmeta", "ttl", *keyed_writes} == ops.KEYED
     assert {name for name, op in OPS.items() if op.keys is Keys.MANY} == {"mget", "mset", "mdelete"}
-    assert {name for name, op in OPS.items() if op.write} == {*keyed_writes, "mset", "mdelete"}
+    assert {name for name, op in OPS.items() if op.write} == {*keyed_writes, "mset", "mdelete", "flush"}
     for op in OPS.values():
         assert op.keys is Keys.NONE or op.apply is not None, op.name
         assert (op.keys is Keys.MANY) == bool(op.field), op.name
