@@ -604,6 +604,7 @@ class Command:
     # A question to answer yes to before the action runs, from its args (it
     # takes ``yes``, which skips it); raises click.UsageError for bad args.
     confirm: Callable[[dict[str, Any]], str | None] | None = None
+    negative_numbers: bool = False  # an argument may be a negative number (incr k -5), not an option
 
 
 def _set_params(for_shell: bool) -> list[click.Parameter]:
@@ -718,8 +719,11 @@ COMMANDS: dict[str, Command] = {
             "Add BY (default 1) to the integer at KEY (a missing key counts as 0) and print the result.",
             _by,
             incr,
+            negative_numbers=True,
         ),
-        Command("decr", "Subtract BY (default 1) from the integer at KEY and print the result.", _by, decr),
+        Command(
+            "decr", "Subtract BY (default 1) from the integer at KEY and print the result.", _by, decr, negative_numbers=True
+        ),
         Command(
             "delete",
             "Delete keys; exit 1 if none of them existed.",
@@ -815,7 +819,8 @@ def click_command(command: Command, *, for_shell: bool, callback: Callable[..., 
         params += connection_params()
     params.append(json_param())
     text = command.help if for_shell or not command.cli_help else f"{command.help}\n\n{command.cli_help}"
-    return click.Command(command.name, params=params, callback=callback, help=text, context_settings=CONTEXT_SETTINGS)
+    settings = {**CONTEXT_SETTINGS, "ignore_unknown_options": True} if command.negative_numbers else CONTEXT_SETTINGS
+    return click.Command(command.name, params=params, callback=callback, help=text, context_settings=settings)
 
 
 # -- rendering for the one-shot CLI ------------------------------------------------

@@ -384,9 +384,7 @@ def _mget(store: Any, a: dict[str, Any]) -> Any:
 
 
 def _mset_in(store: Any, a: dict[str, Any]) -> Any:
-    ns, ttl, items = a["ns"], a["ttl_ms"], a["items"]
-    store.room_for(sum(len(key) + len(value) for key, value in items))  # (all or none: a refusal changes nothing)
-    return [store.set(ns, key, value, ttl) for key, value in items]
+    return store.set_many(a["ns"], a["items"], a["ttl_ms"])  # (all or none: a refusal changes nothing)
 
 
 def _mdelete(store: Any, a: dict[str, Any]) -> Any:

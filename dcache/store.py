@@ -315,13 +315,18 @@ class Store:
         self.counters.deletes += 1
         return True
 
-    def room_for(self, size: int) -> None:
-        """Raise :class:`OutOfMemory` unless writes of about ``size`` bytes of
-        keys and values (new entries) can be taken, evicting if the policy
-        allows (a batch checks before its first write, so that it is taken
-        whole or not at all)."""
-        if self.max_bytes:
-            self._make_room(size)
+    def set_many(self, ns: str, items: Iterable[tuple[bytes, bytes]], ttl_ms: int = 0) -> list[int]:
+        """:meth:`set` for each (key, value), taken whole or not at all: it
+        raises :class:`OutOfMemory` before the first write if they cannot
+        all be taken. Returns their versions."""
+        prepared = [(key, *self._packing(value)) for key, value in items]
+        if self.max_bytes and prepared:
+            sizes = [len(key) + len(value) for key, value, _ in prepared]
+            if self._tracking:  # (each write evicts as it needs: only one that could never fit is refused)
+                self._make_room(max(sizes), evict=False)
+            else:
+                self._make_room(sum(sizes) + (len(sizes) - 1) * self._room_per_entry, what="these writes")
+        return [self._put(ns, key, value, ttl_ms, room=True, packed=packed) for key, value, packed in prepared]
 
     def sweep(self, limit: int = 1000) -> int:
         """Drop up to ``limit`` expired entries; return how many were dropped.
@@ -387,16 +392,32 @@ class Store:
 
     # -- internals -------------------------------------------------------------
 
-    def _put(self, ns: str, key: bytes, value: bytes, ttl_ms: int, *, room: bool, deadline: bool = False, packed: int = 0) -> int:
-        """Store an entry. ``room``: a client's write (refused if it does not
-        fit and the policy does not evict); else it is taken, evicting others
-        if the policy allows. ``packed``: ``value`` is compressed already,
-        from this many bytes."""
-        if not packed and self._compress is not None and len(value) >= self.compress_min:
+    def _packing(self, value: bytes) -> tuple[bytes, int]:
+        """``value`` as it is to be stored, and the size it was if that is compressed (else 0)."""
+        if self._compress is not None and len(value) >= self.compress_min:
             squeezed = self._compress(value)
             if len(squeezed) <= len(value) - len(value) // COMPRESS_GAIN:
                 # A copy: zstandard's result keeps the allocation of the worst case (the size of the input).
-                value, packed = bytes(memoryview(squeezed)), len(value)
+                return bytes(memoryview(squeezed)), len(value)
+        return value, 0
+
+    def _put(
+        self,
+        ns: str,
+        key: bytes,
+        value: bytes,
+        ttl_ms: int,
+        *,
+        room: bool,
+        deadline: bool = False,
+        packed: int | None = None,
+    ) -> int:
+        """Store an entry. ``room``: a client's write (refused if it does not
+        fit and the policy does not evict); else it is taken, evicting others
+        if the policy allows. ``packed``: None to compress ``value`` if that
+        pays, else the size it was compressed from (0: it is not)."""
+        if packed is None:
+            value, packed = self._packing(value)
         if self.max_bytes:
             if room:
                 self._make_room(len(key) + len(value))
@@ -458,20 +479,28 @@ class Store:
             self._evict_over(0)
         return self._version
 
-    def _make_room(self, size: int) -> None:
+    @property
+    def _room_per_entry(self) -> int:
+        """At most what a new entry costs besides its key and value."""
+        return self._entry_bytes + TTL_OVERHEAD_BYTES + HEAP_ITEM_BYTES + SPACE_OVERHEAD_BYTES
+
+    def _make_room(self, size: int, *, evict: bool = True, what: str = "") -> None:
         """Evict until ``size`` more bytes (plus an entry's overhead) fit, or
         raise OutOfMemory if they cannot: the policy keeps everything, or
-        ``size`` alone is more than the limit."""
-        needed = size + self._entry_bytes + TTL_OVERHEAD_BYTES + HEAP_ITEM_BYTES + SPACE_OVERHEAD_BYTES  # (at most)
+        ``size`` alone is more than the limit. ``evict``: False to check only
+        that they could be made to fit."""
+        needed = size + self._room_per_entry
+        if self._tracking and needed > self.max_bytes:
+            raise OutOfMemory(f"an entry of {size:,} bytes cannot fit in the node's memory limit ({self.max_bytes:,} bytes)")
         if self.memory() + needed <= self.max_bytes:
             return
         if not self._tracking:
+            writes = f"; {what} take {size:,} bytes" if what else ""
             raise OutOfMemory(
-                f"the node is at its memory limit ({self.max_bytes:,} bytes) and evicts nothing (--eviction noeviction)"
+                f"the node is at its memory limit ({self.max_bytes:,} bytes) and evicts nothing (--eviction noeviction){writes}"
             )
-        if needed > self.max_bytes:
-            raise OutOfMemory(f"an entry of {size:,} bytes cannot fit in the node's memory limit ({self.max_bytes:,} bytes)")
-        self._evict_over(needed)
+        if evict:
+            self._evict_over(needed)
 
     def _evict_over(self, needed: int) -> None:
         """Evict entries until ``needed`` more bytes fit within the limit."""
@@ -759,12 +788,12 @@ def _no_codec(value: bytes) -> bytes:
 
 
 def _integer(value: bytes) -> int:
-    """The integer a value holds as decimal text (``-12``), else NotAnInteger."""
+    """The signed 64-bit integer a value holds as decimal text (``-12``), else NotAnInteger."""
     try:
-        number = int(value)
+        number = int(value) if len(value) <= 20 else None
     except ValueError:
         number = None
-    if number is None or b"%d" % number != value:
-        shown = value[:40].decode("utf-8", "backslashreplace")
-        raise NotAnInteger(f"the value is not an integer: {shown!r}")
+    if number is None or b"%d" % number != value or not MIN_INCR <= number <= MAX_INCR:
+        shown = value[:40].decode("utf-8", "backslashreplace") + ("…" if len(value) > 40 else "")
+        raise NotAnInteger(f"the value is not a 64-bit integer: {shown!r}")
     return number

@@ -1090,3 +1090,38 @@ async def test_a_drain_goes_on_when_the_client_that_asked_goes_away(nursery: tri
                 await leaving.drain()
         await wait_for_members(nodes[:1], 1)
         assert len(nodes[0].node.store) == 2000
+
+
+async def test_scan_lists_every_key_once_across_the_cluster(cluster: list[InProcessNode]) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with dcache.connect(cluster[0].address) as client:
+            users = {f"user:{i}".encode() for i in range(1500)}
+            await client.mset({key: b"v" for key in users}, ns="app")
+            await client.mset({f"order:{i}": b"v" for i in range(500)}, ns="app")
+            await client.mset({f"user:{i}": b"v" for i in range(40)})  # another namespace
+            listed = [key async for key in client.scan("user:", ns="app", page=7)]
+            assert len(listed) == len(users) and set(listed) == users  # each once, from every node
+            assert len([key async for key in client.scan(ns="app", page=1000)]) == 2000
+            assert {key async for key in client.scan("user:1", ns="app")} == {k for k in users if k.startswith(b"user:1")}
+            assert len([key async for key in client.scan()]) == 40
+            keys, cursor = await client.scan_page(ns="app", limit=10)
+            assert len(keys) == 10 and cursor is not None
+            rest = [key async for key in client.scan(ns="app")]
+            assert set(keys) <= set(rest)
+        assert all(len(n.node.store) > 0 for n in cluster)  # (the keys were spread)
+
+
+async def test_flush_and_namespace_stats_reach_every_node(cluster: list[InProcessNode]) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with dcache.connect(cluster[1].address) as client:
+            await client.mset({f"k{i}": b"12345" for i in range(300)}, ns="app")
+            await client.mset({f"k{i}": b"v" for i in range(100)}, ns="other")
+            found = await client.namespace_stats("app")
+            assert found["keys"] == 300 and found["data_bytes"] == sum(len(f"k{i}") + 5 for i in range(300))
+            assert set(found["nodes"]) == {n.bound.node_id for n in cluster}
+            assert sum(n["keys"] for n in found["nodes"].values()) == 300
+            assert await client.flush("app") == 300
+            assert (await client.namespace_stats("app"))["keys"] == 0
+            assert await client.get("k1", ns="other") == b"v"  # another namespace is kept
+            assert await client.flush_all() == 100
+            assert sum(len(n.node.store) for n in cluster) == 0

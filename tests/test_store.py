@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from dcache.shard import shard_of
+from dcache.shard import NUM_SHARDS, shard_of
 from dcache.store import NotAnInteger, OutOfMemory, Store
 
 
@@ -292,6 +292,22 @@ def test_incr_stays_within_64_bits(store: Store) -> None:
     with pytest.raises(NotAnInteger, match="64-bit"):
         store.incr("", b"k", 1)
     assert store.get("", b"k") == b"%d" % (2**63 - 1)
+    store.set("", b"big", b"%d" % 2**63)  # stored as text, but not a counter
+    with pytest.raises(NotAnInteger, match="64-bit"):
+        store.incr("", b"big", -1)
+
+
+def test_set_many_takes_all_or_none_and_each_evicts_as_it_needs(clock: Clock) -> None:
+    lru = Store(clock, max_bytes=1_000_000, compress_min=1024)
+    squeezable = b"0123456789" * 3000
+    lru.set_many("", [(b"z%d" % i, squeezable) for i in range(40)])  # 1.2 MB given, far less kept
+    assert len(lru) == 40 and lru.get("", b"z1") == squeezable and lru.counters.evicted == 0
+    with pytest.raises(OutOfMemory, match="cannot fit"):
+        lru.set_many("", [(b"small", b"v"), (b"huge", os.urandom(1_100_000))])
+    assert lru.get("", b"small") is None
+    full = Store(clock, max_bytes=1_000_000, eviction="noeviction", compress_min=1024)
+    full.set_many("", [(b"z%d" % i, squeezable) for i in range(40)])
+    assert len(full) == 40
 
 
 def test_getdel_returns_what_it_removed(store: Store) -> None:
@@ -373,8 +389,9 @@ def test_noeviction_refuses_writes_and_changes_nothing(clock: Clock) -> None:
     assert 0 < count < 10_000 and memory <= 100_000
     with pytest.raises(OutOfMemory, match="noeviction"):
         store.set("", b"another", b"v" * 100)
-    with pytest.raises(OutOfMemory):
-        store.room_for(1000)  # (an mset checks its whole batch first)
+    with pytest.raises(OutOfMemory, match="these writes"):
+        store.set_many("", [(b"new", b"v" * 10), (b"new2", b"v")])  # all or none
+    assert store.get("", b"new") is None
     assert len(store) == count and store.memory() == memory and store.counters.evicted == 0
     assert store.get("", b"key:%08d" % 0) is not None  # reads go on
     assert store.delete("", b"key:%08d" % 0)  # deletes make room
@@ -444,3 +461,39 @@ def test_large_values_are_kept_compressed_and_read_back_whole(clock: Clock) -> N
     assert store.stats()["compressed_values"] == 0 and store.stats()["compression_saved_bytes"] == 0
     store.set("", b"text", text)
     assert store.drop_shard(shard) >= 1 and store.stats()["compression_saved_bytes"] == 0
+
+
+# -- listing and namespaces -----------------------------------------------------------------
+
+
+def test_scan_lists_live_keys_by_shard_then_key_from_a_cursor(store: Store, clock: Clock) -> None:
+    for i in range(200):
+        store.set("", b"k%03d" % i, b"v")
+    store.set("", b"gone", b"v", ttl_ms=1000)
+    store.set("other", b"k001", b"v")
+    clock.now += 1.0
+    everything = store.scan(range(NUM_SHARDS), "", b"", None, 1000, 1 << 20)
+    assert [key for _, key in everything] == sorted(
+        (b"k%03d" % i for i in range(200)), key=lambda k: (shard_of("", k), k)
+    )  # not the expired key, nor another namespace's
+    first = store.scan(range(NUM_SHARDS), "", b"", None, 50, 1 << 20)
+    assert first == everything[:50]
+    shard, after = first[-1]
+    rest = store.scan(range(shard, NUM_SHARDS), "", b"", after, 1000, 1 << 20)
+    assert first + rest == everything
+    assert [key for _, key in store.scan(range(NUM_SHARDS), "", b"k01", None, 1000, 1 << 20)] == sorted(
+        (b"k01%d" % i for i in range(10)), key=lambda k: (shard_of("", k), k)
+    )
+    assert len(store.scan(range(NUM_SHARDS), "", b"", None, 1000, 40)) == 10  # 40 bytes of keys: ten of four
+
+
+def test_flush_drops_one_namespace_or_all_and_keeps_the_counts(store: Store) -> None:
+    for i in range(100):
+        store.set("a", b"k%d" % i, b"12345", ttl_ms=60_000 if i % 2 else 0)
+        store.set("b", b"k%d" % i, b"v")
+    assert store.namespace_stats("a") == {"keys": 100, "data_bytes": sum(len(b"k%d" % i) + 5 for i in range(100))}
+    assert store.flush("a") == 100
+    assert store.namespace_stats("a") == {"keys": 0, "data_bytes": 0} and store.namespaces() == ["b"]
+    assert len(store) == 100 and store.stats()["data_bytes"] == store.namespace_stats("b")["data_bytes"]
+    assert store.get("b", b"k1") == b"v" and store.get("a", b"k1") is None
+    assert store.flush(None) == 100 and len(store) == 0 and store.memory() == 0
