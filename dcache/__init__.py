@@ -29,11 +29,12 @@ _LAZY = {
     "SyncPipeline": "client",
     "Entry": "client",
     "CasResult": "client",
+    "WatchEvent": "client",
 }
 
 if TYPE_CHECKING:
     from .aio import Client, ClusterClient, Pipeline, connect
-    from .client import CasResult, Entry, SyncClient, SyncPipeline
+    from .client import CasResult, Entry, SyncClient, SyncPipeline, WatchEvent
 
 
 def __getattr__(name: str) -> Any:
@@ -55,6 +56,7 @@ __all__ = [
     "SyncPipeline",
     "Entry",
     "CasResult",
+    "WatchEvent",
     "connect",
     "DcacheError",
     "ConnectError",

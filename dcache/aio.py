@@ -23,9 +23,12 @@ from .client import (
     DEFAULT_SCAN_PAGE,
     DEFAULT_TIMEOUT,
     IDLE_CHECK,
+    WATCH_BACKOFF,
+    WATCH_RETRY_FOR,
     Key,
     Operations,
     QueuedOperations,
+    WatchEvent,
     _identity,
     _outcome,
     check_timeout,
@@ -138,6 +141,32 @@ class Client(Operations):
         """Every key of ``ns`` that starts with ``prefix``, across the cluster:
         ``async for key in client.scan("user:")`` (see :meth:`scan_page`)."""
         return _scan(self, prefix, ns, page)
+
+    def watch(self, prefix: Key = "", *, ns: str = "", retry_for: float = WATCH_RETRY_FOR) -> AsyncIterator[WatchEvent]:
+        """The changes to keys of ``ns`` that start with ``prefix``, from every
+        node, as they happen: ``async for event in client.watch("user:")``
+        (see :meth:`dcache.SyncClient.watch`)."""
+        return _watch(self, prefix, ns, retry_for)
+
+
+async def _watch(client: Operations, prefix: Key, ns: str, retry_for: float) -> AsyncIterator[WatchEvent]:
+    cursor = None
+    failing_since: float | None = None
+    attempt = 0
+    while True:
+        try:
+            events, cursor = await client.watch_page(cursor, prefix=prefix, ns=ns)
+        except (ConnectError, ConnectionLost, RequestTimeout) as exc:
+            now = trio.current_time()
+            failing_since = now if failing_since is None else failing_since
+            if now - failing_since > retry_for:
+                raise ConnectError(f"the watch lost its node for more than {retry_for:g} s: {exc}") from exc
+            await trio.sleep(WATCH_BACKOFF[min(attempt, len(WATCH_BACKOFF) - 1)])
+            attempt += 1
+            continue
+        failing_since, attempt = None, 0
+        for event in events:
+            yield event
 
 
 async def _scan(client: Operations, prefix: Key, ns: str, page: int) -> AsyncIterator[bytes]:
@@ -331,6 +360,10 @@ class ClusterClient(Operations):
     def scan(self, prefix: Key = "", *, ns: str = "", page: int = DEFAULT_SCAN_PAGE) -> AsyncIterator[bytes]:
         """Every key of ``ns`` that starts with ``prefix``, across the cluster (see :meth:`Client.scan`)."""
         return _scan(self, prefix, ns, page)
+
+    def watch(self, prefix: Key = "", *, ns: str = "", retry_for: float = WATCH_RETRY_FOR) -> AsyncIterator[WatchEvent]:
+        """The changes to keys that start with ``prefix``, from every node (see :meth:`Client.watch`)."""
+        return _watch(self, prefix, ns, retry_for)
 
 
 @asynccontextmanager

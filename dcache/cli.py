@@ -100,8 +100,33 @@ def _one_shot(command: Command) -> click.Command:
     return commands.click_command(command, for_shell=False, callback=run)
 
 
+def _watch(command: Command) -> click.Command:
+    def run(*, server: str, timeout: float, as_json: bool, prefix: str, ns: str) -> NoReturn:
+        from .client import SyncClient
+
+        try:
+            with SyncClient(server, timeout=timeout) as client:
+                for event in client.watch(prefix, ns=ns):
+                    line, notice = commands.watch_line(event, as_json=as_json)
+                    print(line, file=sys.stderr if notice else sys.stdout, flush=True)
+        except KeyboardInterrupt:
+            sys.exit(130)
+        except BrokenPipeError:  # (piped into head, say)
+            sys.stderr.close()
+            sys.exit(0)
+        except DcacheError as exc:
+            sys.exit(commands.render(commands.failure(exc), as_json=as_json))
+        except ValueError as exc:
+            sys.exit(commands.render(commands.bad_input(exc), as_json=as_json))
+        raise AssertionError("a watch ends only by an error or an interrupt")
+
+    return commands.click_command(command, for_shell=False, callback=run)
+
+
 for _command in commands.COMMANDS.values():
-    if not _command.shell_only:
+    if _command.name == "watch":
+        app.add_command(_watch(_command))
+    elif not _command.shell_only:
         app.add_command(_one_shot(_command))
 
 

@@ -148,6 +148,33 @@ DEFAULT_SCAN_PAGE = 100
 MAX_SCAN_PAGE = 1000  # the node's limit per page
 
 
+class WatchEvent(NamedTuple):
+    """One change seen by :meth:`SyncClient.watch`: ``kind`` is ``set``,
+    ``delete``, ``expire`` or ``evict`` for a key; ``lagged`` when the
+    watcher fell so far behind ``node`` that ``missed`` events were dropped
+    before it read them; ``restarted`` when ``node`` restarted (what changed
+    on it meanwhile is unknown)."""
+
+    kind: str
+    key: bytes
+    ns: str
+    node: str
+    missed: int = 0
+
+
+DEFAULT_WATCH_WAIT = 0.1  # seconds each node holds a watch request while it has nothing to say
+WATCH_RETRY_FOR = 30.0  # seconds a watch keeps trying to reach its node before it gives up
+WATCH_BACKOFF = (0.1, 0.25, 0.5, 1.0)
+
+
+def _watch_events(body: dict[str, Any], ns: str) -> list[WatchEvent]:
+    events = [
+        WatchEvent("restarted" if restarted else "lagged", b"", ns, node, missed) for node, missed, restarted in body["lost"]
+    ]
+    events.extend(WatchEvent(kind, key, ns, node) for node, kind, key in body["events"])
+    return events
+
+
 def _flushed(body: Any) -> int:
     return int(body["flushed"])
 
@@ -272,6 +299,17 @@ class Operations:
         if ns:
             args["ns"] = ns
         return self._call("scan", args, _page)
+
+    def watch_page(self, cursor: Any = None, *, prefix: Key = "", ns: str = "", wait: float = DEFAULT_WATCH_WAIT) -> Any:
+        """One round of a watch: ``(events, cursor)``, the :class:`WatchEvent`
+        list since ``cursor`` (None: from now), from every node, waiting up
+        to ``wait`` seconds for some. ``watch()`` loops on it for you."""
+        args: dict[str, Any] = {"cursor": cursor, "wait_ms": round(wait * 1000), "limit": MAX_SCAN_PAGE}
+        if prefix:
+            args["prefix"] = _as_bytes(prefix, "prefix")
+        if ns:
+            args["ns"] = ns
+        return self._call("watch", args, lambda body: (_watch_events(body, ns), body["cursor"]))
 
     def _entry_args(self, key: Key, value: Value, ttl: float | None, ns: str) -> dict[str, Any]:
         args = self._keyed(key, ns)
@@ -522,6 +560,29 @@ class SyncClient(Operations):
             yield from keys
             if cursor is None:
                 return
+
+    def watch(self, prefix: Key = "", *, ns: str = "", retry_for: float = WATCH_RETRY_FOR) -> Iterator[WatchEvent]:
+        """The changes to keys of ``ns`` that start with ``prefix``, from every
+        node, as they happen, until the loop stops. A node restart or a
+        connection lost is retried for up to ``retry_for`` seconds (then the
+        error is raised); events lost meanwhile are reported as ``lagged`` or
+        ``restarted`` events."""
+        cursor = None
+        failing_since: float | None = None
+        attempt = 0
+        while True:
+            try:
+                events, cursor = self.watch_page(cursor, prefix=prefix, ns=ns)
+            except (ConnectError, ConnectionLost, RequestTimeout) as exc:
+                now = time.monotonic()
+                failing_since = now if failing_since is None else failing_since
+                if now - failing_since > retry_for:
+                    raise ConnectError(f"the watch lost its node for more than {retry_for:g} s: {exc}") from exc
+                time.sleep(WATCH_BACKOFF[min(attempt, len(WATCH_BACKOFF) - 1)])
+                attempt += 1
+                continue
+            failing_since, attempt = None, 0
+            yield from events
 
     def pipeline(self) -> SyncPipeline:
         """Queue operations and send them in one frame: ``p = client.pipeline();

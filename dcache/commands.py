@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .client import DEFAULT_ADDRESS, DEFAULT_TIMEOUT, MAX_SCAN_PAGE, MAX_TIMEOUT, MAX_TTL, Operations, is_leaving
+from .client import DEFAULT_ADDRESS, DEFAULT_TIMEOUT, MAX_SCAN_PAGE, MAX_TIMEOUT, MAX_TTL, Operations, WatchEvent, is_leaving
 from .errors import (
     ConnectError,
     ConnectionLost,
@@ -199,6 +199,21 @@ def scan(client: Operations, *, prefix: str = "", limit: int | None = None, ns: 
     texts = [key.decode("utf-8", "backslashreplace") for key in keys]
     data = {"keys": texts, "count": len(texts), "complete": cursor is None}
     return Outcome(data, stdout="\n".join(map(printable, texts)) if texts else None)
+
+
+def watch_line(event: WatchEvent, *, as_json: bool) -> tuple[str, bool]:
+    """How one watch event is shown: its line, and whether it goes to stderr
+    (a notice of lost events, when not JSON)."""
+    key = event.key.decode("utf-8", "backslashreplace")
+    if as_json:
+        data: dict[str, Any] = {"event": event.kind, "node": event.node, "ns": event.ns}
+        data.update({"missed": event.missed} if event.kind == "lagged" else {} if event.kind == "restarted" else {"key": key})
+        return json.dumps(data), False
+    if event.kind == "lagged":
+        return f"lost {event.missed:,} event(s) from {event.node}: this watch fell behind", True
+    if event.kind == "restarted":
+        return f"{event.node} restarted: what changed on it meanwhile is unknown", True
+    return f"{event.kind}\t{printable(key)}", False
 
 
 def incr(client: Operations, *, key: str, by: int = 1, ns: str = "") -> Outcome:
@@ -767,6 +782,16 @@ COMMANDS: dict[str, Command] = {
         Command("ping", "Check that the node answers.", lambda for_shell: [], ping),
         Command(
             "where", "Show which node owns KEY: its shard, owner and time to live.", lambda for_shell: [_key(), _ns()], where
+        ),
+        Command(
+            "watch",
+            "Print each change to keys that start with PREFIX (set, delete, expire, evict) on every node, "
+            "as it happens, until Ctrl-C.",
+            lambda for_shell: [click.Argument(["prefix"], metavar="[PREFIX]", required=False, default=""), _ns()],
+            None,
+            cli_help="One line per change: the event and the key, tab-separated (--json: one JSON object per line). "
+            "A watch that falls behind, or a node that restarts, is reported on stderr; if its node goes away "
+            "the watch reconnects for up to 30 s.",
         ),
         Command(
             "top",

@@ -22,6 +22,7 @@ import trio
 from . import __version__, transport, wsframe
 from .codec import ErrorCode, Limits, Status
 from .errors import DcacheError
+from .events import EventLog
 from .handoff import Placement, Signal, absorb, claim, hand_over
 from .membership import EtcdMembership, MembershipError, StandaloneMembership, View
 from .net import busy_poll_from_env, split_address
@@ -125,6 +126,9 @@ class Node:
         self.store = Store(
             clock=trio.current_time, max_bytes=config.max_memory, eviction=config.eviction, compress_min=config.compress_min
         )
+        self.events = EventLog(trio.current_time)
+        self._event_arrived = Signal()
+        self.events.on_append = self._event_arrived.set
         self.node_id = ""
         self.connections = 0
         self.unfinished = Budget(config.max_unfinished_bytes)
@@ -313,6 +317,9 @@ class Node:
             clock=trio.lowlevel.current_clock().current_time,  # the clock membership vouches on
         )
         self.router.arriving = self.placement.incoming
+        self.router.event_log = self.events
+        self.router.event_arrived = self._event_arrived.event
+        self.router.watched = self._watched
         if config.replicas > 1:
             self.replicator = Replicator(self.placement, self.store, self.peers, mode=config.replication)
             self.router.replicator = self.replicator
@@ -540,6 +547,19 @@ class Node:
         if self.replicator is not None and args["done"]:
             self.replicator.wake.set()  # (shards arrived: copies to make)
         return reply
+
+    # -- watchers -------------------------------------------------------------------
+
+    def _watched(self) -> None:
+        """Someone reads the event log: record the changes to this node's keys."""
+        self.store.on_change = self._changed
+
+    def _changed(self, kind: str, ns: str, key: bytes) -> None:
+        if not self.events.active:  # (no reader for a while: stop recording)
+            self.store.on_change = None
+            return
+        if self.router.shard_map.owner(ns, key) == self.node_id:  # (a copy here changes as its owner's does)
+            self.events.append(kind, ns, key)
 
     # -- upkeep ---------------------------------------------------------------------
 

@@ -18,7 +18,10 @@ if it existed; ttl → remaining ms, -1 for no TTL, null if missing; mget →
 {"keys": [key, ...], "cursor": the next page's cursor, null at the end};
 scanshards → [[shard, key], ...]; flush → {"flushed": total, "nodes": {node:
 count}}; nsstats → {"keys", "data_bytes", "nodes": {node: {"keys",
-"data_bytes"}}}; stats → map of
+"data_bytes"}}}; watch → {"events": [[node, kind, key], ...], "cursor": {node:
+[incarnation, seq]}, "lost": [[node, missed, restarted], ...]}; events →
+{"incarnation", "events": [[seq, kind, key], ...], "next", "missed",
+"restarted"}; stats → map of
 counters; members → {"epoch", "members": [{"node", "client", "state",
 "stats"}, ...]}; drain → what the node handed over
 ({"shards_moved", "entries_moved", "shards_left_behind", "entries_left_behind"}),
@@ -514,6 +517,52 @@ def _namespace_op(op: str) -> Callable[[dict[str, Any], Limits], dict[str, Any]]
     return check
 
 
+MAX_WATCH_WAIT_MS = 2000  # well within a peer link's request timeout
+DEFAULT_WATCH_WAIT_MS = 100
+_EVENTS = frozenset({"ns", "prefix", "incarnation", "after", "wait_ms", "limit"})
+_WATCH = frozenset({"ns", "prefix", "cursor", "wait_ms", "limit"})
+
+
+def _wait_ms(args: dict[str, Any], op: str) -> int:
+    wait = args.get("wait_ms", DEFAULT_WATCH_WAIT_MS)
+    if type(wait) is not int or not 0 <= wait <= MAX_WATCH_WAIT_MS:
+        raise WireError(ErrorCode.BAD_REQUEST, f"{op}: wait_ms must be an integer from 0 to {MAX_WATCH_WAIT_MS}")
+    return wait
+
+
+def _position(incarnation: Any, after: Any, op: str) -> tuple[int | None, int]:
+    if not ((incarnation is None or (type(incarnation) is int and incarnation > 0)) and type(after) is int and after >= 0):
+        raise WireError(ErrorCode.BAD_REQUEST, f"{op}: a position is an incarnation (or null) and a sequence number")
+    return incarnation, after
+
+
+def _events(args: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    """A read of a node's event log (see :mod:`dcache.events`), from the node serving a ``watch``."""
+    _fields(args, _EVENTS, "events")
+    checked = _scan_common(args, limits, "events")
+    checked["incarnation"], checked["after"] = _position(args.get("incarnation"), args.get("after", 0), "events")
+    checked["wait_ms"] = _wait_ms(args, "events")
+    return checked
+
+
+def _watch(args: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    """The changes to keys of ``ns`` that start with ``prefix`` on every node
+    since ``cursor`` (null: from now), waiting up to ``wait_ms`` for some."""
+    _fields(args, _WATCH, "watch")
+    checked = _scan_common(args, limits, "watch")
+    checked["wait_ms"] = _wait_ms(args, "watch")
+    cursor = args.get("cursor") or {}
+    if type(cursor) is not dict or len(cursor) > 10_000:
+        raise WireError(ErrorCode.BAD_REQUEST, "watch: cursor must be null or the cursor the last watch reply gave")
+    positions = {}
+    for node, position in cursor.items():
+        if type(node) is not str or type(position) is not list or len(position) != 2:
+            raise WireError(ErrorCode.BAD_REQUEST, "watch: cursor must be null or the cursor the last watch reply gave")
+        positions[node] = _position(position[0], position[1], "watch")
+    checked["cursor"] = positions
+    return checked
+
+
 def _claim(args: dict[str, Any], limits: Limits) -> dict[str, Any]:
     """A node asking about shards it waits for (see :mod:`dcache.handoff`)."""
     shards = args.get("shards")
@@ -541,6 +590,8 @@ OPS: dict[str, Op] = {
         Op("scan", _scan),
         Op("flush", _namespace_op("flush"), write=True),
         Op("nsstats", _namespace_op("nsstats")),
+        Op("watch", _watch),
+        Op("events", _events),  # from peers only
         Op("scanshards", _scan_shards),  # from peers only
         Op("get", _keyed("get"), Keys.ONE, apply=_get),
         Op("getmeta", _keyed("getmeta"), Keys.ONE, apply=_getmeta),

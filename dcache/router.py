@@ -44,6 +44,7 @@ import trio
 from . import codec
 from .codec import ErrorCode, Limits, Status, WireError
 from .errors import PeerUnavailable
+from .events import EventLog
 from .ops import KEYED, OPS, Keys, Op, Request, check_request, parse_request
 from .protocol import ServerSession
 from .shard import NUM_SHARDS, ShardMap, shard_of
@@ -360,6 +361,11 @@ class Router:
         self.replicator: Replicator | None = None  # with replicas: sends this node's writes to them
         self._handoff = handoff
         self._drain = drain
+        # Watching (set by the node): its event log, the wake-up for readers
+        # waiting on it, and what to call when someone reads it.
+        self.event_log: EventLog | None = None
+        self.event_arrived: Callable[[], trio.Event] = trio.Event
+        self.watched: Callable[[], None] = lambda: None
         self._clock = clock
 
     # -- entry points -------------------------------------------------------------
@@ -454,6 +460,10 @@ class Router:
                     waiting._gathers.append((waiting.slot(req.rid), functools.partial(self._scan, req.args)))
                 elif req.op == "scanshards":
                     replies.append(self._scan_here(req))
+                elif req.op in ("watch", "events"):
+                    waiting = waiting or Waiting(self, started)
+                    gather = functools.partial(self._watch if req.op == "watch" else self._events, req.args)
+                    waiting._gathers.append((waiting.slot(req.rid), gather))
                 elif req.op in ("flush", "nsstats"):
                     if req.args["here"]:
                         self.counters.count(req.op, "ok")
@@ -721,6 +731,63 @@ class Router:
         """A ``scanshards`` from the node serving a page of a scan."""
         self.counters.count("scanshards", "ok")
         return codec.ok(req.rid, [list(item) for item in self._scan_shards(req.args)])
+
+    async def _events(self, args: dict[str, Any]) -> tuple[int, Any]:
+        """A read of this node's event log, waiting up to ``wait_ms`` for an event to say."""
+        log = self.event_log
+        if log is None:
+            return Status.ERROR, [ErrorCode.BAD_REQUEST.value, "this node keeps no event log"]
+        self.watched()
+        position = args["incarnation"], args["after"]
+        read = log.read(*position, args["ns"], args["prefix"], args["limit"])
+        if not (read.events or read.missed or read.restarted) and position[0] is not None and args["wait_ms"]:
+            with trio.move_on_after(args["wait_ms"] / 1000):
+                while not (read.events or read.missed or read.restarted):
+                    await self.event_arrived().wait()
+                    read = log.read(*position, args["ns"], args["prefix"], args["limit"])
+        self.counters.count("events", "ok")
+        return Status.OK, {
+            "incarnation": read.incarnation,
+            "events": [[seq, kind, key] for seq, kind, _, key in read.events],
+            "next": read.next,
+            "missed": read.missed,
+            "restarted": read.restarted,
+        }
+
+    async def _watch(self, args: dict[str, Any]) -> tuple[int, Any]:
+        """A ``watch``: every member's events since the cursor, each member's
+        log read at once (waiting up to ``wait_ms`` on each)."""
+        cursor: dict[str, tuple[int | None, int]] = args["cursor"]
+        members = self.shard_map.members or (self.node_id,)
+        answers: dict[str, Any] = {}
+
+        async def poll(member: str) -> None:
+            incarnation, after = cursor.get(member, (None, 0))
+            part = {"ns": args["ns"], "prefix": args["prefix"], "incarnation": incarnation, "after": after}
+            part.update(wait_ms=args["wait_ms"], limit=args["limit"])
+            if member == self.node_id or self.peers is None:
+                status, body = await self._events(part)
+            else:
+                try:
+                    [(status, body)] = await self.peers.forward(member, [("events", part)])
+                except PeerUnavailable:
+                    return  # (it keeps its place in the cursor, and says what it lost when it is back)
+            if status == Status.OK:
+                answers[member] = body
+
+        async with trio.open_nursery() as nursery:
+            for member in members:
+                nursery.start_soon(poll, member)
+        events: list[list[Any]] = []
+        lost: list[list[Any]] = []
+        after = {member: list(cursor[member]) for member in members if member in cursor}
+        for member, body in answers.items():
+            after[member] = [body["incarnation"], body["next"]]
+            events.extend([member, kind, key] for _, kind, key in body["events"])
+            if body["missed"] or body["restarted"]:
+                lost.append([member, body["missed"], body["restarted"]])
+        self.counters.count("watch", "ok")
+        return Status.OK, {"events": events, "cursor": after, "lost": lost}
 
     def _namespace_here(self, op: str, ns: str | None) -> dict[str, Any]:
         if op == "flush":

@@ -221,7 +221,7 @@ class ShellSession:
             params["ns"] = self.namespace
         action = commands.COMMANDS[name].action
         if action is None:  # run by the shell itself
-            return self.top(**params)
+            return self.top(**params) if name == "top" else self.watch(as_json=as_json, **params)
         spec = commands.COMMANDS[name]
         if spec.confirm is not None:
             try:
@@ -350,6 +350,28 @@ class ShellSession:
             highlight=False,
         )
         return 0
+
+    def watch(self, *, prefix: str, ns: str, as_json: bool) -> int:
+        """Print changes to keys that start with ``prefix`` until Ctrl-C."""
+        if self.client is None and not self.connect():
+            return commands.EXIT_UNAVAILABLE
+        assert self.client is not None
+        if self.interactive:
+            self.note("watching; Ctrl-C stops")
+        try:
+            for event in self.client.watch(prefix, ns=ns):
+                line, notice = commands.watch_line(event, as_json=as_json)
+                if notice:
+                    self.note(line)
+                elif self.interactive:
+                    self.console.print(line, markup=False, highlight=False)
+                else:
+                    self._plain(line)
+        except KeyboardInterrupt:
+            return 0
+        except DcacheError as exc:
+            return self.error(str(exc))
+        raise AssertionError("a watch ends only by an error or an interrupt")
 
     def top(self, *, interval: float, iterations: int | None) -> int:
         if self.client is None and not self.connect():

@@ -167,6 +167,10 @@ class Store:
         self._sample_misses = 0
         self._pool: list[tuple[int, str, bytes]] = []  # eviction candidates, least used first
         self._rng = random.Random()
+        # Called with ("set" | "delete" | "expire" | "evict", ns, key) for each
+        # such change a client's request or time makes (not for entries moved
+        # between nodes), while a node has watchers.
+        self.on_change: Callable[[str, str, bytes], None] | None = None
         self.compress_min = compress_min
         self._packed = 0  # values kept compressed
         self._saved = 0  # bytes their compression saves
@@ -196,6 +200,8 @@ class Store:
                     return value
                 self._remove(ns, space, key)
                 self.counters.expired += 1
+                if self.on_change is not None:
+                    self.on_change("expire", ns, key)
         self.counters.misses += 1
         return None
 
@@ -295,6 +301,8 @@ class Store:
         self._remove(ns, space, key)
         self.counters.hits += 1
         self.counters.deletes += 1
+        if self.on_change is not None:
+            self.on_change("delete", ns, key)
         return value
 
     def expire(self, ns: str, key: bytes, ttl_ms: int) -> bool:
@@ -313,6 +321,8 @@ class Store:
             return False
         self._remove(ns, space, key)
         self.counters.deletes += 1
+        if self.on_change is not None:
+            self.on_change("delete", ns, key)
         return True
 
     def set_many(self, ns: str, items: Iterable[tuple[bytes, bytes]], ttl_ms: int = 0) -> list[int]:
@@ -351,6 +361,8 @@ class Store:
                 self._remove(ns, space, key)
                 self.counters.expired += 1
                 dropped += 1
+                if self.on_change is not None:
+                    self.on_change("expire", ns, key)
         return limit if examined == limit else dropped
 
     def next_expiry(self) -> float | None:
@@ -475,6 +487,8 @@ class Store:
                 if not self._compacting and len(heap) >= _HEAP_MIN_REBUILD and len(heap) > _HEAP_SLACK * self._ttl_entries:
                     self._compacting, self._expiry_heap = heap, []
         self.counters.sets += 1
+        if room and self.on_change is not None:
+            self.on_change("set", ns, key)
         if self.max_bytes and not room and self._tracking:
             self._evict_over(0)
         return self._version
@@ -543,6 +557,8 @@ class Store:
             key = next(iter(victim.values))
         self._remove(ns, victim, key)
         self.counters.evicted += 1
+        if self.on_change is not None:
+            self.on_change("evict", ns, key)
 
     def _use(self, used: dict[bytes, int], key: bytes) -> None:
         """Note a use of ``key`` for eviction's choice."""
@@ -592,6 +608,8 @@ class Store:
             return False
         self._remove(ns, space, key)
         self.counters.expired += 1
+        if self.on_change is not None:
+            self.on_change("expire", ns, key)
         return True
 
     def _remove(self, ns: str, space: _Space, key: bytes) -> None:

@@ -556,3 +556,30 @@ def test_where_names_no_leaving_node_as_the_owner() -> None:
     outcome = commands.where(Client(), key=key)  # type: ignore[arg-type]
     assert outcome.data["owner"] == ShardMap.build(0, ["a:1", "b:1"]).owner("", key.encode())
     assert outcome.data["shard"] == shard_of("", key.encode())
+
+
+def test_watch_prints_each_change_until_interrupted(server: ServeProcess) -> None:
+    env = {**os.environ, "DCACHE_SERVER": server.client_address}
+    watch = subprocess.Popen([*DCACHE, "watch", "wt:"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.monotonic() + 15
+        lines: list[bytes] = []
+        assert watch.stdout is not None
+        os.set_blocking(watch.stdout.fileno(), False)
+        wanted = {b"set\twt:a\n", b"set\twt:b\n", b"delete\twt:b\n"}
+        while not wanted <= set(lines):  # (the watch may start after the first writes: write until seen)
+            assert time.monotonic() < deadline, lines
+            dcache("set", "wt:a", "1", server=server)
+            dcache("set", "other", "1", server=server)
+            dcache("delete", "wt:b", server=server)
+            dcache("set", "wt:b", "2", server=server)
+            dcache("delete", "wt:b", server=server)
+            time.sleep(0.2)
+            lines.extend(line + b"\n" for line in (watch.stdout.read() or b"").splitlines())
+        assert set(lines) == wanted  # not "other"
+        watch.send_signal(signal.SIGINT)
+        assert watch.wait(10) == 130
+        assert watch.stderr is not None and b"Traceback" not in watch.stderr.read()
+    finally:
+        watch.kill()
+        watch.wait()

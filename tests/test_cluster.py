@@ -1125,3 +1125,97 @@ async def test_flush_and_namespace_stats_reach_every_node(cluster: list[InProces
             assert await client.get("k1", ns="other") == b"v"  # another namespace is kept
             assert await client.flush_all() == 100
             assert sum(len(n.node.store) for n in cluster) == 0
+
+
+async def test_a_watch_sees_every_change_once_from_every_node(cluster: list[InProcessNode]) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with dcache.connect(cluster[0].address) as watcher, dcache.connect(cluster[1].address) as writer:
+            events, cursor = await watcher.watch_page(prefix="w:")  # from now
+            assert events == []
+            keys = [f"w:{i}".encode() for i in range(60)]
+            await writer.mset({key: b"v" for key in keys})
+            await writer.set("elsewhere", b"v")
+            await writer.mdelete(keys[:10])
+            await writer.set("w:short", b"v", ttl=0.2)
+            owners = {cluster[0].node.router.shard_map.owner("", key) for key in keys}
+            assert len(owners) == 3  # (changes on every node)
+            seen: list[tuple[str, bytes]] = []
+            while ("expire", b"w:short") not in seen:
+                events, cursor = await watcher.watch_page(cursor, prefix="w:")
+                seen.extend((event.kind, event.key) for event in events)
+            assert sorted(key for kind, key in seen if kind == "set") == sorted([*keys, b"w:short"])  # each once
+            assert sorted(key for kind, key in seen if kind == "delete") == sorted(keys[:10])
+            assert {event.node for event in events} <= {n.bound.node_id for n in cluster}
+
+
+async def test_a_slow_watcher_is_told_it_lagged_and_costs_the_node_nothing(cluster: list[InProcessNode]) -> None:
+    for n in cluster:
+        n.node.events._max_events = 50
+    with trio.fail_after(TIMEOUT):
+        async with dcache.connect(cluster[2].address) as client:
+            _, cursor = await client.watch_page()
+            await client.mset({f"k{i}": b"v" for i in range(600)})  # ~200 per node, its log keeps 50
+            events, cursor = await client.watch_page(cursor)
+            lagged = [event for event in events if event.kind == "lagged"]
+            assert {event.node for event in lagged} == {n.bound.node_id for n in cluster}
+            shown = [event for event in events if event.kind == "set"]
+            assert sum(event.missed for event in lagged) + len(shown) == 600
+            assert all(len(n.node.events._events) <= 50 for n in cluster)
+            await client.set("k-after", b"v")
+            events, _ = await client.watch_page(cursor)
+            assert [(e.kind, e.key) for e in events] == [("set", b"k-after")]  # on from where it is
+
+
+async def test_a_watcher_is_told_when_its_node_restarted(nursery: trio.Nursery) -> None:
+    port = free_port()
+    config = NodeConfig(client_listen=f"127.0.0.1:{port}", listen=f"127.0.0.1:{free_port()}")
+    with trio.fail_after(TIMEOUT):
+        first = await nursery.start(_scoped, Node(config))
+        client = await dcache.Client.connect(first.address)
+        _, cursor = await client.watch_page()
+        first.stop()
+        await nursery.start(_scoped, Node(config))  # the same node id, a new incarnation
+        while True:
+            try:
+                events, cursor = await client.watch_page(cursor)
+                break
+            except dcache.DcacheError:  # (the client reconnects on the next request)
+                await trio.sleep(0.05)
+        assert [event.kind for event in events] == ["restarted"]
+        await client.set("k", b"v")
+        events, _ = await client.watch_page(cursor)
+        assert [(e.kind, e.key) for e in events] == [("set", b"k")]
+        await client.aclose()
+
+
+async def test_a_watch_goes_on_across_a_restart_of_its_node(nursery: trio.Nursery) -> None:
+    port = free_port()
+    config = NodeConfig(client_listen=f"127.0.0.1:{port}", listen=f"127.0.0.1:{free_port()}")
+    seen: list[tuple[str, bytes]] = []
+    with trio.fail_after(TIMEOUT):
+        node = await nursery.start(_scoped, Node(config))
+        client = await dcache.Client.connect(node.address)
+        writer = await dcache.Client.connect(node.address)
+
+        async def watch(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            task_status.started()
+            async for event in client.watch("k"):
+                seen.append((event.kind, event.key))
+
+        async with trio.open_nursery() as watching:
+            await watching.start(watch)
+            while ("set", b"k1") not in seen:  # (the watch starts from its first request)
+                await writer.set("k1", b"v")
+                await trio.sleep(0.05)
+            node.stop()
+            await nursery.start(_scoped, Node(config))
+            while ("set", b"k2") not in seen:
+                try:
+                    await writer.set("k2", b"v")
+                except dcache.DcacheError:
+                    pass
+                await trio.sleep(0.05)
+            watching.cancel_scope.cancel()
+        assert ("restarted", b"") in seen and seen.index(("restarted", b"")) < seen.index(("set", b"k2"))
+        await client.aclose()
+        await writer.aclose()

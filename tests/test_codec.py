@@ -75,6 +75,15 @@ VALID = [
     ([31, "flush", {"ns": "a"}], {"ns": "a", "here": False}),
     ([32, "flush", {"all": True, "here": True}], {"ns": None, "here": True}),
     ([33, "nsstats", {"ns": ""}], {"ns": "", "here": False}),
+    (
+        [34, "watch", {"prefix": b"u", "cursor": {"a:1": [7, 12]}, "wait_ms": 0}],
+        {"ns": "", "prefix": b"u", "limit": 100, "wait_ms": 0, "cursor": {"a:1": (7, 12)}},
+    ),
+    ([35, "watch", {}], {"ns": "", "prefix": b"", "limit": 100, "wait_ms": 100, "cursor": {}}),
+    (
+        [36, "events", {"incarnation": None, "after": 0, "limit": 5}],
+        {"ns": "", "prefix": b"", "limit": 5, "incarnation": None, "after": 0, "wait_ms": 100},
+    ),
 ]
 
 
@@ -227,6 +236,11 @@ def test_set_validation(args: dict[str, Any], code: ErrorCode) -> None:
         ("flush", {"ns": "a", "all": True}),
         ("flush", {"all": 1}),
         ("nsstats", {"all": True}),
+        ("watch", {"wait_ms": 2001}),
+        ("watch", {"cursor": [1, 2]}),
+        ("watch", {"cursor": {"a": [0, 1]}}),  # incarnations start at 1
+        ("watch", {"cursor": {"a": [1, -1]}}),
+        ("events", {"after": "1"}),
     ],
 )
 def test_the_other_writes_check_their_arguments(op: str, args: dict[str, Any]) -> None:
