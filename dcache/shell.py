@@ -75,6 +75,7 @@ NOT_IN_SHELL = {
 
 CONNECTION_OPTIONS = ("--server", "-s", "--timeout")
 COMPLETION_KEYS = 50  # keys offered by Tab, asked of the node with a scan
+COMPLETION_PAGES = 4  # pages of that scan at most
 
 
 def command_group() -> click.Group:
@@ -203,7 +204,7 @@ class ShellSession:
     def _invoke(self, command: click.Command, name: str, args: list[str]) -> int:
         """Parse ``args`` as the command table says, then run the command here."""
         try:
-            with command.make_context(name, args) as ctx:
+            with command.make_context(name, list(args)) as ctx:  # (a copy: click empties the list)
                 params = dict(ctx.params)
         except click.exceptions.Exit as exc:  # --help printed
             return exc.exit_code
@@ -258,10 +259,16 @@ class ShellSession:
         if cached is not None and cached_ns == ns and prefix.startswith(cached_prefix):
             keys.update(key for key in cached if key.startswith(prefix))  # (that scan found every key it could)
         elif self.client is not None:
+            found: list[bytes] = []
+            cursor = None
             try:
-                found, cursor = self.client.scan_page(prefix=prefix, ns=ns, limit=count)
+                for _ in range(COMPLETION_PAGES):  # (a page may end early, with few keys, on a large node)
+                    page, cursor = self.client.scan_page(cursor, prefix=prefix, ns=ns, limit=count - len(found))
+                    found.extend(page)
+                    if cursor is None or len(found) >= count:
+                        break
             except (DcacheError, ValueError):
-                found, cursor = [], True
+                cursor = True
             texts = [key.decode("utf-8", "replace") for key in found]
             self._scanned = (ns, prefix, texts if cursor is None else None)
             keys.update(texts)

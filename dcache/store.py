@@ -69,6 +69,8 @@ EVICTION_SAMPLES = 5
 SAMPLE_SPAN = 8
 EVICTION_POOL = 16  # the best candidates kept from one eviction's samples for the next
 SAMPLE_MISSES = 64  # samples of a shard emptied since the list of shards was made, before it is made again
+SAMPLE_REFRESH = 4096  # samples before the list of shards is made again anyway
+EVICT_BATCH = 256  # evictions one write may make; the sweep makes the rest
 # LFU as in Redis: an 8-bit counter, incremented with probability 1 / ((c -
 # LFU_INIT) * LFU_LOG_FACTOR + 1), decremented once per LFU_DECAY_S unused;
 # a new key starts at LFU_INIT so that it is not the first to go.
@@ -165,6 +167,7 @@ class Store:
         self._period = 0  # lfu: decay periods so far (kept by sweep)
         self._sample_shards: list[int] = []  # shards with entries, to sample (rebuilt now and then)
         self._sample_misses = 0
+        self._sampled = 0  # samples taken since the list of shards was made
         self._pool: list[tuple[int, str, bytes]] = []  # eviction candidates, least used first
         self._rng = random.Random()
         # Called with ("set" | "delete" | "expire" | "evict", ns, key) for each
@@ -311,7 +314,7 @@ class Store:
         space = self._live(ns, key)
         if space is None:
             return False
-        self._put(ns, key, space.values[key], ttl_ms, room=False, packed=space.packed.get(key, 0))
+        self._put(ns, key, space.values[key], ttl_ms, room=False, event=None, packed=space.packed.get(key, 0))
         self.counters.sets -= 1  # (not a value written)
         return True
 
@@ -336,16 +339,20 @@ class Store:
                 self._make_room(max(sizes), evict=False)
             else:
                 self._make_room(sum(sizes) + (len(sizes) - 1) * self._room_per_entry, what="these writes")
-        return [self._put(ns, key, value, ttl_ms, room=True, packed=packed) for key, value, packed in prepared]
+        # (checked: the writes themselves may not refuse, or the batch would be taken in part)
+        return [self._put(ns, key, value, ttl_ms, room=False, packed=packed) for key, value, packed in prepared]
 
     def sweep(self, limit: int = 1000) -> int:
         """Drop up to ``limit`` expired entries; return how many were dropped.
 
         Returns ``limit`` when there may be more to do right away (dropping,
-        or compacting the expiry heap: up to ``limit`` items moved per call).
+        compacting the expiry heap: up to ``limit`` items moved per call, or
+        evicting what a large write left over the memory limit).
         """
         if self._compacting and self._compact(limit) == limit:
             return limit
+        if self._tracking and self.memory() > self.max_bytes and self._evict_over(0) == EVICT_BATCH:
+            return limit  # (a large write went over the limit: evicting the rest, a batch per call)
         now = self._clock()
         if self._lfu:
             self._period = int(now // LFU_DECAY_S)
@@ -421,13 +428,16 @@ class Store:
         ttl_ms: int,
         *,
         room: bool,
+        event: str | None = "set",
         deadline: bool = False,
         packed: int | None = None,
     ) -> int:
-        """Store an entry. ``room``: a client's write (refused if it does not
-        fit and the policy does not evict); else it is taken, evicting others
-        if the policy allows. ``packed``: None to compress ``value`` if that
-        pays, else the size it was compressed from (0: it is not)."""
+        """Store an entry. ``room``: a client's write, refused if it does not
+        fit and the policy does not evict; else it is taken, evicting others
+        if the policy allows. ``event``: what watchers are told (None:
+        nothing, for entries moved between nodes). ``packed``: None to
+        compress ``value`` if that pays, else the size it was compressed
+        from (0: it is not)."""
         if packed is None:
             value, packed = self._packing(value)
         if self.max_bytes:
@@ -487,8 +497,8 @@ class Store:
                 if not self._compacting and len(heap) >= _HEAP_MIN_REBUILD and len(heap) > _HEAP_SLACK * self._ttl_entries:
                     self._compacting, self._expiry_heap = heap, []
         self.counters.sets += 1
-        if room and self.on_change is not None:
-            self.on_change("set", ns, key)
+        if event is not None and self.on_change is not None:
+            self.on_change(event, ns, key)
         if self.max_bytes and not room and self._tracking:
             self._evict_over(0)
         return self._version
@@ -496,7 +506,8 @@ class Store:
     @property
     def _room_per_entry(self) -> int:
         """At most what a new entry costs besides its key and value."""
-        return self._entry_bytes + TTL_OVERHEAD_BYTES + HEAP_ITEM_BYTES + SPACE_OVERHEAD_BYTES
+        packed = PACKED_OVERHEAD_BYTES if self._compress is not None else 0
+        return self._entry_bytes + TTL_OVERHEAD_BYTES + HEAP_ITEM_BYTES + SPACE_OVERHEAD_BYTES + packed
 
     def _make_room(self, size: int, *, evict: bool = True, what: str = "") -> None:
         """Evict until ``size`` more bytes (plus an entry's overhead) fit, or
@@ -516,10 +527,16 @@ class Store:
         if evict:
             self._evict_over(needed)
 
-    def _evict_over(self, needed: int) -> None:
-        """Evict entries until ``needed`` more bytes fit within the limit."""
-        while self._keys and self.memory() + needed > self.max_bytes:
+    def _evict_over(self, needed: int, budget: int = EVICT_BATCH) -> int:
+        """Evict entries until ``needed`` more bytes fit within the limit, at
+        most ``budget`` of them (a write of a large value among small ones
+        would otherwise evict for seconds: :meth:`sweep` goes on with the
+        rest); how many were evicted."""
+        evicted = 0
+        while evicted < budget and self._keys and self.memory() + needed > self.max_bytes:
             self._evict_one()
+            evicted += 1
+        return evicted
 
     def _evict_one(self) -> None:
         """Evict the least used of the entries sampled now and the best
@@ -528,8 +545,10 @@ class Store:
         shards, random, pool, lfu = self._shards, self._rng.random, self._pool, self._lfu
         for _ in range(EVICTION_SAMPLES):
             choices = self._sample_shards
-            if not choices:
+            if not choices or self._sampled > SAMPLE_REFRESH:  # (shards filled since it was made are in it again)
                 choices = self._sample_shards = list(shards)
+                self._sampled = 0
+            self._sampled += 1
             spaces = shards.get(choices[int(random() * len(choices))])
             if spaces is None:  # (it went since the list was made, which is rebuilt after a few such)
                 self._sample_misses += 1
@@ -542,7 +561,9 @@ class Store:
                 key = next(iter(used))
                 pool.append((used[key], ns, key))
             else:
-                key, mark = min(itertools.islice(used.items(), SAMPLE_SPAN), key=lambda item: self._decayed(item[1]))
+                start = int(random() * max(0, len(used) - SAMPLE_SPAN))  # (not always the first: those may all be hot)
+                window = itertools.islice(used.items(), start, start + SAMPLE_SPAN)
+                key, mark = min(window, key=lambda item: self._decayed(item[1]))
                 pool.append((self._decayed(mark), ns, key))
         pool.sort()
         del pool[EVICTION_POOL:]
@@ -789,14 +810,14 @@ class Store:
         were taken."""
         taken = 0
         for ns, key, value, ttl_ms, version in entries:
-            self._put(ns, key, value, ttl_ms, room=False)
+            self._put(ns, key, value, ttl_ms, room=False, event=None)
             self.counters.sets -= 1  # not a client's write
+            if version > self._version:  # (even if it is evicted at once: versions never go back)
+                self._version = version
             space = self._space(ns, key)
             if space is None or key not in space.values:  # (evicted at once to make room for the next)
                 continue
             space.versions[key] = version
-            if version > self._version:
-                self._version = version
             taken += 1
         return taken
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -481,3 +482,22 @@ async def test_a_write_its_replicas_did_not_confirm_is_answered_and_counted_unav
     assert [r[:2] for r in single + batch] == [[1, 1], [2, 1], [3, 0]]
     assert single[0][2][0] == ErrorCode.UNAVAILABLE.value
     assert router.counters.ops.get(("set", "unavailable")) == 2 and router.counters.ops.get(("set", "ok"), 0) == 0
+
+
+async def test_a_scan_page_ends_early_past_its_time_budget_and_the_walk_still_lists_every_key() -> None:
+    ticks = itertools.count()
+    wire = make_cluster(clock=lambda: next(ticks) * 0.004)  # (every reading of the clock 4 ms later)
+    router = wire.routers[NODES[0]]
+    await call(router, [1, "mset", {"items": [[f"k{i}", b"v"] for i in range(3000)]}])
+    [[_, status, page]] = await call(router, [2, "scan", {"prefix": "nothing-has-this-prefix"}])
+    assert status == Status.OK and page["keys"] == [] and page["cursor"] is not None  # (not all 8192 shards at once)
+    keys: list[bytes] = []
+    cursor = None
+    pages = 0
+    while True:
+        [[_, status, page]] = await call(router, [3, "scan", {"cursor": cursor, "limit": 1000}])
+        keys.extend(page["keys"])
+        cursor, pages = page["cursor"], pages + 1
+        if cursor is None:
+            break
+    assert sorted(keys) == sorted(f"k{i}".encode() for i in range(3000)) and pages > 3

@@ -401,3 +401,33 @@ def test_tables_align_text_left_and_numbers_right() -> None:
     assert [c.justify for c in where.columns] == ["left", "left"]  # labels and values, as the README shows them
     stats = commands.rich_table(commands.TableData([("keys", "5")], numeric=(1,)))
     assert [c.justify for c in stats.columns] == ["left", "right"]
+
+
+async def test_use_sets_the_namespace_of_commands_that_name_none(
+    nursery: trio.Nursery, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bound = await node_address(nursery)
+    session, _ = session_for(bound.client_address, interactive=False)
+
+    def run(line: str) -> int:
+        return session.execute(line)  # type: ignore[return-value]
+
+    with trio.fail_after(TIMEOUT):
+        assert await trio.to_thread.run_sync(session.connect)
+        for line in ("set d default", "use app", "set a in-app", "get a", "get d --ns ''", "get d --ns=", "get a --ns other"):
+            await trio.to_thread.run_sync(run, line)
+        assert await trio.to_thread.run_sync(run, "flush --ns '' --yes") == 0  # the default namespace, as asked
+        await trio.to_thread.run_sync(run, "use")
+        assert await trio.to_thread.run_sync(run, "get a --ns app") == 0
+        assert await trio.to_thread.run_sync(run, "get d") == 1
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == [
+        "OK",
+        "OK",
+        "in-app",
+        "default",
+        "default",
+        "flushed 1 key(s) from the default namespace",
+        "in-app",
+    ]
+    assert captured.err.splitlines() == ["a: not found", "d: not found"]  # (--ns other; d flushed)
