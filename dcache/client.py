@@ -152,8 +152,8 @@ class WatchEvent(NamedTuple):
     """One change seen by :meth:`SyncClient.watch`: ``kind`` is ``set``,
     ``delete``, ``expire`` or ``evict`` for a key; ``lagged`` when the
     watcher fell so far behind ``node`` that ``missed`` events were dropped
-    before it read them; ``restarted`` when ``node`` restarted (what changed
-    on it meanwhile is unknown)."""
+    before it read them (-1: how many is not known); ``restarted`` when
+    ``node`` restarted (what changed on it meanwhile is unknown)."""
 
     kind: str
     key: bytes

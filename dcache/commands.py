@@ -210,7 +210,8 @@ def watch_line(event: WatchEvent, *, as_json: bool) -> tuple[str, bool]:
         data.update({"missed": event.missed} if event.kind == "lagged" else {} if event.kind == "restarted" else {"key": key})
         return json.dumps(data), False
     if event.kind == "lagged":
-        return f"lost {event.missed:,} event(s) from {event.node}: this watch fell behind", True
+        count = "an unknown number of events" if event.missed < 0 else f"{event.missed:,} event(s)"
+        return f"lost {count} from {event.node}: this watch fell behind", True
     if event.kind == "restarted":
         return f"{event.node} restarted: what changed on it meanwhile is unknown", True
     return f"{event.kind}\t{printable(key)}", False

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 MAX_EVENTS = 100_000
 MAX_KEY_BYTES = 16 * 1024 * 1024
 ACTIVE_FOR = 30.0  # seconds a read keeps the log recording
+UNKNOWN = -1  # "missed" when how many is not known
 KINDS = ("set", "delete", "expire", "evict")
 
 
@@ -28,8 +29,9 @@ KINDS = ("set", "delete", "expire", "evict")
 class Read:
     """What a read of the log gives: the events after the cursor that match,
     as (seq, kind, ns, key); the cursor to read from next; how many events
-    were dropped before the reader saw them; and whether its cursor was of an
-    earlier incarnation of the node (events between were lost)."""
+    were dropped before the reader saw them (:data:`UNKNOWN`: the log was
+    not recording for a while); and whether its cursor was of an earlier
+    incarnation of the node (events between were lost)."""
 
     events: list[tuple[int, str, str, bytes]]
     incarnation: int
@@ -49,12 +51,18 @@ class EventLog:
         self._max_events = max_events
         self._max_bytes = max_key_bytes
         self._active_until = -1.0
+        self._resumed = 1  # the seq from which events are recorded (before it, the log was off)
         self.on_append: Callable[[], None] = lambda: None
 
     @property
     def active(self) -> bool:
         """Whether someone read the log lately (else nothing needs recording)."""
         return self._clock() < self._active_until
+
+    def resume(self) -> None:
+        """Recording starts again after a pause: a reader from before it is
+        told it missed an unknown number of events."""
+        self._resumed = self._next
 
     def append(self, kind: str, ns: str, key: bytes) -> None:
         events = self._events
@@ -89,6 +97,8 @@ class EventLog:
         if restarted:
             after = 0
         missed = max(0, self._first - after - 1) if not restarted else 0
+        if not restarted and after < self._resumed - 1:
+            missed, after = UNKNOWN, self._resumed - 1
         start = max(after + 1, self._first) - self._first
         found: list[tuple[int, str, str, bytes]] = []
         last = self._next - 1

@@ -33,6 +33,7 @@ from .replication import SYNC, Replicator, held_for, replica_summary, take
 from .router import Forwarder, Router, Waiting
 from .shard import ShardMap
 from .store import DEFAULT_COMPRESS_MIN, Store
+from .watching import WatchHub
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ class Node:
             clock=trio.current_time, max_bytes=config.max_memory, eviction=config.eviction, compress_min=config.compress_min
         )
         self.events = EventLog(trio.current_time)
+        self.watch_hub = WatchHub(lambda: self.router.shard_map.members or (self.node_id,), self._poll_events)
         self._event_arrived = Signal()
         self.events.on_append = self._event_arrived.set
         self.node_id = ""
@@ -320,6 +322,7 @@ class Node:
         self.router.event_log = self.events
         self.router.event_arrived = self._event_arrived.event
         self.router.watched = self._watched
+        self.router.watch_hub = self.watch_hub
         if config.replicas > 1:
             self.replicator = Replicator(self.placement, self.store, self.peers, mode=config.replication)
             self.router.replicator = self.replicator
@@ -354,6 +357,7 @@ class Node:
             self._nursery = nursery
             await nursery.start(self.peers.run)
             await nursery.start(self.reactor.run)
+            await nursery.start(self.watch_hub.run)
             # Listeners are bound already; connections wait in the backlog
             # until the first view says what this node owns.
             try:
@@ -415,6 +419,7 @@ class Node:
         arriving = set(self.placement.incoming)
         shard_map = self.placement.apply(view.epoch, view.ids(), _active(view), trio.current_time(), target=placed)
         self.router.shard_map = shard_map
+        self.watch_hub.members_changed()
         self.router.client_addresses = {m.node_id: m.client_address for m in view.members}
         self.peers.update(shard_map.members)
         placement = self.placement
@@ -552,7 +557,16 @@ class Node:
 
     def _watched(self) -> None:
         """Someone reads the event log: record the changes to this node's keys."""
-        self.store.on_change = self._changed
+        if self.store.on_change is None:
+            self.events.resume()
+            self.store.on_change = self._changed
+
+    async def _poll_events(self, member: str, args: dict[str, Any]) -> tuple[int, Any]:
+        """A read of ``member``'s event log for this node's watch feeds."""
+        if member == self.node_id:
+            return await self.router._events(args)
+        [(status, body)] = await self.peers.forward(member, [("events", args)])
+        return status, body
 
     def _changed(self, kind: str, ns: str, key: bytes) -> None:
         if not self.events.active:  # (no reader for a while: stop recording)

@@ -50,6 +50,7 @@ from .protocol import ServerSession
 from .shard import NUM_SHARDS, ShardMap, shard_of
 from .stats import RequestCounters
 from .store import StoreError
+from .watching import WatchesFull, WatchHub
 
 if TYPE_CHECKING:
     from .replication import Replicated, Replicator
@@ -181,6 +182,10 @@ class _Job:
         return shard_map.owner(self.args["ns"], self.op.key_of(self.op.elements(self.args)[0]))
 
 
+async def _deliver(slot: _Reply, gather: Callable[[], Awaitable[tuple[int, Any]]]) -> None:
+    slot.deliver(*await gather())
+
+
 class Waiting:
     """The part of a frame's replies that waits for other nodes: requests
     handed to their owners' links, a relayed lone request, ``members``.
@@ -226,8 +231,13 @@ class Waiting:
             for slot in self._members:
                 slot.deliver(Status.OK, await router._members())
                 router.counters.count("members", "ok")
-            for slot, gather in self._gathers:
+            if len(self._gathers) == 1:
+                slot, gather = self._gathers[0]
                 slot.deliver(*await gather())
+            elif self._gathers:  # (at once: watches in one frame each wait up to their wait_ms)
+                async with trio.open_nursery() as nursery:
+                    for slot, gather in self._gathers:
+                        nursery.start_soon(_deliver, slot, gather)
             for slot in self._drains:
                 assert router._drain is not None
                 status, body = await router._drain()
@@ -367,6 +377,7 @@ class Router:
         self.event_log: EventLog | None = None
         self.event_arrived: Callable[[], trio.Event] = trio.Event
         self.watched: Callable[[], None] = lambda: None
+        self.watch_hub: WatchHub | None = None
         self._clock = clock
 
     # -- entry points -------------------------------------------------------------
@@ -743,13 +754,14 @@ class Router:
         if log is None:
             return Status.ERROR, [ErrorCode.BAD_REQUEST.value, "this node keeps no event log"]
         self.watched()
-        position = args["incarnation"], args["after"]
-        read = log.read(*position, args["ns"], args["prefix"], args["limit"])
-        if not (read.events or read.missed or read.restarted) and position[0] is not None and args["wait_ms"]:
+        incarnation, after = args["incarnation"], args["after"]
+        read = log.read(incarnation, after, args["ns"], args["prefix"], args["limit"])
+        if not (read.events or read.missed or read.restarted) and incarnation is not None and args["wait_ms"]:
             with trio.move_on_after(args["wait_ms"] / 1000):
                 while not (read.events or read.missed or read.restarted):
                     await self.event_arrived().wait()
-                    read = log.read(*position, args["ns"], args["prefix"], args["limit"])
+                    # From where the last read ended: what did not match is not looked at again.
+                    read = log.read(incarnation, read.next, args["ns"], args["prefix"], args["limit"])
         self.counters.count("events", "ok")
         return Status.OK, {
             "incarnation": read.incarnation,
@@ -760,39 +772,16 @@ class Router:
         }
 
     async def _watch(self, args: dict[str, Any]) -> tuple[int, Any]:
-        """A ``watch``: every member's events since the cursor, each member's
-        log read at once (waiting up to ``wait_ms`` on each)."""
-        cursor: dict[str, tuple[int | None, int]] = args["cursor"]
-        members = self.shard_map.members or (self.node_id,)
-        answers: dict[str, Any] = {}
-
-        async def poll(member: str) -> None:
-            incarnation, after = cursor.get(member, (None, 0))
-            part = {"ns": args["ns"], "prefix": args["prefix"], "incarnation": incarnation, "after": after}
-            part.update(wait_ms=args["wait_ms"], limit=args["limit"])
-            if member == self.node_id or self.peers is None:
-                status, body = await self._events(part)
-            else:
-                try:
-                    [(status, body)] = await self.peers.forward(member, [("events", part)])
-                except PeerUnavailable:
-                    return  # (it keeps its place in the cursor, and says what it lost when it is back)
-            if status == Status.OK:
-                answers[member] = body
-
-        async with trio.open_nursery() as nursery:
-            for member in members:
-                nursery.start_soon(poll, member)
-        events: list[list[Any]] = []
-        lost: list[list[Any]] = []
-        after = {member: list(cursor[member]) for member in members if member in cursor}
-        for member, body in answers.items():
-            after[member] = [body["incarnation"], body["next"]]
-            events.extend([member, kind, key] for _, kind, key in body["events"])
-            if body["missed"] or body["restarted"]:
-                lost.append([member, body["missed"], body["restarted"]])
+        """A ``watch``: every member's events since the cursor, from this node's feed for its filter."""
+        if self.watch_hub is None:
+            return Status.ERROR, [ErrorCode.BAD_REQUEST.value, "this node serves no watches"]
+        try:
+            body = await self.watch_hub.read(args)
+        except WatchesFull as exc:
+            self.counters.count("watch", "unavailable")
+            return Status.ERROR, [ErrorCode.UNAVAILABLE.value, str(exc)]
         self.counters.count("watch", "ok")
-        return Status.OK, {"events": events, "cursor": after, "lost": lost}
+        return Status.OK, body
 
     def _namespace_here(self, op: str, ns: str | None) -> dict[str, Any]:
         if op == "flush":

@@ -1219,3 +1219,59 @@ async def test_a_watch_goes_on_across_a_restart_of_its_node(nursery: trio.Nurser
         assert ("restarted", b"") in seen and seen.index(("restarted", b"")) < seen.index(("set", b"k2"))
         await client.aclose()
         await writer.aclose()
+
+
+async def test_watchers_on_a_node_share_one_request_per_member(cluster: list[InProcessNode]) -> None:
+    """Hundreds of watchers of one prefix on a node cost each peer one request
+    at a time (each watch request its own made a peer hold hundreds, and
+    the forwards on that link waited behind them)."""
+    a, b, _ = cluster
+    with trio.fail_after(TIMEOUT):
+        clients = [await dcache.Client.connect(a.address) for _ in range(4)]
+        before = b.node.router.counters.ops.get(("events", "ok"), 0)
+
+        async def watcher(client: dcache.Client) -> None:
+            _, cursor = await client.watch_page(prefix="nothing:")
+            for _ in range(3):
+                _, cursor = await client.watch_page(cursor, prefix="nothing:", wait=0.5)
+
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for i in range(300):
+                nursery.start_soon(watcher, clients[i % 4])
+        elapsed = trio.current_time() - started
+        polls = b.node.router.counters.ops.get(("events", "ok"), 0) - before
+        assert polls <= 2 + elapsed / 0.9, (polls, elapsed)  # one at a time, each held up to a second
+        for client in clients:
+            await client.aclose()
+
+
+async def test_a_watcher_of_keys_nobody_writes_is_not_told_it_lagged(cluster: list[InProcessNode]) -> None:
+    for n in cluster:
+        n.node.events._max_events = 100
+    with trio.fail_after(TIMEOUT):
+        async with dcache.connect(cluster[0].address) as client:
+            _, cursor = await client.watch_page(prefix="quiet:")
+            for start in range(0, 3000, 100):  # many events, none for it, while the feed waits on each member
+                await client.mset({f"busy:{i}": b"v" for i in range(start, start + 100)})
+            events, _ = await client.watch_page(cursor, prefix="quiet:")
+            assert events == []  # (the log was trimmed past where the wait began: it was told it lost events)
+
+
+async def test_a_watcher_slower_than_its_feed_is_told_how_many_it_missed(
+    cluster: list[InProcessNode], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dcache import watching
+
+    monkeypatch.setattr(watching, "FEED_EVENTS", 40)  # what the node serving it keeps per member
+    with trio.fail_after(TIMEOUT):
+        async with dcache.connect(cluster[0].address) as client:
+            _, cursor = await client.watch_page(prefix="s:")
+            await client.mset({f"s:{i}": b"v" for i in range(600)})
+            got: list[dcache.WatchEvent] = []
+            while sum(e.missed for e in got) + sum(e.kind == "set" for e in got) < 600:
+                events, cursor = await client.watch_page(cursor, prefix="s:")
+                got.extend(events)
+            assert sum(e.missed for e in got) + sum(e.kind == "set" for e in got) == 600
+            assert any(e.kind == "lagged" and e.missed > 0 for e in got)
+            assert all(len(m.seqs) <= 40 for feed in cluster[0].node.watch_hub.feeds.values() for m in feed.members.values())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dcache.events import EventLog
+from dcache.events import UNKNOWN, EventLog
 
 
 class Clock:
@@ -66,3 +66,18 @@ def test_the_log_records_only_while_someone_reads_it() -> None:
     assert log.active
     clock.now += 31.0
     assert not log.active
+
+
+def test_a_reader_from_before_a_pause_in_recording_is_told_it_missed_some() -> None:
+    clock = Clock()
+    log = EventLog(clock)
+    cursor = log.read(None, 0, "", b"", 10)
+    log.append("set", "", b"a")
+    clock.now += 31.0  # nobody read: the node stops recording (and misses changes) ...
+    log.resume()  # ... until someone reads again
+    log.append("set", "", b"c")
+    read = log.read(cursor.incarnation, cursor.next, "", b"", 10)
+    assert read.missed == UNKNOWN and [key for *_, key in read.events] == [b"c"]
+    fresh = log.read(None, 0, "", b"", 10)
+    log.append("set", "", b"d")
+    assert log.read(fresh.incarnation, fresh.next, "", b"", 10).missed == 0
