@@ -527,6 +527,8 @@ class ShellCompleter(Completer):
                 if option.startswith(current):
                     yield Completion(option, start_position=-len(current))
             return
+        if name in ("use", "help") or command is None or words[-2 if current else -1] == "--ns":
+            return  # (a namespace, or nothing to complete)
         ns = None
         if "--ns" in words[:-1]:
             ns = words[words.index("--ns") + 1] if words.index("--ns") + 1 < len(words) else None

@@ -16,9 +16,9 @@ per entry it walked every one (about 330 ms at a million, a stall for
 every client).
 
 With a memory limit (``max_bytes``), a write that would take the store past
-it first evicts entries chosen by sampling, as Redis does: a few random keys
-from random shards, the least recently (``lru``) or least frequently
-(``lfu``) used of them goes; with ``noeviction`` the write is refused
+it first evicts entries chosen by sampling, as Redis does: candidates from
+a few random shards, of which the least recently (``lru``) or least
+frequently (``lfu``) used goes; with ``noeviction`` the write is refused
 (:class:`OutOfMemory`) and nothing changes. Values of ``compress_min`` bytes
 or more are kept compressed with zstd when that saves space.
 """
@@ -61,8 +61,8 @@ SPACE_OVERHEAD_BYTES = 750  # a namespace's dicts in one shard
 EVICTION_POLICIES = ("lru", "lfu", "noeviction")
 # Candidates looked at to choose an entry to evict, each from a random shard:
 # with lru its least recently used entry (each namespace of a shard keeps its
-# entries' uses in the order of last use), with lfu the least used of its
-# first SAMPLE_SPAN (a dict cannot be indexed at random). Redis looks at 5
+# entries' uses in the order of last use), with lfu the least used of
+# SAMPLE_SPAN entries from a random place in it. Redis looks at 5
 # random keys, as many as we look at shards (a shard's least used is a better
 # candidate than a random key, and no worse when shards hold one key each).
 EVICTION_SAMPLES = 5
