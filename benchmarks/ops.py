@@ -265,7 +265,7 @@ def compressed_values(n: int) -> dict[str, Any]:
         try:
             with dcache.SyncClient(node.client_address) as c:
                 keys = iter(range(10**9))
-                out[f"{label}_set_per_s"] = timed(n, lambda c=c: c.set(f"d{next(keys)}", doc))
+                out[f"{label}_set_per_s"] = timed(n, lambda c=c, keys=keys: c.set(f"d{next(keys)}", doc))
                 out[f"{label}_get_per_s"] = timed(n, lambda c=c: c.get("d1"))
                 stats = c.stats()
                 out[f"{label}_data_bytes"] = stats["data_bytes"]
