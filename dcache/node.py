@@ -564,7 +564,7 @@ class Node:
     async def _poll_events(self, member: str, args: dict[str, Any]) -> tuple[int, Any]:
         """A read of ``member``'s event log for this node's watch feeds."""
         if member == self.node_id:
-            return await self.router._events(args)
+            return await self.router.read_events(args)
         [(status, body)] = await self.peers.forward(member, [("events", args)])
         return status, body
 

@@ -474,7 +474,7 @@ class Router:
                     replies.append(self._scan_here(req))
                 elif req.op in ("watch", "events"):
                     waiting = waiting or Waiting(self, started)
-                    gather = functools.partial(self._watch if req.op == "watch" else self._events, req.args)
+                    gather = functools.partial(self._watch if req.op == "watch" else self.read_events, req.args)
                     waiting._gathers.append((waiting.slot(req.rid), gather))
                 elif req.op in ("flush", "nsstats"):
                     if req.args["here"]:
@@ -748,7 +748,7 @@ class Router:
         self.counters.count("scanshards", "ok")
         return codec.ok(req.rid, [list(item) for item in self._scan_shards(req.args)])
 
-    async def _events(self, args: dict[str, Any]) -> tuple[int, Any]:
+    async def read_events(self, args: dict[str, Any]) -> tuple[int, Any]:
         """A read of this node's event log, waiting up to ``wait_ms`` for an event to say."""
         log = self.event_log
         if log is None:

@@ -38,6 +38,7 @@ MAX_FEEDS = 64
 READY_WAIT = 1.0  # seconds a watcher's first read waits for the members' first answers
 RETRY_DELAYS = (0.1, 0.5, 1.0, 2.0)  # between polls of a member that did not answer
 UNKNOWN = -1  # "missed" when how many is not known
+MAX_GAPS = 1000  # losses a member reported that a feed remembers
 
 Poll = Callable[[str, dict[str, Any]], Awaitable[tuple[int, Any]]]
 
@@ -71,6 +72,7 @@ class _MemberFeed:
             self.seqs, self.events, self.key_bytes, self.trimmed, self.gaps = [], [], 0, array("q"), []
         elif body["missed"]:
             self.gaps.append((self.next, body["missed"]))
+            del self.gaps[:-MAX_GAPS]
         for seq, kind, key in body["events"]:
             self.seqs.append(seq)
             self.events.append((kind, key))
@@ -90,12 +92,12 @@ class _MemberFeed:
             del self.trimmed[: len(self.trimmed) - TRIMMED_KEPT]
         del self.seqs[:drop], self.events[:drop]
 
-    def read(self, position: tuple[int | None, int] | None, limit: int) -> tuple[list[tuple[str, bytes]], list[int], int, bool]:
+    def read(self, position: tuple[int | None, int] | None, limit: int) -> tuple[list[tuple[str, bytes]], list[Any], int, bool]:
         """For a watcher at ``position``: its events, its next position,
         how many it missed (:data:`UNKNOWN` if that is not known) and
         whether the member restarted since."""
         if position is None:  # (a watcher's first read: from now)
-            return [], [self.incarnation or 0, self.next], 0, False
+            return [], [self.incarnation, self.next], 0, False
         incarnation, after = position
         missed, restarted = 0, False
         if incarnation != self.incarnation:
@@ -105,11 +107,12 @@ class _MemberFeed:
         else:
             if self.trimmed and after < self.trimmed[-1]:
                 missed = len(self.trimmed) - bisect.bisect_right(self.trimmed, after)
-            missed += sum(count for seq, count in self.gaps if seq >= after)
+            gaps = [count for seq, count in self.gaps if seq >= after]
+            missed = UNKNOWN if UNKNOWN in gaps else missed + sum(gaps)
         first = bisect.bisect_right(self.seqs, after)
         events = self.events[first : first + limit]
         last = self.seqs[first + len(events) - 1] if first + len(events) < len(self.seqs) else self.next
-        return events, [self.incarnation or 0, last], missed, restarted
+        return events, [self.incarnation, last], missed, restarted
 
 
 class Feed:
@@ -129,11 +132,11 @@ class Feed:
     def read(self, cursor: dict[str, tuple[int | None, int]], limit: int) -> dict[str, Any]:
         events: list[list[Any]] = []
         lost: list[list[Any]] = []
-        after: dict[str, list[int]] = {}
+        after: dict[str, list[Any]] = {}
         for node, member in self.members.items():
             if not member.heard:  # (the watcher keeps its place)
                 if node in cursor:
-                    after[node] = [cursor[node][0] or 0, cursor[node][1]]
+                    after[node] = list(cursor[node])
                 continue
             found, after[node], missed, restarted = member.read(cursor.get(node), limit)
             events.extend([node, kind, key] for kind, key in found)
