@@ -365,7 +365,7 @@ def flush(client: Operations, *, ns: str | None = None, all_: bool = False, yes:
 
 
 def flush_question(args: dict[str, Any]) -> str | None:
-    """What ``flush`` asks before it runs, or None if the command line is wrong (the action says how)."""
+    """What ``flush`` asks before it runs; click.UsageError if it names neither --ns nor --all, or both."""
     if args["all_"] == (args["ns"] is not None):
         raise click.UsageError("give --ns NAME (--ns '' for the default namespace) or --all")
     if args["all_"]:
