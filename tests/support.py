@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import subprocess
 import sys
+import threading
 
 import trio
 
@@ -17,6 +19,61 @@ from dcache.localcluster import free_port, port_is_free
 from dcache.node import BoundAddresses, Node, NodeConfig
 
 LEASE_TTL = 2.0  # short, so that tests see a dead node leave the view within seconds
+READY = re.compile(r"ready: clients on (\S+), peers on (\S+)")
+
+
+class ServeProcess:
+    """A standalone `dcache serve` process on loopback ports of its choosing.
+    A thread reads its log to the end, so that it can never block on a full
+    pipe (``log`` holds the lines so far)."""
+
+    def __init__(self, *extra: str, start_timeout: float = 15) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dcache", "serve", "--client-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0", *extra],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.log: list[str] = []
+        self.client_address = self.peer_address = ""
+        ready = threading.Event()
+
+        def read() -> None:
+            assert self.proc.stderr is not None
+            for line in self.proc.stderr:
+                self.log.append(line)
+                match = READY.search(line)
+                if match:
+                    self.client_address, self.peer_address = match.groups()
+                    ready.set()
+            ready.set()  # (it exited)
+
+        self._reader = threading.Thread(target=read, daemon=True)
+        self._reader.start()
+        if not ready.wait(start_timeout) or not self.client_address:
+            self.stop()
+            raise AssertionError("dcache serve did not get ready; its log:\n" + "".join(self.log))
+
+    def cli(self, *args: str, stdin: bytes | None = None, timeout: float = 20) -> subprocess.CompletedProcess[bytes]:
+        """A one-shot `dcache` command against this node."""
+        env = {**os.environ, "DCACHE_SERVER": self.client_address}
+        return subprocess.run([sys.executable, "-m", "dcache", *args], input=stdin, capture_output=True, timeout=timeout, env=env)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+    def output(self) -> str:
+        """Its whole log, once it has exited."""
+        self._reader.join(10)
+        return "".join(self.log)
+
+    def __enter__(self) -> ServeProcess:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
 
 
 async def start_node(nursery: trio.Nursery, **config: object) -> tuple[Node, BoundAddresses]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import select
 import signal
 import subprocess
 import sys
@@ -14,43 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import ServeProcess
 
 DCACHE = [sys.executable, "-m", "dcache"]
-READY = re.compile(r"ready: clients on (\S+), peers on (\S+)")
-
-
-class ServeProcess:
-    def __init__(self, *extra: str) -> None:
-        self.proc = subprocess.Popen(
-            [*DCACHE, "serve", "--client-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0", *extra],
-            stderr=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            text=True,
-        )
-        self.log: list[str] = []
-        line = self.wait_for(READY, timeout=15)
-        match = READY.search(line)
-        assert match
-        self.client_address, self.peer_address = match.groups()
-
-    def wait_for(self, pattern: re.Pattern[str], timeout: float) -> str:
-        assert self.proc.stderr is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.proc.stderr], [], [], 0.1)
-            if ready:
-                line = self.proc.stderr.readline()
-                if not line:
-                    break
-                self.log.append(line)
-                if pattern.search(line):
-                    return line
-        raise AssertionError(f"{pattern.pattern!r} not seen; log so far:\n{''.join(self.log)}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(5)
 
 
 @pytest.fixture(scope="module")
@@ -266,9 +231,8 @@ def test_serve_stops_cleanly_within_a_second(signum: int) -> None:
         node.proc.send_signal(signum)
         assert node.proc.wait(5) == 0
         assert time.monotonic() - started < 1.0
-        assert node.proc.stderr is not None
-        rest = node.proc.stderr.read()
-        assert "Traceback" not in rest and "shutting down" in rest
+        log = node.output()
+        assert "Traceback" not in log and "shutting down" in log
     finally:
         node.stop()
 

@@ -8,19 +8,15 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
-import subprocess
-import sys
 import time
 import tracemalloc
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
+from support import ServeProcess
 
 import dcache
 from dcache.shard import shard_of
@@ -48,33 +44,6 @@ RSS_GROWTH_FACTOR = 2.0
 START_TIMEOUT = 15  # s, for the node to listen
 RUN_TIMEOUT = 120  # s, for all the writes: a stuck node fails the test (they take 13-20 s)
 CLIENT_TIMEOUT = 30  # s, for one request
-
-DCACHE = [sys.executable, "-m", "dcache"]
-READY = re.compile(r"ready: clients on (\S+),")
-
-
-@contextmanager
-def serve(log: Path, *options: str) -> Iterator[str]:
-    """A standalone `dcache serve` on a free loopback port; yields its client address.
-
-    Its log goes to a file, not a pipe: a pipe nobody reads once the node is
-    up would stop the node when it filled."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [*DCACHE, "serve", "--client-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0", *options],
-            stdout=subprocess.DEVNULL,
-            stderr=out,
-        )
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while (ready := READY.search(log.read_text(errors="replace"))) is None:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"dcache serve did not start; its log:\n{log.read_text(errors='replace')}")
-            time.sleep(0.05)  # (polling the log of another process)
-        yield ready.group(1)
-    finally:
-        proc.kill()
-        proc.wait(10)
 
 
 def batches(value_bytes: int) -> Iterator[list[tuple[bytes, bytes]]]:
@@ -111,9 +80,9 @@ class Run:
         return (self.highest_rss - self.idle_rss) / LIMIT
 
 
-def write_ten_times_the_limit(log: Path, eviction: str) -> Run:
-    with serve(log, "--max-memory", f"{LIMIT // MiB}MiB", "--eviction", eviction) as address:
-        with dcache.SyncClient(address, timeout=CLIENT_TIMEOUT) as client:
+def write_ten_times_the_limit(eviction: str) -> Run:
+    with ServeProcess("--max-memory", f"{LIMIT // MiB}MiB", "--eviction", eviction, start_timeout=START_TIMEOUT) as node:
+        with dcache.SyncClient(node.client_address, timeout=CLIENT_TIMEOUT) as client:
             idle = client.stats()
             assert (idle["max_memory_bytes"], idle["eviction"], idle["keys"]) == (LIMIT, eviction, 0)
             deadline = time.monotonic() + RUN_TIMEOUT
@@ -131,11 +100,11 @@ def write_ten_times_the_limit(log: Path, eviction: str) -> Run:
     return Run(eviction, idle["process_memory_bytes"], highest, entries, stats, batch, found)
 
 
-def test_rss_stays_within_a_margin_of_the_limit_while_ten_times_it_is_written(tmp_path: Path) -> None:
+def test_rss_stays_within_a_margin_of_the_limit_while_ten_times_it_is_written() -> None:
     # A node per policy, written at once: each node's RSS is its own, and the
     # two take 17 s together rather than 36 s one after the other.
     with ThreadPoolExecutor(2) as pool:
-        runs = list(pool.map(lambda eviction: write_ten_times_the_limit(tmp_path / f"{eviction}.log", eviction), ["lru", "lfu"]))
+        runs = list(pool.map(write_ten_times_the_limit, ["lru", "lfu"]))
     for run in runs:
         stats = run.stats
         assert LIMIT - 16 * 1024 < stats["memory_bytes"] <= LIMIT, run.eviction  # (within an entry's room of it)

@@ -10,10 +10,7 @@ import itertools
 import json
 import math
 import os
-import re
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +18,7 @@ from typing import Any
 
 import pytest
 import trio
-from support import LEASE_TTL, start_node
+from support import LEASE_TTL, ServeProcess, start_node
 
 import dcache
 from dcache.client import MAX_INCR, CasResult, Entry, Operations
@@ -322,54 +319,9 @@ async def test_concurrent_cas_has_one_winner_per_version(cluster: list[Member]) 
 # -- the CLI against `dcache serve` ----------------------------------------------------------
 
 
-READY = re.compile(r"ready: clients on (\S+),")
-
-
-class Served:
-    """A `dcache serve` process on loopback ports of its choosing; its log
-    is read to the end by a thread, so that it can never block on a full pipe."""
-
-    def __init__(self, *extra: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dcache", "serve", "--client-listen", "127.0.0.1:0", "--listen", "127.0.0.1:0", *extra],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.log: list[str] = []
-        ready = threading.Event()
-        self.address = ""
-
-        def read() -> None:
-            assert self.proc.stderr is not None
-            for line in self.proc.stderr:
-                self.log.append(line)
-                match = READY.search(line)
-                if match:
-                    self.address = match.group(1)
-                    ready.set()
-            ready.set()  # (it exited)
-
-        threading.Thread(target=read, daemon=True).start()
-        if not ready.wait(15) or not self.address:
-            self.stop()
-            raise AssertionError("dcache serve did not get ready:\n" + "".join(self.log))
-
-    def cli(self, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-        env = {**os.environ, "DCACHE_SERVER": self.address}
-        return subprocess.run(
-            [sys.executable, "-m", "dcache", *args], input=stdin, capture_output=True, timeout=CLI_TIMEOUT, env=env
-        )
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-
-
 @pytest.fixture(scope="module")
-def server() -> Iterator[Served]:
-    served = Served()
+def server() -> Iterator[ServeProcess]:
+    served = ServeProcess()
     yield served
     served.stop()
 
@@ -382,7 +334,7 @@ def found_nothing(r: subprocess.CompletedProcess[bytes], note: bytes) -> None:
     assert (r.returncode, r.stdout, r.stderr) == (1, b"", note), r
 
 
-def version_of(server: Served, key: str) -> int:
+def version_of(server: ServeProcess, key: str) -> int:
     r = server.cli("get", key, "--json")
     assert r.returncode == 0, r
     version = json.loads(r.stdout)["version"]
@@ -390,7 +342,7 @@ def version_of(server: Served, key: str) -> int:
     return version
 
 
-def test_cli_add_replace_getdel(server: Served) -> None:
+def test_cli_add_replace_getdel(server: ServeProcess) -> None:
     found_nothing(server.cli("replace", "cli:ar", "x"), b"cli:ar: not found; not stored\n")
     found_nothing(server.cli("get", "cli:ar"), b"cli:ar: not found\n")
     ok(server.cli("add", "cli:ar", "first"), b"OK\n")
@@ -412,7 +364,7 @@ def test_cli_add_replace_getdel(server: Served) -> None:
     assert (r.returncode, json.loads(r.stdout)) == (0, {"key": "cli:gd", "found": True, "value": "bye"})
 
 
-def test_cli_get_meta_and_json(server: Served) -> None:
+def test_cli_get_meta_and_json(server: ServeProcess) -> None:
     ok(server.cli("set", "cli:meta", "héllo"), b"OK\n")
     version = version_of(server, "cli:meta")
     ok(server.cli("get", "cli:meta", "--meta"), f'value\t"héllo"\nversion\t{version}\nttl\tno ttl\n'.encode())
@@ -441,7 +393,7 @@ def test_cli_get_meta_and_json(server: Served) -> None:
     assert (r.returncode, json.loads(r.stdout)) == (1, {"key": "cli:nothing", "found": False})
 
 
-def test_cli_incr_decr(server: Served) -> None:
+def test_cli_incr_decr(server: ServeProcess) -> None:
     ok(server.cli("incr", "cli:n"), b"1\n")
     ok(server.cli("incr", "cli:n", "41"), b"42\n")
     ok(server.cli("decr", "cli:n"), b"41\n")
@@ -464,7 +416,7 @@ def test_cli_incr_decr(server: Served) -> None:
     ok(server.cli("get", "cli:n"), b"-7")
 
 
-def test_cli_cas(server: Served) -> None:
+def test_cli_cas(server: ServeProcess) -> None:
     ok(server.cli("set", "cli:cas", "a"), b"OK\n")
     version = version_of(server, "cli:cas")
     ok(server.cli("cas", "cli:cas", "b", "--version", str(version)), f"OK (version {version + 1})\n".encode())
@@ -487,11 +439,11 @@ def test_cli_cas(server: Served) -> None:
     ok(server.cli("get", "cli:cas"), b"d")
 
 
-def test_cli_expire_and_persist(server: Served) -> None:
+def test_cli_expire_and_persist(server: ServeProcess) -> None:
     ok(server.cli("set", "cli:exp", "v"), b"OK\n")
     # Read back at once (not by one more command, whose start-up may take a
     # good part of half a second), then given longer for the commands below.
-    with dcache.SyncClient(server.address, timeout=CLI_TIMEOUT) as client:
+    with dcache.SyncClient(server.client_address, timeout=CLI_TIMEOUT) as client:
         started = time.monotonic()
         ok(server.cli("expire", "cli:exp", "0.5"), b"OK\n")
         entry = client.get_meta("cli:exp")
@@ -512,7 +464,7 @@ def test_cli_expire_and_persist(server: Served) -> None:
     ok(server.cli("ttl", "cli:exp"), b"no ttl\n")
 
 
-def test_cli_mset_and_mget(server: Served) -> None:
+def test_cli_mset_and_mget(server: ServeProcess) -> None:
     ok(server.cli("mset", "cli:m1", "one", "cli:m2", "two"), b"OK (2 set)\n")
     ok(server.cli("mget", "cli:m1", "cli:m2"), b'cli:m1\t"one"\ncli:m2\t"two"\n')
     r = server.cli("mget", "cli:m1", "cli:m0", "cli:m2")
@@ -552,7 +504,7 @@ def test_cli_mset_and_mget(server: Served) -> None:
 def test_noeviction_refuses_a_write_past_the_limit() -> None:
     """1 MiB holds five values of 200,000 random (incompressible) bytes with
     their overhead, not six; the sixth is refused and stored nothing."""
-    served = Served("--max-memory", "1MiB", "--eviction", "noeviction")
+    served = ServeProcess("--max-memory", "1MiB", "--eviction", "noeviction")
     try:
         values = [os.urandom(200_000) for _ in range(6)]
         for i, value in enumerate(values[:5]):
@@ -572,7 +524,7 @@ def test_noeviction_refuses_a_write_past_the_limit() -> None:
 
 
 def test_lru_takes_far_more_than_fits_and_stays_within_the_limit() -> None:
-    served = Served("--max-memory", "1MiB")
+    served = ServeProcess("--max-memory", "1MiB")
     try:
         written = 0
         for batch in range(8):  # 4 MiB of random hex (compressed to no less than half)
@@ -590,7 +542,7 @@ def test_lru_takes_far_more_than_fits_and_stays_within_the_limit() -> None:
 
 
 def test_mset_of_compressible_values_that_fit_is_taken_as_set_takes_them() -> None:
-    served = Served("--max-memory", "1MiB")
+    served = ServeProcess("--max-memory", "1MiB")
     try:
         ok(served.cli("set", "zeros", stdin=b"0" * 2_000_000), b"OK\n")  # twice the limit, kept compressed
         words = [w for i in range(40) for w in (f"z:{i}", "0" * 30_000)]  # 1.2 MB before compression, ~40 KB after
