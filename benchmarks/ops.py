@@ -59,21 +59,24 @@ def redis_sequential_sets(r: Any, n: int, prefix: str) -> float:
     return timed(n, lambda: r.set(f"{prefix}{next(keys)}", VALUE))
 
 
+async def load(client: Any, task: int, per_task: int, op: str) -> None:
+    """One task's requests, the same for dcache's client and redis-py's: incr
+    on one of ten counters, or a SET of a new key."""
+    for i in range(per_task):
+        if op == "incr":
+            await client.incr(f"counter:{task % 10}")
+        else:
+            await client.set(f"t{task}:{i}:{time.monotonic_ns()}", VALUE)
+
+
 def dcache_tasks(address: str, tasks: int, per_task: int, op: str) -> float:
     async def run() -> float:
         client = await dcache.Client.connect(address)
 
-        async def worker(task: int) -> None:
-            for i in range(per_task):
-                if op == "incr":
-                    await client.incr(f"counter:{task % 10}")
-                else:
-                    await client.set(f"t{task}:{i}:{time.monotonic_ns()}", VALUE)
-
         started = time.perf_counter()
         async with trio.open_nursery() as nursery:
             for task in range(tasks):
-                nursery.start_soon(worker, task)
+                nursery.start_soon(load, client, task, per_task, op)
         rate = tasks * per_task / (time.perf_counter() - started)
         await client.aclose()
         return rate
@@ -87,15 +90,8 @@ def redis_tasks(port: int, tasks: int, per_task: int, op: str) -> float:
     async def run() -> float:
         client = aioredis.Redis(port=port, max_connections=tasks)
 
-        async def worker(task: int) -> None:
-            for i in range(per_task):
-                if op == "incr":
-                    await client.incr(f"counter:{task % 10}")
-                else:
-                    await client.set(f"t{task}:{i}:{time.monotonic_ns()}", VALUE)
-
         started = time.perf_counter()
-        await asyncio.gather(*(worker(task) for task in range(tasks)))
+        await asyncio.gather(*(load(client, task, per_task, op) for task in range(tasks)))
         rate = tasks * per_task / (time.perf_counter() - started)
         await client.aclose()
         return rate

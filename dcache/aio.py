@@ -23,12 +23,13 @@ from .client import (
     DEFAULT_SCAN_PAGE,
     DEFAULT_TIMEOUT,
     IDLE_CHECK,
-    WATCH_BACKOFF,
+    WATCH_RETRIED,
     WATCH_RETRY_FOR,
     Key,
     Operations,
     QueuedOperations,
     WatchEvent,
+    WatchRetry,
     _identity,
     _outcome,
     check_timeout,
@@ -151,20 +152,14 @@ class Client(Operations):
 
 async def _watch(client: Operations, prefix: Key, ns: str, retry_for: float) -> AsyncIterator[WatchEvent]:
     cursor = None
-    failing_since: float | None = None
-    attempt = 0
+    retry = WatchRetry(retry_for)
     while True:
         try:
             events, cursor = await client.watch_page(cursor, prefix=prefix, ns=ns)
-        except (ConnectError, ConnectionLost, RequestTimeout) as exc:
-            now = trio.current_time()
-            failing_since = now if failing_since is None else failing_since
-            if now - failing_since > retry_for:
-                raise ConnectError(f"the watch lost its node for more than {retry_for:g} s: {exc}") from exc
-            await trio.sleep(WATCH_BACKOFF[min(attempt, len(WATCH_BACKOFF) - 1)])
-            attempt += 1
+        except WATCH_RETRIED as exc:
+            await trio.sleep(retry.after(exc, trio.current_time()))
             continue
-        failing_since, attempt = None, 0
+        retry.answered()
         for event in events:
             yield event
 

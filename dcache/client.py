@@ -167,6 +167,31 @@ WATCH_RETRY_FOR = 30.0  # seconds a watch keeps trying to reach its node before 
 WATCH_BACKOFF = (0.1, 0.25, 0.5, 1.0)
 
 
+WATCH_RETRIED = (ConnectError, ConnectionLost, RequestTimeout)  # what a watch retries, for a while
+
+
+class WatchRetry:
+    """When a watch that lost its node asks again: :meth:`after` gives the
+    wait before the next attempt, or raises ConnectError once the node has
+    been gone ``retry_for`` seconds; :meth:`answered` starts afresh."""
+
+    def __init__(self, retry_for: float) -> None:
+        self.retry_for = retry_for
+        self.failing_since: float | None = None
+        self.attempt = 0
+
+    def after(self, exc: Exception, now: float) -> float:
+        if self.failing_since is None:
+            self.failing_since = now
+        if now - self.failing_since > self.retry_for:
+            raise ConnectError(f"the watch lost its node for more than {self.retry_for:g} s: {exc}") from exc
+        self.attempt += 1
+        return WATCH_BACKOFF[min(self.attempt - 1, len(WATCH_BACKOFF) - 1)]
+
+    def answered(self) -> None:
+        self.failing_since, self.attempt = None, 0
+
+
 def _watch_events(body: dict[str, Any], ns: str) -> list[WatchEvent]:
     events = [
         WatchEvent("restarted" if restarted else "lagged", b"", ns, node, missed) for node, missed, restarted in body["lost"]
@@ -568,20 +593,14 @@ class SyncClient(Operations):
         error is raised); events lost meanwhile are reported as ``lagged`` or
         ``restarted`` events."""
         cursor = None
-        failing_since: float | None = None
-        attempt = 0
+        retry = WatchRetry(retry_for)
         while True:
             try:
                 events, cursor = self.watch_page(cursor, prefix=prefix, ns=ns)
-            except (ConnectError, ConnectionLost, RequestTimeout) as exc:
-                now = time.monotonic()
-                failing_since = now if failing_since is None else failing_since
-                if now - failing_since > retry_for:
-                    raise ConnectError(f"the watch lost its node for more than {retry_for:g} s: {exc}") from exc
-                time.sleep(WATCH_BACKOFF[min(attempt, len(WATCH_BACKOFF) - 1)])
-                attempt += 1
+            except WATCH_RETRIED as exc:
+                time.sleep(retry.after(exc, time.monotonic()))
                 continue
-            failing_since, attempt = None, 0
+            retry.answered()
             yield from events
 
     def pipeline(self) -> SyncPipeline:

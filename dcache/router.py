@@ -730,15 +730,23 @@ class Router:
         if owner == self.node_id or self.peers is None:
             found.extend(self._scan_shards(args))
             return
+        body = await self._ask(owner, "scanshards", args, problems)
+        if body is not None:
+            found.extend((shard, key) for shard, key in body)
+
+    async def _ask(self, member: str, op: str, args: dict[str, Any], problems: list[str]) -> Any:
+        """``member``'s answer to one request of a fan-out, or None, with
+        what went wrong added to ``problems``."""
+        assert self.peers is not None
         try:
-            [(status, body)] = await self.peers.forward(owner, [("scanshards", args)])
+            [(status, body)] = await self.peers.forward(member, [(op, args)])
         except PeerUnavailable as exc:
             problems.append(str(exc))
-            return
+            return None
         if status != Status.OK:
-            problems.append(f"{owner} could not list its keys: {body[1] if isinstance(body, list) else body}")
-            return
-        found.extend((shard, key) for shard, key in body)
+            problems.append(f"{member} could not answer {op}: {body[1] if isinstance(body, list) else body}")
+            return None
+        return body
 
     def _scan_shards(self, args: dict[str, Any]) -> list[tuple[int, bytes]]:
         return self.store.scan(args["shards"], args["ns"], args["prefix"], args["after"], args["limit"], MAX_SCAN_BYTES)
@@ -800,15 +808,9 @@ class Router:
             if member == self.node_id or self.peers is None:
                 nodes.update(self._namespace_here(op, ns)["nodes"])
                 return
-            try:
-                [(status, body)] = await self.peers.forward(member, [(op, here)])
-            except PeerUnavailable as exc:
-                problems.append(str(exc))
-                return
-            if status != Status.OK:
-                problems.append(f"{member}: {body[1] if isinstance(body, list) else body}")
-                return
-            nodes.update(body["nodes"])
+            body = await self._ask(member, op, here, problems)
+            if body is not None:
+                nodes.update(body["nodes"])
 
         async with trio.open_nursery() as nursery:
             for member in self.shard_map.members or (self.node_id,):
