@@ -30,11 +30,15 @@ _LAZY = {
     "Entry": "client",
     "CasResult": "client",
     "WatchEvent": "client",
+    "tls_context": "security",
 }
+
+_RENAMED = {"tls_context": "client_context"}
 
 if TYPE_CHECKING:
     from .aio import Client, ClusterClient, Pipeline, connect
     from .client import CasResult, Entry, SyncClient, SyncPipeline, WatchEvent
+    from .security import client_context as tls_context
 
 
 def __getattr__(name: str) -> Any:
@@ -43,7 +47,7 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'dcache' has no attribute {name!r}")
     from importlib import import_module
 
-    value = getattr(import_module(f".{module}", __name__), name)
+    value = getattr(import_module(f".{module}", __name__), _RENAMED.get(name, name))
     globals()[name] = value
     return value
 
@@ -58,6 +62,7 @@ __all__ = [
     "CasResult",
     "WatchEvent",
     "connect",
+    "tls_context",
     "DcacheError",
     "ConnectError",
     "ConnectionLost",

@@ -9,6 +9,7 @@ same as the blocking client's.
 from __future__ import annotations
 
 import math
+import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -25,6 +26,7 @@ from .client import (
     IDLE_CHECK,
     WATCH_RETRIED,
     WATCH_RETRY_FOR,
+    Access,
     Key,
     Operations,
     QueuedOperations,
@@ -32,6 +34,7 @@ from .client import (
     WatchRetry,
     _identity,
     _outcome,
+    access_for,
     check_timeout,
     is_leaving,
 )
@@ -58,9 +61,10 @@ class Client(Operations):
     operation times out after ``timeout`` seconds with :class:`RequestTimeout`.
     """
 
-    def __init__(self, channel: Channel, *, address: str) -> None:
+    def __init__(self, channel: Channel, *, address: str, access: Access | None = None) -> None:
         self._channel = channel
         self.address = address
+        self.access = access or Access()
         self.limits = Limits()
         self.server_info: dict[str, Any] = {}
         self._used_at = trio.current_time()
@@ -71,22 +75,34 @@ class Client(Operations):
         return self._channel.timeout
 
     @classmethod
-    async def connect(cls, address: str = DEFAULT_ADDRESS, *, timeout: float = DEFAULT_TIMEOUT) -> Client:
+    async def connect(
+        cls,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        token: str | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> Client:
+        """Connect to the node at ``address`` (``host:port``, or
+        ``wss://host:port`` for TLS), saying hello with ``token`` if the node
+        wants one; ``tls`` checks the node's certificate (see
+        :func:`dcache.tls_context`; the system's CAs by default)."""
         check_timeout(timeout)
-        client = cls(await cls._open(address, timeout), address=address)
+        dial, access = access_for(address, token=token, tls=tls)
+        client = cls(await cls._open(dial, timeout, access), address=dial, access=access)
         await client._greet()
         return client
 
     @staticmethod
-    async def _open(address: str, timeout: float) -> Channel:
+    async def _open(address: str, timeout: float, access: Access) -> Channel:
         conn = await transport.connect(
-            address, max_message=codec.DEFAULT_MAX_FRAME_BYTES, default_port=DEFAULT_PORT, timeout=timeout
+            address, max_message=codec.DEFAULT_MAX_FRAME_BYTES, default_port=DEFAULT_PORT, timeout=timeout, tls=access.tls
         )
         return Channel(conn, name=address, timeout=timeout)
 
     async def _greet(self) -> None:
         try:
-            status, body = await self._channel.request("hello", hello_args(CLIENT_NAME))
+            status, body = await self._channel.request("hello", hello_args(CLIENT_NAME, token=self.access.token))
             self.server_info = _outcome(status, body, _identity)
             self.limits = limits_from(self.server_info)
         except BaseException:
@@ -104,7 +120,7 @@ class Client(Operations):
             async with self._reviving:
                 channel = self._channel
                 if channel.broken is not None and not isinstance(channel.broken, ClosedError):
-                    self._channel = await self._open(self.address, channel.timeout)
+                    self._channel = await self._open(self.address, channel.timeout, self.access)
                     await self._greet()
                     await channel.aclose()
         elif now - self._used_at > IDLE_CHECK and not self._channel.in_flight:
@@ -114,7 +130,7 @@ class Client(Operations):
                     if not channel.in_flight:  # still: another task may have started meanwhile
                         await channel.take_waiting()
                 except ConnectionClosed:
-                    self._channel = await self._open(self.address, channel.timeout)
+                    self._channel = await self._open(self.address, channel.timeout, self.access)
                     await self._greet()
                     await channel.aclose()
         self._used_at = now
@@ -222,8 +238,17 @@ class ClusterClient(Operations):
         self._closed = False
 
     @classmethod
-    async def connect(cls, address: str = DEFAULT_ADDRESS, *, timeout: float = DEFAULT_TIMEOUT) -> ClusterClient:
-        client = cls(await Client.connect(address, timeout=timeout), timeout=timeout)
+    async def connect(
+        cls,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        token: str | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> ClusterClient:
+        """Connect through the node at ``address``; ``token`` and ``tls`` as for
+        :meth:`Client.connect`, used for every member."""
+        client = cls(await Client.connect(address, timeout=timeout, token=token, tls=tls), timeout=timeout)
         try:
             await client.refresh()
         except BaseException:
@@ -256,6 +281,10 @@ class ClusterClient(Operations):
             if node_id not in up:
                 await self._clients.pop(node_id).aclose()
 
+    async def _member(self, address: str) -> Client:
+        access = self._seed.access
+        return await Client.connect(address, timeout=self.timeout, token=access.token, tls=access.tls)
+
     async def _client_for(self, node_id: str) -> Client:
         client = self._clients.get(node_id)
         if client is not None and client._channel.broken is None:
@@ -264,7 +293,7 @@ class ClusterClient(Operations):
         if address is None:
             return self._seed
         try:
-            client = await Client.connect(address, timeout=self.timeout)
+            client = await self._member(address)
         except ConnectError:
             return self._seed  # it forwards; the next refresh will tell more
         existing = self._clients.get(node_id)
@@ -312,7 +341,7 @@ class ClusterClient(Operations):
                 if address == broken.address:
                     continue
                 try:
-                    client = await Client.connect(address, timeout=self.timeout)
+                    client = await self._member(address)
                 except ConnectError:
                     continue
                 self._seed = client
@@ -362,9 +391,15 @@ class ClusterClient(Operations):
 
 
 @asynccontextmanager
-async def connect(address: str = DEFAULT_ADDRESS, *, timeout: float = DEFAULT_TIMEOUT) -> AsyncIterator[Client]:
-    """``async with dcache.connect("localhost:48000") as client: ...``"""
-    client = await Client.connect(address, timeout=timeout)
+async def connect(
+    address: str = DEFAULT_ADDRESS,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    token: str | None = None,
+    tls: ssl.SSLContext | None = None,
+) -> AsyncIterator[Client]:
+    """``async with dcache.connect("localhost:48000") as client: ...``; see :meth:`Client.connect`."""
+    client = await Client.connect(address, timeout=timeout, token=token, tls=tls)
     try:
         yield client
     finally:

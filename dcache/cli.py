@@ -26,6 +26,7 @@ from .client import MAX_TTL
 from .commands import CONTEXT_SETTINGS, EXIT_UNAVAILABLE, Command, Outcome, printable
 from .errors import DcacheError
 from .net import DEFAULT_BUSY_POLL_US, MAX_BUSY_POLL_US, split_address
+from .security import HELLO_TIMEOUT, IDLE_TIMEOUT, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS
 
 MIN_MAX_MEMORY = 2**20  # a node's shards take a few MB of dicts once filled; below this a limit means little
 
@@ -89,7 +90,8 @@ def _one_shot(command: Command) -> click.Command:
             args["as_json"] = as_json
         assert command.action is not None
         try:
-            with SyncClient(server, timeout=timeout) as client:
+            access = commands.AccessOptions.take(args).client_args()
+            with SyncClient(server, timeout=timeout, **access) as client:
                 outcome: Outcome = command.action(client, **args)
         except DcacheError as exc:
             outcome = commands.failure(exc)
@@ -101,11 +103,12 @@ def _one_shot(command: Command) -> click.Command:
 
 
 def _watch(command: Command) -> click.Command:
-    def run(*, server: str, timeout: float, as_json: bool, prefix: str, ns: str) -> NoReturn:
+    def run(*, server: str, timeout: float, as_json: bool, prefix: str, ns: str, **options: Any) -> NoReturn:
         from .client import SyncClient
 
         try:
-            with SyncClient(server, timeout=timeout) as client:
+            access = commands.AccessOptions.take(options).client_args()
+            with SyncClient(server, timeout=timeout, **access) as client:
                 for event in client.watch(prefix, ns=ns):
                     line, notice = commands.watch_line(event, as_json=as_json)
                     print(line, file=sys.stderr if notice else sys.stdout, flush=True)
@@ -130,15 +133,26 @@ for _command in commands.COMMANDS.values():
         app.add_command(_one_shot(_command))
 
 
+def _access_options(function: Any) -> Any:
+    """The --token-file, --ca, --client-cert and --client-key options, on a command that defines its own."""
+    function.__click_params__ = [*getattr(function, "__click_params__", []), *reversed(commands.access_params())]
+    return function
+
+
 @app.command(context_settings=CONTEXT_SETTINGS)
 @click.argument("address", metavar="[HOST:PORT]", required=False)
 @click.option("--server", "-s", help="Node to connect to, when no HOST:PORT is given.", **commands.SERVER_OPTION)
 @click.option("--timeout", help="Give up on a request after this long.", **commands.TIMEOUT_OPTION)
-def shell(address: str | None, server: str, timeout: float) -> NoReturn:
+@_access_options
+def shell(address: str | None, server: str, timeout: float, **options: Any) -> NoReturn:
     """Open an interactive shell on a node; with commands on stdin, run them as a script."""
     from .shell import main as shell_main
 
-    sys.exit(shell_main(address or server, timeout=timeout))
+    try:
+        access = commands.AccessOptions.take(options).client_args()
+    except ValueError as exc:
+        _error(str(exc), as_json=False)
+    sys.exit(shell_main(address or server, timeout=timeout, access=access))
 
 
 MAX_REPLICAS = 9
@@ -153,13 +167,15 @@ DRAIN_CLIENT_TIMEOUT = 60.0  # seconds: the node's default --drain-timeout (30 s
     **{**commands.TIMEOUT_OPTION, "default": DRAIN_CLIENT_TIMEOUT, "envvar": None},
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for scripts).")
-def drain(address: str, timeout: float, as_json: bool) -> NoReturn:
+@_access_options
+def drain(address: str, timeout: float, as_json: bool, **options: Any) -> NoReturn:
     """Take the node at HOST:PORT (its client address) out of its cluster: it hands every shard with its
     entries to the other nodes, leaves, and stops. Exit 0 when everything moved, 3 if entries were left behind."""
     from .client import SyncClient
 
     try:
-        with SyncClient(address, timeout=timeout) as client:
+        access = commands.AccessOptions.take(options).client_args()
+        with SyncClient(address, timeout=timeout, **access) as client:
             node = client.server_info.get("node", address)
             report = client.drain()
         moved = f"{node}: handed {report['shards_moved']:,} shard(s) with {report['entries_moved']:,} entries to other nodes"
@@ -290,6 +306,51 @@ def completion(shell_name: str | None, directory: str | None) -> None:
     metavar="MICROSECONDS", show_default=True,
     help="Longest spin on a socket before sleeping: lower latency for CPU time; 0 turns it off.",
 )  # fmt: skip
+@click.option(
+    "--auth-token-file", envvar="DCACHE_AUTH_TOKEN_FILE", metavar="FILE",
+    help="Clients must say hello with one of the tokens in FILE (one per line; several for rotation; "
+    "read again when the file changes). Also DCACHE_AUTH_TOKEN_FILE.",
+)  # fmt: skip
+@click.option(
+    "--read-token-file", envvar="DCACHE_READ_TOKEN_FILE", metavar="FILE",
+    help="Tokens that may read, scan and watch, but not write (also DCACHE_READ_TOKEN_FILE).",
+)  # fmt: skip
+@click.option(
+    "--peer-token-file", envvar="DCACHE_PEER_TOKEN_FILE", metavar="FILE",
+    help="Tokens for node-to-node links: the peer port accepts only nodes with one, and this node sends "
+    "the first (also DCACHE_PEER_TOKEN_FILE).",
+)  # fmt: skip
+@click.option(
+    "--tls-cert",
+    envvar="DCACHE_TLS_CERT",
+    metavar="FILE",
+    help="Serve TLS (wss://) on both ports with this certificate chain (PEM).",
+)
+@click.option("--tls-key", envvar="DCACHE_TLS_KEY", metavar="FILE", help="The private key of --tls-cert (PEM).")
+@click.option(
+    "--tls-ca", envvar="DCACHE_TLS_CA", metavar="FILE",
+    help="CA that signs the nodes' certificates: peer links check each other against it, both ways (default: the system's CAs, one way).",
+)  # fmt: skip
+@click.option(
+    "--tls-client-ca", envvar="DCACHE_TLS_CLIENT_CA", metavar="FILE",
+    help="Clients must show a certificate this CA signed (mutual TLS).",
+)  # fmt: skip
+@click.option(
+    "--max-connections", type=click.IntRange(1, 1_000_000), default=MAX_CONNECTIONS, metavar="N", show_default=True,
+    help="Open connections at most, clients and peers together; more are closed at once.",
+)  # fmt: skip
+@click.option(
+    "--max-connections-per-address", type=click.IntRange(1, 1_000_000), default=MAX_CONNECTIONS_PER_ADDRESS, metavar="N",
+    show_default=True, help="Open connections at most from one remote address.",
+)  # fmt: skip
+@click.option(
+    "--idle-timeout", type=commands.Seconds(86400, "a day", minimum=1), default=IDLE_TIMEOUT, metavar="SECONDS",
+    show_default=True, help="A connection silent this long gets a ping, and is closed if another passes without a pong.",
+)  # fmt: skip
+@click.option(
+    "--hello-timeout", type=commands.Seconds(3600, "an hour", minimum=0.1), default=HELLO_TIMEOUT, metavar="SECONDS",
+    show_default=True, help="A new connection must finish its handshakes and say hello within this long.",
+)  # fmt: skip
 def serve(
     client_listen: str,
     listen: str,
@@ -306,6 +367,17 @@ def serve(
     compress_min: int,
     log_level: str,
     busy_poll_us: int,
+    auth_token_file: str | None,
+    read_token_file: str | None,
+    peer_token_file: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_ca: str | None,
+    tls_client_ca: str | None,
+    max_connections: int,
+    max_connections_per_address: int,
+    idle_timeout: float,
+    hello_timeout: float,
 ) -> None:
     """Run a node: standalone by default, or part of a cluster with --etcd."""
     import logging
@@ -347,6 +419,17 @@ def serve(
             eviction=eviction,
             compress_min=compress_min,
             busy_poll=busy_poll_us / 1e6,
+            auth_token_file=auth_token_file,
+            read_token_file=read_token_file,
+            peer_token_file=peer_token_file,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_ca=tls_ca,
+            tls_client_ca=tls_client_ca,
+            max_connections=max_connections,
+            max_connections_per_address=max_connections_per_address,
+            idle_timeout=idle_timeout,
+            hello_timeout=hello_timeout,
         )
         trio.run(_serve_until_signalled, Node(config))
     except (NodeStartError, ValueError) as exc:

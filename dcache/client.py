@@ -16,7 +16,8 @@ import select
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import __version__, codec, protocol
 from .codec import Limits, Status
@@ -30,6 +31,11 @@ from .errors import (
 )
 from .net import RECEIVE_SIZE, BusyPoll, busy_poll_from_env, connect_error_text, split_address
 from .protocol import hello_args, limits_from
+
+if TYPE_CHECKING:
+    import ssl
+
+from .security import MAX_TOKEN_BYTES, TlsLayer, client_context, describe_tls_error, split_scheme
 
 DEFAULT_ADDRESS = "localhost:48000"
 DEFAULT_PORT = 48000
@@ -93,6 +99,29 @@ def check_timeout(timeout: float) -> float:
     if not isinstance(timeout, (int, float)) or not 0 < timeout <= MAX_TIMEOUT:
         raise ValueError(f"timeout must be a positive number of seconds up to {MAX_TIMEOUT:g} (a day), not {timeout!r}")
     return timeout
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """How a client reaches its nodes: over TLS with ``tls`` (None: plain)
+    and saying hello with ``token`` (None: the node wants none)."""
+
+    tls: ssl.SSLContext | None = None
+    token: str | None = None
+
+
+def access_for(address: str, *, token: str | None, tls: ssl.SSLContext | None) -> tuple[str, Access]:
+    """``address`` without its scheme, and the :class:`Access` the scheme and
+    arguments ask for: ``wss://`` means TLS (with the system's trusted CAs
+    unless ``tls`` says otherwise); ``ws://`` means plain."""
+    secure, bare = split_scheme(address)
+    if secure is False and tls is not None:
+        raise ValueError(f"{address}: ws:// is plain WebSocket; use wss:// (or no scheme) with a TLS context")
+    if secure and tls is None:
+        tls = client_context()
+    if token is not None and (not isinstance(token, str) or not token or len(token.encode()) > MAX_TOKEN_BYTES):
+        raise ValueError(f"token must be non-empty text of at most {MAX_TOKEN_BYTES} bytes")
+    return bare, Access(tls=tls, token=token)
 
 
 def is_leaving(member: dict[str, Any]) -> bool:
@@ -494,9 +523,16 @@ class SyncClient(Operations):
     """
 
     def __init__(
-        self, address: str = DEFAULT_ADDRESS, *, timeout: float = DEFAULT_TIMEOUT, busy_poll: float | None = None
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        busy_poll: float | None = None,
+        token: str | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.address = address
+        self._dial, self._access = access_for(address, token=token, tls=tls)
         self.timeout = check_timeout(timeout)
         self.limits = Limits()
         self._poller = BusyPoll(busy_poll_from_env() if busy_poll is None else busy_poll)
@@ -505,10 +541,10 @@ class SyncClient(Operations):
 
     def _connect(self) -> None:
         self._ready: list[bytes] = []
-        self._sock, self._proto = self._open(self.address, self.timeout)
+        self._sock, self._proto = self._open(self._dial, self.timeout)
         self._used_at = time.monotonic()
         try:
-            self.server_info = self._call("hello", hello_args(CLIENT_NAME), _identity)
+            self.server_info = self._call("hello", hello_args(CLIENT_NAME, token=self._access.token), _identity)
             self.limits = limits_from(self.server_info)
         except BaseException:
             self._sock.close()
@@ -539,10 +575,15 @@ class SyncClient(Operations):
             raise ConnectError(f"cannot connect to {host}:{port}: {connect_error_text(exc)}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         proto = protocol.ClientConnection(host=f"{host}:{port}", max_message=codec.DEFAULT_MAX_FRAME_BYTES)
+        self._tls = None
         try:
-            sock.sendall(proto.data_to_send())
+            if self._access.tls is not None:
+                self._tls = self._tls_handshake(sock, host)
+            sock.sendall(self._wrap(proto.data_to_send()))
             while proto.state is protocol.State.HANDSHAKE:
-                self._ready += proto.receive_data(sock.recv(RECEIVE_SIZE))
+                plain = self._unwrap(sock.recv(RECEIVE_SIZE))
+                if plain is not None:
+                    self._ready += proto.receive_data(plain)
             # Non-blocking from here on, so that polling for a reply really
             # spins; waits that block go through poll with ``timeout``.
             sock.setblocking(False)
@@ -553,10 +594,45 @@ class SyncClient(Operations):
         except (protocol.HandshakeFailed, protocol.ConnectionClosed) as exc:
             sock.close()
             raise ConnectError(f"{host}:{port}: {exc}") from None
-        except OSError as exc:
+        except EOFError:
+            sock.close()
+            raise ConnectError(f"{host}:{port}: the node closed the connection during the TLS handshake") from None
+        except OSError as exc:  # ssl.SSLError included
             sock.close()
             raise ConnectError(f"{host}:{port}: handshake failed: {exc}") from None
         return sock, proto
+
+    def _tls_handshake(self, sock: socket.socket, host: str) -> TlsLayer:
+        assert self._access.tls is not None
+        layer = TlsLayer(self._access.tls, host)
+        try:
+            while not layer.handshake_step():
+                sock.sendall(layer.outgoing())
+                data = sock.recv(RECEIVE_SIZE)
+                if not data:
+                    raise EOFError
+                layer.receive(data)
+            sock.sendall(layer.outgoing())
+        except OSError as exc:
+            import ssl
+
+            if not isinstance(exc, ssl.SSLError):  # the socket's, not TLS's
+                raise
+            raise ConnectError(f"{self._dial}: {describe_tls_error(exc)}") from None
+        return layer
+
+    def _wrap(self, data: bytes) -> bytes:
+        return data if self._tls is None else self._tls.wrap(data)
+
+    def _unwrap(self, data: bytes) -> bytes | None:
+        """Received bytes as the protocol takes them: decrypted, b"" for the
+        end; None if they complete nothing yet (part of a TLS record)."""
+        if self._tls is None or not data:
+            return data
+        try:
+            return self._tls.receive(data) or None
+        except EOFError:
+            return b""
 
     def close(self) -> None:
         self._closed = True
@@ -658,7 +734,7 @@ class SyncClient(Operations):
                 continue
 
     def _send(self, data: bytes) -> None:
-        view = memoryview(data)
+        view = memoryview(self._wrap(data))
         while view:
             try:
                 view = view[self._sock.send(view) :]
@@ -671,8 +747,11 @@ class SyncClient(Operations):
 
     def _absorb(self, data: bytes) -> None:
         """Take in received bytes: keep the messages, send the protocol's answers (pongs, a close)."""
+        plain = self._unwrap(data)
+        if plain is None:
+            return
         try:
-            messages = self._proto.receive_data(data)
+            messages = self._proto.receive_data(plain)
         except protocol.ProtocolViolation as exc:
             self._send_quietly(self._proto.data_to_send())
             raise ProtocolError(f"bad WebSocket data from {self.address}: {exc.reason}") from None

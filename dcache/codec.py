@@ -57,6 +57,8 @@ class ErrorCode(enum.StrEnum):
     INTERNAL = "internal"
     OUT_OF_MEMORY = "out_of_memory"  # the node is at --max-memory and evicts nothing
     NOT_INTEGER = "not_integer"  # incr on a value that is not an integer
+    UNAUTHORIZED = "unauthorized"  # the hello's token is missing or wrong (the connection is closed after)
+    FORBIDDEN = "forbidden"  # not for this connection's role (a write with a read-only token, a node's op)
 
 
 @dataclass(frozen=True, slots=True)

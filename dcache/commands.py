@@ -830,7 +830,73 @@ def connection_params() -> list[click.Parameter]:
     return [
         click.Option(["--server", "-s"], help="Node to talk to (also DCACHE_SERVER).", **SERVER_OPTION),
         click.Option(["--timeout"], help="Give up after this long (also DCACHE_TIMEOUT).", **TIMEOUT_OPTION),
+        *access_params(),
     ]
+
+
+def access_params() -> list[click.Parameter]:
+    """The options that say how to reach a node that asks for a token or speaks TLS."""
+    return [
+        click.Option(
+            ["--token-file"],
+            envvar="DCACHE_TOKEN_FILE",
+            metavar="FILE",
+            help="Say hello with the token in FILE (or put the token itself in DCACHE_TOKEN).",
+        ),
+        click.Option(
+            ["--ca"],
+            envvar="DCACHE_CA",
+            metavar="FILE",
+            help="Speak TLS, checking the node's certificate against this CA (wss:// addresses use the system's CAs without it).",
+        ),
+        click.Option(
+            ["--client-cert"],
+            envvar="DCACHE_CLIENT_CERT",
+            metavar="FILE",
+            help="This client's TLS certificate, for a node that asks.",
+        ),
+        click.Option(["--client-key"], envvar="DCACHE_CLIENT_KEY", metavar="FILE", help="The key of --client-cert."),
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class AccessOptions:
+    """What the access options said, as plain values (a bench hands them to its processes)."""
+
+    token: str | None = None
+    ca: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+
+    @classmethod
+    def take(cls, args: dict[str, Any], environ: Any = os.environ) -> AccessOptions:
+        """Take the access options out of ``args`` (a command's parameters);
+        the token from ``--token-file``, else ``DCACHE_TOKEN``. ValueError if
+        the file cannot be read."""
+        token_file = args.pop("token_file", None)
+        token = (environ.get("DCACHE_TOKEN") or "").strip() or None
+        if token_file:
+            from .security import parse_tokens
+
+            try:
+                with open(token_file, encoding="utf-8") as f:
+                    tokens = parse_tokens(f.read())
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"--token-file {token_file}: {getattr(exc, 'strerror', None) or exc}") from None
+            if not tokens:
+                raise ValueError(f"--token-file {token_file} holds no token")
+            token = tokens[0]
+        return cls(token, args.pop("ca", None), args.pop("client_cert", None), args.pop("client_key", None))
+
+    def client_args(self) -> dict[str, Any]:
+        """Keyword arguments for a client: ``token``, and ``tls`` if a CA or
+        certificate was given. ValueError if a file is unusable."""
+        tls = None
+        if self.ca or self.client_cert or self.client_key:
+            from .security import client_context
+
+            tls = client_context(ca=self.ca, cert=self.client_cert, key=self.client_key)
+        return {"token": self.token, "tls": tls}
 
 
 def json_param() -> click.Option:

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import resource
+import ssl
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,10 +28,22 @@ from .handoff import Placement, Signal, absorb, claim, hand_over
 from .membership import EtcdMembership, MembershipError, StandaloneMembership, View
 from .net import busy_poll_from_env, split_address
 from .peers import PeerLinks
-from .protocol import Budget, ConnectionClosed, ServerSession
+from .protocol import Budget, ConnectionClosed, ProtocolViolation, ServerSession, violation
 from .reactor import Reactor
 from .replication import SYNC, Replicator, held_for, replica_summary, take
 from .router import Forwarder, Router, Waiting
+from .security import (
+    HELLO_TIMEOUT,
+    IDLE_TIMEOUT,
+    MAX_CONNECTIONS,
+    MAX_CONNECTIONS_PER_ADDRESS,
+    TlsSetupError,
+    TokenError,
+    Tokens,
+    client_context,
+    file_stamp,
+    server_context,
+)
 from .shard import ShardMap
 from .store import DEFAULT_COMPRESS_MIN, Store
 from .watching import WatchHub
@@ -43,8 +56,7 @@ DEFAULT_METRICS_PORT = 9100
 DEFAULT_LEASE_TTL = 5.0
 SWEEP_INTERVAL = 0.1
 SWEEP_BATCH = 1000
-IDLE_TIMEOUT = 30.0
-MAX_CONNECTIONS = 10_000
+TOKEN_RELOAD_INTERVAL = 2.0  # seconds between looks at the token files (rewritten: read again)
 MAX_UNFINISHED_BYTES = 256 * 1024 * 1024  # in messages still arriving, over all connections
 ADVERTISE_CHECK_TIMEOUT = 2.0
 ACCEPT_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS)  # out of something: wait, then go on
@@ -80,6 +92,15 @@ class NodeConfig:
     max_memory: int = 0  # bytes the entries may take (the store's estimate); 0: no limit
     eviction: str = "lru"  # at the limit: lru, lfu or noeviction (writes refused)
     compress_min: int = DEFAULT_COMPRESS_MIN  # values this large or larger are kept compressed; 0: never
+    hello_timeout: float = HELLO_TIMEOUT
+    max_connections_per_address: int = MAX_CONNECTIONS_PER_ADDRESS
+    auth_token_file: str | None = None  # client tokens (read and write); none: clients need no token
+    read_token_file: str | None = None  # read-only client tokens
+    peer_token_file: str | None = None  # node-to-node tokens; the first line is the one this node sends
+    tls_cert: str | None = None  # with tls_key: both listeners speak TLS (wss), and peer links too
+    tls_key: str | None = None
+    tls_ca: str | None = None  # peers' certificates are checked against it, both ways (else the system's CAs)
+    tls_client_ca: str | None = None  # clients must show a certificate it signed (mutual TLS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +170,10 @@ class Node:
         self._drain_report: dict[str, int] = {}
         self._more_to_hand = Signal()  # there may be shards to hand over
         self._new_claims = Signal()  # shards may have started on their way here
+        self.tokens = Tokens()
+        self._client_tls: ssl.SSLContext | None = None
+        self._peer_tls: ssl.SSLContext | None = None  # the peer listener's
+        self._by_address: dict[str, int] = {}  # open connections per remote host
 
     async def leave(self, drain: float = LEAVE_DRAIN, *, close: bool = True) -> dict[str, int]:
         """Step out of the cluster before stopping: say so in etcd, hand every
@@ -289,6 +314,7 @@ class Node:
         """Serve until cancelled. ``task_status.started`` gets the bound addresses."""
         config = self.config
         self._started_at = trio.current_time()
+        link_tls = self._load_security()
         client_host, client_port = split_address(config.client_listen, DEFAULT_CLIENT_PORT)
         peer_host, peer_port = split_address(config.listen, DEFAULT_PEER_PORT)
         client_listeners = await _open_listeners(client_host, client_port, "--client-listen")
@@ -304,7 +330,13 @@ class Node:
         if config.metrics_listen:
             metrics_host, metrics_port = split_address(config.metrics_listen, DEFAULT_METRICS_PORT)
             metrics_listeners = await _open_listeners(metrics_host, metrics_port, "--metrics-listen")
-        self.peers = PeerLinks(node_id=self.node_id, max_frame_bytes=config.limits.max_frame_bytes, poll=config.busy_poll)
+        self.peers = PeerLinks(
+            node_id=self.node_id,
+            max_frame_bytes=config.limits.max_frame_bytes,
+            poll=config.busy_poll,
+            token=lambda: self.tokens.peer[0].decode() if self.tokens.peer else None,
+            tls=link_tls,
+        )
         self.router = Router(
             store=self.store,
             node_id=self.node_id,
@@ -382,8 +414,12 @@ class Node:
                 nursery.start_soon(self._check_advertised)
             nursery.start_soon(self._purge_unowned)
             nursery.start_soon(self._sweep)
-            for listener in [*client_listeners, *peer_listeners]:
-                nursery.start_soon(self._accept, listener, nursery)
+            if config.auth_token_file or config.read_token_file or config.peer_token_file:
+                nursery.start_soon(self._reload_tokens)
+            for listener in client_listeners:
+                nursery.start_soon(self._accept, listener, nursery, False)
+            for listener in peer_listeners:
+                nursery.start_soon(self._accept, listener, nursery, True)
             bound_metrics = None
             if metrics_listeners is not None:
                 from .metrics import registry_for, serve_metrics
@@ -392,15 +428,81 @@ class Node:
                 bound_metrics = (metrics_host, metrics_listeners[0].socket.getsockname()[1])
             bound = BoundAddresses(client=bound_client, peer=bound_peer, metrics=bound_metrics, node_id=self.node_id)
             log.info(
-                "dcache %s ready: clients on %s, peers on %s, node id %s, %s%s",
+                "dcache %s ready: clients on %s, peers on %s, node id %s, %s%s%s",
                 __version__,
                 bound.client_address,
                 bound.peer_address,
                 self.node_id,
                 f"cluster {config.cluster!r} via etcd {config.etcd}" if config.etcd else "standalone",
                 f", metrics on http://{join_address(*bound_metrics)}/metrics" if bound_metrics else "",
+                self._security_summary(),
             )
             task_status.started(bound)
+
+    # -- who may connect ----------------------------------------------------------
+
+    def _load_security(self) -> ssl.SSLContext | None:
+        """Read the token files and build the TLS contexts; NodeStartError if
+        one is unusable. Returns the context this node's peer links dial with."""
+        config = self.config
+        try:
+            self.tokens = Tokens.from_files(
+                client=config.auth_token_file, read=config.read_token_file, peer=config.peer_token_file
+            )
+            if (config.tls_cert is None) != (config.tls_key is None):
+                raise NodeStartError("--tls-cert and --tls-key go together: give both, or neither")
+            if config.tls_cert is None or config.tls_key is None:
+                if config.tls_ca or config.tls_client_ca:
+                    raise NodeStartError("--tls-ca and --tls-client-ca need --tls-cert and --tls-key")
+                link_tls = None
+            else:
+                self._client_tls = server_context(cert=config.tls_cert, key=config.tls_key, client_ca=config.tls_client_ca)
+                self._peer_tls = server_context(cert=config.tls_cert, key=config.tls_key, client_ca=config.tls_ca)
+                link_tls = client_context(ca=config.tls_ca, cert=config.tls_cert, key=config.tls_key)
+        except (TokenError, TlsSetupError) as exc:
+            raise NodeStartError(str(exc)) from None
+        if self.tokens.clients_need_one and not self.tokens.peer and self._peer_tls is None:
+            log.warning(
+                "clients need a token, but the peer port (--listen) accepts any node: give --peer-token-file "
+                "(or TLS with --tls-ca), or keep that port on a network only the nodes reach"
+            )
+        return link_tls
+
+    def _security_summary(self) -> str:
+        parts = []
+        if self._client_tls is not None:
+            parts.append("TLS" + (" with client certificates" if self.config.tls_client_ca else ""))
+        if self.tokens.clients_need_one:
+            parts.append("client tokens" + (" (and read-only ones)" if self.tokens.read else ""))
+        if self.tokens.peer:
+            parts.append("peer tokens")
+        return f"; {', '.join(parts)}" if parts else ""
+
+    async def _reload_tokens(self) -> None:
+        """Read the token files again whenever one is rewritten, so that tokens
+        can be rotated without a restart: a bad file keeps the tokens in force."""
+        config = self.config
+        paths = (config.auth_token_file, config.read_token_file, config.peer_token_file)
+        stamp = file_stamp(*paths)
+        while True:
+            await trio.sleep(TOKEN_RELOAD_INTERVAL)
+            now = file_stamp(*paths)
+            if now == stamp:
+                continue
+            stamp = now
+            try:
+                tokens = Tokens.from_files(client=paths[0], read=paths[1], peer=paths[2])
+            except TokenError as exc:
+                log.warning("keeping the tokens in force: %s", exc)
+                continue
+            if tokens != self.tokens:
+                self.tokens = tokens
+                log.info(
+                    "token files read again: %d client, %d read-only and %d peer token(s) in force",
+                    len(tokens.client),
+                    len(tokens.read),
+                    len(tokens.peer),
+                )
 
     # -- membership ---------------------------------------------------------------
 
@@ -592,7 +694,7 @@ class Node:
     def _connection_closed(self) -> None:
         self.connections -= 1
 
-    async def _accept(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+    async def _accept(self, listener: trio.SocketListener, nursery: trio.Nursery, peer_port: bool) -> None:
         """Accept connections for as long as the node runs, each handed to a
         task of its own for its handshake. (Not trio.serve_listeners: it closes
         a connection when its task ends, and a connection the reactor adopted
@@ -607,28 +709,55 @@ class Node:
                     log.warning("cannot accept a connection (%s); trying again in %g s", exc.strerror or exc, ACCEPT_BACKOFF)
                     await trio.sleep(ACCEPT_BACKOFF)
                     continue
-                nursery.start_soon(self._serve_connection, stream)
+                nursery.start_soon(self._serve_connection, stream, peer_port)
 
-    async def _serve_connection(self, stream: trio.SocketStream) -> None:
+    async def _serve_connection(self, stream: trio.SocketStream, peer_port: bool = False) -> None:
         config = self.config
+        refuse = self.router.counters.refuse
+        remote = _remote_name(stream)
+        host = split_address(remote, 0)[0] if remote != "?" else remote
         if self.connections >= config.max_connections:
-            log.warning("refusing a connection: %d connections already open", self.connections)
+            refuse("max_connections")
+            log.warning(
+                "refusing a connection from %s: %d connections already open (--max-connections)", remote, self.connections
+            )
+            await trio.aclose_forcefully(stream)
+            return
+        if self._by_address.get(host, 0) >= config.max_connections_per_address:
+            refuse("max_connections_per_address")
+            log.warning(
+                "refusing a connection from %s: %d already open from that address (--max-connections-per-address)",
+                remote,
+                self._by_address[host],
+            )
             await trio.aclose_forcefully(stream)
             return
         self.connections += 1
+        self._by_address[host] = self._by_address.get(host, 0) + 1
         conn = None
         adopted = False
+        counted = _AddressCount(self._by_address, host)
+        hello_by = trio.current_time() + config.hello_timeout
         try:
+            tls = self._peer_tls if peer_port else self._client_tls
+            wrapped: trio.abc.Stream = stream if tls is None else trio.SSLStream(stream, tls, server_side=True)
             conn = await transport.accept(
-                stream, max_message=config.limits.max_frame_bytes, budget=self.unfinished, poll=config.busy_poll
+                wrapped,
+                max_message=config.limits.max_frame_bytes,
+                budget=self.unfinished,
+                poll=config.busy_poll,
+                timeout=hello_by - trio.current_time(),
             )
-            if conn is not None:
-                session = ServerSession(_remote_name(stream))
-                if config.reactor and self.reactor.can_serve(conn):
-                    self.reactor.adopt(conn, session)  # the reactor serves it from now on, and closes it
-                    adopted = True
-                    return
-                await self._serve_messages(conn, session)
+            if conn is None:
+                refuse("handshake")
+                return
+            session = ServerSession(remote, tokens=self.tokens, peer_port=peer_port)
+            if config.reactor and self.reactor.can_serve(conn):
+                # The reactor serves it from now on, and closes it (and gives its address count back).
+                self.reactor.adopt(conn, session, on_close=counted.release, hello_by=hello_by)
+                adopted = True
+                return
+            await self._serve_messages(conn, session, hello_by)
         except Exception:
             # A bug must cost one connection, never the node.
             log.exception("connection handler failed; closing that connection")
@@ -639,11 +768,12 @@ class Node:
         finally:
             if not adopted:
                 self.connections -= 1
+                counted.release()
                 if conn is not None:
                     conn.release()
                 await trio.aclose_forcefully(stream)
 
-    async def _serve_messages(self, conn: transport.Connection, session: ServerSession) -> None:
+    async def _serve_messages(self, conn: transport.Connection, session: ServerSession, hello_by: float = math.inf) -> None:
         """Answer requests until the connection closes.
 
         What the router answers at once goes back at once; what waits for
@@ -665,6 +795,7 @@ class Node:
         sending = False
         waits = _Waits()
         async with trio.open_nursery() as later:
+            later.start_soon(self._hello_deadline, conn, session, hello_by)
             try:
                 while True:
                     with trio.CancelScope(deadline=clock.current_time() + idle) as deadline:
@@ -685,10 +816,15 @@ class Node:
                                     sending = True
                                     await conn.send(reply)
                                     sending = False
+                                    if session.refused:  # its token
+                                        await conn.aclose(wsframe.CLOSE_POLICY_VIOLATION, "unauthorized")
+                                        return
                                 if waiting is not None:
                                     await self._make_room(waiting, waits)
                         except ConnectionClosed as exc:
                             log.debug("connection from %s closed: %s", session.remote, exc)
+                            if isinstance(exc, ProtocolViolation):
+                                self.router.counters.refuse(violation(exc))
                             return
                     if sending:
                         log.info("closing connection from %s: it stopped reading replies", session.remote)
@@ -697,6 +833,7 @@ class Node:
                     # up if not even a pong came back.
                     if pinged_at == conn.reads:
                         log.debug("closing idle connection from %s", session.remote)
+                        self.router.counters.refuse("idle")
                         await conn.aclose(1001, "idle")
                         return
                     pinged_at = conn.reads
@@ -706,6 +843,14 @@ class Node:
                         return
             finally:
                 later.cancel_scope.cancel()  # replies to a connection that is gone have nowhere to go
+
+    async def _hello_deadline(self, conn: transport.Connection, session: ServerSession, hello_by: float) -> None:
+        """Close ``conn`` if it has not said hello by ``hello_by``: a stranger may not hold a connection open for free."""
+        await trio.sleep_until(hello_by)
+        if not session.greeted:
+            self.router.counters.refuse("hello_timeout")
+            log.info("closing connection from %s: no hello within %g s", session.remote, self.config.hello_timeout)
+            await conn.aclose(wsframe.CLOSE_POLICY_VIOLATION, "no hello in time")
 
     async def _make_room(self, waiting: Waiting, waits: _Waits) -> None:
         """Read no more from a connection while it has too much waiting."""
@@ -728,6 +873,25 @@ class Node:
         finally:
             waits.count -= 1
             waits.lot.unpark()
+
+
+class _AddressCount:
+    """A connection's place in the count of connections from its address, given back once."""
+
+    __slots__ = ("_counts", "_host")
+
+    def __init__(self, counts: dict[str, int], host: str) -> None:
+        self._counts = counts
+        self._host = host
+
+    def release(self) -> None:
+        if self._host:
+            left = self._counts[self._host] - 1
+            if left:
+                self._counts[self._host] = left
+            else:
+                del self._counts[self._host]
+            self._host = ""
 
 
 class _Waits:

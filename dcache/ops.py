@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from .codec import MAX_NAMESPACE_BYTES, MAX_RID, MAX_TTL_MS, ErrorCode, Limits, WireError
+from .security import MAX_TOKEN_BYTES
 from .shard import NUM_SHARDS
 from .store import MAX_INCR, MIN_INCR
 
@@ -83,6 +84,7 @@ class Op:
     field: str = ""
     pairs: bool = False
     merge: str = "positional"
+    peer_only: bool = False  # node-to-node: refused on a client's connection
 
     def elements(self, args: dict[str, Any]) -> list[Any]:
         """A many-key request's keys (or pairs), in order."""
@@ -212,7 +214,7 @@ def _no_args(op: str) -> Callable[[dict[str, Any], Limits], dict[str, Any]]:
     return check
 
 
-_HELLO = frozenset({"version", "client", "peer"})
+_HELLO = frozenset({"version", "client", "peer", "token"})
 _KEYED = frozenset({"ns", "key"})
 _SET = frozenset({"ns", "key", "value", "ttl_ms"})
 _CAS = frozenset({"ns", "key", "value", "ttl_ms", "version"})
@@ -233,7 +235,10 @@ def _hello(args: dict[str, Any], limits: Limits) -> dict[str, Any]:
     peer = args.get("peer", "")
     if type(peer) is not str or len(peer) > 256:
         raise WireError(ErrorCode.BAD_REQUEST, "hello: peer must be a node id")
-    return {"version": version, "client": client, "peer": peer}
+    token = args.get("token")
+    if token is not None and (type(token) is not str or len(token) > MAX_TOKEN_BYTES):
+        raise WireError(ErrorCode.BAD_REQUEST, f"hello: token must be text of at most {MAX_TOKEN_BYTES} bytes")
+    return {"version": version, "client": client, "peer": peer, "token": token}
 
 
 # A namespace of at most this many characters is within MAX_NAMESPACE_BYTES
@@ -583,16 +588,16 @@ OPS: dict[str, Op] = {
         Op("stats", _no_args("stats")),
         Op("members", _no_args("members")),
         Op("drain", _no_args("drain")),
-        Op("handoff", _entries("handoff", gone=False)),  # from peers only
-        Op("claim", _claim),  # from peers only
-        Op("replicate", _entries("replicate", gone=True)),  # from peers only
-        Op("copies", _no_args("copies")),  # from peers only
+        Op("handoff", _entries("handoff", gone=False), peer_only=True),
+        Op("claim", _claim, peer_only=True),
+        Op("replicate", _entries("replicate", gone=True), peer_only=True),
+        Op("copies", _no_args("copies"), peer_only=True),
         Op("scan", _scan),
         Op("flush", _namespace_op("flush"), write=True),
         Op("nsstats", _namespace_op("nsstats")),
         Op("watch", _watch),
-        Op("events", _events),  # from peers only
-        Op("scanshards", _scan_shards),  # from peers only
+        Op("events", _events, peer_only=True),
+        Op("scanshards", _scan_shards, peer_only=True),
         Op("get", _keyed("get"), Keys.ONE, apply=_get),
         Op("getmeta", _keyed("getmeta"), Keys.ONE, apply=_getmeta),
         Op("set", _set, Keys.ONE, write=True, apply=_set_in),

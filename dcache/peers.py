@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -61,8 +62,18 @@ class PeerLinks:
     :meth:`run` owns the nursery the link tasks live in.
     """
 
-    def __init__(self, *, node_id: str, max_frame_bytes: int = codec.DEFAULT_MAX_FRAME_BYTES, poll: float | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        max_frame_bytes: int = codec.DEFAULT_MAX_FRAME_BYTES,
+        poll: float | None = None,
+        token: Callable[[], str | None] = lambda: None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.node_id = node_id
+        self._token = token  # the peer token to say hello with (read at each connection: tokens can be rotated)
+        self._tls = tls
         self._poll = poll
         self._max_frame_bytes = max_frame_bytes
         self._links: dict[str, _Link] = {}
@@ -206,10 +217,11 @@ class PeerLinks:
             timeout=CONNECT_TIMEOUT,
             mask_key=wsframe.NULL_MASK,
             poll=self._poll,
+            tls=self._tls,
         )
         # The link's keep-alive task times requests out (see _keep_alive).
         channel = Channel(conn, name=f"peer {node_id}", timeout=REQUEST_TIMEOUT, watched=True, nursery=self._nursery)
-        hello = hello_args(f"dcache-node/{__version__}", peer=self.node_id)
+        hello = hello_args(f"dcache-node/{__version__}", peer=self.node_id, token=self._token())
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
                 status, body = await channel.request("hello", hello)

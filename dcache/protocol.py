@@ -28,6 +28,7 @@ from . import codec, wsframe
 from .codec import ErrorCode, Limits, Status
 from .errors import ProtocolError
 from .ops import Request
+from .security import Role, Tokens
 
 
 class ConnectionClosed(Exception):
@@ -45,6 +46,18 @@ class ProtocolViolation(ConnectionClosed):
     """The connection is over because the peer broke the protocol (bad
     framing, a text message) or a limit; our close frame with ``code`` waits
     in :meth:`Connection.data_to_send`."""
+
+
+def violation(exc: ProtocolViolation) -> str:
+    """A word for counters: which limit or rule a closed connection broke."""
+    return _VIOLATIONS.get(exc.code, "protocol_error")
+
+
+_VIOLATIONS = {
+    wsframe.CLOSE_TOO_BIG: "frame_too_large",
+    wsframe.CLOSE_TRY_AGAIN_LATER: "unfinished_bytes",
+    wsframe.CLOSE_UNSUPPORTED_DATA: "text_frame",
+}
 
 
 class HandshakeFailed(Exception):
@@ -270,11 +283,14 @@ class ClientConnection(Connection):
         return replies  # type: ignore[return-value]
 
 
-def hello_args(client: str, *, peer: str = "") -> dict[str, Any]:
-    """A hello's arguments: the protocol version, who is asking, and a node's id on a peer link."""
+def hello_args(client: str, *, peer: str = "", token: str | None = None) -> dict[str, Any]:
+    """A hello's arguments: the protocol version, who is asking, a node's id
+    on a peer link, and the token that lets it in (if the node wants one)."""
     args: dict[str, Any] = {"version": codec.PROTOCOL_VERSION, "client": client}
     if peer:
         args["peer"] = peer
+    if token is not None:
+        args["token"] = token
     return args
 
 
@@ -289,23 +305,43 @@ def limits_from(hello: Any) -> Limits:
 
 class ServerSession:
     """What a node knows of one connection: whether it said hello, who it is
-    (a client's name, or a peer node's id) and where it comes from. A hello
-    must come first; :meth:`hello` answers it."""
+    (a client's name, or a peer node's id), where it comes from, what it may
+    do (its :class:`Role`) and whether it came through the node's peer port.
+    A hello must come first; :meth:`hello` answers it, checking its token
+    against ``tokens``."""
 
-    __slots__ = ("remote", "greeted", "client", "peer_id")
+    __slots__ = ("remote", "greeted", "client", "peer_id", "tokens", "peer_port", "role", "read_only", "refused")
 
-    def __init__(self, remote: str = "", *, greeted: bool = False, peer_id: str = "") -> None:
+    def __init__(
+        self,
+        remote: str = "",
+        *,
+        greeted: bool = False,
+        peer_id: str = "",
+        tokens: Tokens | None = None,
+        peer_port: bool = False,
+    ) -> None:
         self.remote = remote
         self.greeted = greeted  # (True from the start only where a test or tool skips the hello)
         self.client = ""
         self.peer_id = peer_id  # set: a node's peer link, whose keyed requests are never forwarded again
+        self.tokens = tokens or Tokens()
+        self.peer_port = peer_port
+        self.role = Role.PEER if peer_id else Role.CLIENT
+        self.read_only = False  # (the router's hot path reads this, not the role)
+        self.refused = False  # its hello's token was refused: close it once the reply is out
 
-    def hello(self, req: Request, info: dict[str, Any]) -> tuple[list[Any], bool]:
+    def hello(self, req: Request, info: dict[str, Any]) -> tuple[list[Any], str]:
         """The reply to ``req``, the first request (hello, or anything else,
-        refused), and whether it was a welcome; ``info`` is the node's part
-        of the reply (server, node id, epoch, limits)."""
+        refused), and what came of it: ``"ok"``, or why it was refused (a
+        word for counters: ``hello_required``, ``version``, ``token_missing``,
+        ``token_wrong``, ``peer_token``, ``peer_on_client_port``). ``info``
+        is the node's part of the reply (server, node id, epoch, limits).
+        After a refused token the connection is to be closed."""
         if req.op != "hello":
-            return codec.error(req.rid, ErrorCode.HELLO_REQUIRED, "the first request on a connection must be hello"), False
+            return codec.error(
+                req.rid, ErrorCode.HELLO_REQUIRED, "the first request on a connection must be hello"
+            ), "hello_required"
         version = req.args["version"]
         if version != codec.PROTOCOL_VERSION:
             return (
@@ -314,9 +350,42 @@ class ServerSession:
                     ErrorCode.UNSUPPORTED_VERSION,
                     f"this node speaks protocol version {codec.PROTOCOL_VERSION}, not {version}",
                 ),
-                False,
+                "version",
             )
+        token: str | None = req.args["token"]
+        given = token.encode() if token is not None else None
+        peer: str = req.args["peer"]
+        tokens = self.tokens
+        refused = ""
+        role = Role.CLIENT
+        if peer and not self.peer_port:
+            refused = "peer_on_client_port"
+        elif self.peer_port and tokens.peer:
+            if not tokens.peer_accepted(given):
+                refused = "peer_token"
+            role = Role.PEER if peer else Role.CLIENT
+        elif peer:
+            role = Role.PEER
+        else:
+            found = tokens.client_role(given)
+            if found is None:
+                refused = "token_missing" if given is None else "token_wrong"
+            else:
+                role = found
+        if refused:
+            self.refused = True
+            return codec.error(req.rid, ErrorCode.UNAUTHORIZED, _REFUSALS[refused]), refused
         self.greeted = True
         self.client = req.args["client"]
-        self.peer_id = req.args["peer"]
-        return [req.rid, Status.OK.value, {"version": codec.PROTOCOL_VERSION, **info}], True
+        self.peer_id = peer
+        self.role = role
+        self.read_only = role is Role.READ
+        return [req.rid, Status.OK.value, {"version": codec.PROTOCOL_VERSION, "role": role.value, **info}], "ok"
+
+
+_REFUSALS = {
+    "peer_on_client_port": "node-to-node links go to a node's peer port (--listen), not its client port",
+    "peer_token": "this port is for dcache nodes: the peer token is missing or wrong",
+    "token_missing": "this node needs a token: give --token-file FILE or DCACHE_TOKEN (token= in Python)",
+    "token_wrong": "the token was not accepted",
+}

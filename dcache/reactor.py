@@ -39,10 +39,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import select
 import socket
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
@@ -53,7 +55,7 @@ from . import wsframe
 from .errors import ConnectionLost
 from .net import RECEIVE_SIZE
 from .protocol import Connection as Proto
-from .protocol import ConnectionClosed, ServerSession
+from .protocol import ConnectionClosed, ProtocolViolation, ServerSession, violation
 from .router import Router, Waiting
 from .transport import Connection, plain_socket, tasks_runnable, watch_set
 
@@ -88,9 +90,12 @@ class _Entry:
         "later",
         "crowded",
         "relays",
+        "on_close",
     )
 
-    def __init__(self, sock: socket.socket, trio_sock: Any, proto: Proto, session: ServerSession) -> None:
+    def __init__(
+        self, sock: socket.socket, trio_sock: Any, proto: Proto, session: ServerSession, on_close: Callable[[], None] | None
+    ) -> None:
         self.fd = sock.fileno()
         self.sock = sock
         self.trio_sock = trio_sock  # closed through trio, so that any task waiting on it wakes
@@ -107,6 +112,7 @@ class _Entry:
         self.later: set[trio.CancelScope] = set()  # of the tasks sending its waiting frames' replies
         self.crowded = 0  # tasks waiting for room on a peer link it sent to
         self.relays: set[Waiting] = set()  # relayed requests the reactor completes (see Reactor._relayed)
+        self.on_close = on_close
 
 
 class Reactor:
@@ -133,6 +139,8 @@ class Reactor:
         self._yield_soon = False  # a task reads a link that is ready: let it run
         self._epoll: Any = None
         self._nursery: trio.Nursery | None = None
+        self._hellos: deque[tuple[float, _Entry]] = deque()  # connections not greeted yet, by deadline
+        self._hello_due = trio.Event()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -141,16 +149,23 @@ class Reactor:
     def can_serve(conn: Connection) -> bool:
         return hasattr(select, "epoll") and plain_socket(conn.stream) is not None
 
-    def adopt(self, conn: Connection, session: ServerSession) -> None:
-        """Serve ``conn`` from now on (it passed its handshake); the reactor owns it."""
+    def adopt(
+        self, conn: Connection, session: ServerSession, *, on_close: Callable[[], None] | None = None, hello_by: float = math.inf
+    ) -> None:
+        """Serve ``conn`` from now on (it passed its handshake); the reactor
+        owns it. ``on_close`` is called when it is closed; it is closed at
+        ``hello_by`` (trio's clock) if it has not said hello by then."""
         assert self._epoll is not None, "Reactor.run must be started first"
         sock = plain_socket(conn.stream)
         assert sock is not None
         stream = conn.stream
         assert isinstance(stream, trio.SocketStream)
-        entry = _Entry(sock, stream.socket, conn.proto, session)
+        entry = _Entry(sock, stream.socket, conn.proto, session, on_close)
         self._epoll.register(entry.fd, select.EPOLLIN)  # first: if it fails, nothing is left half done
         self._entries[entry.fd] = entry
+        if hello_by < math.inf:
+            self._hellos.append((hello_by, entry))
+            self._hello_due.set()
         self._links.pop(entry.fd, None)  # a closed link's, if its number is reused
         conn.stop_watching()  # busy polls of peer links need not give way to what the reactor reads
         ready = conn.take_ready()
@@ -181,6 +196,7 @@ class Reactor:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._watch_idle)
+                nursery.start_soon(self._watch_hellos)
                 task_status.started()
                 passes = 0
                 while True:
@@ -283,6 +299,8 @@ class Reactor:
             messages = entry.proto.receive_data(data)
         except ConnectionClosed as exc:
             log.debug("connection from %s closed: %s", entry.session.remote, exc)
+            if isinstance(exc, ProtocolViolation):
+                self._router.counters.refuse(violation(exc))
             self._close(entry, last=entry.proto.data_to_send())
             return
         except Exception:  # a bug must cost one connection, never the node
@@ -318,6 +336,10 @@ class Reactor:
             self._close(entry)
             return
         if reply is not None:
+            if entry.session.refused:  # its token: the refusal goes out now, then the connection is closed
+                self._write(entry, entry.proto.frame(reply))
+                self._close(entry, wsframe.CLOSE_POLICY_VIOLATION, "unauthorized")
+                return
             self._replies.append((entry, entry.proto.frame(reply)))
         if waiting is not None:
             if entry.waiting >= MAX_WAITING:
@@ -501,10 +523,29 @@ class Reactor:
                 elif entry.pinged_at is not None:
                     if now - entry.pinged_at >= idle:
                         log.debug("closing idle connection from %s", entry.session.remote)
+                        self._router.counters.refuse("idle")
                         self._close(entry, wsframe.CLOSE_GOING_AWAY, "idle")
                 elif now - entry.quiet_since >= idle:
                     entry.pinged_at = now
                     self._write(entry, entry.proto.ping())
+
+    async def _watch_hellos(self) -> None:
+        """Close connections that have not said hello by their deadline (deadlines
+        come in the order connections are adopted: one timeout for all)."""
+        hellos = self._hellos
+        while True:
+            if not hellos:
+                self._hello_due = trio.Event()
+                await self._hello_due.wait()
+                continue
+            due, entry = hellos[0]
+            if not (entry.closed or entry.session.greeted):
+                await trio.sleep_until(due)
+                if not (entry.closed or entry.session.greeted):
+                    self._router.counters.refuse("hello_timeout")
+                    log.info("closing connection from %s: no hello in time", entry.session.remote)
+                    self._close(entry, wsframe.CLOSE_POLICY_VIOLATION, "no hello in time")
+            hellos.popleft()
 
     def _close(self, entry: _Entry, code: int | None = None, reason: str = "", *, last: bytes = b"") -> None:
         """Stop serving ``entry``: a close frame first (``code``, or ``last``
@@ -532,3 +573,5 @@ class Reactor:
         entry.proto.release()
         entry.trio_sock.close()
         self._on_close()
+        if entry.on_close is not None:
+            entry.on_close()

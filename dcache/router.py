@@ -419,6 +419,8 @@ class Router:
         remote: list[_Job] = []
         waiting: Waiting | None = None
         for payload in payloads:
+            if session.refused:
+                break
             try:
                 messages = codec.decode_frame(payload, self.limits)
             except WireError as exc:
@@ -432,8 +434,13 @@ class Router:
                     continue
                 if not session.greeted or req.op == "hello":
                     replies.append(self._hello(session, req))
+                    if session.refused:
+                        break  # the connection is closed after this reply: nothing more is read
                     continue
                 op = OPS[req.op]
+                if (op.peer_only and not session.peer_id) or (session.read_only and (op.write or req.op == "drain")):
+                    replies.append(self._forbidden(req, op))
+                    continue
                 if op.keys is not Keys.NONE and not vouched:
                     self.counters.count(req.op, "unavailable")
                     replies.append(codec.error(req.rid, ErrorCode.UNAVAILABLE, UNVOUCHED_MESSAGE))
@@ -511,6 +518,8 @@ class Router:
             rid, op, args = check_request(message, self.limits)
         except WireError as exc:
             return codec.encode_frame([self._invalid(exc)]), None
+        if op.write and session.read_only:
+            return codec.encode_frame([self._forbidden(Request(rid, op.name, args), op)]), None
         owner = self.shard_map.owner(args["ns"], args["key"])
         if owner == self.node_id:
             if op.write and self.replicator is not None:
@@ -836,9 +845,19 @@ class Router:
 
     def _hello(self, session: ServerSession, req: Request) -> list[Any]:
         info = {"server": self._server_name, "node": self.node_id, "epoch": self.shard_map.epoch, "limits": self.limits.as_dict()}
-        reply, welcomed = session.hello(req, info)
-        self.counters.count(req.op, "ok" if welcomed else "error")
+        reply, outcome = session.hello(req, info)
+        self.counters.count(req.op, "ok" if outcome == "ok" else "error")
+        if outcome != "ok":
+            self.counters.refuse(outcome)
         return reply
+
+    def _forbidden(self, req: Request, op: Op) -> list[Any]:
+        self.counters.count(req.op, "error")
+        if op.peer_only:
+            self.counters.refuse("peer_op")
+            return codec.error(req.rid, ErrorCode.FORBIDDEN, f"{req.op} is for nodes of the cluster only")
+        self.counters.refuse("read_only")
+        return codec.error(req.rid, ErrorCode.FORBIDDEN, f"{req.op}: this connection's token may read, not write")
 
     def _invalid(self, exc: WireError) -> list[Any]:
         self.counters.count("invalid", "error")

@@ -43,7 +43,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import commands, shellwords
-from .client import DEFAULT_TIMEOUT, SyncClient
+from .client import DEFAULT_TIMEOUT, SyncClient, access_for
 from .codec import MAX_NAMESPACE_BYTES, Limits
 from .commands import Outcome, show_value
 from .errors import ConnectError, ConnectionLost, DcacheError
@@ -95,8 +95,18 @@ def history_path() -> Path:
 class ShellSession:
     """One shell: its connection, what it has seen, and how it prints."""
 
-    def __init__(self, address: str, *, console: Console, interactive: bool, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        console: Console,
+        interactive: bool,
+        timeout: float = DEFAULT_TIMEOUT,
+        access: dict[str, Any] | None = None,
+    ) -> None:
         self.address = address
+        # A wss:// address's TLS goes to the other members too (their addresses come without a scheme).
+        self.access = access_for(address, **(access or {"token": None, "tls": None}))[1]
         self.console = console
         self.interactive = interactive
         self.timeout = timeout
@@ -117,7 +127,7 @@ class ShellSession:
         last_error: Exception | None = None
         for address in candidates:
             try:
-                self.client = SyncClient(address, timeout=self.timeout)
+                self.client = SyncClient(address, timeout=self.timeout, token=self.access.token, tls=self.access.tls)
             except (DcacheError, ValueError) as exc:
                 last_error = exc
                 continue
@@ -625,9 +635,13 @@ def run_script(session: ShellSession, lines: Iterable[str]) -> int:
     return session.worst_status
 
 
-def main(address: str, *, timeout: float) -> int:
+def main(address: str, *, timeout: float, access: dict[str, Any] | None = None) -> int:
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
-    session = ShellSession(address, console=Console(), interactive=interactive, timeout=timeout)
+    try:
+        session = ShellSession(address, console=Console(), interactive=interactive, timeout=timeout, access=access)
+    except ValueError as exc:  # a bad address
+        print(f"error: {exc}", file=sys.stderr)
+        return commands.EXIT_UNAVAILABLE
     if not session.connect() and not interactive:
         return commands.EXIT_UNAVAILABLE
     try:

@@ -39,13 +39,19 @@ class Histogram:
 
 @dataclass(slots=True)
 class RequestCounters:
-    """What a node's router did: requests by op and result, forwards, retries, latency."""
+    """What a node's router did: requests by op and result, forwards, retries, latency, refusals."""
 
     ops: dict[tuple[str, str], int] = field(default_factory=dict)
     forwarded: int = 0
     moved_retries: int = 0
     latency: Histogram = field(default_factory=Histogram)
+    refused: dict[str, int] = field(default_factory=dict)  # connections and requests refused, by reason
 
     def count(self, op: str, result: str, n: int = 1) -> None:
         key = (op, result)
         self.ops[key] = self.ops.get(key, 0) + n
+
+    def refuse(self, reason: str) -> None:
+        """Count a refusal: a token (``token_missing``, ``token_wrong``,
+        ``peer_token``, …) or a limit (``max_connections``, ``hello_timeout``, …)."""
+        self.refused[reason] = self.refused.get(reason, 0) + 1

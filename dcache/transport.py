@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import select
 import socket
+import ssl
 import time
 from typing import Any, NoReturn
 
@@ -27,6 +28,7 @@ from .net import (
     split_address,
 )
 from .protocol import Budget, ConnectionClosed
+from .security import describe_tls_error
 
 log = logging.getLogger(__name__)
 
@@ -475,21 +477,31 @@ async def connect(
     timeout: float = HANDSHAKE_TIMEOUT,
     mask_key: bytes | None = None,
     poll: float | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> Connection:
     """Open a client connection to ``host:port``; raise ConnectError on any failure.
-    ``mask_key`` as for :class:`protocol.Connection`, ``poll`` as for :class:`Connection`."""
+    ``mask_key`` as for :class:`protocol.Connection`, ``poll`` as for
+    :class:`Connection`; with ``tls``, over TLS (the node's certificate checked
+    against ``host``)."""
     host, port = split_address(address, default_port)
-    stream = None
+    stream: trio.abc.Stream | None = None
     with trio.move_on_after(timeout):
         try:
             stream = await trio.open_tcp_stream(host, port)
         except OSError as exc:
             raise ConnectError(f"cannot connect to {host}:{port}: {connect_error_text(exc)}") from None
+        if tls is not None:
+            stream = trio.SSLStream(stream, tls, server_hostname=host, https_compatible=True)
+            try:
+                await stream.do_handshake()
+            except trio.BrokenResourceError as exc:
+                await trio.aclose_forcefully(stream)
+                raise ConnectError(f"{host}:{port}: {describe_tls_error(exc.__cause__ or exc)}") from None
         proto = protocol.ClientConnection(host=f"{host}:{port}", max_message=max_message, mask_key=mask_key)
         try:
             await stream.send_all(proto.data_to_send())
             while True:
-                messages = proto.receive_data(await stream.receive_some(RECEIVE_SIZE))
+                messages = proto.receive_data(bytes(await stream.receive_some(RECEIVE_SIZE)))
                 if proto.state is protocol.State.OPEN:
                     conn = Connection(stream, proto, ready=messages, poll=poll)
                     answer = proto.data_to_send()  # pongs to pings that came with the upgrade

@@ -31,6 +31,7 @@ CLOSE_GOING_AWAY = 1001
 CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_INVALID_DATA = 1007
+CLOSE_POLICY_VIOLATION = 1008  # a token refused, a limit reached
 CLOSE_TOO_BIG = 1009
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_INTERNAL_ERROR = 1011
@@ -318,7 +319,7 @@ class ClientHandshake:
         """Feed response bytes; once the upgrade is accepted, return the bytes
         received past it (b"" if none). Raise HandshakeError for anything else."""
         if not data:
-            raise HandshakeError("the server closed the connection during the handshake")
+            raise HandshakeError("the node closed the connection during the handshake (if it serves TLS: use wss:// or --ca)")
         self._received += data
         end = self._received.find(b"\r\n\r\n")
         if end < 0:

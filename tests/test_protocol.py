@@ -138,18 +138,18 @@ def test_reply_frames_that_are_not_replies_are_protocol_errors() -> None:
 
 def test_a_session_answers_hello_first_and_remembers_a_peer() -> None:
     info = {"node": "n1", "epoch": 3, "limits": codec.Limits().as_dict()}
-    session = ServerSession("1.2.3.4:5")
+    session = ServerSession("1.2.3.4:5", peer_port=True)
 
     def req(message: list) -> ops.Request:
         return ops.parse_request(message, codec.Limits())
 
-    reply, welcomed = session.hello(req([1, "get", {"key": b"k"}]), info)
-    assert not welcomed and reply[2][0] == "hello_required" and not session.greeted
-    reply, welcomed = session.hello(req([2, "hello", {"version": 99}]), info)
-    assert not welcomed and reply[2][0] == "unsupported_version"
-    reply, welcomed = session.hello(req([3, "hello", protocol.hello_args("me", peer="n2")]), info)
-    assert welcomed and session.greeted and session.peer_id == "n2" and session.client == "me"
-    assert reply == [3, 0, {"version": codec.PROTOCOL_VERSION, **info}]
+    reply, outcome = session.hello(req([1, "get", {"key": b"k"}]), info)
+    assert outcome == "hello_required" and reply[2][0] == "hello_required" and not session.greeted
+    reply, outcome = session.hello(req([2, "hello", {"version": 99}]), info)
+    assert outcome == "version" and reply[2][0] == "unsupported_version"
+    reply, outcome = session.hello(req([3, "hello", protocol.hello_args("me", peer="n2")]), info)
+    assert outcome == "ok" and session.greeted and session.peer_id == "n2" and session.client == "me"
+    assert reply == [3, 0, {"version": codec.PROTOCOL_VERSION, "role": "peer", **info}]
     assert protocol.limits_from(reply[2]) == codec.Limits()
     with pytest.raises(ProtocolError):
         protocol.limits_from({"limits": "none"})
