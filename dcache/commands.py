@@ -304,6 +304,7 @@ STAT_ROWS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
     ("compression_saved_bytes", "saved by compression", human_bytes),
     ("process_memory_bytes", "process memory", human_bytes),
     ("connections", "connections", str),
+    ("refused", "refused", lambda v: ", ".join(f"{reason} {n:,}" for reason, n in sorted(v.items())) or "none"),
     ("uptime_s", "uptime", lambda v: human_seconds(float(v))),
     ("version", "version", str),
     # with replicas only:

@@ -84,6 +84,16 @@ class NodeCollector(Collector):
             "dcache_membership_epoch", "Epoch (etcd revision) of this node's membership view.", value=router.shard_map.epoch
         )
         yield GaugeMetricFamily("dcache_connections", "Open client and peer connections.", value=node.connections)
+        refused = CounterMetricFamily(
+            "dcache_refused",
+            "Connections and requests refused or closed, by reason: a token (token_missing, token_wrong, peer_token, "
+            "read_only, peer_op, …) or a limit (max_connections, max_connections_per_address, hello_timeout, idle, "
+            "frame_too_large, …).",
+            labels=["reason"],
+        )
+        for reason, count in sorted(router.counters.refused.items()):
+            refused.add_metric([reason], count)
+        yield refused
         replicator = node.replicator
         if replicator is not None:
             yield GaugeMetricFamily(

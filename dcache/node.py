@@ -292,6 +292,7 @@ class Node:
             uptime_s=round(trio.current_time() - self._started_at, 3),
             process_memory_bytes=process_memory_bytes(),
             connections=self.connections,
+            refused=dict(router.counters.refused),
             peer_links={
                 "up": sum(1 for state in self.peers.states().values() if state == "up"),
                 "total": len(self.peers.states()),
