@@ -21,6 +21,7 @@ import trio
 
 from .aio import Client, ClusterClient
 from .codec import MAX_NAMESPACE_BYTES, Limits
+from .commands import AccessOptions
 from .errors import DcacheError, RequestError
 
 MAX_OPS = 20_000_000
@@ -56,6 +57,7 @@ class BenchConfig:
     ns: str = DEFAULT_NS  # "" is the default namespace: the bench then overwrites and deletes users' key:N
     keep: bool = False  # leave the keys written rather than delete them at the end
     processes: int = 1  # the client tasks spread over this many processes (see run_bench)
+    access: AccessOptions = AccessOptions()  # token and TLS files (plain values: a process gets its own copy)
 
     def __post_init__(self) -> None:
         if not self.servers:
@@ -204,10 +206,7 @@ async def run_bench(
     try:
         for server in config.servers:
             for _ in range(config.connections):
-                if config.cluster:
-                    clients.append(await ClusterClient.connect(server))
-                else:
-                    clients.append(await Client.connect(server))
+                clients.append(await _connect(config, server))
         limits = clients[0].limits
         if config.value_size > limits.max_value_bytes:
             raise ValueError(f"--value-size {config.value_size:,} is over the node's limit of {limits.max_value_bytes:,} bytes")
@@ -358,6 +357,11 @@ async def _measure_in_processes(
     return records, done, elapsed
 
 
+async def _connect(config: BenchConfig, server: str) -> Client | ClusterClient:
+    kind = ClusterClient if config.cluster else Client
+    return await kind.connect(server, **config.access.client_args())
+
+
 def _bench_process(config: BenchConfig, index: int, progress: Any, results: Any) -> None:
     """A worker of :func:`_measure_in_processes`: connects, measures, sends its figures back."""
     import signal
@@ -369,7 +373,7 @@ def _bench_process(config: BenchConfig, index: int, progress: Any, results: Any)
         try:
             for server in config.servers:
                 for _ in range(config.connections):
-                    clients.append(await (ClusterClient if config.cluster else Client).connect(server))
+                    clients.append(await _connect(config, server))
             value = random.Random(config.seed).randbytes(config.value_size)
 
             def report(done: int) -> None:

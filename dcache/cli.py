@@ -634,9 +634,11 @@ def cluster_up(
     help="Stop after this long.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for scripts).")
+@_access_options
 def bench(
     server: str, clients: int, connections: int, pipeline: int, ops: int, ratio: str, value_size: int, keys: int,
     ns: str, keep: bool, ttl: float, mget: int, prefill: bool, cluster: bool, processes: int, time_limit: float, as_json: bool,
+    **options: Any,
 ) -> None:  # fmt: skip
     """Load-test a node or a cluster and report ops/s and latency percentiles."""
     import trio
@@ -658,7 +660,7 @@ def bench(
             servers=(server,),
             cluster=cluster, clients=clients, connections=connections, pipeline=pipeline, ops=ops, sets=sets,
             gets=gets, value_size=value_size, keys=keys, ttl=ttl or None, prefill=prefill, mget=mget,
-            time_limit=time_limit, ns=ns, keep=keep, processes=processes,
+            time_limit=time_limit, ns=ns, keep=keep, processes=processes, access=commands.AccessOptions.take(options),
         )  # fmt: skip
         console = Console(stderr=True)
         with Progress(

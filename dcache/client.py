@@ -611,7 +611,7 @@ class SyncClient(Operations):
                 data = sock.recv(RECEIVE_SIZE)
                 if not data:
                     raise EOFError
-                layer.receive(data)
+                layer.feed(data)
             sock.sendall(layer.outgoing())
         except OSError as exc:
             import ssl

@@ -741,13 +741,18 @@ class Node:
         hello_by = trio.current_time() + config.hello_timeout
         try:
             tls = self._peer_tls if peer_port else self._client_tls
-            wrapped: trio.abc.Stream = stream if tls is None else trio.SSLStream(stream, tls, server_side=True)
+            # TLS: run by the reactor around the socket where it serves the
+            # connection (one wake-up for many, as plain ones), else by a trio
+            # SSLStream for the connection's own task.
+            reactor_tls = tls is not None and config.reactor and self.reactor.available()
+            wrapped: trio.abc.Stream = stream if tls is None or reactor_tls else trio.SSLStream(stream, tls, server_side=True)
             conn = await transport.accept(
                 wrapped,
                 max_message=config.limits.max_frame_bytes,
                 budget=self.unfinished,
                 poll=config.busy_poll,
                 timeout=hello_by - trio.current_time(),
+                tls=tls if reactor_tls else None,
             )
             if conn is None:
                 refuse("handshake")

@@ -31,8 +31,12 @@ without even a pong. The reactor is a task of the node's nursery; when it
 stops, it tells its clients (a close frame, 1001) where that can be said at
 once, and closes their sockets.
 
-Only connections over plain sockets can be served so; others (TLS, when it
-comes, or test streams) keep a task each (see :meth:`Reactor.can_serve`).
+Connections over TLS are served the same way: the handshake is run by a
+:class:`dcache.security.TlsLayer` (an :class:`ssl.SSLObject` over memory
+buffers) when the connection is accepted, and the reactor decrypts what it
+reads and encrypts what it sends, in order, around the plain socket. Other
+streams (tests' memory streams; TLS when the reactor is off) keep a task
+each (see :meth:`Reactor.can_serve`).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import math
 import os
 import select
 import socket
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -57,6 +62,7 @@ from .net import RECEIVE_SIZE
 from .protocol import Connection as Proto
 from .protocol import ConnectionClosed, ProtocolViolation, ServerSession, violation
 from .router import Router, Waiting
+from .security import TlsLayer
 from .transport import Connection, plain_socket, tasks_runnable, watch_set
 
 log = logging.getLogger(__name__)
@@ -91,6 +97,7 @@ class _Entry:
         "crowded",
         "relays",
         "on_close",
+        "tls",
     )
 
     def __init__(
@@ -113,6 +120,7 @@ class _Entry:
         self.crowded = 0  # tasks waiting for room on a peer link it sent to
         self.relays: set[Waiting] = set()  # relayed requests the reactor completes (see Reactor._relayed)
         self.on_close = on_close
+        self.tls: TlsLayer | None = None  # TLS around the socket: bytes are decrypted after recv, encrypted before send
 
 
 class Reactor:
@@ -146,8 +154,13 @@ class Reactor:
         return len(self._entries)
 
     @staticmethod
+    def available() -> bool:
+        """Whether this system lets a reactor serve connections (it needs epoll)."""
+        return hasattr(select, "epoll")
+
+    @staticmethod
     def can_serve(conn: Connection) -> bool:
-        return hasattr(select, "epoll") and plain_socket(conn.stream) is not None
+        return Reactor.available() and plain_socket(conn.stream) is not None
 
     def adopt(
         self, conn: Connection, session: ServerSession, *, on_close: Callable[[], None] | None = None, hello_by: float = math.inf
@@ -161,6 +174,7 @@ class Reactor:
         stream = conn.stream
         assert isinstance(stream, trio.SocketStream)
         entry = _Entry(sock, stream.socket, conn.proto, session, on_close)
+        entry.tls = conn.tls
         self._epoll.register(entry.fd, select.EPOLLIN)  # first: if it fails, nothing is left half done
         self._entries[entry.fd] = entry
         if hello_by < math.inf:
@@ -295,6 +309,17 @@ class Reactor:
         except OSError:
             self._close(entry)
             return
+        if entry.tls is not None and data:
+            try:
+                data = entry.tls.receive(data)
+            except EOFError:
+                data = b""
+            except ssl.SSLError as exc:
+                log.debug("TLS from %s failed: %s", entry.session.remote, exc)
+                self._close(entry)
+                return
+            if not data:  # part of a record
+                return
         try:
             messages = entry.proto.receive_data(data)
         except ConnectionClosed as exc:
@@ -361,6 +386,8 @@ class Reactor:
         for entry, data in replies:
             if entry.closed:
                 continue
+            if entry.tls is not None:  # (in the order sent: records are numbered)
+                data = entry.tls.wrap(data)
             if entry.unsent:  # a drain is under way: after what waits, in order
                 self._keep(entry, data)
                 continue
@@ -557,8 +584,8 @@ class Reactor:
             last = entry.proto.close(code, reason)
         if last and not entry.unsent:
             try:
-                entry.sock.send(last)
-            except OSError:
+                entry.sock.send(last if entry.tls is None else entry.tls.wrap(last))
+            except (OSError, ValueError):  # (ssl.SSLError is an OSError)
                 pass
         del self._entries[entry.fd]
         try:

@@ -216,21 +216,27 @@ def describe_tls_error(exc: BaseException) -> str:
 
 class TlsLayer:
     """TLS as bytes in and bytes out, over an :class:`ssl.SSLObject`: the
-    blocking client drives it as it drives :class:`dcache.protocol.Connection`.
+    blocking client and the node's reactor drive it as they drive
+    :class:`dcache.protocol.Connection`, with no task or stream of its own.
 
-    :meth:`handshake_step` until it returns True (sending :meth:`outgoing`
-    and feeding :meth:`receive` as it asks); then :meth:`receive` turns
-    received bytes into plaintext and :meth:`wrap` plaintext into bytes to send.
+    :meth:`feed` received bytes and call :meth:`handshake_step` until it
+    returns True, sending :meth:`outgoing` after each step; then
+    :meth:`receive` turns received bytes into plaintext and :meth:`wrap`
+    plaintext into bytes to send.
     """
 
     __slots__ = ("_in", "_out", "_tls")
 
-    def __init__(self, context: ssl.SSLContext, server_hostname: str | None) -> None:
+    def __init__(self, context: ssl.SSLContext, server_hostname: str | None = None, *, server_side: bool = False) -> None:
         import ssl
 
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
-        self._tls = context.wrap_bio(self._in, self._out, server_side=False, server_hostname=server_hostname)
+        self._tls = context.wrap_bio(self._in, self._out, server_side=server_side, server_hostname=server_hostname)
+
+    def feed(self, data: bytes) -> None:
+        """Take in received bytes (during the handshake)."""
+        self._in.write(data)
 
     def handshake_step(self) -> bool:
         """Go on with the handshake: True once it is done. Raises ssl.SSLError if it fails."""
@@ -248,11 +254,15 @@ class TlsLayer:
     def receive(self, data: bytes) -> bytes:
         """The plaintext in ``data`` (b"" if it completes nothing yet). Raises
         EOFError when the other side ended TLS (or the socket: ``data`` b"")."""
-        import ssl
-
         if not data:
             raise EOFError("the connection was closed")
         self._in.write(data)
+        return self.read()
+
+    def read(self) -> bytes:
+        """The plaintext taken in and not read yet. EOFError once the other side ended TLS."""
+        import ssl
+
         chunks = []
         while True:
             try:

@@ -28,7 +28,7 @@ from .net import (
     split_address,
 )
 from .protocol import Budget, ConnectionClosed
-from .security import describe_tls_error
+from .security import TlsLayer, describe_tls_error
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +119,17 @@ class Connection:
     """
 
     def __init__(
-        self, stream: trio.abc.Stream, proto: protocol.Connection, *, ready: list[bytes] | None = None, poll: float | None = None
+        self,
+        stream: trio.abc.Stream,
+        proto: protocol.Connection,
+        *,
+        ready: list[bytes] | None = None,
+        poll: float | None = None,
+        tls: TlsLayer | None = None,
     ) -> None:
         self.stream = stream
         self.proto = proto
+        self.tls = tls  # TLS run around the socket by its user (the reactor); this object's own I/O is plain
         self._ready: list[bytes] = ready or []
         # Whole frames, one writer at a time, first come first served: a flag
         # and a parking lot cost less than trio's locks on every write.
@@ -439,31 +446,57 @@ async def accept(
     timeout: float = HANDSHAKE_TIMEOUT,
     budget: Budget | None = None,
     poll: float | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> Connection | None:
     """Run the server side of the handshake on ``stream``; ``poll`` as for :class:`Connection`.
 
+    With ``tls``, TLS comes first, run by a :class:`TlsLayer` over the plain
+    stream: the connection it returns carries the layer (``tls``), for the
+    reactor, which encrypts and decrypts around the socket itself.
+
     Returns the connection, or None (after answering and closing the stream)
-    if the peer does not complete a WebSocket handshake within ``timeout``.
+    if the peer does not complete the handshakes within ``timeout``.
     """
     proto = protocol.Connection(client_side=False, max_message=max_message, budget=budget)
+    layer = None if tls is None else TlsLayer(tls, server_side=True)
+
+    async def send(data: bytes) -> None:
+        await stream.send_all(data if layer is None else layer.wrap(data))
+
     with trio.move_on_after(timeout):
         try:
+            if layer is not None:
+                while not layer.handshake_step():
+                    await stream.send_all(layer.outgoing())
+                    data = await stream.receive_some(RECEIVE_SIZE)
+                    if not data:
+                        raise trio.BrokenResourceError("closed during the TLS handshake")
+                    layer.feed(bytes(data))
+                await stream.send_all(layer.outgoing())
+            plain = b"" if layer is None else layer.read()  # (what came with the handshake's end)
             while True:
-                messages = proto.receive_data(bytes(await stream.receive_some(RECEIVE_SIZE)))
+                if not plain:
+                    data = bytes(await stream.receive_some(RECEIVE_SIZE))
+                    plain = data if layer is None or not data else layer.receive(data)
+                    if not plain and data:
+                        continue  # part of a TLS record
+                messages, plain = proto.receive_data(plain), b""
                 if proto.state is protocol.State.OPEN:
-                    await stream.send_all(proto.data_to_send())
-                    return Connection(stream, proto, ready=messages, poll=poll)
+                    await send(proto.data_to_send())
+                    return Connection(stream, proto, ready=messages, poll=poll, tls=layer)
         except (protocol.HandshakeFailed, ConnectionClosed) as exc:
             log.debug("handshake failed: %s", exc)
             answer = proto.data_to_send()  # an HTTP error, or the upgrade and a close frame
             if answer:
                 with trio.move_on_after(CLOSE_TIMEOUT):
                     try:
-                        await stream.send_all(answer)
+                        await send(answer)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         pass
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except (trio.BrokenResourceError, trio.ClosedResourceError, EOFError):
             pass
+        except ssl.SSLError as exc:
+            log.debug("TLS handshake failed: %s", exc)
     proto.release()
     await trio.aclose_forcefully(stream)
     return None

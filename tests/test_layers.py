@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "dcache"
-SANS_IO = ("codec", "ops", "protocol", "shard", "store", "events", "wsframe", "net", "shellwords")
+SANS_IO = ("codec", "ops", "protocol", "shard", "store", "events", "wsframe", "net", "shellwords", "security")
 NO_EVENT_LOOP = (*SANS_IO, "client", "commands", "cli", "errors")
 NODE = ("node", "router", "reactor", "peers", "membership", "metrics", "localcluster")
 

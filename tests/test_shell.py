@@ -362,7 +362,7 @@ def test_checked_in_completion_scripts_are_current() -> None:
 def test_completion_protocol_answers_from_the_app() -> None:
     env = {**os.environ, "_DCACHE_COMPLETE": "bash_complete", "COMP_WORDS": "dcache set k v --t", "COMP_CWORD": "4"}
     r = subprocess.run([sys.executable, "-m", "dcache"], env=env, capture_output=True, timeout=20)
-    assert set(r.stdout.decode().split()) == {"plain,--ttl", "plain,--timeout"}
+    assert set(r.stdout.decode().split()) == {"plain,--ttl", "plain,--timeout", "plain,--token-file"}
 
 
 def test_help_in_the_shell_speaks_of_the_shell() -> None:
