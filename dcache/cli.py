@@ -26,7 +26,7 @@ from .client import MAX_TTL
 from .commands import CONTEXT_SETTINGS, EXIT_UNAVAILABLE, Command, Outcome, printable
 from .errors import DcacheError
 from .net import DEFAULT_BUSY_POLL_US, MAX_BUSY_POLL_US, split_address
-from .security import HELLO_TIMEOUT, IDLE_TIMEOUT, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS
+from .security import HELLO_TIMEOUT, IDLE_TIMEOUT, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS, MAX_IN_FLIGHT
 
 MIN_MAX_MEMORY = 2**20  # a node's shards take a few MB of dicts once filled; below this a limit means little
 
@@ -344,6 +344,10 @@ def completion(shell_name: str | None, directory: str | None) -> None:
     show_default=True, help="Open connections at most from one remote address.",
 )  # fmt: skip
 @click.option(
+    "--max-in-flight", type=click.IntRange(1, 100_000), default=MAX_IN_FLIGHT, metavar="FRAMES", show_default=True,
+    help="Frames of one connection waiting for other nodes at once; past this it is read no more until replies go out.",
+)  # fmt: skip
+@click.option(
     "--idle-timeout", type=commands.Seconds(86400, "a day", minimum=1), default=IDLE_TIMEOUT, metavar="SECONDS",
     show_default=True, help="A connection silent this long gets a ping, and is closed if another passes without a pong.",
 )  # fmt: skip
@@ -376,6 +380,7 @@ def serve(
     tls_client_ca: str | None,
     max_connections: int,
     max_connections_per_address: int,
+    max_in_flight: int,
     idle_timeout: float,
     hello_timeout: float,
 ) -> None:
@@ -428,6 +433,7 @@ def serve(
             tls_client_ca=tls_client_ca,
             max_connections=max_connections,
             max_connections_per_address=max_connections_per_address,
+            max_in_flight=max_in_flight,
             idle_timeout=idle_timeout,
             hello_timeout=hello_timeout,
         )

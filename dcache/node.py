@@ -37,6 +37,7 @@ from .security import (
     IDLE_TIMEOUT,
     MAX_CONNECTIONS,
     MAX_CONNECTIONS_PER_ADDRESS,
+    MAX_IN_FLIGHT,
     TlsSetupError,
     TokenError,
     Tokens,
@@ -62,7 +63,6 @@ ADVERTISE_CHECK_TIMEOUT = 2.0
 ACCEPT_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS)  # out of something: wait, then go on
 ACCEPT_BACKOFF = 0.1
 MEMBER_STATS_TIMEOUT = 2.0  # seconds a member may take to send its counters for `members`
-MAX_WAITING = 256  # frames of one connection waiting for other nodes at once
 LEAVE_DRAIN = 0.3  # seconds a stopping node still answers after leaving the view
 DRAIN_TIMEOUT = 30.0  # seconds a leaving node may take to hand its shards over
 STOP_AFTER_DRAIN = 0.2  # seconds between answering a drain and stopping, for the reply to go out
@@ -93,6 +93,7 @@ class NodeConfig:
     eviction: str = "lru"  # at the limit: lru, lfu or noeviction (writes refused)
     compress_min: int = DEFAULT_COMPRESS_MIN  # values this large or larger are kept compressed; 0: never
     hello_timeout: float = HELLO_TIMEOUT
+    max_in_flight: int = MAX_IN_FLIGHT  # frames of one connection waiting for other nodes, before it is read no more
     max_connections_per_address: int = MAX_CONNECTIONS_PER_ADDRESS
     auth_token_file: str | None = None  # client tokens (read and write); none: clients need no token
     read_token_file: str | None = None  # read-only client tokens
@@ -364,6 +365,7 @@ class Node:
             idle_timeout=config.idle_timeout,
             on_close=self._connection_closed,
             poll=busy_poll_from_env() if config.busy_poll is None else config.busy_poll,
+            max_waiting=config.max_in_flight,
         )
         membership: EtcdMembership | StandaloneMembership
         if config.etcd:
@@ -785,7 +787,7 @@ class Node:
         What the router answers at once goes back at once; what waits for
         other nodes is awaited by a task of its own, which sends its replies
         when they come, so a slow owner holds up no other request on the
-        connection. At most :data:`MAX_WAITING` frames wait at a time, and a
+        connection. At most ``max_in_flight`` frames wait at a time, and a
         frame sent to a peer link that has all it may hold in flight holds
         up the next read until the link has room.
 
@@ -860,7 +862,7 @@ class Node:
 
     async def _make_room(self, waiting: Waiting, waits: _Waits) -> None:
         """Read no more from a connection while it has too much waiting."""
-        while waits.count >= MAX_WAITING:
+        while waits.count >= self.config.max_in_flight:
             await waits.lot.park()
         crowded = self.peers.crowded(waiting.owners())
         if crowded is not None:

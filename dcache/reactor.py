@@ -23,7 +23,7 @@ What must wait does not hold the reactor up:
   reactor appends that connection's replies to the buffer, in order, and
   reads no more from it once the buffer holds :data:`MAX_UNSENT` bytes.
 
-A connection with :data:`MAX_WAITING` frames waiting for other nodes, or
+A connection with ``max_waiting`` frames (:data:`MAX_WAITING` by default) waiting for other nodes, or
 whose last frame went to a peer link that is full, is not read until there
 is room. An idle connection costs nothing but its memory: it gets a ping
 after ``idle_timeout`` without traffic and is closed if another passes
@@ -132,8 +132,17 @@ class Reactor:
     for one socket (0: never).
     """
 
-    def __init__(self, *, router: Router, idle_timeout: float, on_close: Callable[[], None], poll: float = 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        router: Router,
+        idle_timeout: float,
+        on_close: Callable[[], None],
+        poll: float = 0.0,
+        max_waiting: int = MAX_WAITING,
+    ) -> None:
         self._router = router
+        self._max_waiting = max_waiting
         self._idle_timeout = idle_timeout
         self._on_close = on_close
         self._poll = poll
@@ -367,8 +376,8 @@ class Reactor:
                 return
             self._replies.append((entry, entry.proto.frame(reply)))
         if waiting is not None:
-            if entry.waiting >= MAX_WAITING:
-                self._pause(entry)
+            if entry.waiting >= self._max_waiting:
+                self._pause(entry, "in_flight")
             peers = self._router.peers
             crowded = peers.crowded(waiting.owners()) if peers is not None else None
             if crowded is not None:
@@ -405,7 +414,7 @@ class Reactor:
         """Keep what the socket did not take for the entry's drain task, which is started if need be."""
         entry.unsent += data
         if len(entry.unsent) > MAX_UNSENT:
-            self._pause(entry)
+            self._pause(entry, "unread_replies")
         if not entry.draining:
             entry.draining = True
             assert self._nursery is not None
@@ -516,12 +525,15 @@ class Reactor:
         self._resume_if_room(entry)
 
     def _resume_if_room(self, entry: _Entry) -> None:
-        if entry.paused and entry.waiting < MAX_WAITING and len(entry.unsent) <= MAX_UNSENT and not entry.crowded:
+        if entry.paused and entry.waiting < self._max_waiting and len(entry.unsent) <= MAX_UNSENT and not entry.crowded:
             self._resume(entry)
 
-    def _pause(self, entry: _Entry) -> None:
-        """Read ``entry`` no more for now: it has too much waiting, or unsent."""
+    def _pause(self, entry: _Entry, reason: str = "") -> None:
+        """Read ``entry`` no more for now: it has too much waiting (``reason``
+        counted), or sent to a peer link that is full."""
         if not entry.paused and not entry.closed:
+            if reason:
+                self._router.counters.refuse(reason)
             entry.paused = True
             self._epoll.modify(entry.fd, 0)
 

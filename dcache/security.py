@@ -31,6 +31,7 @@ IDLE_TIMEOUT = 30.0  # seconds without traffic before a ping; as long again with
 HELLO_TIMEOUT = 10.0  # seconds from accepting a connection to its hello (TLS and WebSocket handshakes included)
 MAX_CONNECTIONS = 10_000
 MAX_CONNECTIONS_PER_ADDRESS = 2_500  # from one remote address: one host cannot take every connection
+MAX_IN_FLIGHT = 256  # frames of one connection waiting for other nodes before it is read no more
 
 MAX_TOKEN_BYTES = 4096  # a hello's token longer than this is refused unread
 MIN_TOKEN_CHARS = 16  # a shorter token in a file is refused at start: it could be guessed
