@@ -599,6 +599,10 @@ class SyncClient(Operations):
             raise ConnectError(f"{host}:{port}: the node closed the connection during the TLS handshake") from None
         except OSError as exc:  # ssl.SSLError included
             sock.close()
+            import ssl
+
+            if isinstance(exc, ssl.SSLError):
+                raise ConnectError(f"{host}:{port}: {describe_tls_error(exc)}") from None
             raise ConnectError(f"{host}:{port}: handshake failed: {exc}") from None
         return sock, proto
 

@@ -471,6 +471,9 @@ class Node:
             )
         return link_tls
 
+    def _current_tokens(self) -> Tokens:
+        return self.tokens
+
     def _security_summary(self) -> str:
         parts = []
         if self._client_tls is not None:
@@ -755,11 +758,11 @@ class Node:
                 poll=config.busy_poll,
                 timeout=hello_by - trio.current_time(),
                 tls=tls if reactor_tls else None,
+                on_refused=refuse,
             )
             if conn is None:
-                refuse("handshake")
                 return
-            session = ServerSession(remote, tokens=self.tokens, peer_port=peer_port)
+            session = ServerSession(remote, tokens=self._current_tokens, peer_port=peer_port)
             if config.reactor and self.reactor.can_serve(conn):
                 # The reactor serves it from now on, and closes it (and gives its address count back).
                 self.reactor.adopt(conn, session, on_close=counted.release, hello_by=hello_by)

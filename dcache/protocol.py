@@ -22,6 +22,7 @@ Importing this module loads no trio.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from typing import Any
 
 from . import codec, wsframe
@@ -126,6 +127,7 @@ class Connection:
         else:
             self._handshake = wsframe.ServerHandshake()
         self.reads = 0  # how many receive_data calls brought data: tells a silent peer from a quiet one
+        self._ended: ConnectionClosed | None = None  # a close that came with messages, raised on the next call
 
     # -- bytes in -------------------------------------------------------------------
 
@@ -140,6 +142,8 @@ class Connection:
         """
         if self.state is not State.OPEN:
             if self.state is State.CLOSED:
+                if self._ended is not None:  # (a fresh exception: this one may be raised again and again)
+                    raise ConnectionClosed(self._ended.code, self._ended.reason)
                 raise ConnectionClosed(1006, "the connection is closed")
             data = self._shake(data)
             if not data:
@@ -161,8 +165,16 @@ class Connection:
         for item in items:
             if type(item) is bytes:
                 messages.append(item)
-            else:
+                continue
+            try:
                 self._on_control(item)  # type: ignore[arg-type]
+            except ConnectionClosed as exc:
+                if not messages or isinstance(exc, ProtocolViolation):
+                    raise
+                # A close that came after messages (a refusal, then the close, say):
+                # the messages first; the close is raised on the next call.
+                self._ended = exc
+                break
         return messages
 
     def _shake(self, data: bytes) -> bytes:
@@ -308,7 +320,7 @@ class ServerSession:
     (a client's name, or a peer node's id), where it comes from, what it may
     do (its :class:`Role`) and whether it came through the node's peer port.
     A hello must come first; :meth:`hello` answers it, checking its token
-    against ``tokens``."""
+    against ``tokens`` (or what ``tokens()`` returns then)."""
 
     __slots__ = ("remote", "greeted", "client", "peer_id", "tokens", "peer_port", "role", "read_only", "refused")
 
@@ -318,14 +330,15 @@ class ServerSession:
         *,
         greeted: bool = False,
         peer_id: str = "",
-        tokens: Tokens | None = None,
+        tokens: Tokens | Callable[[], Tokens] | None = None,
         peer_port: bool = False,
     ) -> None:
         self.remote = remote
         self.greeted = greeted  # (True from the start only where a test or tool skips the hello)
         self.client = ""
         self.peer_id = peer_id  # set: a node's peer link, whose keyed requests are never forwarded again
-        self.tokens = tokens or Tokens()
+        # The node's tokens as they are at the hello (they may be rotated meanwhile).
+        self.tokens: Callable[[], Tokens] = tokens if callable(tokens) else _fixed(tokens or _NO_TOKENS)
         self.peer_port = peer_port
         self.role = Role.PEER if peer_id else Role.CLIENT
         self.read_only = False  # (the router's hot path reads this, not the role)
@@ -355,7 +368,7 @@ class ServerSession:
         token: str | None = req.args["token"]
         given = token.encode() if token is not None else None
         peer: str = req.args["peer"]
-        tokens = self.tokens
+        tokens = self.tokens()
         refused = ""
         role = Role.CLIENT
         if peer and not self.peer_port:
@@ -381,6 +394,13 @@ class ServerSession:
         self.role = role
         self.read_only = role is Role.READ
         return [req.rid, Status.OK.value, {"version": codec.PROTOCOL_VERSION, "role": role.value, **info}], "ok"
+
+
+_NO_TOKENS = Tokens()
+
+
+def _fixed(tokens: Tokens) -> Callable[[], Tokens]:
+    return lambda: tokens
 
 
 _REFUSALS = {

@@ -153,12 +153,17 @@ class TlsSetupError(ValueError):
 def _load(action: str, call: object, *args: object) -> None:
     import ssl
 
+    for path in args:
+        if isinstance(path, str) and not os.path.isfile(path):  # (ssl's own error names no file)
+            raise TlsSetupError(f"{action}: no such file: {path}")
     try:
         call(*args)  # type: ignore[operator]
-    except FileNotFoundError as exc:
-        raise TlsSetupError(f"{action}: no such file: {exc.filename}") from None
-    except (OSError, ssl.SSLError) as exc:
-        raise TlsSetupError(f"{action}: {getattr(exc, 'reason', None) or getattr(exc, 'strerror', None) or exc}") from None
+    except ssl.SSLError as exc:
+        if exc.reason in ("PEM_LIB", "KEY_VALUES_MISMATCH", "NO_START_LINE") or "PEM lib" in str(exc):
+            raise TlsSetupError(f"{action}: not a PEM certificate and its key, or they do not match") from None
+        raise TlsSetupError(f"{action}: {exc.reason or exc}") from None
+    except OSError as exc:
+        raise TlsSetupError(f"{action}: {exc.strerror or exc}") from None
 
 
 def server_context(*, cert: str, key: str, client_ca: str | None = None) -> ssl.SSLContext:
@@ -211,6 +216,10 @@ def describe_tls_error(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"TLS: the node's certificate was not accepted ({exc.verify_message}); check the CA given (--ca for clients, --tls-ca between nodes)"
     if isinstance(exc, ssl.SSLError):
+        if "CERTIFICATE_REQUIRED" in str(exc.reason):
+            return "TLS: the node asks for a client certificate: give --client-cert and --client-key (cert= and key= in Python)"
+        if "UNKNOWN_CA" in str(exc.reason) or "BAD_CERTIFICATE" in str(exc.reason):
+            return f"TLS: the node did not accept this client's certificate ({exc.reason})"
         return f"TLS handshake failed ({exc.reason or exc})"
     return f"TLS handshake failed ({exc})"
 

@@ -118,6 +118,7 @@ class ShellSession:
         self.group = command_group()
         self.failures = 0
         self.worst_status = 0
+        self.connect_status = commands.EXIT_UNAVAILABLE  # what the last failed connect means for the exit status
 
     # -- connection --------------------------------------------------------------
 
@@ -135,6 +136,10 @@ class ShellSession:
             self._learn_members()
             return True
         self.client = None
+        # Exit 3 when a node refused (a token), 2 when none could be reached.
+        self.connect_status = (
+            commands.failure(last_error).exit_code if isinstance(last_error, DcacheError) else commands.EXIT_UNAVAILABLE
+        )
         self.error(str(last_error))  # ConnectError says "cannot connect to HOST:PORT: why"
         return False
 
@@ -171,7 +176,7 @@ class ShellSession:
         """Run one of :mod:`dcache.commands` on this shell's connection; print it; return its status."""
         self._scanned = ("", "", None)  # (it may change the keys)
         if self.client is None and not self.connect():
-            return commands.EXIT_UNAVAILABLE
+            return self.connect_status
         assert self.client is not None
         for name in ("key", "keys"):
             if name in args:
@@ -643,7 +648,7 @@ def main(address: str, *, timeout: float, access: dict[str, Any] | None = None) 
         print(f"error: {exc}", file=sys.stderr)
         return commands.EXIT_UNAVAILABLE
     if not session.connect() and not interactive:
-        return commands.EXIT_UNAVAILABLE
+        return session.connect_status
     try:
         return run_interactive(session) if interactive else run_script(session, sys.stdin)
     finally:

@@ -12,6 +12,7 @@ import select
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 import trio
@@ -447,6 +448,7 @@ async def accept(
     budget: Budget | None = None,
     poll: float | None = None,
     tls: ssl.SSLContext | None = None,
+    on_refused: Callable[[str], None] | None = None,
 ) -> Connection | None:
     """Run the server side of the handshake on ``stream``; ``poll`` as for :class:`Connection`.
 
@@ -455,28 +457,38 @@ async def accept(
     reactor, which encrypts and decrypts around the socket itself.
 
     Returns the connection, or None (after answering and closing the stream)
-    if the peer does not complete the handshakes within ``timeout``.
+    if the peer does not complete the handshakes within ``timeout``; then
+    ``on_refused`` hears why: ``hello_timeout``, or ``handshake`` for a
+    failed one (a connection closed before it sent anything, as a port
+    check does, is not counted).
     """
     proto = protocol.Connection(client_side=False, max_message=max_message, budget=budget)
     layer = None if tls is None else TlsLayer(tls, server_side=True)
+    heard = False
 
     async def send(data: bytes) -> None:
         await stream.send_all(data if layer is None else layer.wrap(data))
 
-    with trio.move_on_after(timeout):
+    async def receive() -> bytes:
+        nonlocal heard
+        data = bytes(await stream.receive_some(RECEIVE_SIZE))
+        heard = heard or bool(data)
+        return data
+
+    with trio.move_on_after(timeout) as scope:
         try:
             if layer is not None:
                 while not layer.handshake_step():
                     await stream.send_all(layer.outgoing())
-                    data = await stream.receive_some(RECEIVE_SIZE)
+                    data = await receive()
                     if not data:
                         raise trio.BrokenResourceError("closed during the TLS handshake")
-                    layer.feed(bytes(data))
+                    layer.feed(data)
                 await stream.send_all(layer.outgoing())
             plain = b"" if layer is None else layer.read()  # (what came with the handshake's end)
             while True:
                 if not plain:
-                    data = bytes(await stream.receive_some(RECEIVE_SIZE))
+                    data = await receive()
                     plain = data if layer is None or not data else layer.receive(data)
                     if not plain and data:
                         continue  # part of a TLS record
@@ -493,10 +505,18 @@ async def accept(
                         await send(answer)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         pass
-        except (trio.BrokenResourceError, trio.ClosedResourceError, EOFError):
-            pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, EOFError) as exc:
+            heard = heard or isinstance(exc.__cause__, ssl.SSLError)  # (TLS that a trio SSLStream runs)
         except ssl.SSLError as exc:
             log.debug("TLS handshake failed: %s", exc)
+            assert layer is not None
+            with trio.move_on_after(CLOSE_TIMEOUT):  # the alert, so that the other side learns why
+                try:
+                    await stream.send_all(layer.outgoing())
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+    if on_refused is not None and (heard or scope.cancelled_caught):
+        on_refused("hello_timeout" if scope.cancelled_caught else "handshake")
     proto.release()
     await trio.aclose_forcefully(stream)
     return None
@@ -544,8 +564,10 @@ async def connect(
         except (protocol.HandshakeFailed, ConnectionClosed) as exc:
             await trio.aclose_forcefully(stream)
             raise ConnectError(f"{host}:{port}: {exc}") from None
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             await trio.aclose_forcefully(stream)
+            if isinstance(exc.__cause__, ssl.SSLError):
+                raise ConnectError(f"{host}:{port}: {describe_tls_error(exc.__cause__)}") from None
             raise ConnectError(f"{host}:{port}: connection lost during the handshake") from None
     if stream is not None:
         await trio.aclose_forcefully(stream)
