@@ -13,6 +13,9 @@ does an EtcdServer started from another thread. A throwaway data folder is
 removed by :meth:`EtcdServer.close`; after a SIGKILL nothing can, so each
 new EtcdServer first removes the folders that no process holds any more
 (see :func:`remove_abandoned_folders`).
+
+For tests, an EtcdServer can also serve TLS (:class:`EtcdTLS`, certificates
+the caller made) and have authentication enabled, with a root user.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import select
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -46,6 +50,22 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 class ClusterError(DcacheError):
     """The local cluster could not start; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdTLS:
+    """Certificates for an etcd that serves TLS, as PEM files: its own
+    ``cert`` and ``key`` (for 127.0.0.1, where it listens) and the ``ca``
+    that signed them. With ``client_cert_auth`` etcd takes only clients
+    with a certificate that ``ca`` signed (``--client-cert-auth
+    --trusted-ca-file``); EtcdServer then shows etcd's own certificate as
+    its client certificate (as etcd's gateway does), which must allow
+    client authentication (trustme's do)."""
+
+    cert: str
+    key: str
+    ca: str
+    client_cert_auth: bool = False
 
 
 def find_etcd() -> str:
@@ -148,12 +168,33 @@ class EtcdServer:
     Without ``data_dir`` it owns a throwaway folder, removed by :meth:`close`
     or, if this process dies first, by the next EtcdServer made anywhere on
     this machine. Started from the main thread on Linux, etcd is killed
-    when this process dies."""
+    when this process dies.
 
-    def __init__(self, *, client_port: int | None = None, peer_port: int | None = None, data_dir: str | None = None) -> None:
+    With ``tls`` it serves TLS to clients (``endpoint`` is ``https://``);
+    peers still talk plain http, on loopback. With ``root_password`` the
+    first :meth:`start` adds the user ``root`` (role ``root``) with that
+    password and enables authentication, through etcd's gRPC auth API (the
+    etcd found on PATH may come without etcdctl). ``auth_token`` is etcd's
+    ``--auth-token`` (``simple`` by default; ``jwt,…`` for tokens that
+    expire at a fixed time)."""
+
+    def __init__(
+        self,
+        *,
+        client_port: int | None = None,
+        peer_port: int | None = None,
+        data_dir: str | None = None,
+        tls: EtcdTLS | None = None,
+        root_password: str | None = None,
+        auth_token: str | None = None,
+    ) -> None:
         self.executable = find_etcd()
         self.client_port = client_port or free_port()
         self.peer_port = peer_port or free_port()
+        self.tls = tls
+        self.root_password = root_password
+        self.auth_token = auth_token
+        self._auth_enabled = False
         self._folder: str | None = None
         self._lock: int | None = None
         if data_dir is None:
@@ -164,11 +205,19 @@ class EtcdServer:
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.client_port}"
 
     def start(self, timeout: float = ETCD_START_TIMEOUT) -> None:
-        client_url = f"http://127.0.0.1:{self.client_port}"
+        client_url = self.endpoint
         peer_url = f"http://127.0.0.1:{self.peer_port}"
+        options: list[str] = []
+        if self.tls is not None:
+            options = ["--cert-file", self.tls.cert, "--key-file", self.tls.key]
+            if self.tls.client_cert_auth:
+                options += ["--client-cert-auth", "--trusted-ca-file", self.tls.ca]
+        if self.auth_token is not None:
+            options += ["--auth-token", self.auth_token]
         self.proc = subprocess.Popen(
             [
                 self.executable,
@@ -180,6 +229,7 @@ class EtcdServer:
                 "--initial-advertise-peer-urls", peer_url,
                 "--initial-cluster", f"dcache={peer_url}",
                 "--log-level", "error",
+                *options,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -194,6 +244,8 @@ class EtcdServer:
                 err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
                 raise ClusterError(f"etcd exited at start: {err.strip()[-500:]}")
             if self._healthy():
+                if self.root_password is not None and not self._auth_enabled:
+                    self._enable_auth(self.root_password)
                 return
             time.sleep(0.05)
         self.stop()
@@ -202,11 +254,45 @@ class EtcdServer:
     def _healthy(self) -> bool:
         import urllib.request
 
+        context = None
+        if self.tls is not None:
+            context = ssl.create_default_context(cafile=self.tls.ca)
+            if self.tls.client_cert_auth:
+                context.load_cert_chain(self.tls.cert, self.tls.key)
         try:
-            with urllib.request.urlopen(f"{self.endpoint}/health", timeout=0.5) as response:
+            with urllib.request.urlopen(f"{self.endpoint}/health", timeout=0.5, context=context) as response:
                 return b'"health":"true"' in response.read()
         except OSError:
             return False
+
+    def _enable_auth(self, password: str) -> None:
+        """Add the user root with role root, and turn authentication on."""
+        import etcd3
+        import grpc
+        from etcd3 import etcdrpc
+
+        credentials = None
+        if self.tls is not None:
+            with open(self.tls.ca, "rb") as ca, open(self.tls.cert, "rb") as cert, open(self.tls.key, "rb") as key:
+                client_cert = self.tls.client_cert_auth
+                credentials = grpc.ssl_channel_credentials(
+                    ca.read(), key.read() if client_cert else None, cert.read() if client_cert else None
+                )
+        endpoint = etcd3.Endpoint("127.0.0.1", self.client_port, secure=self.tls is not None, creds=credentials)
+        client = etcd3.MultiEndpointEtcd3Client(endpoints=[endpoint], timeout=ETCD_START_TIMEOUT)
+        try:
+            auth = client.authstub
+            auth.UserAdd(etcdrpc.AuthUserAddRequest(name="root", password=password), ETCD_START_TIMEOUT)
+            auth.RoleAdd(etcdrpc.AuthRoleAddRequest(name="root"), ETCD_START_TIMEOUT)
+            auth.UserGrantRole(etcdrpc.AuthUserGrantRoleRequest(user="root", role="root"), ETCD_START_TIMEOUT)
+            auth.AuthEnable(etcdrpc.AuthEnableRequest(), ETCD_START_TIMEOUT)
+        except grpc.RpcError as exc:
+            if "user name is empty" not in exc.details():  # else: on already, in a data_dir of the caller's
+                self.stop()
+                raise ClusterError(f"could not enable authentication in etcd at {self.endpoint}: {exc.details()}") from None
+        finally:
+            client.close()
+        self._auth_enabled = True
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -19,6 +19,10 @@ The etcd3 client (the ``python3-etcd3`` distribution) is blocking: its calls
 run in worker threads, and watch callbacks come back into trio through
 :func:`trio.from_thread.run_sync`. :class:`StandaloneMembership` has the same
 interface for a node without etcd.
+
+etcd may serve TLS (an ``https://`` endpoint) and have authentication
+enabled: :class:`EtcdSecurity` says how to check its certificate, which
+client certificate to show, and which user to log in as.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -51,12 +57,40 @@ RESYNC_INTERVAL = 1.0
 BACKOFF_INITIAL = 0.1
 BACKOFF_MAX = 2.0
 REVOKE_TIMEOUT = 1.0
+CALL_GRACE = 1.0  # seconds past an etcd call's own deadline before it is given up (see _in_thread)
 DUPLICATE_GRACE = 1.0  # seconds past a lease's TTL before a registered id is taken as in use
 DUPLICATE_POLL = 0.25  # seconds between looks at a registered id's lease
 
 
 class MembershipError(DcacheError):
-    """Membership could not start (etcd unreachable, bad endpoint)."""
+    """Membership could not start (etcd unreachable, bad endpoint, TLS or
+    authentication refused)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdSecurity:
+    """TLS and authentication for the connection to etcd; every field is optional.
+
+    ``ca``: the CA file (PEM) to check etcd's certificate with. Without it an
+    ``https://`` endpoint is checked against the system's default trust: the
+    CA bundle OpenSSL uses (``SSL_CERT_FILE``, else the file
+    :func:`ssl.get_default_verify_paths` names), not gRPC's own bundled roots.
+    ``cert`` and ``key``: a client certificate and its unencrypted key (PEM),
+    for an etcd run with ``--client-cert-auth``; one needs the other.
+    ``user`` and ``password``: an etcd user, for an etcd with authentication
+    enabled; one needs the other. The password is never logged, shown in
+    errors, nor in this object's repr.
+
+    Each needs an ``https://`` endpoint: the TLS options make no sense
+    without TLS, and a password must not cross the network in the clear
+    (nor would gRPC send the token etcd hands back over a plain connection).
+    """
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,21 +121,119 @@ def settings_key(cluster: str) -> str:
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
-    """``http://host:port`` or ``host:port`` → (host, port); default port 2379."""
+    """``http://host:port``, ``https://host:port`` or ``host:port`` (plain
+    http) → (host, port); default port 2379. :func:`is_tls_endpoint` tells
+    the two schemes apart."""
     try:
         parts = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
         hostname = parts.hostname
     except ValueError as exc:  # a malformed [IPv6] host, among others
-        raise MembershipError(f"bad etcd endpoint {endpoint!r}: expected http://HOST:PORT ({exc})") from None
-    if parts.scheme == "https":
-        raise MembershipError(f"etcd endpoint {endpoint!r}: TLS to etcd is not supported yet; use http://")
-    if parts.scheme != "http" or not hostname:
-        raise MembershipError(f"bad etcd endpoint {endpoint!r}: expected http://HOST:PORT")
+        raise MembershipError(f"bad etcd endpoint {endpoint!r}: expected http(s)://HOST:PORT ({exc})") from None
+    if parts.scheme not in ("http", "https") or not hostname:
+        raise MembershipError(f"bad etcd endpoint {endpoint!r}: expected http(s)://HOST:PORT")
     try:
         port = parts.port or 2379
     except ValueError:
         raise MembershipError(f"bad etcd endpoint {endpoint!r}: bad port") from None
     return hostname, port
+
+
+def is_tls_endpoint(endpoint: str) -> bool:
+    """Whether ``endpoint`` (checked by :func:`parse_endpoint`) is ``https://``."""
+    return endpoint.lower().startswith("https://")
+
+
+def check_security(endpoint: str, security: EtcdSecurity) -> None:
+    """Refuse options that do not go together, before any I/O."""
+    tls = is_tls_endpoint(endpoint)
+    for flag, value in (("--etcd-ca", security.ca), ("--etcd-cert", security.cert), ("--etcd-key", security.key)):
+        if value is not None and not tls:
+            raise MembershipError(f"{flag} needs an https:// endpoint (--etcd is {endpoint})")
+    if (security.cert is None) != (security.key is None):
+        given, missing = ("--etcd-cert", "--etcd-key") if security.key is None else ("--etcd-key", "--etcd-cert")
+        raise MembershipError(f"{given} needs {missing}: a client certificate goes with its key")
+    if security.user is not None or security.password is not None:
+        if security.user == "":
+            raise MembershipError("--etcd-user is empty")
+        if security.user is None:
+            raise MembershipError("an etcd password needs a user name (--etcd-user)")
+        if security.password is None:
+            raise MembershipError(f"--etcd-user {security.user} needs a password (--etcd-password-file or DCACHE_ETCD_PASSWORD)")
+        if not tls:
+            raise MembershipError(
+                f"--etcd-user needs an https:// endpoint (--etcd is {endpoint}): the password would cross the network in the clear"
+            )
+
+
+def tls_credentials(endpoint: str, security: EtcdSecurity) -> Any:
+    """gRPC channel credentials from ``security``'s files, each checked first
+    (readable, PEM, a key that matches its certificate), so that a bad file is
+    a clear error rather than a failed handshake later. Blocking: reads files."""
+    import grpc
+
+    if security.ca is not None:
+        _check_file("--etcd-ca", security.ca, lambda: ssl.create_default_context(cafile=security.ca))
+        ca = _read("--etcd-ca", security.ca)
+    else:
+        ca = _system_trust(endpoint)
+    cert = key = None
+    if security.cert is not None and security.key is not None:
+        cert_file, key_file = security.cert, security.key
+        cert = _read("--etcd-cert", cert_file)
+        key = _read("--etcd-key", key_file)
+        if b"ENCRYPTED" in key:
+            raise MembershipError(f"--etcd-key {key_file} is encrypted; give an unencrypted key (readable by this user only)")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        _check_file("--etcd-cert", cert_file, lambda: context.load_cert_chain(cert_file, key_file))
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+
+def _system_trust(endpoint: str) -> bytes:
+    paths = ssl.get_default_verify_paths()
+    for path in (paths.cafile, paths.openssl_cafile):
+        if path and os.path.isfile(path):
+            try:
+                with open(path, "rb") as file:
+                    return file.read()
+            except OSError:
+                continue
+    raise MembershipError(
+        f"no CA to check etcd's certificate at {endpoint} with: give --etcd-ca "
+        f"(no system CA bundle at {paths.openssl_cafile}, nor in ${paths.openssl_cafile_env})"
+    )
+
+
+def _read(flag: str, path: str) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as exc:
+        raise MembershipError(f"cannot read {flag} {path}: {exc.strerror or exc}") from None
+
+
+def _check_file(flag: str, path: str, load: Callable[[], object]) -> None:
+    try:
+        load()
+    except OSError as exc:  # ssl.SSLError is one
+        if isinstance(exc, ssl.SSLError):
+            reason = exc.reason or str(exc)
+            raise MembershipError(f"cannot use {flag} {path}: {reason} (not PEM, or a key that does not match)") from None
+        raise MembershipError(f"cannot read {flag} {path}: {exc.strerror or exc}") from None
+
+
+class _Token:
+    """gRPC call credentials that send etcd's current auth token. python3-etcd3
+    authenticates once, in its constructor, and bakes that token into its
+    calls and its watcher for good; etcd drops a token on restart, after
+    ``--auth-token-ttl`` (5 minutes) unused, or at its fixed expiry (JWT).
+    With this in ``call_credentials`` every call, a watch stream opened
+    later included, carries whatever token membership last obtained."""
+
+    def __init__(self) -> None:
+        self.value = ""
+
+    def __call__(self, context: Any, callback: Callable[[Any, Any], None]) -> None:
+        callback((("token", self.value),) if self.value else (), None)
 
 
 def decode_member(node_id: str, value: bytes) -> Member | None:
@@ -176,7 +308,9 @@ class EtcdMembership:
 
     ``run`` registers this node, reads the members and calls
     ``task_status.started(view)``; it raises :class:`MembershipError` if etcd
-    does not answer within ``connect_timeout``.
+    does not answer within ``connect_timeout``, if TLS to it fails, or if it
+    refuses ``security``'s user. The constructor raises it for a malformed
+    endpoint or options that do not go together (see :class:`EtcdSecurity`).
     """
 
     def __init__(
@@ -191,6 +325,7 @@ class EtcdMembership:
         on_lapse: Callable[[], None] | None = None,
         on_vouch: Callable[[float], None] | None = None,
         settings: dict[str, Any] | None = None,
+        security: EtcdSecurity | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.cluster = cluster
@@ -198,6 +333,11 @@ class EtcdMembership:
         self._on_lapse = on_lapse
         self._on_vouch = on_vouch
         self._host, self._port = parse_endpoint(endpoint)
+        self._security = security or EtcdSecurity()
+        check_security(endpoint, self._security)
+        self._tls = is_tls_endpoint(endpoint)
+        self._token: _Token | None = None  # with a user: the token calls carry
+        self._auth_lock = trio.Lock()
         self.prefix = members_prefix(cluster)
         self.node_id = node_id
         self._key = self.prefix + node_id
@@ -240,12 +380,30 @@ class EtcdMembership:
         # And gRPC's own reconnect backoff (up to 2 minutes) capped at a
         # second: after an etcd restart the lease must be refreshed within
         # its TTL, or every node drops out of the view at once.
+        credentials = None
+        if self._tls:
+            credentials = await trio.to_thread.run_sync(tls_credentials, self.endpoint, self._security)
         endpoint = etcd3.Endpoint(
-            self._host, self._port, secure=False, time_retry=0.0, opts=[("grpc.max_reconnect_backoff_ms", 1000)]
+            self._host,
+            self._port,
+            secure=self._tls,
+            creds=credentials,
+            time_retry=0.0,
+            opts=[("grpc.max_reconnect_backoff_ms", 1000)],
         )
+        # The user (if any) logs in below, in a thread: etcd3's constructor
+        # would do it here, blocking trio, and keep that token for good. etcd3
+        # sends its call_credentials with every call and gives them to its
+        # watcher: a _Token there always sends the newest token.
         self._client = etcd3.MultiEndpointEtcd3Client(endpoints=[endpoint], timeout=self._connect_timeout)
         try:
             with self._starting():
+                if self._security.user is not None:
+                    import grpc
+
+                    self._token = _Token()
+                    self._client.call_credentials = grpc.metadata_call_credentials(self._token)
+                    await self._authenticate(stale="")
                 await self._agree()
                 value, meta = await self._call(self._client.get, self._key)
             if value is not None:
@@ -274,7 +432,28 @@ class EtcdMembership:
         except trio.TooSlowError:
             raise MembershipError(f"cannot reach etcd at {self.endpoint}: no answer within {self._connect_timeout:g} s") from None
         except self._etcd_errors() as exc:
-            raise MembershipError(f"cannot reach etcd at {self.endpoint}: {_describe(exc)}") from None
+            raise MembershipError(self._explain(exc)) from None
+
+    def _explain(self, exc: BaseException) -> str:
+        """One line on why etcd would not let us in."""
+        details = _describe(exc)
+        if self._tls and _is_tls_failure(details):
+            if "CERTIFICATE_VERIFY_FAILED" in details:
+                why = "etcd's certificate is not signed by the CA we trust (--etcd-ca), or is not for this host"
+            elif "BAD_CERTIFICATE" in details or "CERTIFICATE_REQUIRED" in details:
+                why = "etcd did not accept our client certificate (--etcd-cert), or wants one"
+            else:
+                why = "does etcd serve TLS there?"
+            return f"TLS to etcd at {self.endpoint} failed: {why} ({_last_error(details)})"
+        user = self._security.user
+        if user is not None and "authentication failed" in details:
+            return f"etcd refused user {user}: authentication failed"
+        if "user name is empty" in details:
+            return f"etcd at {self.endpoint} has authentication enabled: give a user and password (--etcd-user)"
+        if "permission denied" in details:
+            who = f"user {user}" if user is not None else "this node"
+            return f"etcd denied {who} access to /dcache/{self.cluster}/: permission denied"
+        return f"cannot reach etcd at {self.endpoint}: {details}"
 
     async def _agree(self) -> None:
         """Check this node's cluster-wide settings (``--replicas``) against
@@ -383,7 +562,73 @@ class EtcdMembership:
         return (etcd3.exceptions.Etcd3Exception, grpc.RpcError, OSError)
 
     async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        return await trio.to_thread.run_sync(lambda: fn(*args, **kwargs), abandon_on_cancel=True, limiter=self._limiter)
+        def call() -> Any:
+            return fn(*args, **kwargs)
+
+        token = self._token
+        stale = token.value if token is not None else ""
+        try:
+            return await self._in_thread(call)
+        except Exception as exc:
+            if token is None or not _token_refused(exc):
+                raise
+        # python3-etcd3 never logs in again (see _Token): its token is gone
+        # (etcd restarted, or it lay unused past --auth-token-ttl, or expired
+        # as JWTs do), so log in again and retry once, as etcd's Go client does.
+        await self._authenticate(stale=stale)
+        return await self._in_thread(call)
+
+    async def _in_thread(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` in a worker thread, given up on (as timed out) once past
+        its gRPC deadline. grpc's Python streams can wait forever for a message
+        of a call that has already failed (grpc/grpc#20562): seen with a lease
+        keep-alive sent as an etcd serving TLS went down, which stalled the
+        keep-alives for good. The thread left behind keeps its limiter token,
+        so the limiter gets one more."""
+        import etcd3.exceptions
+
+        started = False
+
+        def run() -> Any:
+            nonlocal started
+            started = True
+            return fn()
+
+        with trio.move_on_after(self._client.timeout + CALL_GRACE):
+            return await trio.to_thread.run_sync(run, abandon_on_cancel=True, limiter=self._limiter)
+        if started:
+            self._limiter.total_tokens += 1
+        log.warning("an etcd call to %s outlived its deadline by %g s; gave it up", self.endpoint, CALL_GRACE)
+        raise etcd3.exceptions.ConnectionTimeoutError()
+
+    async def _authenticate(self, *, stale: str) -> None:
+        """Log in as the user and have calls carry the new token, unless
+        another task did so since its token ``stale`` was refused."""
+        from etcd3 import etcdrpc
+
+        assert self._token is not None
+        token, user, password = self._token, self._security.user, self._security.password
+        async with self._auth_lock:
+            if token.value != stale:
+                return
+            client = self._client
+
+            def authenticate() -> Any:
+                request = etcdrpc.AuthenticateRequest(name=user, password=password)
+                return client.authstub.Authenticate(request, client.timeout)
+
+            try:
+                response = await self._in_thread(authenticate)
+            except self._etcd_errors() as exc:
+                if "authentication is not enabled" not in _describe(exc):
+                    raise
+                # As etcd's Go client does: nothing to log in to, go on without a token.
+                if not stale:
+                    log.warning("etcd at %s has authentication disabled; connecting without user %s", self.endpoint, user)
+                return
+            token.value = response.token
+            if stale:
+                log.info("logged in to etcd at %s again as %s (its token had expired)", self.endpoint, user)
 
     async def _register(self) -> None:
         """Put our key under a live lease (a new lease if the old one is gone)."""
@@ -571,10 +816,31 @@ def _flags(settings: dict[str, Any]) -> str:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, trio.TooSlowError):
         return "timed out"
-    details = getattr(exc, "details", None)
-    if callable(details):
-        try:
-            return str(details())
-        except Exception:
-            pass
+    # python3-etcd3 turns some gRPC errors into its own exceptions, raised
+    # while handling them: gRPC's details (a TLS failure's reason) are there.
+    for error in (exc, exc.__context__):
+        details = getattr(error, "details", None)
+        if callable(details):
+            try:
+                return " ".join(str(details()).split())
+            except Exception:
+                pass
     return str(exc) or type(exc).__name__
+
+
+def _token_refused(exc: BaseException) -> bool:
+    """etcd refused our token: the errors on which etcd's Go client logs in again."""
+    details = _describe(exc)
+    return any(reason in details for reason in ("invalid auth token", "revision of auth store is old", "user name is empty"))
+
+
+def _is_tls_failure(details: str) -> bool:
+    lowered = details.lower()
+    return any(word in lowered for word in ("ssl", "tls", "handshake", "certificate"))
+
+
+def _last_error(details: str) -> str:
+    """gRPC's reason, without its preamble: 'failed to connect to all
+    addresses; last error: UNKNOWN: ipv4:127.0.0.1:2379: Tls handshake…'."""
+    reason = details.rsplit("last error: ", 1)[-1]
+    return reason.split(": ", 2)[-1] if reason.count(": ") >= 2 else reason
