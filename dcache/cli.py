@@ -241,6 +241,29 @@ def completion(shell_name: str | None, directory: str | None) -> None:
     show_default=True,
     help="Cluster name, to share one etcd.",
 )
+@click.option(
+    "--etcd-ca",
+    envvar="DCACHE_ETCD_CA",
+    metavar="FILE",
+    help="Check an https:// etcd's certificate against this CA (default: the system's CAs).",
+)
+@click.option(
+    "--etcd-cert",
+    envvar="DCACHE_ETCD_CERT",
+    metavar="FILE",
+    help="Client certificate for an etcd that asks for one (with --etcd-key).",
+)
+@click.option("--etcd-key", envvar="DCACHE_ETCD_KEY", metavar="FILE", help="The unencrypted key of --etcd-cert.")
+@click.option(
+    "--etcd-user",
+    envvar="DCACHE_ETCD_USER",
+    metavar="NAME",
+    help="etcd user, for an etcd with authentication on (also DCACHE_ETCD_USER).",
+)
+@click.option(
+    "--etcd-password-file", metavar="FILE",
+    help="The --etcd-user's password, the file's first line (or the password itself in DCACHE_ETCD_PASSWORD).",
+)  # fmt: skip
 @click.option("--metrics-listen", metavar="HOST:PORT", help="Serve Prometheus metrics at /metrics here.")
 @click.option(
     "--lease-ttl",
@@ -361,6 +384,11 @@ def serve(
     advertise: str | None,
     etcd: str | None,
     cluster: str,
+    etcd_ca: str | None,
+    etcd_cert: str | None,
+    etcd_key: str | None,
+    etcd_user: str | None,
+    etcd_password_file: str | None,
     metrics_listen: str | None,
     lease_ttl: float,
     drain_timeout: float,
@@ -409,6 +437,7 @@ def serve(
             _error(f"{flag}: {exc}")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
+        etcd_security = _etcd_security(etcd_ca, etcd_cert, etcd_key, etcd_user, etcd_password_file)
         config = NodeConfig(
             client_listen=client_listen,
             listen=listen,
@@ -436,6 +465,7 @@ def serve(
             max_in_flight=max_in_flight,
             idle_timeout=idle_timeout,
             hello_timeout=hello_timeout,
+            etcd_security=etcd_security,
         )
         trio.run(_serve_until_signalled, Node(config))
     except (NodeStartError, ValueError) as exc:
@@ -445,6 +475,27 @@ def serve(
         if start_errors is None:
             raise
         _error(str(_first_leaf(start_errors)))
+
+
+def _etcd_security(ca: str | None, cert: str | None, key: str | None, user: str | None, password_file: str | None) -> Any:
+    """The etcd options as an EtcdSecurity (None if none was given); the
+    password from its file's first line, else DCACHE_ETCD_PASSWORD."""
+    import os
+
+    from .membership import EtcdSecurity
+
+    password = os.environ.get("DCACHE_ETCD_PASSWORD") or None
+    if password_file:
+        try:
+            with open(password_file, encoding="utf-8") as f:
+                password = f.readline().rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--etcd-password-file {password_file}: {getattr(exc, 'strerror', None) or exc}") from None
+        if not password:
+            raise ValueError(f"--etcd-password-file {password_file}: its first line is empty")
+    if not any((ca, cert, key, user, password)):
+        return None
+    return EtcdSecurity(ca=ca, cert=cert, key=key, user=user, password=password)
 
 
 def _log_level(name: str) -> int:

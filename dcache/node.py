@@ -25,7 +25,7 @@ from .codec import ErrorCode, Limits, Status
 from .errors import DcacheError
 from .events import EventLog
 from .handoff import Placement, Signal, absorb, claim, hand_over
-from .membership import EtcdMembership, MembershipError, StandaloneMembership, View
+from .membership import EtcdMembership, EtcdSecurity, MembershipError, StandaloneMembership, View
 from .net import busy_poll_from_env, split_address
 from .peers import PeerLinks
 from .protocol import Budget, ConnectionClosed, ProtocolViolation, ServerSession, violation
@@ -102,6 +102,7 @@ class NodeConfig:
     tls_key: str | None = None
     tls_ca: str | None = None  # peers' certificates are checked against it, both ways (else the system's CAs)
     tls_client_ca: str | None = None  # clients must show a certificate it signed (mutual TLS)
+    etcd_security: EtcdSecurity | None = None  # etcd's TLS and user (an https:// --etcd)
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,6 +380,7 @@ class Node:
                     on_lapse=self._lapsed,
                     on_vouch=self._vouch,
                     settings={"replicas": config.replicas},
+                    security=config.etcd_security,
                 )
             except MembershipError as exc:  # a malformed --etcd
                 raise NodeStartError(str(exc)) from None

@@ -314,7 +314,8 @@ def test_etcd_endpoints_are_checked_at_start() -> None:
 
     assert parse_endpoint("http://127.0.0.1:2379") == ("127.0.0.1", 2379)
     assert parse_endpoint("etcd.local") == ("etcd.local", 2379)
-    for bad in ("https://127.0.0.1:2379", "foo://bar", "http://127.0.0.1:abc", "http://"):
+    assert parse_endpoint("https://127.0.0.1:2380") == ("127.0.0.1", 2380)
+    for bad in ("foo://bar", "http://127.0.0.1:abc", "http://"):
         with pytest.raises(MembershipError):
             parse_endpoint(bad)
 

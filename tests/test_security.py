@@ -894,3 +894,57 @@ def test_bad_security_options_stop_serve_at_once_with_one_line(
     assert r.returncode != 0 and "Traceback" not in r.stderr and len(lines) == 1, r.stderr
     assert lines[0].startswith("error: ") and expected in lines[0], lines
     assert "None" not in lines[0], lines
+
+
+# == 8. all of it at once, as the README promises ==========================================
+
+
+def test_nodes_with_tokens_and_tls_join_a_tls_etcd_with_auth_and_refuse_strangers(
+    pki: Pki, token_files: TokenFiles, tmp_path: Path
+) -> None:
+    """Two `dcache serve` nodes with client and peer tokens and TLS on both
+    ports join an etcd that serves TLS with authentication on: strangers and
+    plaintext are refused, and a client with the token is served over wss
+    by either node, forwarding over TLS between them included."""
+    from dcache.localcluster import EtcdTLS
+
+    password = secrets.token_hex(16)
+    password_file = tmp_path / "etcd-password"
+    password_file.write_text(f"{password}\n")
+    etcd = EtcdServer(tls=EtcdTLS(cert=pki.cert, key=pki.key, ca=pki.ca), root_password=password)
+    etcd.start()
+    secured = [
+        *pki.node_options(),
+        "--tls-ca", pki.ca,
+        "--auth-token-file", token_files.client,
+        "--peer-token-file", token_files.peer,
+        "--etcd", etcd.endpoint,
+        "--etcd-ca", pki.ca,
+        "--etcd-user", "root",
+        "--etcd-password-file", str(password_file),
+        "--lease-ttl", str(LEASE_TTL),
+    ]  # fmt: skip
+    try:
+        with ServeProcess(*secured) as first, ServeProcess(*secured) as second:
+            assert etcd.endpoint.startswith("https://")
+            token = ["--token-file", token_files.client, "--ca", pki.ca]
+            servers = [f"wss://{first.client_address}", f"wss://{second.client_address}"]
+
+            def both_members() -> bool | None:
+                done = cli(servers[0], "members", "--json", *token)
+                return True if done.returncode == 0 and len(json.loads(done.stdout)["members"]) == 2 else None
+
+            eventually(both_members, what="both nodes in the view")
+            for i in range(20):  # keys on both nodes: about half are forwarded, over TLS, with the peer token
+                assert cli(servers[i % 2], "set", f"k{i}", f"v{i}", *token).returncode == 0
+            for i in range(20):
+                done = cli(servers[(i + 1) % 2], "get", f"k{i}", *token)
+                assert (done.returncode, done.stdout) == (0, f"v{i}"), done.stderr
+            stranger = cli(servers[0], "get", "k0", "--ca", pki.ca)
+            assert stranger.returncode == 3 and "unauthorized" in stranger.stderr
+            plaintext = cli(first.client_address, "get", "k0", "--token-file", token_files.client)
+            assert plaintext.returncode == 2
+            output = first.output() if first.proc.poll() is not None else "".join(first.log)
+            assert password not in output and CLIENT_TOKEN not in output and PEER_TOKEN not in output
+    finally:
+        etcd.close()
