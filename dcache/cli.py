@@ -592,6 +592,10 @@ def cluster() -> None:
     help="Copies of each entry, on N nodes (see dcache serve --help).",
 )
 @click.option("--log-level", default="warning", metavar="LEVEL", show_default=True, help="The nodes' log level.")
+@click.option(
+    "--token-file", envvar="DCACHE_TOKEN_FILE", metavar="FILE",
+    help="The nodes want the token in FILE from clients and from each other (or the token itself in DCACHE_TOKEN).",
+)  # fmt: skip
 def cluster_up(
     nodes: int,
     client_port: int,
@@ -601,11 +605,19 @@ def cluster_up(
     cluster_name: str,
     replicas: int,
     log_level: str,
+    token_file: str | None,
 ) -> NoReturn:
     """Start etcd and N nodes on this machine; Ctrl-C stops them all."""
     from . import localcluster
+    from .security import check_token
 
     _log_level(log_level)  # the nodes would refuse it, one by one
+    try:
+        token = commands.AccessOptions.take({"token_file": token_file}).token
+        if token is not None:
+            check_token(token, "--token-file" if token_file else "DCACHE_TOKEN")
+    except ValueError as exc:  # (TokenError included)
+        _error(str(exc))
     sys.exit(
         localcluster.up(
             nodes,
@@ -616,6 +628,7 @@ def cluster_up(
             cluster=cluster_name,
             replicas=replicas,
             log_level=log_level,
+            token=token,
         )  # fmt: skip
     )
 

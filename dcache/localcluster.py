@@ -362,7 +362,9 @@ def plan_nodes(
     return nodes
 
 
-def node_command(node: NodeAddresses, *, etcd: str, cluster: str, log_level: str, replicas: int = 1) -> list[str]:
+def node_command(
+    node: NodeAddresses, *, etcd: str, cluster: str, log_level: str, replicas: int = 1, token_file: str | None = None
+) -> list[str]:
     cmd = [
         sys.executable, "-m", "dcache", "serve",
         "--etcd", etcd,
@@ -376,16 +378,18 @@ def node_command(node: NodeAddresses, *, etcd: str, cluster: str, log_level: str
         cmd += ["--replicas", str(replicas)]
     if node.metrics:
         cmd += ["--metrics-listen", node.metrics]
+    if token_file:  # (one token for clients and for the nodes' links: a cluster on one machine)
+        cmd += ["--auth-token-file", token_file, "--peer-token-file", token_file]
     return cmd
 
 
-def wait_until_serving(address: str, timeout: float) -> bool:
+def wait_until_serving(address: str, timeout: float, *, token: str | None = None) -> bool:
     from .client import SyncClient
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with SyncClient(address, timeout=1.0) as client:
+            with SyncClient(address, timeout=1.0, token=token) as client:
                 client.ping()
                 return True
         except DcacheError:
@@ -423,12 +427,14 @@ def up(
     cluster: str,
     log_level: str,
     replicas: int = 1,
+    token: str | None = None,
 ) -> int:
     """Start etcd (unless ``etcd`` names one) and ``nodes`` nodes, print their
     addresses, and stop them all on Ctrl-C, SIGTERM or SIGHUP (its terminal
     closed); the exit status. Killed with -9, it takes them along where
     :func:`die_with_us` can (Linux): the nodes get SIGTERM and leave the
-    cluster, etcd gets SIGKILL."""
+    cluster, etcd gets SIGKILL. With ``token``, the nodes want it from their
+    clients and from each other."""
     from rich.console import Console
     from rich.table import Table
 
@@ -438,6 +444,12 @@ def up(
     stopper = _Stopper(lambda: [*procs, *([etcd_server.proc] if etcd_server and etcd_server.proc else [])])
     node_death_signal = die_with_us(signal.SIGTERM)
     status = 0
+    token_folder = tempfile.TemporaryDirectory(prefix="dcache-cluster-") if token else None
+    token_file = None
+    if token_folder is not None:
+        token_file = os.path.join(token_folder.name, "token")
+        with open(os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write(f"{token}\n")
     try:
         plan = plan_nodes(nodes, client_port=client_port, peer_port=peer_port, metrics_port=metrics_port)
         with console.status("starting etcd…"):
@@ -447,11 +459,13 @@ def up(
                 etcd = etcd_server.endpoint
         with console.status(f"starting {nodes} node(s)…"):
             for node in plan:
-                command = node_command(node, etcd=etcd, cluster=cluster, log_level=log_level, replicas=replicas)
+                command = node_command(
+                    node, etcd=etcd, cluster=cluster, log_level=log_level, replicas=replicas, token_file=token_file
+                )
                 # Own sessions: Ctrl-C reaches only us, and we stop nodes before etcd.
                 procs.append(subprocess.Popen(command, env=inherit_env(), start_new_session=True, preexec_fn=node_death_signal))
             for node, proc in zip(plan, procs):
-                if not wait_until_serving(node.client, NODE_START_TIMEOUT) or proc.poll() is not None:
+                if not wait_until_serving(node.client, NODE_START_TIMEOUT, token=token) or proc.poll() is not None:
                     raise ClusterError(f"node {node.peer} did not start; see its log above")
         table = Table(title=f"dcache cluster {cluster!r}, etcd {etcd}", title_justify="left")
         for column in ("node", "client address", "metrics"):
@@ -459,7 +473,8 @@ def up(
         for node in plan:
             table.add_row(node.peer, node.client, f"http://{node.metrics}/metrics" if node.metrics else "-")
         Console().print(table)
-        console.print(f"try:  dcache set k v --server {plan[0].client}")
+        with_token = " (with your --token-file or DCACHE_TOKEN)" if token else ""
+        console.print(f"try:  dcache set k v --server {plan[0].client}{with_token}")
         console.print(f"      dcache members --server {plan[-1].client}")
         console.print("Ctrl-C stops the cluster.")
         _wait_for_stop(plan, procs, console)
@@ -485,6 +500,8 @@ def up(
             _silence_output()
             _stop(procs, etcd_server)
         stopper.restore()
+        if token_folder is not None:
+            token_folder.cleanup()
     if not status:
         try:
             console.print("cluster stopped")

@@ -234,3 +234,26 @@ def test_a_new_etcd_server_removes_the_folders_of_dead_owners_only() -> None:
     # The living owner's folder is its own to remove; it was killed here, so the next start does.
     EtcdServer().close()
     assert not living_dir.exists()
+
+
+def test_cluster_up_with_a_token_wants_it_from_clients_and_between_nodes() -> None:
+    token = "cluster-" + os.urandom(16).hex()
+    env = {**os.environ, "DCACHE_TOKEN": token}
+    env.pop("DCACHE_TOKEN_FILE", None)
+    with cluster_up(env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as up:
+        for i in range(NODES):
+            assert wait_until_serving(f"localhost:{up.client + i}", START_TIMEOUT, token=token)
+        assert not wait_until_serving(f"localhost:{up.client}", 1.0)  # without the token
+        up.started = children(up.proc.pid)
+        nodes = [cmdline for cmdline in up.started.values() if b"serve" in cmdline]
+        assert len(nodes) == NODES and all(b"--peer-token-file" in cmdline for cmdline in nodes)
+        assert all(token.encode() not in cmdline for cmdline in nodes)  # a file, never a command-line value
+        from dcache import SyncClient
+
+        with SyncClient(f"localhost:{up.client}", token=token) as first:
+            first.mset({f"k{i}": str(i) for i in range(20)})  # owned by both nodes: half forwarded, with the peer token
+        with SyncClient(f"localhost:{up.client + 1}", token=token) as second:
+            assert second.mget([f"k{i}" for i in range(20)]) == [str(i).encode() for i in range(20)]
+        up.proc.send_signal(signal.SIGINT)
+        assert up.proc.wait(STOP_TIMEOUT) == 0
+        assert up.wait_until_gone() == []
