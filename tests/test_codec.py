@@ -27,7 +27,11 @@ def rejects(message: Any, code: ErrorCode, limits: Limits = LIMITS) -> WireError
 
 
 VALID = [
-    ([1, "hello", {"version": 1, "client": "x"}], {"version": 1, "client": "x", "peer": ""}),
+    ([1, "hello", {"version": 1, "client": "x"}], {"version": 1, "client": "x", "peer": "", "token": None}),
+    (
+        [1, "hello", {"version": 1, "client": "x", "token": "t" * 16}],
+        {"version": 1, "client": "x", "peer": "", "token": "t" * 16},
+    ),
     ([2, "ping", {}], {}),
     ([3, "get", {"key": b"k"}], {"ns": "", "key": b"k"}),
     ([4, "get", {"key": "text", "ns": "users"}], {"ns": "users", "key": b"text"}),
@@ -291,6 +295,8 @@ def test_batch_validation() -> None:
     rejects([1, "mset", {"items": [[b"k", b"v" * 65]]}], ErrorCode.VALUE_TOO_LARGE)
     rejects([1, "hello", {}], ErrorCode.BAD_REQUEST)
     rejects([1, "hello", {"version": "1"}], ErrorCode.BAD_REQUEST)
+    rejects([1, "hello", {"version": 1, "token": 12345}], ErrorCode.BAD_REQUEST)
+    rejects([1, "hello", {"version": 1, "token": "t" * 5000}], ErrorCode.BAD_REQUEST)
     rejects([1, "ping", {"x": 1}], ErrorCode.BAD_REQUEST)
 
 
