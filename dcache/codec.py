@@ -79,6 +79,26 @@ class Limits:
         }
 
 
+SHOWN_CHARS = 60  # of a client's value quoted in an error message: a reply never grows with what was sent
+
+
+def shown(value: Any) -> str:
+    """``value`` (sent by the other side) for an error message: short, whatever it is.
+
+    Only text, bytes and integers are quoted, cut to :data:`SHOWN_CHARS`;
+    anything else is named by its type (a structure's repr may be far larger
+    than its encoding: CBOR's shared references make it exponential)."""
+    if type(value) is str:
+        text = repr(value[:SHOWN_CHARS])
+    elif type(value) is bytes:
+        text = repr(value[:SHOWN_CHARS])
+    elif type(value) is int:
+        text = str(value) if -(10**SHOWN_CHARS) < value < 10**SHOWN_CHARS else "a very large integer"
+    else:
+        return f"a {type(value).__name__}"
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}…"
+
+
 class WireError(Exception):
     """A message that cannot be served; becomes an error reply, never a crash."""
 
@@ -261,7 +281,7 @@ def parse_reply(message: Any) -> tuple[int | None, int, Any]:
     if rid is not None and type(rid) is not int:
         raise WireError(ErrorCode.BAD_FRAME, "reply rid must be an integer or null")
     if status not in (0, 1):
-        raise WireError(ErrorCode.BAD_FRAME, f"unknown reply status {status!r}")
+        raise WireError(ErrorCode.BAD_FRAME, f"unknown reply status {shown(status)}")
     if status == Status.ERROR and not (
         type(body) is list
         and len(body) in (2, 3)

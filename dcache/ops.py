@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from .codec import MAX_NAMESPACE_BYTES, MAX_RID, MAX_TTL_MS, ErrorCode, Limits, WireError
+from .codec import MAX_NAMESPACE_BYTES, MAX_RID, MAX_TTL_MS, ErrorCode, Limits, WireError, shown
 from .security import MAX_TOKEN_BYTES
 from .shard import NUM_SHARDS
 from .store import MAX_INCR, MIN_INCR
@@ -138,7 +138,7 @@ def check_request(message: Any, limits: Limits) -> tuple[int, Op, dict[str, Any]
         raise WireError(ErrorCode.BAD_REQUEST, "rid must be an unsigned 63-bit integer")
     op = OPS.get(name) if type(name) is str else None
     if op is None:
-        raise WireError(ErrorCode.UNKNOWN_OP, f"unknown op {name!r}", rid)
+        raise WireError(ErrorCode.UNKNOWN_OP, f"unknown op {shown(name)}", rid)
     if type(args) is not dict:
         raise WireError(ErrorCode.BAD_REQUEST, f"{name}: args must be a map", rid)
     try:
@@ -153,8 +153,8 @@ def check_request(message: Any, limits: Limits) -> tuple[int, Op, dict[str, Any]
 
 def _fields(args: dict[str, Any], allowed: frozenset[str], op: str) -> None:
     if not allowed.issuperset(args):
-        extra = args.keys() - allowed
-        raise WireError(ErrorCode.BAD_REQUEST, f"{op}: unknown field(s) {sorted(map(str, extra))}")
+        extra = [shown(name) for name in args if name not in allowed][:5]
+        raise WireError(ErrorCode.BAD_REQUEST, f"{op}: unknown field(s) {', '.join(sorted(extra))}")
 
 
 def _sized(value: Any, limit: int, code: ErrorCode, what: str) -> bytes:

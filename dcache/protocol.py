@@ -361,7 +361,7 @@ class ServerSession:
                 codec.error(
                     req.rid,
                     ErrorCode.UNSUPPORTED_VERSION,
-                    f"this node speaks protocol version {codec.PROTOCOL_VERSION}, not {version}",
+                    f"this node speaks protocol version {codec.PROTOCOL_VERSION}, not {codec.shown(version)}",
                 ),
                 "version",
             )

@@ -61,6 +61,7 @@ from .errors import ConnectionLost
 from .net import RECEIVE_SIZE
 from .protocol import Connection as Proto
 from .protocol import ConnectionClosed, ProtocolViolation, ServerSession, violation
+from .protocol import State as ProtoState
 from .router import Router, Waiting
 from .security import TlsLayer
 from .transport import Connection, plain_socket, tasks_runnable, watch_set
@@ -340,6 +341,17 @@ class Reactor:
         except Exception:  # a bug must cost one connection, never the node
             log.exception("connection handler failed; closing that connection")
             self._close(entry)
+            return
+        if entry.proto.state is ProtoState.CLOSED:
+            # A close frame came after these messages: answer them, then close
+            # (our close frame last: nothing may follow it).
+            last = entry.proto.data_to_send()
+            if messages:
+                self._place(entry, messages)
+                mine = [reply for reply in self._replies if reply[0] is entry]
+                self._replies = [reply for reply in self._replies if reply[0] is not entry]
+                self._send(mine)
+            self._close(entry, last=last)
             return
         if entry.proto.has_data_to_send:  # pongs
             self._replies.append((entry, entry.proto.data_to_send()))

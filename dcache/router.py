@@ -397,7 +397,7 @@ class Router:
         for payload in payloads:
             try:
                 for message in codec.decode_frame(payload, self.limits):
-                    if type(message) is list and message:
+                    if type(message) is list and message and type(message[0]) is int:  # (a bad rid is answered with null)
                         order.setdefault(message[0], len(order))
             except WireError:
                 pass

@@ -149,6 +149,7 @@ class Connection:
                 except OSError:
                     self._watch = None
         self._closed = False
+        self._last: bytes | None = None  # our close frame, held back until the messages before it are answered
 
     @property
     def reads(self) -> int:
@@ -263,6 +264,10 @@ class Connection:
         """Wait for at least one message; return every complete message received so far.
         ``poll=False`` sleeps at once rather than busy-polling."""
         while not self._ready:
+            if self._last is not None:  # a close frame came after the messages taken: ours goes after their replies
+                last, self._last = self._last, None
+                await self._finish(last)
+                raise ConnectionClosed(wsframe.CLOSE_NORMAL, "the other side closed the connection")
             try:
                 data = await self._receive_some(poll)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -281,6 +286,9 @@ class Connection:
             raise
         if messages:
             self._ready += messages
+            if self.proto.state is protocol.State.CLOSED:  # a close came after them
+                self._last = self.proto.data_to_send()
+                return
         if self.proto.has_data_to_send:
             await self.send_raw(self.proto.data_to_send())
 

@@ -405,6 +405,8 @@ class ServerHandshake:
             raise HandshakeError(f"bad opening handshake: {exc}", response) from None
         except LocalProtocolError as exc:
             raise HandshakeError(f"bad opening handshake: {exc}") from None
+        except UnicodeError:  # (wsproto decodes some headers as ASCII or IDNA, and lets that error out)
+            raise HandshakeError("bad opening handshake: a header is not ASCII", _plain_response(400, _NOT_HTTP)) from None
         return None
 
 
