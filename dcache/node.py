@@ -37,6 +37,7 @@ from .security import (
     IDLE_TIMEOUT,
     MAX_CONNECTIONS,
     MAX_CONNECTIONS_PER_ADDRESS,
+    MAX_HELLO_MESSAGE,
     MAX_IN_FLIGHT,
     TlsSetupError,
     TokenError,
@@ -765,6 +766,7 @@ class Node:
             if conn is None:
                 return
             session = ServerSession(remote, tokens=self._current_tokens, peer_port=peer_port)
+            conn.proto.restrict(MAX_HELLO_MESSAGE)  # (lifted once it has said hello)
             if config.reactor and self.reactor.can_serve(conn):
                 # The reactor serves it from now on, and closes it (and gives its address count back).
                 self.reactor.adopt(conn, session, on_close=counted.release, hello_by=hello_by)
@@ -820,6 +822,8 @@ class Node:
                                 if deadline.deadline - now < idle / 2:
                                     deadline.deadline = now + idle
                                 reply, waiting = self.router.place(session, payloads)
+                                if conn.proto.restricted and session.greeted:
+                                    conn.proto.unrestrict()
                                 if waiting is not None:
                                     # Owned by its task before anything here can fail:
                                     # what placement handed to peer links is always released.

@@ -114,6 +114,7 @@ class Connection:
         self._mask_key = mask_key
         self._parser = wsframe.FrameParser(expect_masked=not client_side, max_message=max_message)
         self.max_message = max_message
+        self.restricted = False  # messages bounded lower for now (see restrict)
         self._budget = budget
         self._held = 0  # of the budget, in unfinished messages
         self._out = bytearray()
@@ -249,6 +250,17 @@ class Connection:
             return b""
         self.state = State.CLOSED
         return wsframe.build_close(code, reason, masked=self.client_side, key=self._mask_key)
+
+    def restrict(self, max_message: int) -> None:
+        """Bound messages lower than ``max_message`` until :meth:`unrestrict`:
+        a node takes only small messages until a connection has said hello,
+        so a stranger cannot make it decode a large one."""
+        self._parser.limit(min(max_message, self.max_message))
+        self.restricted = True
+
+    def unrestrict(self) -> None:
+        self._parser.limit(self.max_message)
+        self.restricted = False
 
     def release(self) -> None:
         """Give back this connection's share of its budget, once it is done."""

@@ -363,6 +363,8 @@ class Reactor:
         handed = False  # to the reactor's relays or a task, which release it when done
         try:
             reply, waiting = self._router.place(entry.session, messages)
+            if entry.proto.restricted and entry.session.greeted:
+                entry.proto.unrestrict()
             if waiting is not None:
                 entry.waiting += 1
                 channel = waiting.notify(partial(self._relayed, entry, waiting))

@@ -33,6 +33,7 @@ MAX_CONNECTIONS = 10_000
 MAX_CONNECTIONS_PER_ADDRESS = 2_500  # from one remote address: one host cannot take every connection
 MAX_IN_FLIGHT = 256  # frames of one connection waiting for other nodes before it is read no more
 
+MAX_HELLO_MESSAGE = 64 * 1024  # bytes a message may have until its connection has said hello
 MAX_TOKEN_BYTES = 4096  # a hello's token longer than this is refused unread
 MIN_TOKEN_CHARS = 16  # a shorter token in a file is refused at start: it could be guessed
 

@@ -140,6 +140,10 @@ class FrameParser:
     fragments included, so a peer cannot make us buffer without limit.
     """
 
+    def limit(self, max_message: int) -> None:
+        """Bound messages to ``max_message`` bytes from now on."""
+        self._max_message = max_message
+
     def __init__(self, *, expect_masked: bool, max_message: int) -> None:
         self._expect_masked = expect_masked
         self._max_message = max_message

@@ -16,7 +16,7 @@ import trio.testing
 from support import start_node
 
 import dcache
-from dcache import codec, transport, wsframe
+from dcache import codec, protocol, transport, wsframe
 from dcache.codec import ErrorCode, Limits
 from dcache.node import BoundAddresses, Node, NodeConfig
 
@@ -377,11 +377,13 @@ async def test_unfinished_messages_share_one_budget(nursery: trio.Nursery) -> No
     node, bound = await start_node(nursery, limits=Limits(max_frame_bytes=1 << 20), max_unfinished_bytes=300_000)
     with trio.fail_after(TIMEOUT):
         frame = wsframe.build_frame(b"\x00" * 200_000, masked=True)
-        first = await raw_connection(bound.client_address)
+        first, second = await raw_connection(bound.client_address), await raw_connection(bound.client_address)
+        for conn in (first, second):  # (until it has said hello, a connection may send only small messages)
+            await conn.send(codec.encode_frame([[1, "hello", protocol.hello_args("test")]]))
+            await conn.receive()
         await first.send_raw(frame[:150_000])  # unfinished: 150,000 bytes held
         await trio.testing.wait_all_tasks_blocked()
         assert node.unfinished.used == 150_000
-        second = await raw_connection(bound.client_address)
         await second.send_raw(frame[:160_000])  # over the budget together
         with pytest.raises(transport.ConnectionClosed) as closed:
             await second.receive()

@@ -488,6 +488,26 @@ async def test_a_refused_hello_is_answered_then_the_connection_closed_and_nothin
     assert refused == {reason: 2 for reason in refusals}
 
 
+async def test_until_its_hello_a_connection_may_send_only_small_messages(
+    guarded: tuple[Node, BoundAddresses, ssl.SSLContext | None],
+) -> None:
+    """A stranger cannot make the node decode a large frame (a megabyte of
+    small CBOR items takes it about a second); after its hello a client sends
+    large values as usual."""
+    from dcache.security import MAX_HELLO_MESSAGE
+
+    node, bound, tls = guarded
+    with trio.fail_after(TIMEOUT):
+        conn = await raw_connection(bound.client_address, tls)
+        await conn.send(cbor2.dumps([[]] * (MAX_HELLO_MESSAGE + 1)))
+        replies, code = await everything_until_closed(conn)
+        assert replies == [] and code == wsframe.CLOSE_TOO_BIG
+        async with dcache.connect(bound.client_address, token=CLIENT_TOKEN, tls=tls) as client:
+            await client.set("big", b"x" * (4 * MAX_HELLO_MESSAGE))
+            assert await client.get("big") == b"x" * (4 * MAX_HELLO_MESSAGE)
+            assert (await client.stats())["refused"] == {"frame_too_large": 1}
+
+
 async def test_node_to_node_ops_are_forbidden_to_clients(guarded: tuple[Node, BoundAddresses, ssl.SSLContext | None]) -> None:
     node, bound, tls = guarded
     peer_ops = [
