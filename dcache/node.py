@@ -766,7 +766,10 @@ class Node:
             if conn is None:
                 return
             session = ServerSession(remote, tokens=self._current_tokens, peer_port=peer_port)
-            conn.proto.restrict(MAX_HELLO_MESSAGE)  # (lifted once it has said hello)
+            tokens = self.tokens
+            if tokens.clients_need_one or (peer_port and tokens.peer):
+                # A stranger cannot make the node decode a large message (lifted once it has said hello).
+                conn.proto.restrict(MAX_HELLO_MESSAGE)
             if config.reactor and self.reactor.can_serve(conn):
                 # The reactor serves it from now on, and closes it (and gives its address count back).
                 self.reactor.adopt(conn, session, on_close=counted.release, hello_by=hello_by)

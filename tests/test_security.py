@@ -491,9 +491,11 @@ async def test_a_refused_hello_is_answered_then_the_connection_closed_and_nothin
 async def test_until_its_hello_a_connection_may_send_only_small_messages(
     guarded: tuple[Node, BoundAddresses, ssl.SSLContext | None],
 ) -> None:
-    """A stranger cannot make the node decode a large frame (a megabyte of
-    small CBOR items takes it about a second); after its hello a client sends
-    large values as usual."""
+    """On a node that wants tokens, a stranger cannot make the node decode a
+    large frame (a megabyte of small CBOR items takes it about a second);
+    after its hello a client sends large values as usual. (A node that wants
+    no token lets anyone say hello, so it takes a large first message: see
+    test_ws_conformance.)"""
     from dcache.security import MAX_HELLO_MESSAGE
 
     node, bound, tls = guarded
