@@ -19,6 +19,7 @@ This module is sans-IO: plain functions over bytes and Python values.
 from __future__ import annotations
 
 import enum
+import io
 from dataclasses import dataclass
 from typing import Any
 
@@ -239,14 +240,17 @@ def error_from(exc: WireError) -> list[Any]:
 # -- decoding -----------------------------------------------------------------
 
 
-def decode_frame(payload: bytes, limits: Limits) -> list[Any]:
-    """Decode one frame into its list of raw messages, or raise WireError."""
+def decode_frame(payload: bytes, limits: Limits, *, whole: bool = False) -> list[Any]:
+    """Decode one frame into its list of raw messages, or raise WireError.
+    With ``whole``, bytes after the frame's array are refused too (else they
+    are ignored, as cbor2 does): where a frame's bytes are passed on as they
+    came, a message hidden after the array must not become one elsewhere."""
     if len(payload) > limits.max_frame_bytes:
         raise WireError(
             ErrorCode.FRAME_TOO_LARGE,
             f"frame of {len(payload)} bytes exceeds the limit of {limits.max_frame_bytes}",
         )
-    messages = _decode_any(payload)
+    messages = _decode_whole(payload) if whole else _decode_any(payload)
     if type(messages) is not list:
         raise WireError(ErrorCode.BAD_FRAME, "a frame must be a CBOR array of messages")
     if len(messages) > limits.max_batch:
@@ -255,6 +259,18 @@ def decode_frame(payload: bytes, limits: Limits) -> list[Any]:
             f"{len(messages)} messages in one frame exceeds the limit of {limits.max_batch}",
         )
     return messages
+
+
+def _decode_whole(payload: bytes) -> Any:
+    """:func:`_decode_any`, refusing bytes after the first item (about 0.6 µs more)."""
+    stream = io.BytesIO(payload)
+    try:
+        item = cbor2.CBORDecoder(stream, max_depth=MAX_DEPTH).decode()
+    except Exception as exc:  # cbor2 raises several types on hostile input
+        raise WireError(ErrorCode.BAD_FRAME, f"not a CBOR frame: {exc}") from None
+    if stream.tell() != len(payload):
+        raise WireError(ErrorCode.BAD_FRAME, f"{len(payload) - stream.tell()} bytes after the frame's array")
+    return item
 
 
 def _decode_any(payload: bytes) -> Any:

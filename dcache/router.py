@@ -422,7 +422,8 @@ class Router:
             if session.refused:
                 break
             try:
-                messages = codec.decode_frame(payload, self.limits)
+                # (A peer's frame joins messages as other nodes received them: taken whole.)
+                messages = codec.decode_frame(payload, self.limits, whole=bool(session.peer_id))
             except WireError as exc:
                 replies.append(codec.error_from(exc))
                 continue
@@ -506,7 +507,7 @@ class Router:
         it came, its owner's reply to be returned as it comes but for the rid
         (see :func:`codec.split_single`). None for any other frame."""
         try:
-            messages = codec.decode_frame(payload, self.limits)
+            messages = codec.decode_frame(payload, self.limits, whole=bool(session.peer_id))
         except WireError:
             return None
         if len(messages) != 1:
@@ -538,6 +539,10 @@ class Router:
         split = codec.split_single(payload)
         if self.peers is None or split is None:
             return None
+        try:  # its bytes go on as they came: nothing may hide after the message
+            codec.decode_frame(payload, self.limits, whole=True)
+        except WireError:
+            return None  # (placed the long way, which sends on only the message it decoded)
         self.counters.forwarded += 1
         waiting = Waiting(self, started)
         waiting._relay = (rid, Request(rid, op.name, args), owner, self.peers.submit_raw(owner, payload[split[1] :]))

@@ -566,6 +566,49 @@ async def test_a_client_refused_at_its_hello_is_told_why(nursery: trio.Nursery, 
 # == 4. peer tokens in a real cluster =====================================================
 
 
+async def test_nothing_hidden_after_a_relayed_request_runs_on_its_owner(
+    nursery: trio.Nursery, etcd_server: EtcdServer, token_files: TokenFiles
+) -> None:
+    """A lone keyed request is relayed to its owner as it came. A read-only
+    client hides a write (and a node's op) after its checked get, in the same
+    frame, from two connections at once so that the link joins both: the
+    owner must run neither."""
+    config = {
+        "etcd": etcd_server.endpoint,
+        "lease_ttl": LEASE_TTL,
+        "auth_token_file": token_files.client,
+        "read_token_file": token_files.read,
+        "peer_token_file": token_files.peer,
+    }
+    a, bound_a = await start_node(nursery, **config)
+    b, _ = await start_node(nursery, **config)
+    with trio.fail_after(TIMEOUT):
+        await wait_until_ready([a, b], 2)
+        on_b = key_owned_by(a, b.node_id).encode()
+        target = next(f"t:{i}".encode() for i in range(10_000) if a.router.shard_map.owner("", f"t:{i}".encode()) == b.node_id)
+        hidden = [
+            [7777, "set", {"key": target, "value": b"written with a read-only token"}],
+            [7778, "handoff", {"entries": [["", b"planted", b"v", 0, 7]], "begin": [], "done": [], "epoch": 1}],
+        ]
+        for smuggled in hidden:
+            first, second = await raw_connection(bound_a.client_address), await raw_connection(bound_a.client_address)
+            for conn in (first, second):
+                [welcome] = await call(conn, [[0, "hello", hello(READ_TOKEN)]])
+                assert welcome[2]["role"] == "read"
+            both = first.frame(codec.encode_frame([[2, "get", {"key": on_b}]]) + cbor2.dumps(smuggled))
+            assert first.send_nowait(both) is None
+            assert second.send_nowait(second.frame(codec.encode_frame([[3, "get", {"key": on_b}]]))) is None
+            for conn in (first, second):
+                [reply] = [r for payload in await conn.receive() for r in cbor2.loads(payload)]
+                assert reply[1] == 0, reply  # the get itself is answered
+        await trio.sleep(0.2)  # (anything that ran would have by now)
+    assert b.store.get("", target) is None and b.store.get("", b"planted") is None
+    assert not any(op == "set" for op, _ in b.router.counters.ops)
+
+
+# == 4b. peer tokens in a real cluster ====================================================
+
+
 async def test_nodes_sharing_a_peer_token_forward_to_each_other_and_strangers_are_refused(
     nursery: trio.Nursery, etcd_server: EtcdServer, token_files: TokenFiles
 ) -> None:
