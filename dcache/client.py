@@ -16,7 +16,7 @@ import select
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import __version__, codec, protocol
@@ -107,7 +107,7 @@ class Access:
     and saying hello with ``token`` (None: the node wants none)."""
 
     tls: ssl.SSLContext | None = None
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)
 
 
 def access_for(address: str, *, token: str | None, tls: ssl.SSLContext | None) -> tuple[str, Access]:

@@ -864,7 +864,7 @@ def access_params() -> list[click.Parameter]:
 class AccessOptions:
     """What the access options said, as plain values (a bench hands them to its processes)."""
 
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)
     ca: str | None = None
     client_cert: str | None = None
     client_key: str | None = None

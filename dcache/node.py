@@ -58,6 +58,7 @@ DEFAULT_METRICS_PORT = 9100
 DEFAULT_LEASE_TTL = 5.0
 SWEEP_INTERVAL = 0.1
 SWEEP_BATCH = 1000
+REFUSAL_LOG_INTERVAL = 10.0  # seconds between log lines about refused connections of one kind
 TOKEN_RELOAD_INTERVAL = 2.0  # seconds between looks at the token files (rewritten: read again)
 MAX_UNFINISHED_BYTES = 256 * 1024 * 1024  # in messages still arriving, over all connections
 ADVERTISE_CHECK_TIMEOUT = 2.0
@@ -177,6 +178,7 @@ class Node:
         self._client_tls: ssl.SSLContext | None = None
         self._peer_tls: ssl.SSLContext | None = None  # the peer listener's
         self._by_address: dict[str, int] = {}  # open connections per remote host
+        self._refusals_logged: dict[str, tuple[float, int]] = {}  # per reason: when last logged, and how many since
 
     async def leave(self, drain: float = LEAVE_DRAIN, *, close: bool = True) -> dict[str, int]:
         """Step out of the cluster before stopping: say so in etcd, hand every
@@ -467,12 +469,30 @@ class Node:
                 link_tls = client_context(ca=config.tls_ca, cert=config.tls_cert, key=config.tls_key)
         except (TokenError, TlsSetupError) as exc:
             raise NodeStartError(str(exc)) from None
-        if self.tokens.clients_need_one and not self.tokens.peer and self._peer_tls is None:
-            log.warning(
-                "clients need a token, but the peer port (--listen) accepts any node: give --peer-token-file "
-                "(or TLS with --tls-ca), or keep that port on a network only the nodes reach"
-            )
+        if not self.tokens.peer and not config.tls_ca:
+            if config.tls_client_ca:
+                raise NodeStartError(
+                    "--tls-client-ca asks clients for a certificate, but the peer port (--listen) would let them in "
+                    "without one: give --tls-ca (the nodes' CA) or --peer-token-file too"
+                )
+            if self.tokens.clients_need_one:
+                log.warning(
+                    "clients need a token, but the peer port (--listen) accepts any node: give --peer-token-file "
+                    "(or --tls-ca), or keep that port on a network only the nodes reach"
+                )
         return link_tls
+
+    def _warn_refused(self, reason: str, what: str) -> None:
+        """Log a refused connection: the first, then one line per
+        :data:`REFUSAL_LOG_INTERVAL` with the count (a flood of them must not flood the log)."""
+        now = trio.current_time()
+        last, count = self._refusals_logged.get(reason, (-math.inf, 0))
+        if now - last < REFUSAL_LOG_INTERVAL:
+            self._refusals_logged[reason] = (last, count + 1)
+            return
+        more = f" (and {count} more since the last such line)" if count else ""
+        log.warning("refusing a connection from %s%s", what, more)
+        self._refusals_logged[reason] = (now, 0)
 
     def _current_tokens(self) -> Tokens:
         return self.tokens
@@ -727,17 +747,14 @@ class Node:
         host = split_address(remote, 0)[0] if remote != "?" else remote
         if self.connections >= config.max_connections:
             refuse("max_connections")
-            log.warning(
-                "refusing a connection from %s: %d connections already open (--max-connections)", remote, self.connections
-            )
+            self._warn_refused("max_connections", f"{remote}: {self.connections} connections already open (--max-connections)")
             await trio.aclose_forcefully(stream)
             return
         if self._by_address.get(host, 0) >= config.max_connections_per_address:
             refuse("max_connections_per_address")
-            log.warning(
-                "refusing a connection from %s: %d already open from that address (--max-connections-per-address)",
-                remote,
-                self._by_address[host],
+            self._warn_refused(
+                "max_connections_per_address",
+                f"{remote}: {self._by_address[host]} already open from that address (--max-connections-per-address)",
             )
             await trio.aclose_forcefully(stream)
             return
@@ -869,7 +886,7 @@ class Node:
         await trio.sleep_until(hello_by)
         if not session.greeted:
             self.router.counters.refuse("hello_timeout")
-            log.info("closing connection from %s: no hello within %g s", session.remote, self.config.hello_timeout)
+            log.debug("closing connection from %s: no hello within %g s", session.remote, self.config.hello_timeout)
             await conn.aclose(wsframe.CLOSE_POLICY_VIOLATION, "no hello in time")
 
     async def _make_room(self, waiting: Waiting, waits: _Waits) -> None:

@@ -267,6 +267,7 @@ class Connection:
         if self._budget is not None:
             self._budget.used -= self._held
             self._held = 0
+        self._parser.drop()
 
 
 # -- requests and replies -----------------------------------------------------------------
@@ -362,8 +363,13 @@ class ServerSession:
         word for counters: ``hello_required``, ``version``, ``token_missing``,
         ``token_wrong``, ``peer_token``, ``peer_on_client_port``). ``info``
         is the node's part of the reply (server, node id, epoch, limits).
-        After a refused token the connection is to be closed."""
+        After a refused token (or, on a node that wants tokens, a first
+        request that is not a hello) the connection is to be closed
+        (``refused``)."""
         if req.op != "hello":
+            tokens = self.tokens()
+            if tokens.clients_need_one or (self.peer_port and tokens.peer):
+                self.refused = True  # (a stranger gets one answer, not one per message it sends)
             return codec.error(
                 req.rid, ErrorCode.HELLO_REQUIRED, "the first request on a connection must be hello"
             ), "hello_required"

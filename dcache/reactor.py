@@ -42,6 +42,7 @@ each (see :meth:`Reactor.can_serve`).
 from __future__ import annotations
 
 import contextlib
+import heapq
 import logging
 import math
 import os
@@ -49,7 +50,6 @@ import select
 import socket
 import ssl
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
@@ -157,7 +157,8 @@ class Reactor:
         self._yield_soon = False  # a task reads a link that is ready: let it run
         self._epoll: Any = None
         self._nursery: trio.Nursery | None = None
-        self._hellos: deque[tuple[float, _Entry]] = deque()  # connections not greeted yet, by deadline
+        self._hellos: list[tuple[float, int, _Entry]] = []  # a heap of connections not greeted yet, by deadline
+        self._adopted = 0  # (ties in the heap go by adoption)
         self._hello_due = trio.Event()
 
     def __len__(self) -> int:
@@ -188,7 +189,8 @@ class Reactor:
         self._epoll.register(entry.fd, select.EPOLLIN)  # first: if it fails, nothing is left half done
         self._entries[entry.fd] = entry
         if hello_by < math.inf:
-            self._hellos.append((hello_by, entry))
+            self._adopted += 1
+            heapq.heappush(self._hellos, (hello_by, self._adopted, entry))
             self._hello_due.set()
         self._links.pop(entry.fd, None)  # a closed link's, if its number is reused
         conn.stop_watching()  # busy polls of peer links need not give way to what the reactor reads
@@ -322,8 +324,9 @@ class Reactor:
         if entry.tls is not None and data:
             try:
                 data = entry.tls.receive(data)
-            except EOFError:
-                data = b""
+            except EOFError:  # its close_notify: the connection is over
+                self._close(entry)
+                return
             except ssl.SSLError as exc:
                 log.debug("TLS from %s failed: %s", entry.session.remote, exc)
                 self._close(entry)
@@ -583,22 +586,26 @@ class Reactor:
                     self._write(entry, entry.proto.ping())
 
     async def _watch_hellos(self) -> None:
-        """Close connections that have not said hello by their deadline (deadlines
-        come in the order connections are adopted: one timeout for all)."""
+        """Close connections that have not said hello by their deadline."""
         hellos = self._hellos
         while True:
             if not hellos:
                 self._hello_due = trio.Event()
                 await self._hello_due.wait()
                 continue
-            due, entry = hellos[0]
+            due, _, entry = hellos[0]
+            if entry.closed or entry.session.greeted:
+                heapq.heappop(hellos)
+                continue
+            with trio.move_on_at(due):
+                self._hello_due = trio.Event()
+                await self._hello_due.wait()  # (an earlier deadline may come meanwhile)
+                continue
+            heapq.heappop(hellos)
             if not (entry.closed or entry.session.greeted):
-                await trio.sleep_until(due)
-                if not (entry.closed or entry.session.greeted):
-                    self._router.counters.refuse("hello_timeout")
-                    log.info("closing connection from %s: no hello in time", entry.session.remote)
-                    self._close(entry, wsframe.CLOSE_POLICY_VIOLATION, "no hello in time")
-            hellos.popleft()
+                self._router.counters.refuse("hello_timeout")
+                log.debug("closing connection from %s: no hello in time", entry.session.remote)
+                self._close(entry, wsframe.CLOSE_POLICY_VIOLATION, "no hello in time")
 
     def _close(self, entry: _Entry, code: int | None = None, reason: str = "", *, last: bytes = b"") -> None:
         """Stop serving ``entry``: a close frame first (``code``, or ``last``

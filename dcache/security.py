@@ -20,7 +20,7 @@ from __future__ import annotations
 import enum
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -96,9 +96,9 @@ class Tokens:
     """The tokens a node accepts. Empty ``client`` and ``read``: clients need
     none; empty ``peer``: nodes need none."""
 
-    client: tuple[bytes, ...] = ()
-    read: tuple[bytes, ...] = ()
-    peer: tuple[bytes, ...] = ()
+    client: tuple[bytes, ...] = field(default=(), repr=False)
+    read: tuple[bytes, ...] = field(default=(), repr=False)
+    peer: tuple[bytes, ...] = field(default=(), repr=False)
 
     @property
     def clients_need_one(self) -> bool:
@@ -189,10 +189,15 @@ def client_context(*, ca: str | None = None, cert: str | None = None, key: str |
 
     if (cert is None) != (key is None):
         raise TlsSetupError("a client certificate needs both a certificate file and its key file")
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    if ca:  # in place of the system's CAs, not beside them
+        _load(f"CA file {ca}", lambda path: None, ca)  # (a clear error for a missing file)
+        try:
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+        except ssl.SSLError as exc:
+            raise TlsSetupError(f"CA file {ca}: {exc.reason or exc}") from None
+    else:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if ca:
-        _load(f"CA file {ca}", context.load_verify_locations, ca)
     if cert and key:
         _load(f"certificate {cert} / key {key}", context.load_cert_chain, cert, key)
     return context
@@ -236,7 +241,7 @@ class TlsLayer:
     plaintext into bytes to send.
     """
 
-    __slots__ = ("_in", "_out", "_tls")
+    __slots__ = ("_in", "_out", "_tls", "_ended")
 
     def __init__(self, context: ssl.SSLContext, server_hostname: str | None = None, *, server_side: bool = False) -> None:
         import ssl
@@ -244,6 +249,7 @@ class TlsLayer:
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
         self._tls = context.wrap_bio(self._in, self._out, server_side=server_side, server_hostname=server_hostname)
+        self._ended = False  # the other side ended TLS (close_notify)
 
     def feed(self, data: bytes) -> None:
         """Take in received bytes (during the handshake)."""
@@ -274,15 +280,20 @@ class TlsLayer:
         """The plaintext taken in and not read yet. EOFError once the other side ended TLS."""
         import ssl
 
-        chunks = []
+        if self._ended:
+            raise EOFError("the other side ended TLS")
+        chunks: list[bytes] = []
         while True:
             try:
                 chunk = self._tls.read(1 << 16)
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
-                raise EOFError("the other side ended TLS") from None
-            if not chunk:
+                chunk = b""
+            if not chunk:  # (its close_notify: what came before it first, the end next time)
+                self._ended = True
+                if not chunks:
+                    raise EOFError("the other side ended TLS")
                 break
             chunks.append(chunk)
         return b"".join(chunks)

@@ -140,10 +140,6 @@ class FrameParser:
     fragments included, so a peer cannot make us buffer without limit.
     """
 
-    def limit(self, max_message: int) -> None:
-        """Bound messages to ``max_message`` bytes from now on."""
-        self._max_message = max_message
-
     def __init__(self, *, expect_masked: bool, max_message: int) -> None:
         self._expect_masked = expect_masked
         self._max_message = max_message
@@ -151,6 +147,16 @@ class FrameParser:
         self._fragments: list[bytes] = []
         self._fragments_size = 0
         self._fragment_opcode = 0
+
+    def drop(self) -> None:
+        """Forget what is buffered (the connection is over)."""
+        self._buffer = bytearray()
+        self._fragments = []
+        self._fragments_size = 0
+
+    def limit(self, max_message: int) -> None:
+        """Bound messages to ``max_message`` bytes from now on."""
+        self._max_message = max_message
 
     @property
     def buffered(self) -> int:

@@ -8,6 +8,7 @@ real etcd for the two-node clusters.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -510,6 +511,37 @@ async def test_until_its_hello_a_connection_may_send_only_small_messages(
             assert (await client.stats())["refused"] == {"frame_too_large": 1}
 
 
+async def test_a_stranger_that_does_not_begin_with_hello_gets_one_answer_and_is_closed(
+    guarded: tuple[Node, BoundAddresses, ssl.SSLContext | None],
+) -> None:
+    """On a node that wants tokens: one `hello_required` for a frame of many
+    requests, not one each, and the connection closed."""
+    node, bound, tls = guarded
+    with trio.fail_after(TIMEOUT):
+        conn = await raw_connection(bound.client_address, tls)
+        await conn.send(codec.encode_frame([[i, "get", {"key": b"k"}] for i in range(1, 1001)]))
+        replies, code = await everything_until_closed(conn)
+    assert [r[:2] for r in replies] == [[1, 1]] and replies[0][2][0] == ErrorCode.HELLO_REQUIRED
+    assert code == wsframe.CLOSE_POLICY_VIOLATION
+
+
+async def test_a_tls_close_notify_ends_the_connection_at_once(
+    guarded: tuple[Node, BoundAddresses, ssl.SSLContext | None],
+) -> None:
+    node, bound, tls = guarded
+    if tls is None:
+        pytest.skip("TLS only")
+    with trio.fail_after(TIMEOUT):
+        conn = await raw_connection(bound.client_address, tls)
+        await call(conn, [[1, "hello", hello(CLIENT_TOKEN)]])
+        assert node.connections == 1
+        assert isinstance(conn.stream, trio.SSLStream)
+        with contextlib.suppress(trio.BrokenResourceError):  # (the node hangs up rather than answer it)
+            await conn.stream.unwrap()  # close_notify, the TCP connection left open
+        while node.connections:  # (it was kept until the idle timeout)
+            await trio.sleep(0.01)
+
+
 async def test_node_to_node_ops_are_forbidden_to_clients(guarded: tuple[Node, BoundAddresses, ssl.SSLContext | None]) -> None:
     node, bound, tls = guarded
     peer_ops = [
@@ -775,7 +807,7 @@ async def test_cluster_client_over_tls_with_mutual_tls_between_nodes(
 
 @pytest.fixture(scope="module")
 def mutual_tls_serve(pki: Pki) -> Iterator[ServeProcess]:
-    with ServeProcess(*pki.node_options(), "--tls-client-ca", pki.ca) as node:
+    with ServeProcess(*pki.node_options(), "--tls-client-ca", pki.ca, "--tls-ca", pki.ca) as node:
         yield node
 
 
@@ -939,6 +971,8 @@ def _bad_config_cases() -> list[Any]:
         pytest.param(lambda d, p: ["--tls-cert", p.key, "--tls-key", p.cert], "not a PEM certificate", id="cert-and-key-swapped"),
         pytest.param(lambda d, p: ["--tls-ca", p.ca], "--tls-cert", id="tls-ca-without-cert"),
         pytest.param(lambda d, p: ["--tls-client-ca", p.ca], "--tls-cert", id="tls-client-ca-without-cert"),
+        # (the peer port would let clients in without a certificate)
+        pytest.param(lambda d, p: [*p.node_options(), "--tls-client-ca", p.ca], "--tls-ca", id="tls-client-ca-peer-port-open"),
         pytest.param(lambda d, p: ["--auth-token-file", f"{d}/short"], "at least 16", id="short-token"),
         pytest.param(lambda d, p: ["--auth-token-file", f"{d}/empty"], "holds no token", id="empty-token-file"),
         pytest.param(lambda d, p: ["--read-token-file", f"{d}/comments"], "holds no token", id="comments-only"),
