@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import enum
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     import ssl
@@ -147,18 +147,22 @@ def file_stamp(*paths: str | None) -> tuple[tuple[float, int], ...]:
 # -- TLS -------------------------------------------------------------------------------
 
 
+T = TypeVar("T")
+
+
 class TlsSetupError(ValueError):
     """A certificate, key or CA file is missing or unusable; the message says which."""
 
 
-def _load(action: str, call: object, *args: object) -> None:
+def _load(action: str, call: Callable[..., T], *args: str) -> T:
+    """``call(*args)`` (files to load), its errors told in one line that names the files."""
     import ssl
 
     for path in args:
         if isinstance(path, str) and not os.path.isfile(path):  # (ssl's own error names no file)
             raise TlsSetupError(f"{action}: no such file: {path}")
     try:
-        call(*args)  # type: ignore[operator]
+        return call(*args)
     except ssl.SSLError as exc:
         if exc.reason in ("PEM_LIB", "KEY_VALUES_MISMATCH", "NO_START_LINE") or "PEM lib" in str(exc):
             raise TlsSetupError(f"{action}: not a PEM certificate and its key, or they do not match") from None
@@ -190,11 +194,7 @@ def client_context(*, ca: str | None = None, cert: str | None = None, key: str |
     if (cert is None) != (key is None):
         raise TlsSetupError("a client certificate needs both a certificate file and its key file")
     if ca:  # in place of the system's CAs, not beside them
-        _load(f"CA file {ca}", lambda path: None, ca)  # (a clear error for a missing file)
-        try:
-            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
-        except ssl.SSLError as exc:
-            raise TlsSetupError(f"CA file {ca}: {exc.reason or exc}") from None
+        context = _load(f"CA file {ca}", lambda path: ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=path), ca)
     else:
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
