@@ -76,6 +76,17 @@ class ServeProcess:
         self.stop()
 
 
+async def http_get(address: tuple[str, int], path: str) -> tuple[int, bytes]:
+    """A node's metrics endpoint asked for ``path``: the status and the body."""
+    stream = await trio.open_tcp_stream(*address)
+    await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    response = b""
+    while chunk := await stream.receive_some(65536):
+        response += chunk
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
 async def start_node(nursery: trio.Nursery, **config: object) -> tuple[Node, BoundAddresses]:
     """A node in this process on loopback ports, living as long as ``nursery``."""
     node = Node(NodeConfig(client_listen="127.0.0.1:0", listen="127.0.0.1:0", **config))  # type: ignore[arg-type]

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import trio
-from support import LEASE_TTL, alive, children, consecutive_free_ports, dcache_cli, serve
+from support import LEASE_TTL, alive, children, consecutive_free_ports, dcache_cli, http_get, serve
 
 import dcache
 from dcache.codec import ErrorCode
@@ -645,16 +645,6 @@ async def test_metrics_endpoint(nursery: trio.Nursery, etcd_server: EtcdServer) 
     assert "dcache_peer_link_up" in text
 
 
-async def _http_get(address: tuple[str, int], path: str) -> tuple[int, bytes]:
-    stream = await trio.open_tcp_stream(*address)
-    await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    response = b""
-    while chunk := await stream.receive_some(65536):
-        response += chunk
-    head, _, body = response.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body
-
-
 async def test_probes_say_when_a_node_is_ready_and_members_shows_each_nodes_state(
     nursery: trio.Nursery, etcd_server: EtcdServer
 ) -> None:
@@ -675,12 +665,12 @@ async def test_probes_say_when_a_node_is_ready_and_members_shows_each_nodes_stat
     assert a.bound.metrics is not None
     with trio.fail_after(TIMEOUT):
         await wait_for_members(nodes, 2)
-        assert await _http_get(a.bound.metrics, "/healthz") == (200, b"ok\n")
-        assert (await _http_get(a.bound.metrics, "/readyz"))[0] == 200
+        assert await http_get(a.bound.metrics, "/healthz") == (200, b"ok\n")
+        assert (await http_get(a.bound.metrics, "/readyz"))[0] == 200
         await a.node.leave(drain=0)
-        status, body = await _http_get(a.bound.metrics, "/readyz")
+        status, body = await http_get(a.bound.metrics, "/readyz")
         assert status == 503 and body.startswith(b"leaving: ")
-        assert (await _http_get(a.bound.metrics, "/healthz"))[0] == 200
+        assert (await http_get(a.bound.metrics, "/healthz"))[0] == 200
         await wait_for_members([b], 1)
         r = await trio.to_thread.run_sync(dcache_cli, "members", "--json", "--server", b.address)
         assert r.returncode == 0, r.stderr

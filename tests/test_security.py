@@ -26,7 +26,7 @@ import cbor2
 import pytest
 import trio
 import trustme
-from support import LEASE_TTL, ServeProcess, start_node
+from support import LEASE_TTL, ServeProcess, http_get, start_node
 
 import dcache
 from dcache import codec, transport, wsframe
@@ -199,16 +199,6 @@ def hello(token: str | None = None, **more: Any) -> dict[str, Any]:
     if token is not None:
         args["token"] = token
     return args
-
-
-async def http_get(address: tuple[str, int], path: str) -> tuple[int, str]:
-    stream = await trio.open_tcp_stream(*address)
-    await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    response = b""
-    while chunk := await stream.receive_some(65536):
-        response += chunk
-    head, _, body = response.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body.decode()
 
 
 async def wait_until_ready(nodes: list[Node], members: int) -> None:
@@ -946,7 +936,8 @@ async def test_connections_that_do_not_say_hello_in_time_are_closed(nursery: tri
         # Each ran out of time: counted alike, whichever handshake it had not finished.
         assert refused == {"hello_timeout": 4 if tls else 3}
         assert bound.metrics is not None
-        status, metrics = await http_get(bound.metrics, "/metrics")
+        status, body = await http_get(bound.metrics, "/metrics")
+        metrics = body.decode()
     assert status == 200
     assert f'dcache_refused_total{{reason="hello_timeout"}} {4.0 if tls else 3.0}' in metrics
 
